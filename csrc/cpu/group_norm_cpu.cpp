@@ -1,0 +1,147 @@
+// GroupNorm / InstanceNorm on the CPU: host entry points registered at the CPU key. moments → fold
+// → apply with the shared channel passes of channel_kernels.h; the fold merges the D per-channel
+// moments of each (n, group) with Chan's formula.
+#include <ATen/Dispatch.h>
+#include <torch/library.h>
+
+#include <cmath>
+
+#include "channel_kernels.h"
+#include "normext/checks.h"
+
+namespace normext::cpu {
+namespace {
+
+using at::Tensor;
+
+// Per-channel parameter as a pointer in the accumulation type, or `fill` when absent.
+template <typename acc_t>
+const acc_t* param_or(const c10::optional<Tensor>& p, std::vector<acc_t>& storage, int64_t C, acc_t fill) {
+  if (p.has_value()) return p->data_ptr<acc_t>();
+  storage.assign(C, fill);
+  return storage.data();
+}
+
+// Broadcasts per-(n, g) values to per-(n, c): out[n*C + c] = v[n*G + c/D].
+template <typename acc_t>
+std::vector<acc_t> expand_groups(const acc_t* v, int64_t N, int64_t G, int64_t D) {
+  std::vector<acc_t> out(N * G * D);
+  for (int64_t ng = 0; ng < N * G; ++ng) std::fill_n(out.begin() + ng * D, D, v[ng]);
+  return out;
+}
+
+std::tuple<Tensor, Tensor, Tensor> group_norm_fwd_cpu(const Tensor& X_in, const c10::optional<Tensor>& gamma,
+                                                      const c10::optional<Tensor>& beta,
+                                                      const c10::optional<Tensor>& residual, int64_t G,
+                                                      double eps, int64_t act, double slope) {
+  const auto a = check_group_norm(X_in, gamma, beta, residual, G, act, "group_norm_fwd");
+  const auto [N, C, HxW] = a.dims;
+  const int64_t D = a.D;
+  Tensor Y = at::empty_like(a.X);
+  Tensor mean = at::empty({N, G}, a.X.options().dtype(acc_dtype(a.X)));
+  Tensor rstd = at::empty({N, G}, a.X.options().dtype(acc_dtype(a.X)));
+  if (a.X.numel() == 0) {
+    mean.fill_(std::nan(""));
+    rstd.fill_(std::nan(""));
+    return {Y, mean, rstd};
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.X.scalar_type(), "group_norm_fwd_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const ChannelShape s{N, C, HxW, a.layout == Layout::kChannelsLast};
+    std::vector<acc_t> m_nc(N * C), q_nc(N * C);
+    channel_moments(a.X.const_data_ptr<scalar_t>(), s, m_nc.data(), q_nc.data());
+    acc_t* mean_p = mean.data_ptr<acc_t>();
+    acc_t* rstd_p = rstd.data_ptr<acc_t>();
+    for (int64_t ng = 0; ng < N * G; ++ng) {
+      Welford<acc_t, acc_t> w{acc_t(0), acc_t(0), acc_t(0)};
+      for (int64_t d = 0; d < D; ++d) w = welford_merge(w, {m_nc[ng * D + d], q_nc[ng * D + d], acc_t(HxW)});
+      mean_p[ng] = w.mean;
+      rstd_p[ng] = acc_t(1) / std::sqrt(w.m2 / w.n + acc_t(eps));
+    }
+    std::vector<acc_t> ones, zeros;
+    const auto mean_c = expand_groups(mean_p, N, G, D);
+    const auto rstd_c = expand_groups(rstd_p, N, G, D);
+    const ChannelCoefs<acc_t> k{mean_c.data(), rstd_c.data(), C, param_or(a.gamma, ones, C, acc_t(1)),
+                                param_or(a.beta, zeros, C, acc_t(0))};
+    const scalar_t* R = a.residual ? a.residual->const_data_ptr<scalar_t>() : nullptr;
+    channel_apply(a.X.const_data_ptr<scalar_t>(), R, Y.data_ptr<scalar_t>(), s, k, act, slope);
+  });
+  return {Y, mean, rstd};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> group_norm_bwd_cpu(
+    const Tensor& dY_in, const Tensor& X_in, const c10::optional<Tensor>& residual, const Tensor& mean_in,
+    const Tensor& rstd_in, const c10::optional<Tensor>& gamma, const c10::optional<Tensor>& beta, int64_t G,
+    int64_t act, double slope, std::array<bool, 4> mask) {
+  constexpr const char* op = "group_norm_bwd";
+  const auto a = check_group_norm(X_in, gamma, beta, residual, G, act, op);
+  const auto [N, C, HxW] = a.dims;
+  const int64_t D = a.D;
+  const Tensor dY = *check_like(dY_in, a.X, a.layout, "grad_output", op);
+  const Tensor mean = check_stats(mean_in, a.X, N * G, "mean", op);
+  const Tensor rstd = check_stats(rstd_in, a.X, N * G, "rstd", op);
+  const auto acc_opts = a.X.options().dtype(acc_dtype(a.X));
+  Tensor dX = mask[0] ? at::empty_like(a.X) : at::empty({0}, a.X.options());
+  Tensor dgamma = mask[1] ? at::empty({C}, acc_opts) : at::empty({0}, acc_opts);
+  Tensor dbeta = mask[2] ? at::empty({C}, acc_opts) : at::empty({0}, acc_opts);
+  Tensor dR = mask[3] ? at::empty_like(a.X) : at::empty({0}, a.X.options());
+  if (a.X.numel() == 0) {
+    dgamma.zero_();
+    dbeta.zero_();
+    return {dX, dgamma, dbeta, dR};
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.X.scalar_type(), "group_norm_bwd_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const ChannelShape s{N, C, HxW, a.layout == Layout::kChannelsLast};
+    std::vector<acc_t> ones, zeros;
+    const acc_t* gamma_p = param_or(a.gamma, ones, C, acc_t(1));
+    const auto mean_c = expand_groups(mean.const_data_ptr<acc_t>(), N, G, D);
+    const auto rstd_c = expand_groups(rstd.const_data_ptr<acc_t>(), N, G, D);
+    const ChannelCoefs<acc_t> k{mean_c.data(), rstd_c.data(), C, gamma_p, param_or(a.beta, zeros, C, acc_t(0))};
+    const scalar_t* X = a.X.const_data_ptr<scalar_t>();
+    const scalar_t* R = a.residual ? a.residual->const_data_ptr<scalar_t>() : nullptr;
+    std::vector<acc_t> sdz(N * C), sdzx(N * C);
+    channel_grad_sums(dY.const_data_ptr<scalar_t>(), X, R, s, k, act, slope, sdz.data(), sdzx.data());
+    if (mask[1] || mask[2]) {
+      for (int64_t c = 0; c < C; ++c) {
+        acc_t dg = 0, db = 0;
+        for (int64_t n = 0; n < N; ++n) {
+          dg += sdzx[n * C + c];
+          db += sdz[n * C + c];
+        }
+        if (mask[1]) dgamma.data_ptr<acc_t>()[c] = dg;
+        if (mask[2]) dbeta.data_ptr<acc_t>()[c] = db;
+      }
+    }
+    if (!mask[0] && !mask[3]) return;
+    std::vector<acc_t> ca(N * C), cb(N * C), cc(N * C);
+    const acc_t inv_m = acc_t(1) / acc_t(D * HxW);
+    for (int64_t ng = 0; ng < N * G; ++ng) {
+      const int64_t g = ng % G;
+      acc_t P = 0, Q = 0;
+      for (int64_t d = 0; d < D; ++d) {
+        P += gamma_p[g * D + d] * sdz[ng * D + d];
+        Q += gamma_p[g * D + d] * sdzx[ng * D + d];
+      }
+      const acc_t r = rstd_c[ng * D];
+      for (int64_t d = 0; d < D; ++d) {
+        ca[ng * D + d] = gamma_p[g * D + d] * r;
+        cb[ng * D + d] = -r * Q * inv_m;
+        cc[ng * D + d] = -r * P * inv_m;
+      }
+    }
+    channel_grad_input(dY.const_data_ptr<scalar_t>(), X, R, s, k, GradCoefs<acc_t>{ca.data(), cb.data(), cc.data()},
+                       act, slope, mask[0] ? dX.data_ptr<scalar_t>() : nullptr,
+                       mask[3] ? dR.data_ptr<scalar_t>() : nullptr);
+  });
+  return {dX, dgamma, dbeta, dR};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(normext, CPU, m) {
+  m.impl("group_norm_fwd", &group_norm_fwd_cpu);
+  m.impl("group_norm_bwd", &group_norm_bwd_cpu);
+}
+
+}  // namespace normext::cpu

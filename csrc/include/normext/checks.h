@@ -1,0 +1,149 @@
+// Host-side argument checks and layout handling shared by the CPU and CUDA operator entry points,
+// so both devices reject the same bad inputs with the same messages.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/util/Optional.h>
+
+#include "normext/math.h"
+
+namespace normext {
+
+// The two native layouts of an (N, C, *) tensor: channels-first (NCHW-contiguous) and
+// channels-last (N, *, C contiguous, i.e. channels_last / channels_last_3d and their 1-D analogue).
+enum class Layout { kChannelsFirst, kChannelsLast };
+
+inline bool is_channels_last_dense(const at::Tensor& t) {
+  const int64_t d = t.dim();
+  if (d < 3) return false;
+  int64_t expected = t.size(1);
+  if (t.stride(1) != 1 && t.size(1) != 1) return false;
+  for (int64_t i = d - 1; i >= 2; --i) {
+    if (t.stride(i) != expected && t.size(i) != 1) return false;
+    expected *= t.size(i);
+  }
+  return t.stride(0) == expected || t.size(0) == 1;
+}
+
+// Channels-first wins when both describe the memory (C == 1 or no spatial extent).
+inline Layout layout_of(const at::Tensor& t) {
+  if (t.is_contiguous()) return Layout::kChannelsFirst;
+  return is_channels_last_dense(t) ? Layout::kChannelsLast : Layout::kChannelsFirst;
+}
+
+// A dense copy of t in the given layout, or t itself when it already is one.
+inline at::Tensor to_layout(const at::Tensor& t, Layout layout) {
+  if (layout == Layout::kChannelsFirst || t.dim() < 3) return t.contiguous();
+  if (is_channels_last_dense(t)) return t;
+  std::vector<int64_t> perm{0};
+  for (int64_t i = 2; i < t.dim(); ++i) perm.push_back(i);
+  perm.push_back(1);
+  std::vector<int64_t> inv(perm.size());
+  for (size_t i = 0; i < perm.size(); ++i) inv[perm[i]] = static_cast<int64_t>(i);
+  return t.permute(perm).contiguous().permute(inv);
+}
+
+inline void check_input(const at::Tensor& X, const char* op, int64_t min_dim) {
+  TORCH_CHECK(X.is_floating_point(), op, ": expected a floating-point input, got ", X.scalar_type());
+  TORCH_CHECK(X.scalar_type() == at::kFloat || X.scalar_type() == at::kHalf ||
+                  X.scalar_type() == at::kBFloat16 || X.scalar_type() == at::kDouble,
+              op, ": unsupported input dtype ", X.scalar_type());
+  TORCH_CHECK(!(X.is_cuda() && X.scalar_type() == at::kDouble), op,
+              ": float64 is supported on the CPU only (for gradcheck)");
+  TORCH_CHECK(X.dim() >= min_dim, op, ": expected an input with at least ", min_dim,
+              " dimensions, got shape ", X.sizes());
+}
+
+inline at::ScalarType acc_dtype(const at::Tensor& X) {
+  return X.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+inline void check_activation(int64_t act, const char* op) {
+  TORCH_CHECK(act >= 0 && act < kNumActivations, op, ": unknown activation code ", act);
+}
+
+// A per-channel (or per-element) parameter: 1-D of `numel` floats, on X's device. Its dtype may be
+// X's or float32 (mixed precision). Returned contiguous in the accumulation type (float32, or
+// float64 for float64 input) so kernels template on one parameter type only; that is a no-op for
+// the usual float32 parameters and a C-element cast for half/bf16 ones.
+inline c10::optional<at::Tensor> check_param(const c10::optional<at::Tensor>& p,
+                                             const at::Tensor& X, int64_t numel, const char* name,
+                                             const char* op) {
+  if (!p.has_value() || !p->defined()) return c10::nullopt;
+  TORCH_CHECK(p->device() == X.device(), op, ": ", name, " is on ", p->device(),
+              " but the input is on ", X.device());
+  TORCH_CHECK(p->dim() == 1 && p->numel() == numel, op, ": expected ", name, " of shape [", numel,
+              "], got ", p->sizes());
+  TORCH_CHECK(p->scalar_type() == X.scalar_type() || p->scalar_type() == at::kFloat, op, ": ",
+              name, " must have the input's dtype (", X.scalar_type(), ") or float32, got ",
+              p->scalar_type());
+  return p->to(acc_dtype(X)).contiguous();
+}
+
+// A tensor that must match X elementwise (residual, dY): same shape, device and dtype; returned
+// dense in X's layout so kernels can index it exactly like X.
+inline c10::optional<at::Tensor> check_like(const c10::optional<at::Tensor>& t,
+                                            const at::Tensor& X, Layout layout, const char* name,
+                                            const char* op) {
+  if (!t.has_value() || !t->defined()) return c10::nullopt;
+  TORCH_CHECK(t->device() == X.device(), op, ": ", name, " is on ", t->device(),
+              " but the input is on ", X.device());
+  TORCH_CHECK(t->sizes() == X.sizes(), op, ": ", name, " must have the input's shape ", X.sizes(),
+              ", got ", t->sizes());
+  TORCH_CHECK(t->scalar_type() == X.scalar_type(), op, ": ", name, " must have the input's dtype ",
+              X.scalar_type(), ", got ", t->scalar_type());
+  return to_layout(*t, layout);
+}
+
+// Saved statistics passed back to a backward op: numel elements of the accumulation type (float32;
+// float64 for float64 input, so gradcheck sees exact statistics), on X's device.
+inline at::Tensor check_stats(const at::Tensor& s, const at::Tensor& X, int64_t numel,
+                              const char* name, const char* op) {
+  TORCH_CHECK(s.device() == X.device() && s.scalar_type() == acc_dtype(X) && s.numel() == numel, op,
+              ": ", name, " must be a ", acc_dtype(X), " tensor of ", numel, " elements on ",
+              X.device());
+  return s.contiguous();
+}
+
+// (N, C, HxW) of an (N, C, *) input.
+struct ChannelDims {
+  int64_t N, C, HxW;
+};
+
+inline ChannelDims channel_dims(const at::Tensor& X) {
+  ChannelDims d{X.size(0), X.size(1), 1};
+  for (int64_t i = 2; i < X.dim(); ++i) d.HxW *= X.size(i);
+  return d;
+}
+
+// Group-norm arguments checked once for both devices.
+struct GroupNormArgs {
+  at::Tensor X;
+  c10::optional<at::Tensor> gamma, beta, residual;
+  Layout layout;
+  ChannelDims dims;
+  int64_t G, D;
+};
+
+inline GroupNormArgs check_group_norm(const at::Tensor& X_in, const c10::optional<at::Tensor>& gamma,
+                                      const c10::optional<at::Tensor>& beta,
+                                      const c10::optional<at::Tensor>& residual, int64_t G,
+                                      int64_t act, const char* op) {
+  check_input(X_in, op, 2);
+  check_activation(act, op);
+  GroupNormArgs a;
+  a.layout = layout_of(X_in);
+  a.X = to_layout(X_in, a.layout);
+  a.dims = channel_dims(a.X);
+  TORCH_CHECK(G > 0, op, ": num_groups must be positive, got ", G);
+  TORCH_CHECK(a.dims.C % G == 0, op, ": expected number of channels in input (", a.dims.C,
+              ") to be divisible by num_groups (", G, ")");
+  a.G = G;
+  a.D = a.dims.C / G;
+  a.gamma = check_param(gamma, a.X, a.dims.C, "weight", op);
+  a.beta = check_param(beta, a.X, a.dims.C, "bias", op);
+  a.residual = check_like(residual, a.X, a.layout, "residual", op);
+  return a;
+}
+
+}  // namespace normext

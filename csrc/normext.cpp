@@ -1,0 +1,33 @@
+// The normext._C extension module: every operator schema (one place), and build facts for Python.
+// Kernels register themselves per device with TORCH_LIBRARY_IMPL in csrc/cpu and csrc/cuda; fake
+// impls and autograd live in normext/_ops.py and the per-norm Python modules.
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#ifndef NORMEXT_CUDA_ARCHS
+#define NORMEXT_CUDA_ARCHS ""
+#endif
+
+TORCH_LIBRARY(normext, m) {
+  // GroupNorm (InstanceNorm is G == C). X is (N, C, *), NCHW-contiguous or channels-last; Y keeps the
+  // layout. mean/rstd are (N, G) float32. act is a normext::Activation code; y = act(norm(x) + res).
+  m.def(
+      "group_norm_fwd(Tensor X, Tensor? gamma, Tensor? beta, Tensor? residual, int G, float eps, "
+      "int act, float slope) -> (Tensor Y, Tensor mean, Tensor rstd)");
+  // output_mask selects (dX, dgamma, dbeta, dresidual); unselected outputs are empty tensors.
+  // dresidual is the gradient at the pre-activation, so it is only needed when act != identity.
+  m.def(
+      "group_norm_bwd(Tensor dY, Tensor X, Tensor? residual, Tensor mean, Tensor rstd, "
+      "Tensor? gamma, Tensor? beta, int G, int act, float slope, bool[4] output_mask) -> "
+      "(Tensor dX, Tensor dgamma, Tensor dbeta, Tensor dresidual)");
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "normext: fused normalization kernels (ops are torch.ops.normext.*)";
+#ifdef NORMEXT_WITH_CUDA
+  m.attr("cuda_built") = true;
+#else
+  m.attr("cuda_built") = false;
+#endif
+  m.attr("cuda_archs") = NORMEXT_CUDA_ARCHS;
+}

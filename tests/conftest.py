@@ -1,0 +1,163 @@
+# Shared fixtures and helpers for the normext tests: the device list, per-test seeding, inputs in a given
+# memory format (also as views with a storage offset or non-contiguous), allocator poisoning, tolerances.
+import zlib
+
+import pytest
+import torch
+from reference import rel_err
+
+HAS_CUDA = torch.cuda.is_available()
+requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU visible")
+DEVICES = ["cpu", pytest.param("cuda", marks=requires_cuda)]
+FORMATS = ["contiguous", "channels_last"]
+
+DTYPES = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# Input dtype names used as test ids; "-mixed" means float32 weight/bias/running stats with a low-precision
+# input.
+LOW_AND_FP32 = ["float32", "float16", "bfloat16", "float16-mixed", "bfloat16-mixed"]
+
+# Relative-error bounds against the float64 reference for the formats that are not judged against torch.
+FWD_TOL = {torch.float64: 1e-10, torch.float32: 2e-5}
+BWD_TOL = {torch.float64: 1e-9, torch.float32: 1e-4}
+# Low precision (flash-attention rule): err(normext) <= FLASH_FACTOR * err(torch native, same dtype) + FLASH_ATOL.
+FLASH_FACTOR = 2.0
+FLASH_ATOL = 1e-3
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "compile: torch.compile tests (slower; deselect with -m 'not compile')")
+
+
+@pytest.fixture(autouse=True)
+def _seed(request):
+    """Fresh, reproducible random inputs per test case: the seed is derived from the test id."""
+    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+    yield
+
+
+def parse_dtype(name):
+    """(input dtype, parameter dtype) for a dtype id such as "bfloat16-mixed"."""
+    base, _, mixed = name.partition("-")
+    dtype = DTYPES[base]
+    return dtype, (torch.float32 if mixed else dtype)
+
+
+def skip_if_unsupported(device, dtype):
+    if device == "cuda" and dtype == torch.float64:
+        pytest.skip("float64 is a CPU-only (gradcheck) dtype")
+
+
+def memory_format_for(ndim):
+    return {4: torch.channels_last, 5: torch.channels_last_3d}.get(ndim)
+
+
+def channels_last_perm(ndim):
+    """The permutation that lists the dims of an (N, C, *) tensor in channels-last memory order."""
+    return [0, *range(2, ndim), 1]
+
+
+def to_format(x, fmt):
+    """A dense copy of x in the given memory format: "contiguous" (NCHW) or "channels_last" (channels_last
+    for 4-D, channels_last_3d for 5-D, the (N, L, C)-dense permuted layout for 3-D)."""
+    if fmt == "contiguous":
+        return x.contiguous()
+    if fmt != "channels_last":
+        raise ValueError(fmt)
+    mf = memory_format_for(x.dim())
+    if mf is not None:
+        return x.contiguous(memory_format=mf)
+    perm = channels_last_perm(x.dim())
+    inv = [perm.index(i) for i in range(x.dim())]
+    return x.permute(perm).contiguous().permute(inv)
+
+
+def make_input(shape, dtype=torch.float32, device="cpu", fmt="contiguous", mean=0.0, std=1.0):
+    """Random normal data (drawn on the CPU in float64 so every device sees the same values)."""
+    x = torch.randn(shape, dtype=torch.float64) * std + mean
+    return to_format(x.to(dtype).to(device), fmt)
+
+
+def make_params(C, dtype=torch.float32, device="cpu"):
+    """Random affine parameters away from the (1, 0) defaults, so a dropped weight or bias shows."""
+    w = (torch.rand(C, dtype=torch.float64) + 0.5) * torch.where(torch.rand(C) < 0.2, -1.0, 1.0).double()
+    b = torch.randn(C, dtype=torch.float64) * 0.5
+    return w.to(device=device, dtype=dtype), b.to(device=device, dtype=dtype)
+
+
+def same_strides(y, x):
+    """Strides agree on every dim of size > 1 (size-1 dims do not change the memory order)."""
+    return all(y.stride(d) == x.stride(d) for d in range(x.dim()) if x.size(d) > 1)
+
+
+def assert_layout_kept(y, x, fmt):
+    """y (the output for the dense input x in format fmt) has x's shape, memory format and strides."""
+    assert y.shape == x.shape
+    mf = memory_format_for(x.dim())
+    if fmt == "channels_last" and mf is not None:
+        assert y.is_contiguous(memory_format=mf), f"output strides {y.stride()} are not {mf}"
+    elif fmt == "contiguous":
+        assert y.is_contiguous(), f"output strides {y.stride()} are not contiguous"
+    assert same_strides(y, x), f"output strides {y.stride()} != input strides {x.stride()}"
+
+
+def with_storage_offset(x, offset=3):
+    """A view with x's values and strides at storage offset `offset` of a NaN-filled flat buffer
+    (flat_buffer[offset:offset + n].view(...) for dense x); the offset breaks 16-byte alignment."""
+    buf = torch.full((offset + x.numel() + 5,), float("nan"), dtype=x.dtype, device=x.device)
+    v = buf.as_strided(x.shape, x.stride(), offset)
+    v.copy_(x)
+    assert v.storage_offset() == offset
+    return v
+
+
+def sliced_batch(shape, dtype, device, fmt):
+    """x = big[1:] where big has one extra sample: a dense view with a non-zero storage offset."""
+    big = make_input((shape[0] + 1, *shape[1:]), dtype, device, fmt)
+    return big[1:]
+
+
+def make_noncontiguous(shape, dtype, device, kind):
+    """An input that is neither NCHW-contiguous nor channels-last dense."""
+    if kind == "transposed":  # the last two spatial dims swapped
+        base = make_input((*shape[:-2], shape[-1], shape[-2]), dtype, device)
+        x = base.transpose(-1, -2)
+    elif kind == "strided":  # every other element of a wider last dim
+        base = make_input((*shape[:-1], 2 * shape[-1]), dtype, device)
+        x = base[..., ::2]
+    elif kind == "channel_slice":  # every other channel
+        base = make_input((shape[0], 2 * shape[1], *shape[2:]), dtype, device)
+        x = base[:, ::2]
+    else:
+        raise ValueError(kind)
+    assert x.shape == tuple(shape)
+    assert not x.is_contiguous()
+    mf = memory_format_for(x.dim())
+    assert mf is None or not x.is_contiguous(memory_format=mf)
+    return x
+
+
+def poison_allocator(device, *likes):
+    """Allocate NaN-filled blocks of the given tensors' sizes and free them, so the next allocations of
+    those sizes (the caching allocator on CUDA, malloc's free lists on the CPU) likely get NaN memory."""
+    blocks = [torch.full((t.numel() + 1,), float("nan"), dtype=t.dtype, device=device) for t in likes]
+    del blocks
+
+
+def assert_fwd_close(out, ref, dtype, native=None, what="output", tol=None):
+    """float32/float64: rel err < tol; half/bf16: flash-attention rule against the torch-native result."""
+    err = rel_err(out, ref)
+    if dtype in (torch.float32, torch.float64):
+        bound = tol if tol is not None else FWD_TOL[dtype]
+        assert err < bound, f"{what}: rel err {err:.3g} >= {bound:.3g}"
+    else:
+        assert native is not None, "low precision needs a torch-native baseline"
+        nat = rel_err(native, ref)
+        bound = FLASH_FACTOR * nat + FLASH_ATOL
+        assert err <= bound, f"{what}: rel err {err:.3g} > {FLASH_FACTOR} x torch-native {nat:.3g} + {FLASH_ATOL}"
+
+
+def assert_bwd_close(out, ref, dtype, native=None, what="grad"):
+    if dtype in (torch.float32, torch.float64):
+        assert_fwd_close(out, ref, dtype, what=what, tol=BWD_TOL[dtype])
+    else:
+        assert_fwd_close(out, ref, dtype, native=native, what=what)
