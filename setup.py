@@ -4,7 +4,6 @@
 import glob
 import os
 import platform
-
 import shutil
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -29,6 +28,7 @@ locate_cuda_home()
 import torch  # noqa: E402
 from setuptools import find_packages, setup  # noqa: E402
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
 DEFAULT_ARCHS = "8.0;9.0+PTX"
 
 

@@ -1,9 +1,12 @@
-"""GroupNorm/InstanceNorm operators: fake impls for torch.compile/FakeTensor and the one autograd
-path (torch.library.register_autograd over normext::group_norm_fwd)."""
+"""GroupNorm and InstanceNorm: fake impls of the ops for torch.compile/FakeTensor, the one autograd
+path (torch.library.register_autograd over normext::group_norm_fwd), the functionals and the modules."""
+
+import warnings
 
 import torch
+import torch.nn.functional as F
 
-from normext._ops import IDENTITY, empty_in_native_layout, stat_dtype
+from normext._ops import IDENTITY, FusedActivation, activation_code, empty_in_native_layout, stat_dtype
 
 
 @torch.library.register_fake("normext::group_norm_fwd")
@@ -58,3 +61,177 @@ def _backward(ctx, dY, _dmean, _drstd):
 
 
 torch.library.register_autograd("normext::group_norm_fwd", _backward, setup_context=_setup_context)
+
+
+def group_norm(
+    input, num_groups, weight=None, bias=None, eps=1e-5, activation=None, negative_slope=0.01, residual=None
+):
+    """torch.nn.functional.group_norm, with y = act(group_norm(x) + residual) fused."""
+    act = activation_code(activation)
+    return torch.ops.normext.group_norm_fwd(
+        input, weight, bias, residual, num_groups, eps, act, negative_slope
+    )[0]
+
+
+def _activation(z, act, slope):
+    return {
+        0: lambda: z,
+        1: lambda: F.relu(z),
+        2: lambda: F.leaky_relu(z, slope),
+        3: lambda: F.silu(z),
+        4: lambda: F.gelu(z),
+        5: lambda: F.gelu(z, approximate="tanh"),
+    }[act]()
+
+
+def _normalize_with_running_stats(input, running_mean, running_var, weight, bias, eps, act, slope, residual):
+    shape = (1, -1) + (1,) * (input.dim() - 2)
+    scale = torch.rsqrt(running_var.float() + eps)
+    if weight is not None:
+        scale = scale * weight.float()
+    z = (input.float() - running_mean.float().view(shape)) * scale.view(shape)
+    if bias is not None:
+        z = z + bias.float().view(shape)
+    if residual is not None:
+        z = z + residual.float()
+    return _activation(z, act, slope).to(input.dtype)
+
+
+def instance_norm(
+    input,
+    running_mean=None,
+    running_var=None,
+    weight=None,
+    bias=None,
+    use_input_stats=True,
+    momentum=0.1,
+    eps=1e-5,
+    activation=None,
+    negative_slope=0.01,
+    residual=None,
+):
+    """torch.nn.functional.instance_norm, with y = act(instance_norm(x) + residual) fused."""
+    act = activation_code(activation)
+    if input.dim() < 2:
+        raise ValueError(f"instance_norm: expected an input of shape (N, C, *), got {tuple(input.shape)}")
+    if not use_input_stats:
+        if running_mean is None or running_var is None:
+            raise ValueError("instance_norm: use_input_stats=False needs running_mean and running_var")
+        return _normalize_with_running_stats(
+            input, running_mean, running_var, weight, bias, eps, act, negative_slope, residual
+        )
+    spatial = input[0, 0].numel() if input.shape[0] * input.shape[1] > 0 else 0
+    if spatial == 1:
+        raise ValueError(
+            f"Expected more than 1 spatial element when training, got input size {list(input.shape)}"
+        )
+    C = input.shape[1]
+    Y, mean, rstd = torch.ops.normext.group_norm_fwd(
+        input, weight, bias, residual, C, eps, act, negative_slope
+    )
+    if running_mean is not None or running_var is not None:
+        with torch.no_grad():
+            if running_mean is not None:
+                running_mean.mul_(1 - momentum).add_(mean.mean(0).to(running_mean.dtype), alpha=momentum)
+            if running_var is not None:
+                var = rstd.double().pow(-2).sub_(eps).clamp_min_(0).mul_(spatial / (spatial - 1))
+                running_var.mul_(1 - momentum).add_(var.mean(0).to(running_var.dtype), alpha=momentum)
+    return Y
+
+
+class GroupNorm(FusedActivation, torch.nn.GroupNorm):
+    def __init__(
+        self,
+        num_groups,
+        num_channels,
+        eps=1e-5,
+        affine=True,
+        activation=None,
+        negative_slope=0.01,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__(num_groups, num_channels, eps, affine, device=device, dtype=dtype)
+        self._init_activation(activation, negative_slope)
+
+    def forward(self, input, residual=None):
+        if input.dim() < 2 or input.shape[1] != self.num_channels:
+            raise ValueError(
+                f"GroupNorm: expected input with {self.num_channels} channels (num_channels) at dim=1, "
+                f"got shape {tuple(input.shape)}"
+            )
+        return group_norm(
+            input,
+            self.num_groups,
+            self.weight,
+            self.bias,
+            self.eps,
+            self.activation,
+            self.negative_slope,
+            residual,
+        )
+
+    def extra_repr(self):
+        return super().extra_repr() + self._activation_repr()
+
+
+class _InstanceNormMixin(FusedActivation):
+    def __init__(
+        self,
+        num_features,
+        eps=1e-5,
+        momentum=0.1,
+        affine=False,
+        track_running_stats=False,
+        activation=None,
+        negative_slope=0.01,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
+        self._init_activation(activation, negative_slope)
+
+    def forward(self, input, residual=None):
+        self._check_input_dim(input)
+        feature_dim = input.dim() - self._get_no_batch_dim()
+        if input.size(feature_dim) != self.num_features:
+            message = (
+                f"{type(self).__name__}: expected input with {self.num_features} channels (num_features) "
+                f"at dim={feature_dim}, got {input.size(feature_dim)}"
+            )
+            if self.affine:
+                raise ValueError(message)
+            warnings.warn(message + "; num_features is unused because affine=False", stacklevel=2)
+        unbatched = input.dim() == self._get_no_batch_dim()
+        if unbatched:
+            input = input.unsqueeze(0)
+            residual = None if residual is None else residual.unsqueeze(0)
+        out = instance_norm(
+            input,
+            self.running_mean,
+            self.running_var,
+            self.weight,
+            self.bias,
+            self.training or not self.track_running_stats,
+            self.momentum if self.momentum is not None else 0.0,
+            self.eps,
+            self.activation,
+            self.negative_slope,
+            residual,
+        )
+        return out.squeeze(0) if unbatched else out
+
+    def extra_repr(self):
+        return super().extra_repr() + self._activation_repr()
+
+
+class InstanceNorm1d(_InstanceNormMixin, torch.nn.InstanceNorm1d):
+    pass
+
+
+class InstanceNorm2d(_InstanceNormMixin, torch.nn.InstanceNorm2d):
+    pass
+
+
+class InstanceNorm3d(_InstanceNormMixin, torch.nn.InstanceNorm3d):
+    pass

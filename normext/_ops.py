@@ -44,3 +44,19 @@ def empty_in_native_layout(x):
     if not x.is_contiguous() and _is_channels_last_dense(x):
         return x.new_empty_strided(x.shape, x.stride())
     return x.new_empty(x.shape)
+
+
+class FusedActivation:
+    """Mixin for modules with a fused activation: validates the name and adds it to the repr."""
+
+    def _init_activation(self, activation, negative_slope):
+        activation_code(activation)
+        self.activation = activation
+        self.negative_slope = negative_slope
+
+    def _activation_repr(self):
+        if self.activation in (None, "identity"):
+            return ""
+        if self.activation == "leaky_relu":
+            return f", activation=leaky_relu, negative_slope={self.negative_slope}"
+        return f", activation={self.activation}"

@@ -226,19 +226,20 @@ void channel_grad_sums(const scalar_t* dY, const scalar_t* X, const scalar_t* R,
     for_each_run(s, k.stat_stride, [&](const Run& r) {
       Vec v_dz(acc_t(0)), v_dzx(acc_t(0));
       acc_t t_dz = 0, t_dzx = 0;
-      for_each_element<scalar_t>(r, k, [&](auto zero, int64_t j, auto mean, auto rstd, auto gamma, auto beta) {
-        using T = decltype(zero);
-        const int64_t o = r.offset + j;
-        const T xhat = (load_as<scalar_t, T>(X + o) - mean) * rstd;
-        const T dz = grad_z(dY, X, R, o, xhat, gamma, beta, act, sl);
-        if constexpr (std::is_same_v<T, acc_t>) {
-          t_dz += dz;
-          t_dzx += dz * xhat;
-        } else {
-          v_dz = v_dz + dz;
-          v_dzx = v_dzx + dz * xhat;
-        }
-      });
+      for_each_element<scalar_t>(r, k,
+                                 [&](auto zero, int64_t j, auto mean, auto rstd, auto gamma, auto beta) {
+                                   using T = decltype(zero);
+                                   const int64_t o = r.offset + j;
+                                   const T xhat = (load_as<scalar_t, T>(X + o) - mean) * rstd;
+                                   const T dz = grad_z(dY, X, R, o, xhat, gamma, beta, act, sl);
+                                   if constexpr (std::is_same_v<T, acc_t>) {
+                                     t_dz += dz;
+                                     t_dzx += dz * xhat;
+                                   } else {
+                                     v_dz = v_dz + dz;
+                                     v_dzx = v_dzx + dz * xhat;
+                                   }
+                                 });
       const int64_t nc = r.offset / s.HxW;
       sdz[nc] = at::vec::vec_reduce_all([](Vec a, Vec b) { return a + b; }, v_dz) + t_dz;
       sdzx[nc] = at::vec::vec_reduce_all([](Vec a, Vec b) { return a + b; }, v_dzx) + t_dzx;
@@ -257,19 +258,20 @@ void channel_grad_sums(const scalar_t* dY, const scalar_t* X, const scalar_t* R,
       std::fill(pdzx, pdzx + s.C, acc_t(0));
       for (int64_t row = r0; row < r1; ++row) {
         const Run r{(n * s.HxW + row) * s.C, s.C, n * k.stat_stride, 0, true};
-        for_each_element<scalar_t>(r, k, [&](auto zero, int64_t j, auto mean, auto rstd, auto gamma, auto beta) {
-          using T = decltype(zero);
-          const int64_t o = r.offset + j;
-          const T xhat = (load_as<scalar_t, T>(X + o) - mean) * rstd;
-          const T dz = grad_z(dY, X, R, o, xhat, gamma, beta, act, sl);
-          if constexpr (std::is_same_v<T, acc_t>) {
-            pdz[j] += dz;
-            pdzx[j] += dz * xhat;
-          } else {
-            (Vec::loadu(pdz + j) + dz).store(pdz + j);
-            (Vec::loadu(pdzx + j) + dz * xhat).store(pdzx + j);
-          }
-        });
+        for_each_element<scalar_t>(r, k,
+                                   [&](auto zero, int64_t j, auto mean, auto rstd, auto gamma, auto beta) {
+                                     using T = decltype(zero);
+                                     const int64_t o = r.offset + j;
+                                     const T xhat = (load_as<scalar_t, T>(X + o) - mean) * rstd;
+                                     const T dz = grad_z(dY, X, R, o, xhat, gamma, beta, act, sl);
+                                     if constexpr (std::is_same_v<T, acc_t>) {
+                                       pdz[j] += dz;
+                                       pdzx[j] += dz * xhat;
+                                     } else {
+                                       (Vec::loadu(pdz + j) + dz).store(pdz + j);
+                                       (Vec::loadu(pdzx + j) + dz * xhat).store(pdzx + j);
+                                     }
+                                   });
       }
     }
   });
@@ -290,8 +292,9 @@ void channel_grad_sums(const scalar_t* dY, const scalar_t* X, const scalar_t* R,
 // dX = a·dz + b·x̂ + c (coefficients indexed like mean/rstd) and dR = dz; either output may be null.
 template <typename scalar_t>
 void channel_grad_input(const scalar_t* dY, const scalar_t* X, const scalar_t* R, const ChannelShape& s,
-                        const ChannelCoefs<at::opmath_type<scalar_t>>& k, const GradCoefs<at::opmath_type<scalar_t>>& g,
-                        int64_t act, double slope, scalar_t* dX, scalar_t* dR) {
+                        const ChannelCoefs<at::opmath_type<scalar_t>>& k,
+                        const GradCoefs<at::opmath_type<scalar_t>>& g, int64_t act, double slope,
+                        scalar_t* dX, scalar_t* dR) {
   using acc_t = at::opmath_type<scalar_t>;
   const acc_t sl = acc_t(slope);
   for_each_run(s, k.stat_stride, [&](const Run& r) {

@@ -97,7 +97,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> group_norm_bwd_cpu(
     const acc_t* gamma_p = param_or(a.gamma, ones, C, acc_t(1));
     const auto mean_c = expand_groups(mean.const_data_ptr<acc_t>(), N, G, D);
     const auto rstd_c = expand_groups(rstd.const_data_ptr<acc_t>(), N, G, D);
-    const ChannelCoefs<acc_t> k{mean_c.data(), rstd_c.data(), C, gamma_p, param_or(a.beta, zeros, C, acc_t(0))};
+    const ChannelCoefs<acc_t> k{mean_c.data(), rstd_c.data(), C, gamma_p,
+                                param_or(a.beta, zeros, C, acc_t(0))};
     const scalar_t* X = a.X.const_data_ptr<scalar_t>();
     const scalar_t* R = a.residual ? a.residual->const_data_ptr<scalar_t>() : nullptr;
     std::vector<acc_t> sdz(N * C), sdzx(N * C);
@@ -130,9 +131,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> group_norm_bwd_cpu(
         cc[ng * D + d] = -r * P * inv_m;
       }
     }
-    channel_grad_input(dY.const_data_ptr<scalar_t>(), X, R, s, k, GradCoefs<acc_t>{ca.data(), cb.data(), cc.data()},
-                       act, slope, mask[0] ? dX.data_ptr<scalar_t>() : nullptr,
-                       mask[3] ? dR.data_ptr<scalar_t>() : nullptr);
+    channel_grad_input(
+        dY.const_data_ptr<scalar_t>(), X, R, s, k, GradCoefs<acc_t>{ca.data(), cb.data(), cc.data()}, act,
+        slope, mask[0] ? dX.data_ptr<scalar_t>() : nullptr, mask[3] ? dR.data_ptr<scalar_t>() : nullptr);
   });
   return {dX, dgamma, dbeta, dR};
 }

@@ -66,30 +66,27 @@ inline void check_activation(int64_t act, const char* op) {
 // X's or float32 (mixed precision). Returned contiguous in the accumulation type (float32, or
 // float64 for float64 input) so kernels template on one parameter type only; that is a no-op for
 // the usual float32 parameters and a C-element cast for half/bf16 ones.
-inline c10::optional<at::Tensor> check_param(const c10::optional<at::Tensor>& p,
-                                             const at::Tensor& X, int64_t numel, const char* name,
-                                             const char* op) {
+inline c10::optional<at::Tensor> check_param(const c10::optional<at::Tensor>& p, const at::Tensor& X,
+                                             int64_t numel, const char* name, const char* op) {
   if (!p.has_value() || !p->defined()) return c10::nullopt;
-  TORCH_CHECK(p->device() == X.device(), op, ": ", name, " is on ", p->device(),
-              " but the input is on ", X.device());
-  TORCH_CHECK(p->dim() == 1 && p->numel() == numel, op, ": expected ", name, " of shape [", numel,
-              "], got ", p->sizes());
-  TORCH_CHECK(p->scalar_type() == X.scalar_type() || p->scalar_type() == at::kFloat, op, ": ",
-              name, " must have the input's dtype (", X.scalar_type(), ") or float32, got ",
-              p->scalar_type());
+  TORCH_CHECK(p->device() == X.device(), op, ": ", name, " is on ", p->device(), " but the input is on ",
+              X.device());
+  TORCH_CHECK(p->dim() == 1 && p->numel() == numel, op, ": expected ", name, " of shape [", numel, "], got ",
+              p->sizes());
+  TORCH_CHECK(p->scalar_type() == X.scalar_type() || p->scalar_type() == at::kFloat, op, ": ", name,
+              " must have the input's dtype (", X.scalar_type(), ") or float32, got ", p->scalar_type());
   return p->to(acc_dtype(X)).contiguous();
 }
 
 // A tensor that must match X elementwise (residual, dY): same shape, device and dtype; returned
 // dense in X's layout so kernels can index it exactly like X.
-inline c10::optional<at::Tensor> check_like(const c10::optional<at::Tensor>& t,
-                                            const at::Tensor& X, Layout layout, const char* name,
-                                            const char* op) {
+inline c10::optional<at::Tensor> check_like(const c10::optional<at::Tensor>& t, const at::Tensor& X,
+                                            Layout layout, const char* name, const char* op) {
   if (!t.has_value() || !t->defined()) return c10::nullopt;
-  TORCH_CHECK(t->device() == X.device(), op, ": ", name, " is on ", t->device(),
-              " but the input is on ", X.device());
-  TORCH_CHECK(t->sizes() == X.sizes(), op, ": ", name, " must have the input's shape ", X.sizes(),
-              ", got ", t->sizes());
+  TORCH_CHECK(t->device() == X.device(), op, ": ", name, " is on ", t->device(), " but the input is on ",
+              X.device());
+  TORCH_CHECK(t->sizes() == X.sizes(), op, ": ", name, " must have the input's shape ", X.sizes(), ", got ",
+              t->sizes());
   TORCH_CHECK(t->scalar_type() == X.scalar_type(), op, ": ", name, " must have the input's dtype ",
               X.scalar_type(), ", got ", t->scalar_type());
   return to_layout(*t, layout);
@@ -97,11 +94,10 @@ inline c10::optional<at::Tensor> check_like(const c10::optional<at::Tensor>& t,
 
 // Saved statistics passed back to a backward op: numel elements of the accumulation type (float32;
 // float64 for float64 input, so gradcheck sees exact statistics), on X's device.
-inline at::Tensor check_stats(const at::Tensor& s, const at::Tensor& X, int64_t numel,
-                              const char* name, const char* op) {
-  TORCH_CHECK(s.device() == X.device() && s.scalar_type() == acc_dtype(X) && s.numel() == numel, op,
-              ": ", name, " must be a ", acc_dtype(X), " tensor of ", numel, " elements on ",
-              X.device());
+inline at::Tensor check_stats(const at::Tensor& s, const at::Tensor& X, int64_t numel, const char* name,
+                              const char* op) {
+  TORCH_CHECK(s.device() == X.device() && s.scalar_type() == acc_dtype(X) && s.numel() == numel, op, ": ",
+              name, " must be a ", acc_dtype(X), " tensor of ", numel, " elements on ", X.device());
   return s.contiguous();
 }
 
@@ -127,8 +123,8 @@ struct GroupNormArgs {
 
 inline GroupNormArgs check_group_norm(const at::Tensor& X_in, const c10::optional<at::Tensor>& gamma,
                                       const c10::optional<at::Tensor>& beta,
-                                      const c10::optional<at::Tensor>& residual, int64_t G,
-                                      int64_t act, const char* op) {
+                                      const c10::optional<at::Tensor>& residual, int64_t G, int64_t act,
+                                      const char* op) {
   check_input(X_in, op, 2);
   check_activation(act, op);
   GroupNormArgs a;

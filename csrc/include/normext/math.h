@@ -48,18 +48,23 @@ NORMEXT_HD double nx_pos_select(double z, double a, double b) { return z > 0.0 ?
 namespace normext {
 // The same primitives on CPU SIMD vectors (lane-wise; maximum propagates NaN like torch.relu).
 template <typename T>
-inline at::vec::Vectorized<T> nx_exp(const at::vec::Vectorized<T>& x) { return x.exp(); }
+inline at::vec::Vectorized<T> nx_exp(const at::vec::Vectorized<T>& x) {
+  return x.exp();
+}
 template <typename T>
-inline at::vec::Vectorized<T> nx_erf(const at::vec::Vectorized<T>& x) { return x.erf(); }
+inline at::vec::Vectorized<T> nx_erf(const at::vec::Vectorized<T>& x) {
+  return x.erf();
+}
 template <typename T>
-inline at::vec::Vectorized<T> nx_tanh(const at::vec::Vectorized<T>& x) { return x.tanh(); }
+inline at::vec::Vectorized<T> nx_tanh(const at::vec::Vectorized<T>& x) {
+  return x.tanh();
+}
 template <typename T>
 inline at::vec::Vectorized<T> nx_relu(const at::vec::Vectorized<T>& x) {
   return at::vec::maximum(x, at::vec::Vectorized<T>(T(0)));
 }
 template <typename T>
-inline at::vec::Vectorized<T> nx_pos_select(const at::vec::Vectorized<T>& z,
-                                            const at::vec::Vectorized<T>& a,
+inline at::vec::Vectorized<T> nx_pos_select(const at::vec::Vectorized<T>& z, const at::vec::Vectorized<T>& a,
                                             const at::vec::Vectorized<T>& b) {
   return at::vec::Vectorized<T>::blendv(b, a, z > at::vec::Vectorized<T>(T(0)));
 }
