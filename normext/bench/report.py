@@ -1,0 +1,398 @@
+"""What the benchmark shows and keeps: the environment, a progress bar, the terminal table with per-norm
+geometric means and peak memory, the JSON document with every raw number, and the PNG chart."""
+
+import datetime
+import json
+import math
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import normext
+from normext.info import build_info
+
+SCHEMA = "normext-bench/1"
+
+
+def _cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _git():
+    root = Path(normext.__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        status = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return {"commit": None, "dirty": None}
+    return {"commit": commit, "dirty": bool(status.strip())}
+
+
+def environment(device, quick, effort):
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        dev = {
+            "type": "cuda",
+            "name": props.name,
+            "capability": f"{props.major}.{props.minor}",
+            "multiprocessors": props.multi_processor_count,
+            "memory_bytes": props.total_memory,
+            "l2_bytes": getattr(props, "L2_cache_size", None),
+            "cudnn": torch.backends.cudnn.version(),
+        }
+    else:
+        dev = {"type": "cpu", "name": _cpu_name(), "cores": os.cpu_count()}
+    rounds, min_block = effort
+    return {
+        "schema": SCHEMA,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "argv": sys.argv,
+        "suite": "quick" if quick else "full",
+        "device": dev,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "normext": {k: str(v) for k, v in build_info().items()},
+        "git": _git(),
+        "method": {
+            "rounds": rounds,
+            "min_block_s": min_block,
+            "clock": "CUDA events" if device.type == "cuda" else "time.perf_counter",
+            "statistic": "per-call times; a block's median; median_s = median of all calls",
+            "order": "contenders timed in turn each round, order rotated per round; speedup = median of "
+            "per-round ratios time(other) / time(normext)",
+            "inputs": "rotated among independent sets totalling at least twice the last-level cache",
+            "bytes": "forward 2*numel*size, backward 3*numel*size, a fused residual adds numel*size per pass",
+            "roofline": "copy_ of a large tensor (bytes read + written), before and after the cases; the "
+            "higher is used",
+        },
+    }
+
+
+def print_header(env, stream):
+    dev = env["device"]
+    name = dev["name"] + (f" (sm_{dev['capability'].replace('.', '')})" if dev["type"] == "cuda" else "")
+    print(f"normext bench ({env['suite']} {dev['type'].upper()} suite) on {name}", file=stream)
+    print(
+        f"  threads {env['threads']} | torch {env['torch']} | CUDA {env['cuda'] or '-'} | normext CUDA "
+        f"kernels {env['normext']['normext CUDA kernels']} | git {(env['git']['commit'] or '-')[:10]}"
+        f"{' (dirty)' if env['git']['dirty'] else ''}",
+        file=stream,
+    )
+    load = env["load_average"]
+    if load and load[0] > 0.5:
+        print(
+            f"  warning: load average {load[0]:.1f} before starting: other processes compete for the cores, "
+            "which slows multi-threaded code most",
+            file=stream,
+        )
+
+
+class Progress:
+    """tqdm when it is installed; otherwise a one-line bar on a terminal and a line per 10% elsewhere."""
+
+    def __init__(self, total):
+        self.total, self.done, self.started = total, 0, time.perf_counter()
+        self.tty = sys.stderr.isatty()
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            self.bar = None
+        else:
+            self.bar = tqdm(total=total, file=sys.stderr, unit="case", dynamic_ncols=True)
+
+    def step(self, name):
+        if self.bar is not None:
+            if self.done:
+                self.bar.update(1)
+            self.bar.set_postfix_str(name)
+            self.done += 1
+            return
+        elapsed = time.perf_counter() - self.started
+        left = f" ~{_clock(elapsed / self.done * (self.total - self.done))} left" if self.done else ""
+        line = f"[{self.done}/{self.total}] {_clock(elapsed)}{left}  {name}"
+        if self.tty:
+            width = 24
+            filled = width * self.done // max(self.total, 1)
+            sys.stderr.write(f"\r\x1b[K[{'#' * filled}{'.' * (width - filled)}] {line}"[:160])
+            sys.stderr.flush()
+        elif self.done * 10 // max(self.total, 1) != (self.done - 1) * 10 // max(self.total, 1):
+            print(line, file=sys.stderr, flush=True)
+        self.done += 1
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.close()
+        elif self.tty:
+            sys.stderr.write("\r\x1b[K")
+            sys.stderr.flush()
+
+
+def _clock(seconds):
+    return f"{int(seconds) // 60}:{int(seconds) % 60:02d}"
+
+
+def _geomean(values):
+    values = [v for v in values if v and v > 0]
+    return math.exp(sum(math.log(v) for v in values) / len(values)) if values else None
+
+
+def headline(result):
+    """The speedup against torch's way of computing the same thing: the unfused chain for fused variants
+    and stacks, the native op otherwise."""
+    speedup = result.get("speedup", {})
+    return speedup.get("chain", speedup.get("native"))
+
+
+def summarize(results):
+    """Per norm (stacks apart): geometric-mean headline speedup, overall and per pass."""
+    groups = {}
+    for r in results:
+        if "error" in r:
+            continue
+        key = f"{r['norm']} stacks" if r["layers"] else r["norm"]
+        groups.setdefault(key, []).append(r)
+    summary = {}
+    for key, rs in groups.items():
+        summary[key] = {
+            "variants": len(rs),
+            "geomean_speedup": _geomean([headline(r) for r in rs]),
+            "geomean_speedup_fwd": _geomean([headline(r) for r in rs if r["pass"] == "fwd"]),
+            "geomean_speedup_fwd_bwd": _geomean([headline(r) for r in rs if r["pass"] == "fwd+bwd"]),
+        }
+    return summary
+
+
+def document(env, roofline, results, notes, seconds):
+    for r in results:
+        if "bytes_per_s" in r:
+            r["roofline_fraction"] = {k: v / roofline["bytes_per_s"] for k, v in r["bytes_per_s"].items()}
+    return {
+        **env,
+        "roofline": roofline,
+        "notes": list(notes),
+        "summary": summarize(results),
+        "results": results,
+        "wall_s": seconds,
+    }
+
+
+def _fmt_time(seconds):
+    if seconds is None:
+        return "-"
+    if seconds < 1e-3:
+        return f"{seconds * 1e6:.1f}us"
+    if seconds < 1:
+        return f"{seconds * 1e3:.3g}ms"
+    return f"{seconds:.3g}s"
+
+
+def _fmt_x(value):
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def _fmt_bytes(n):
+    return f"{n / (1 << 20):.1f}"
+
+
+def table_lines(doc):
+    """The terminal table as a list of lines (also what the README takes)."""
+    columns = (
+        "case",
+        "shape",
+        "dtype",
+        "layout",
+        "pass",
+        "normext",
+        "native",
+        "x native",
+        "chain",
+        "x chain",
+    )
+    columns += ("GB/s", "% roof", "check")
+    rows = []
+    for r in doc["results"]:
+        if "error" in r:
+            rows.append((r["case"], "", *r["name"].split("/")[1:], "error: " + r["error"][:80]))
+            continue
+        timed, speedup = r["timings"], r["speedup"]
+        rows.append(
+            (
+                r["case"],
+                "x".join(map(str, r["shape"])),
+                r["name"].split("/")[1],
+                r["layout"],
+                r["pass"],
+                _fmt_time(timed["normext"]["median_s"]),
+                _fmt_time(timed.get("native", {}).get("median_s")),
+                _fmt_x(speedup.get("native")),
+                _fmt_time(timed.get("chain", {}).get("median_s")),
+                _fmt_x(speedup.get("chain")),
+                f"{r['bytes_per_s']['normext'] / 1e9:.1f}" if "bytes_per_s" in r else "-",
+                f"{100 * r['roofline_fraction']['normext']:.0f}" if "roofline_fraction" in r else "-",
+                "ok" if r["check"]["ok"] else f"DIFF {r['check']['rel_err']:.1e}",
+            )
+        )
+    full = [row for row in rows if len(row) == len(columns)]
+    widths = [max([len(c)] + [len(str(row[i])) for row in full]) for i, c in enumerate(columns)]
+    right = {5, 6, 7, 8, 9, 10, 11}
+
+    def line(cells):
+        if len(cells) < len(columns):  # an error row: the message spans the rest
+            head = "  ".join(str(c).ljust(widths[i]) for i, c in enumerate(cells[:-1]))
+            return f"{head}  {cells[-1]}"
+        padded = [
+            str(c).rjust(widths[i]) if i in right else str(c).ljust(widths[i]) for i, c in enumerate(cells)
+        ]
+        return "  ".join(padded).rstrip()
+
+    return [line(columns), "  ".join("-" * w for w in widths), *(line(row) for row in rows)]
+
+
+def roofline_lines(doc):
+    roof = doc["roofline"]
+    gbps = {k: roof[k]["bytes_per_s"] / 1e9 for k in ("before", "after")}
+    return [
+        f"roofline: copy_ {roof['bytes_per_s'] / 1e9:.1f} GB/s (before the cases {gbps['before']:.1f}, after "
+        f"{gbps['after']:.1f}; {roof['before']['bytes_moved'] >> 20} MiB read+written per copy)",
+        "x native / x chain: time(torch) / time(normext), the median of per-round ratios; native = torch's "
+        "op for the norm alone, chain = torch's norm, add, activation (stacks: torch modules)",
+    ]
+
+
+def summary_lines(doc):
+    lines = []
+    for key, s in doc["summary"].items():
+        fwd = _fmt_x(s["geomean_speedup_fwd"])
+        both = _fmt_x(s["geomean_speedup_fwd_bwd"])
+        lines.append(
+            f"{key:22s} geomean speedup {_fmt_x(s['geomean_speedup'])} (fwd {fwd}, fwd+bwd {both}) over "
+            f"{s['variants']} variants"
+        )
+    return lines
+
+
+def memory_lines(doc):
+    rows = [r for r in doc["results"] if "peak_memory_bytes" in r]
+    if doc["device"]["type"] != "cuda":
+        return [
+            "peak memory of a training step: not measured (CPU run; torch.cuda.max_memory_allocated only)"
+        ]
+    if not rows:
+        return ["peak memory of a training step: no fused variant or stack in this run"]
+    lines = ["peak memory of one training step (fwd+bwd), MiB beyond the inputs:"]
+    lines.append(f"  {'variant':52s} {'normext':>9s} {'native op':>9s} {'chain':>9s} {'saved':>6s}")
+    for r in rows:
+        peak = r["peak_memory_bytes"]
+        saved = 1 - peak["normext"] / peak["chain"] if peak.get("chain") else None
+        lines.append(
+            f"  {r['name']:52s} {_fmt_bytes(peak['normext']):>9s} "
+            f"{_fmt_bytes(peak['native']) if 'native' in peak else '-':>9s} {_fmt_bytes(peak['chain']):>9s} "
+            f"{'-' if saved is None else f'{100 * saved:.0f}%':>6s}"
+        )
+    return lines
+
+
+def print_results(doc, stream):
+    print(file=stream)
+    print("\n".join(table_lines(doc)), file=stream)
+    print(file=stream)
+    print("\n".join(roofline_lines(doc)), file=stream)
+    print("\n".join(summary_lines(doc)), file=stream)
+    print("\n".join(memory_lines(doc)), file=stream)
+    failed = [r["name"] for r in doc["results"] if "check" in r and not r["check"]["ok"]]
+    if failed:
+        print(
+            f"WARNING: normext differs from torch beyond the sanity tolerance in: {', '.join(failed)}",
+            file=stream,
+        )
+    print(f"{len(doc['results'])} variants in {_clock(doc['wall_s'])}", file=stream)
+
+
+def _slug(text):
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def file_stem(doc):
+    dev = doc["device"]
+    stamp = doc["date"][:16].replace(":", "").replace("-", "").replace("T", "-")
+    threads = f"-{doc['threads']}t" if dev["type"] == "cpu" else ""
+    return f"{dev['type']}-{_slug(dev['name'])}{threads}-{stamp}{'-quick' if doc['suite'] == 'quick' else ''}"
+
+
+def _compact_number_lists(text):
+    """One line per list of numbers (the raw samples), so the JSON stays readable and small."""
+    return re.sub(r"\[\s*([-+0-9.eE,\s]+?)\s*\]", lambda m: "[" + re.sub(r"\s+", "", m.group(1)) + "]", text)
+
+
+def write(doc, out_dir, stream):
+    """Writes <stem>.json and <stem>.png (the PNG only when matplotlib is installed) and the table as
+    <stem>.txt; returns the paths written."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = out_dir / file_stem(doc)
+    paths = [stem.with_suffix(".json"), stem.with_suffix(".txt")]
+    paths[0].write_text(_compact_number_lists(json.dumps(doc, indent=1)) + "\n")
+    text = table_lines(doc) + [""] + roofline_lines(doc) + summary_lines(doc) + memory_lines(doc)
+    paths[1].write_text("\n".join(text) + "\n")
+    try:
+        import matplotlib
+    except ImportError:
+        print("matplotlib is not installed: no PNG chart (pip install matplotlib)", file=stream)
+        return paths
+    matplotlib.use("Agg")
+    paths.append(chart(doc, stem.with_suffix(".png")))
+    return paths
+
+
+def chart(doc, path):
+    """Two panels over the variants: headline speedup (log scale) and normext's % of the copy roofline."""
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in doc["results"] if "error" not in r]
+    labels = [r["name"] for r in rows]
+    height = max(3.0, 0.16 * len(rows) + 1.2)
+    fig, (ax1, ax2) = plt.subplots(
+        1, 2, figsize=(13, height), sharey=True, gridspec_kw={"width_ratios": [3, 2]}
+    )
+    y = list(range(len(rows)))
+    colors = ["tab:blue" if r["pass"] == "fwd" else "tab:orange" for r in rows]
+    ax1.barh(y, [headline(r) for r in rows], color=colors)
+    ax1.axvline(1.0, color="black", linewidth=0.8)
+    ax1.set_xscale("log")
+    ax1.set_xlabel("speedup vs torch (chain for fused variants and stacks)  [blue fwd, orange fwd+bwd]")
+    ax1.set_yticks(y, labels, fontsize=6)
+    ax1.invert_yaxis()
+    ax2.barh(y, [100 * r.get("roofline_fraction", {}).get("normext", 0) for r in rows], color=colors)
+    ax2.set_xlabel(f"normext % of copy roofline ({doc['roofline']['bytes_per_s'] / 1e9:.0f} GB/s)")
+    dev = doc["device"]
+    fig.suptitle(
+        f"normext bench, {dev['name']} ({dev['type']}, {doc['threads']} threads), {doc['date'][:10]}"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

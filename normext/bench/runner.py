@@ -1,0 +1,265 @@
+"""Runs the benchmark: `python -m normext.bench [--quick] [--filter RE] [--out DIR]`. For each variant it
+builds rotating input sets, checks normext against the native chain once, times normext / native op /
+unfused native chain in alternating rounds, and on CUDA records each one's peak training-step memory."""
+
+import argparse
+import gc
+import itertools
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from normext.bench import report
+from normext.bench.cases import DTYPES, LAYOUTS, NATIVE_ACT_MODULE, NORMS, SUITE, native_chain, select
+from normext.bench.timing import cache_bytes, clock_for, compare, copy_bandwidth, peak_memory
+
+# Timing effort per device: rounds of A/B/C blocks, and the shortest block. --quick uses the second row.
+EFFORT = {
+    "cuda": {"full": (7, 0.02), "quick": (5, 0.01)},
+    "cpu": {"full": (7, 0.01), "quick": (5, 0.006)},
+}
+COPY_BYTES = {"cuda": 1 << 30, "cpu": 256 << 20}  # the roofline copy: far past any cache
+MAX_SETS = 256  # input sets rotated through at most (tiny cases)
+CHECK_TOL = {"f32": 1e-3, "bf16": 3e-2, "f16": 3e-2}  # sanity check only; tests/ holds the real proofs
+
+
+def _input_sets(variant, device, rotate_bytes, memory_cap):
+    """Enough independent sets of (x, residual, dy) to cycle past the last-level cache."""
+    dtype = DTYPES[variant.dtype]
+    fmt = LAYOUTS[variant.layout]
+    case = variant.case
+    per_set = variant.numel * variant.elem_size * (1 + variant.backward + (case.residual and not case.layers))
+    count = max(1, min(MAX_SETS, math.ceil(rotate_bytes / per_set), memory_cap // per_set))
+
+    def tensor(requires_grad=False):
+        t = torch.randn(variant.shape, dtype=dtype, device=device).contiguous(memory_format=fmt)
+        return t.requires_grad_(requires_grad)
+
+    sets = []
+    for _ in range(count):
+        s = {"x": tensor(variant.backward)}
+        if case.residual and not case.layers:
+            s["residual"] = tensor(variant.backward)
+        if variant.backward:
+            s["dy"] = tensor()
+        sets.append(s)
+    return sets
+
+
+def _norm_contenders(variant, device, sets):
+    """name -> function of one input set, for a norm case: normext, the native op, the native chain."""
+    case = variant.case
+    norm = NORMS[case.norm]
+    dtype = torch.float32 if norm.float32_params else DTYPES[variant.dtype]
+    params = norm.params(norm.param_channels(variant.shape), dtype, device)
+    for name, p in params.items():
+        p.requires_grad_(variant.backward and norm.trainable_params and name in ("weight", "bias"))
+    trainable = [p for p in params.values() if p.requires_grad]
+
+    def step(compute, with_residual):
+        def run(s):
+            residual = s.get("residual") if with_residual else None
+            y = compute(s["x"], residual)
+            if not variant.backward:
+                return y
+            wrt = [s["x"]] + ([residual] if residual is not None else []) + trainable
+            return y, torch.autograd.grad(y, wrt, s["dy"])
+
+        return run
+
+    contenders = {
+        "normext": step(lambda x, r: norm.normext(case, x, params, r), True),
+        "native": step(lambda x, r: norm.native(case, x, params), False),
+    }
+    if case.fused:
+        contenders["chain"] = step(lambda x, r: native_chain(case, x, params, r), True)
+    return contenders
+
+
+def _stack_contenders(variant, device):
+    """name -> function of one input set, for a stack: layers x (norm + act, conv), one training step of a
+    float32 model, under autocast for bfloat16/float16 (as mixed-precision training runs it). The input
+    and the output are conv outputs, so both contenders see and produce the same dtype."""
+    case = variant.case
+    norm = NORMS[case.norm]
+    channels = variant.shape[1]
+    conv = {3: torch.nn.Conv1d, 4: torch.nn.Conv2d, 5: torch.nn.Conv3d}[len(variant.shape)]
+    native_layers, normext_layers = [], []
+    for _ in range(case.layers):
+        conv_layer = conv(channels, channels, 3, padding=1, bias=False)
+        normext_norm, native_norm = norm.modules(case, channels)
+        normext_norm.load_state_dict(native_norm.state_dict())
+        native_layers += [native_norm, NATIVE_ACT_MODULE[case.act](), conv_layer]
+        normext_layers += [normext_norm, conv_layer]
+    models = {"normext": torch.nn.Sequential(*normext_layers), "chain": torch.nn.Sequential(*native_layers)}
+    dtype = DTYPES[variant.dtype]
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    contenders = {}
+    for name, model in models.items():
+        model.to(device=device, memory_format=LAYOUTS[variant.layout]).train()
+
+        def run(s, model=model):
+            with autocast:
+                y = model(s["x"])
+            return y, torch.autograd.grad(y, [s["x"], *model.parameters()], s["dy"])
+
+        contenders[name] = run
+    return contenders
+
+
+def _rel_err(a, b):
+    a, b = a.float(), b.float()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def _check(variant, contenders, s):
+    """Relative difference of normext's output (and input gradient) from the native chain's."""
+    reference = contenders["chain"] if "chain" in contenders else contenders["native"]
+    mine, theirs = contenders["normext"](s), reference(s)
+    if variant.backward:
+        err = max(_rel_err(mine[0], theirs[0]), _rel_err(mine[1][0], theirs[1][0]))
+    else:
+        err = _rel_err(mine, theirs)
+    return {"rel_err": err, "ok": bool(err <= CHECK_TOL[variant.dtype])}
+
+
+def run_variant(variant, device, clock, effort, rotate_bytes, memory_cap):
+    """Everything measured for one variant, as a JSON-ready dict."""
+    case = variant.case
+    result = {
+        "name": variant.name,
+        "case": case.name,
+        "norm": case.norm,
+        "shape": list(variant.shape),
+        "dtype": str(DTYPES[variant.dtype]).removeprefix("torch."),
+        "layout": variant.layout,
+        "pass": variant.pass_name,
+        "activation": case.act,
+        "residual": case.residual,
+        "layers": case.layers,
+    }
+    sets = _input_sets(variant, device, rotate_bytes, memory_cap)
+    contenders = (
+        _stack_contenders(variant, device) if case.layers else _norm_contenders(variant, device, sets)
+    )
+    result["check"] = _check(variant, contenders, sets[0])
+    if device.type == "cuda" and (case.fused or case.layers) and variant.backward:
+        result["peak_memory_bytes"] = {name: peak_memory(fn, sets[0]) for name, fn in contenders.items()}
+
+    def rotating(fn):
+        nxt = itertools.cycle(sets).__next__
+        return lambda: fn(nxt())
+
+    rounds, min_block = effort
+    timed, ratios = compare(clock, {n: rotating(fn) for n, fn in contenders.items()}, rounds, min_block)
+    for t in timed.values():  # four significant digits: more than a timer resolves
+        t["samples_s"] = [float(f"{x:.4g}") for x in t["samples_s"]]
+    result["input_sets"] = len(sets)
+    result["timings"] = timed
+    result["ratios"] = ratios
+    result["speedup"] = {name: _median(r) for name, r in ratios.items()}
+    if not case.layers:
+        moved = {"normext": variant.min_bytes(), "native": variant.min_bytes(residual=False)}
+        moved["chain"] = moved["normext"]
+        result["bytes"] = {name: moved[name] for name in timed}
+        result["bytes_per_s"] = {name: moved[name] / t["median_s"] for name, t in timed.items()}
+    return result
+
+
+def _median(values):
+    values = sorted(values)
+    mid = len(values) // 2
+    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
+
+
+def run(variants, device, out_dir, quick=False, effort=None, notes=(), stream=None):
+    """Measures `variants` on `device`, prints the table (to stdout by default) and writes JSON (and PNG
+    if matplotlib is installed) under out_dir. Returns the result document."""
+    stream = stream or sys.stdout
+    device = torch.device(device)
+    clock = clock_for(device)
+    effort = effort or EFFORT[device.type]["quick" if quick else "full"]
+    env = report.environment(device, quick, effort)
+    report.print_header(env, stream)
+    for note in notes:
+        print(f"note: {note}", file=stream)
+    rotate_bytes = 2 * cache_bytes(device)
+    if device.type == "cuda":
+        memory_cap = torch.cuda.get_device_properties(device).total_memory // 4
+    else:
+        memory_cap = 4 << 30
+    copy_bytes = COPY_BYTES[device.type]
+    started = time.perf_counter()
+    roofline = {"before": copy_bandwidth(device, clock, copy_bytes, *effort)}
+    results = []
+    progress = report.Progress(len(variants))
+    for variant in variants:
+        progress.step(variant.name)
+        try:
+            results.append(run_variant(variant, device, clock, effort, rotate_bytes, memory_cap))
+        except (RuntimeError, NotImplementedError, ValueError, TypeError) as err:
+            results.append(
+                {
+                    "name": variant.name,
+                    "case": variant.case.name,
+                    "norm": variant.case.norm,
+                    "error": f"{type(err).__name__}: {str(err).splitlines()[0]}",
+                }
+            )
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    progress.close()
+    roofline["after"] = copy_bandwidth(device, clock, copy_bytes, *effort)
+    roofline["bytes_per_s"] = max(r["bytes_per_s"] for r in roofline.values())
+    doc = report.document(env, roofline, results, notes, time.perf_counter() - started)
+    report.print_results(doc, stream)
+    paths = report.write(doc, Path(out_dir), stream)
+    for path in paths:
+        print(f"wrote {path}", file=stream)
+    return doc
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(
+        prog="python -m normext.bench",
+        description="normext against torch native ops (cuDNN for BatchNorm on GPU) and the unfused native "
+        "chain, on the measured copy roofline. GPU suite when a GPU is visible, CPU suite otherwise.",
+    )
+    parser.add_argument("--quick", action="store_true", help="a representative subset (float32/bfloat16)")
+    parser.add_argument(
+        "--filter",
+        action="append",
+        default=[],
+        metavar="REGEX",
+        help="run the variants whose name (case/dtype/layout/pass) matches; repeatable",
+    )
+    parser.add_argument("--out", default="bench/results", metavar="DIR", help="where JSON and PNG go")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--list", action="store_true", help="print the variant names and exit")
+    parser.add_argument("--rounds", type=int, help="rounds of alternating blocks (default per device)")
+    parser.add_argument("--min-block", type=float, help="shortest timed block in seconds")
+    return parser.parse_args(argv)
+
+
+def main(argv=None, suite=SUITE):
+    args = parse_args(argv)
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    variants, notes = select(suite, device, args.quick, args.filter)
+    if args.list:
+        for v in variants:
+            print(v.name, "x".join(map(str, v.shape)))
+        for note in notes:
+            print(f"note: {note}")
+        return None
+    if not variants:
+        print("no variant selected" + "".join(f"\nnote: {n}" for n in notes), file=sys.stderr)
+        return None
+    rounds, min_block = EFFORT[device]["quick" if args.quick else "full"]
+    effort = (args.rounds or rounds, args.min_block or min_block)
+    return run(variants, device, args.out, args.quick, effort, notes)

@@ -1,0 +1,132 @@
+"""How the benchmark times: contenders measured in turn, round after round (A B C, B C A, ...), with the
+median of per-round ratios as the speedup. Each call is bracketed by CUDA events on a GPU, by the host
+clock on CPU; a block's statistic is the median of its calls. Also the copy roofline, the cache size to
+rotate inputs past, and peak CUDA memory."""
+
+import math
+import statistics
+import time
+
+import torch
+
+
+class CudaClock:
+    """Per-call times from CUDA events recorded around each call on the current stream."""
+
+    device_type = "cuda"
+
+    def sync(self):
+        torch.cuda.synchronize()
+
+    def block(self, fn, n):
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+        for start, end in zip(starts, ends, strict=True):
+            start.record()
+            fn()
+            end.record()
+        torch.cuda.synchronize()
+        return [s.elapsed_time(e) * 1e-3 for s, e in zip(starts, ends, strict=True)]
+
+
+class CpuClock:
+    """Per-call host times (time.perf_counter around each call). A block's median, not its mean: on a
+    shared machine one descheduled worker thread stalls a parallel region for tens of milliseconds, and a
+    mean over the block (what torch.utils.benchmark's Timer reports) would charge that to whichever
+    contender happened to run then."""
+
+    device_type = "cpu"
+
+    def sync(self):
+        pass
+
+    def block(self, fn, n):
+        clock = time.perf_counter
+        times = []
+        for _ in range(n):
+            start = clock()
+            fn()
+            times.append(clock() - start)
+        return times
+
+
+def clock_for(device):
+    return CudaClock() if device.type == "cuda" else CpuClock()
+
+
+def compare(clock, fns, rounds, min_block_s, max_calls=1000, warmup=2):
+    """Times every contender in `fns` (name -> zero-argument callable) for `rounds` rounds, each round
+    one block per contender in a rotated order. Blocks hold enough calls to last about `min_block_s`.
+    The first contender is the one the others are compared with.
+
+    Returns {name: {"calls_per_block", "samples_s", "block_median_s", "median_s"}} and, for every other
+    contender, {name: per-round ratios time(name) / time(first)}."""
+    names = list(fns)
+    calls = {}
+    for name in names:
+        for _ in range(warmup):
+            fns[name]()
+        clock.sync()
+        once = min(clock.block(fns[name], 5))  # the min: a stalled call must not shrink the blocks
+        calls[name] = max(1, min(max_calls, math.ceil(min_block_s / max(once, 1e-7))))
+    samples = {name: [] for name in names}
+    blocks = {name: [] for name in names}
+    for r in range(rounds):
+        order = names[r % len(names) :] + names[: r % len(names)]
+        for name in order:
+            times = clock.block(fns[name], calls[name])
+            samples[name] += times
+            blocks[name].append(statistics.median(times))
+    result = {
+        name: {
+            "calls_per_block": calls[name],
+            "samples_s": samples[name],
+            "block_median_s": blocks[name],
+            "median_s": statistics.median(samples[name]),
+        }
+        for name in names
+    }
+    first = blocks[names[0]]
+    ratios = {name: [b / a for a, b in zip(first, blocks[name], strict=True)] for name in names[1:]}
+    return result, ratios
+
+
+def copy_bandwidth(device, clock, nbytes, rounds, min_block_s):
+    """Bytes per second of dst.copy_(src) on a large tensor (bytes read plus bytes written): the roofline."""
+    src = torch.randn(nbytes // 4, device=device)
+    dst = torch.empty_like(src)
+    timed, _ = compare(clock, {"copy": lambda: dst.copy_(src)}, rounds, min_block_s)
+    seconds = timed["copy"]["median_s"]
+    return {
+        "bytes_moved": 2 * src.numel() * 4,
+        "median_s": seconds,
+        "samples_s": timed["copy"]["samples_s"],
+        "bytes_per_s": 2 * src.numel() * 4 / seconds,
+    }
+
+
+def cache_bytes(device):
+    """The last-level cache inputs must be rotated past: the GPU's L2, or the CPU's largest cache."""
+    if device.type == "cuda":
+        return getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or 50 << 20
+    largest = 0
+    for index in range(8):
+        try:
+            with open(f"/sys/devices/system/cpu/cpu0/cache/index{index}/size") as f:
+                text = f.read().strip()
+        except OSError:
+            break
+        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        largest = max(largest, int(text.rstrip("KMG")) * scale)
+    return largest or 32 << 20
+
+
+def peak_memory(fn, *args):
+    """Peak CUDA memory that one call fn(*args) allocates beyond what was allocated before it (its
+    results are dropped when it returns)."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    fn(*args)
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - before
