@@ -254,7 +254,7 @@ def table_lines(doc):
                 _fmt_x(speedup.get("chain")),
                 f"{r['bytes_per_s']['normext'] / 1e9:.1f}" if "bytes_per_s" in r else "-",
                 f"{100 * r['roofline_fraction']['normext']:.0f}" if "roofline_fraction" in r else "-",
-                "ok" if r["check"]["ok"] else f"DIFF {r['check']['rel_err']:.1e}",
+                "ok" if r["check"]["ok"] else f"DIFF {r['check']['rel_err']['normext']:.1e}",
             )
         )
     full = [row for row in rows if len(row) == len(columns)]

@@ -3,6 +3,8 @@ builds rotating input sets, checks normext against the native chain once, times 
 unfused native chain in alternating rounds, and on CUDA records each one's peak training-step memory."""
 
 import argparse
+import contextlib
+import functools
 import gc
 import itertools
 import math
@@ -18,12 +20,12 @@ from normext.bench.timing import cache_bytes, clock_for, compare, copy_bandwidth
 
 # Timing effort per device: rounds of A/B/C blocks, and the shortest block. --quick uses the second row.
 EFFORT = {
-    "cuda": {"full": (7, 0.02), "quick": (5, 0.01)},
+    "cuda": {"full": (7, 0.01), "quick": (5, 0.005)},
     "cpu": {"full": (7, 0.01), "quick": (5, 0.006)},
 }
 COPY_BYTES = {"cuda": 1 << 30, "cpu": 256 << 20}  # the roofline copy: far past any cache
 MAX_SETS = 256  # input sets rotated through at most (tiny cases)
-CHECK_TOL = {"f32": 1e-3, "bf16": 3e-2, "f16": 3e-2}  # sanity check only; tests/ holds the real proofs
+CHECK_TOL = {"f32": 1e-3, "bf16": 1e-2, "f16": 1e-2}  # sanity check only; tests/ holds the real proofs
 
 
 def _input_sets(variant, device, rotate_bytes, memory_cap):
@@ -49,20 +51,23 @@ def _input_sets(variant, device, rotate_bytes, memory_cap):
     return sets
 
 
-def _norm_contenders(variant, device, sets):
-    """name -> function of one input set, for a norm case: normext, the native op, the native chain."""
+def _norm_contenders(variant, device):
+    """name -> function of one input set, for a norm case: normext, the native op, the native chain; and
+    the chain in float32 as the reference for the sanity check."""
     case = variant.case
     norm = NORMS[case.norm]
     dtype = torch.float32 if norm.float32_params else DTYPES[variant.dtype]
     params = norm.params(norm.param_channels(variant.shape), dtype, device)
     for name, p in params.items():
         p.requires_grad_(variant.backward and norm.trainable_params and name in ("weight", "bias"))
-    trainable = [p for p in params.values() if p.requires_grad]
+    params32 = {k: _upcast(p) for k, p in params.items()}
 
-    def step(compute, with_residual):
+    def step(compute, params, with_residual=True):
+        trainable = [p for p in params.values() if p.requires_grad]
+
         def run(s):
             residual = s.get("residual") if with_residual else None
-            y = compute(s["x"], residual)
+            y = compute(case, s["x"], params, residual)
             if not variant.backward:
                 return y
             wrt = [s["x"]] + ([residual] if residual is not None else []) + trainable
@@ -71,18 +76,19 @@ def _norm_contenders(variant, device, sets):
         return run
 
     contenders = {
-        "normext": step(lambda x, r: norm.normext(case, x, params, r), True),
-        "native": step(lambda x, r: norm.native(case, x, params), False),
+        "normext": step(norm.normext, params),
+        "native": step(lambda c, x, p, r: norm.native(c, x, p), params, with_residual=False),
     }
     if case.fused:
-        contenders["chain"] = step(lambda x, r: native_chain(case, x, params, r), True)
-    return contenders
+        contenders["chain"] = step(native_chain, params)
+    return contenders, step(native_chain, params32)
 
 
 def _stack_contenders(variant, device):
     """name -> function of one input set, for a stack: layers x (norm + act, conv), one training step of a
     float32 model, under autocast for bfloat16/float16 (as mixed-precision training runs it). The input
-    and the output are conv outputs, so both contenders see and produce the same dtype."""
+    and the output are conv outputs, so both contenders see and produce the same dtype. The reference is
+    the native stack without autocast."""
     case = variant.case
     norm = NORMS[case.norm]
     channels = variant.shape[1]
@@ -97,17 +103,20 @@ def _stack_contenders(variant, device):
     models = {"normext": torch.nn.Sequential(*normext_layers), "chain": torch.nn.Sequential(*native_layers)}
     dtype = DTYPES[variant.dtype]
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-    contenders = {}
-    for name, model in models.items():
+    for model in models.values():
         model.to(device=device, memory_format=LAYOUTS[variant.layout]).train()
+    contenders = {name: functools.partial(_train_step, model, autocast) for name, model in models.items()}
+    return contenders, functools.partial(_train_step, models["chain"], contextlib.nullcontext())
 
-        def run(s, model=model):
-            with autocast:
-                y = model(s["x"])
-            return y, torch.autograd.grad(y, [s["x"], *model.parameters()], s["dy"])
 
-        contenders[name] = run
-    return contenders
+def _train_step(model, autocast, s):
+    with autocast:
+        y = model(s["x"])
+    return y, torch.autograd.grad(y, [s["x"], *model.parameters()], s["dy"])
+
+
+def _upcast(t):
+    return t.detach().float().requires_grad_(t.requires_grad)
 
 
 def _rel_err(a, b):
@@ -115,15 +124,20 @@ def _rel_err(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
-def _check(variant, contenders, s):
-    """Relative difference of normext's output (and input gradient) from the native chain's."""
-    reference = contenders["chain"] if "chain" in contenders else contenders["native"]
-    mine, theirs = contenders["normext"](s), reference(s)
-    if variant.backward:
-        err = max(_rel_err(mine[0], theirs[0]), _rel_err(mine[1][0], theirs[1][0]))
-    else:
-        err = _rel_err(mine, theirs)
-    return {"rel_err": err, "ok": bool(err <= CHECK_TOL[variant.dtype])}
+def _check(variant, contenders, reference, s):
+    """A sanity check, not a proof (tests/ has those): the relative error of normext's output (and input
+    gradient) against torch's computation in float32 must stay within twice torch's own error in the
+    variant's dtype plus CHECK_TOL."""
+    expected = reference({k: _upcast(t) for k, t in s.items()})
+    errors = {}
+    for name in ("normext", "chain" if "chain" in contenders else "native"):
+        got = contenders[name](s)
+        if variant.backward:
+            errors[name] = max(_rel_err(got[0], expected[0]), _rel_err(got[1][0], expected[1][0]))
+        else:
+            errors[name] = _rel_err(got, expected)
+    baseline = max(v for k, v in errors.items() if k != "normext")
+    return {"rel_err": errors, "ok": bool(errors["normext"] <= 2 * baseline + CHECK_TOL[variant.dtype])}
 
 
 def run_variant(variant, device, clock, effort, rotate_bytes, memory_cap):
@@ -142,10 +156,9 @@ def run_variant(variant, device, clock, effort, rotate_bytes, memory_cap):
         "layers": case.layers,
     }
     sets = _input_sets(variant, device, rotate_bytes, memory_cap)
-    contenders = (
-        _stack_contenders(variant, device) if case.layers else _norm_contenders(variant, device, sets)
-    )
-    result["check"] = _check(variant, contenders, sets[0])
+    build = _stack_contenders if case.layers else _norm_contenders
+    contenders, reference = build(variant, device)
+    result["check"] = _check(variant, contenders, reference, sets[0])
     if device.type == "cuda" and (case.fused or case.layers) and variant.backward:
         result["peak_memory_bytes"] = {name: peak_memory(fn, sets[0]) for name, fn in contenders.items()}
 
@@ -155,8 +168,6 @@ def run_variant(variant, device, clock, effort, rotate_bytes, memory_cap):
 
     rounds, min_block = effort
     timed, ratios = compare(clock, {n: rotating(fn) for n, fn in contenders.items()}, rounds, min_block)
-    for t in timed.values():  # four significant digits: more than a timer resolves
-        t["samples_s"] = [float(f"{x:.4g}") for x in t["samples_s"]]
     result["input_sets"] = len(sets)
     result["timings"] = timed
     result["ratios"] = ratios
@@ -200,7 +211,7 @@ def run(variants, device, out_dir, quick=False, effort=None, notes=(), stream=No
         progress.step(variant.name)
         try:
             results.append(run_variant(variant, device, clock, effort, rotate_bytes, memory_cap))
-        except (RuntimeError, NotImplementedError, ValueError, TypeError) as err:
+        except (RuntimeError, ValueError, TypeError, AttributeError) as err:
             results.append(
                 {
                     "name": variant.name,

@@ -54,21 +54,27 @@ def clock_for(device):
     return CudaClock() if device.type == "cuda" else CpuClock()
 
 
-def compare(clock, fns, rounds, min_block_s, max_calls=1000, warmup=2):
+def _calls_per_block(clock, fn, min_block_s, max_calls):
+    """Warms fn up and sizes its blocks from the fastest of up to 5 calls (fewer when one call already
+    fills a block), so that a stalled call does not shrink the blocks."""
+    fn()
+    clock.sync()
+    times = []
+    while len(times) < 5 and sum(times) < min_block_s:
+        times += clock.block(fn, 1)
+    return max(1, min(max_calls, math.ceil(min_block_s / max(min(times), 1e-7))))
+
+
+def compare(clock, fns, rounds, min_block_s, max_calls=200):
     """Times every contender in `fns` (name -> zero-argument callable) for `rounds` rounds, each round
     one block per contender in a rotated order. Blocks hold enough calls to last about `min_block_s`.
     The first contender is the one the others are compared with.
 
-    Returns {name: {"calls_per_block", "samples_s", "block_median_s", "median_s"}} and, for every other
-    contender, {name: per-round ratios time(name) / time(first)}."""
+    Returns {name: {"calls_per_block", "samples_us" (every call, 4 significant digits: more than the
+    clocks resolve), "block_median_s", "median_s"}} and, for every other contender, {name: per-round
+    ratios time(name) / time(first)}."""
     names = list(fns)
-    calls = {}
-    for name in names:
-        for _ in range(warmup):
-            fns[name]()
-        clock.sync()
-        once = min(clock.block(fns[name], 5))  # the min: a stalled call must not shrink the blocks
-        calls[name] = max(1, min(max_calls, math.ceil(min_block_s / max(once, 1e-7))))
+    calls = {name: _calls_per_block(clock, fns[name], min_block_s, max_calls) for name in names}
     samples = {name: [] for name in names}
     blocks = {name: [] for name in names}
     for r in range(rounds):
@@ -80,7 +86,7 @@ def compare(clock, fns, rounds, min_block_s, max_calls=1000, warmup=2):
     result = {
         name: {
             "calls_per_block": calls[name],
-            "samples_s": samples[name],
+            "samples_us": [float(f"{t * 1e6:.4g}") for t in samples[name]],
             "block_median_s": blocks[name],
             "median_s": statistics.median(samples[name]),
         }
@@ -100,7 +106,7 @@ def copy_bandwidth(device, clock, nbytes, rounds, min_block_s):
     return {
         "bytes_moved": 2 * src.numel() * 4,
         "median_s": seconds,
-        "samples_s": timed["copy"]["samples_s"],
+        "samples_us": timed["copy"]["samples_us"],
         "bytes_per_s": 2 * src.numel() * 4 / seconds,
     }
 
