@@ -94,7 +94,13 @@ def environment(device, quick, effort):
 
 def print_header(env, stream):
     dev = env["device"]
-    name = dev["name"] + (f" (sm_{dev['capability'].replace('.', '')})" if dev["type"] == "cuda" else "")
+    if dev["type"] == "cuda":
+        name = (
+            f"{dev['name']} (sm_{dev['capability'].replace('.', '')}, {dev['multiprocessors']} SMs, "
+            f"L2 {(dev['l2_bytes'] or 0) >> 20} MiB, cuDNN {dev['cudnn']})"
+        )
+    else:
+        name = f"{dev['name']} ({dev['cores']} cores)"
     print(f"normext bench ({env['suite']} {dev['type'].upper()} suite) on {name}", file=stream)
     print(
         f"  threads {env['threads']} | torch {env['torch']} | CUDA {env['cuda'] or '-'} | normext CUDA "
@@ -198,6 +204,7 @@ def document(env, roofline, results, notes, seconds):
         "summary": summarize(results),
         "results": results,
         "wall_s": seconds,
+        "load_average_end": os.getloadavg() if hasattr(os, "getloadavg") else None,
     }
 
 

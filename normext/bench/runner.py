@@ -246,11 +246,17 @@ def parse_args(argv):
         action="append",
         default=[],
         metavar="REGEX",
-        help="run the variants whose name (case/dtype/layout/pass) matches; repeatable",
+        help="run the variants whose name case/dtype/layout/pass matches the regular expression (searched, "
+        "e.g. '^unet' or 'bf16/nhwc/fwd$'); repeatable, any match selects",
     )
     parser.add_argument("--out", default="bench/results", metavar="DIR", help="where JSON and PNG go")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    parser.add_argument("--list", action="store_true", help="print the variant names and exit")
+    parser.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="which suite (auto: cuda if visible)",
+    )
+    parser.add_argument("--list", action="store_true", help="print the selected variants and exit")
     parser.add_argument("--rounds", type=int, help="rounds of alternating blocks (default per device)")
     parser.add_argument("--min-block", type=float, help="shortest timed block in seconds")
     return parser.parse_args(argv)
