@@ -125,21 +125,36 @@ def _nx(name):
     return getattr(normext.functional, name)
 
 
-class _LayerNorm2dNative(torch.nn.LayerNorm):
-    """What timm and ConvNeXt do for a channel LayerNorm: permute to channels-last, F.layer_norm, back."""
+def _layer_norm_2d_native(x, weight, bias, eps):
+    # What timm and ConvNeXt do for a channel LayerNorm: move C last, F.layer_norm, move it back.
+    return F.layer_norm(x.movedim(1, -1), x.shape[1:2], weight, bias, eps).movedim(-1, 1)
 
+
+class _LayerNorm2dNative(torch.nn.LayerNorm):
     def forward(self, x):
-        return F.layer_norm(
-            x.movedim(1, -1), self.normalized_shape, self.weight, self.bias, self.eps
-        ).movedim(-1, 1)
+        return _layer_norm_2d_native(x, self.weight, self.bias, self.eps)
+
+
+def _batch_norm_calls(training):
+    """(normext call, native call) of batch_norm with training statistics or running ones."""
+
+    def normext_call(c, x, p, r):
+        stats, affine = (p["running_mean"], p["running_var"]), (p["weight"], p["bias"])
+        return _nx("batch_norm")(x, *stats, *affine, training=training, activation=c.act, residual=r)
+
+    def native_call(c, x, p):
+        return F.batch_norm(x, p["running_mean"], p["running_var"], p["weight"], p["bias"], training)
+
+    return normext_call, native_call
 
 
 @dataclass(frozen=True)
 class Norm:
     """How to benchmark one norm. `normext(case, x, params, residual)` computes the fused op,
     `native(case, x, params)` torch's own op without residual or activation; `modules(case, channels)`
-    returns (normext module, native norm module) for stacks. Parameters are float32 when
-    `float32_params` (what cuDNN BatchNorm takes for half inputs), else in the input dtype."""
+    returns (normext module, native norm module) for stacks. `params(channels, dtype, device)` makes the
+    parameters, over dim `channel_dim` of the input; they are float32 when `float32_params` (what cuDNN
+    BatchNorm takes for half inputs, and what mixed-precision training keeps), else in the input dtype."""
 
     requires: str  # the normext.functional function; cases are skipped until it exists
     params: object
@@ -147,15 +162,17 @@ class Norm:
     native: object
     modules: object = None
     module_requires: tuple = ()  # normext classes a stack needs
+    channel_dim: int = 1
     float32_params: bool = False
     trainable_params: bool = True
 
-    def param_channels(self, shape):
-        return shape[-1] if self.requires == "layer_norm" else shape[1]
 
-
-def _instance_norm_classes(case):
+def _instance_norm_class(case):
     return f"InstanceNorm{len(case.shape) - 2}d"
+
+
+def _batch_norm_class(case):
+    return f"BatchNorm{len(case.shape) - 2}d"
 
 
 NORMS = {
@@ -180,8 +197,8 @@ NORMS = {
         ),
         native=lambda c, x, p: F.instance_norm(x, weight=p["weight"], bias=p["bias"]),
         modules=lambda c, ch: (
-            getattr(normext, _instance_norm_classes(c))(ch, affine=True, activation=c.act),
-            getattr(torch.nn, _instance_norm_classes(c))(ch, affine=True),
+            getattr(normext, _instance_norm_class(c))(ch, affine=True, activation=c.act),
+            getattr(torch.nn, _instance_norm_class(c))(ch, affine=True),
         ),
         module_requires=("InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d"),
     ),
@@ -192,6 +209,7 @@ NORMS = {
             x, x.shape[-1:], p["weight"], p["bias"], activation=c.act, residual=r
         ),
         native=lambda c, x, p: F.layer_norm(x, x.shape[-1:], p["weight"], p["bias"]),
+        channel_dim=-1,
     ),
     "layer_norm_2d": Norm(
         requires="layer_norm_2d",
@@ -199,56 +217,28 @@ NORMS = {
         normext=lambda c, x, p, r: _nx("layer_norm_2d")(
             x, p["weight"], p["bias"], eps=1e-6, activation=c.act, residual=r
         ),
-        native=lambda c, x, p: F.layer_norm(
-            x.movedim(1, -1), x.shape[1:2], p["weight"], p["bias"], eps=1e-6
-        ).movedim(-1, 1),
-        modules=lambda c, ch: (
-            normext.LayerNorm2d(ch, activation=c.act),
-            _LayerNorm2dNative(ch, eps=1e-6),
-        ),
+        native=lambda c, x, p: _layer_norm_2d_native(x, p["weight"], p["bias"], 1e-6),
+        modules=lambda c, ch: (normext.LayerNorm2d(ch, activation=c.act), _LayerNorm2dNative(ch, eps=1e-6)),
         module_requires=("LayerNorm2d",),
     ),
     "batch_norm": Norm(
-        requires="batch_norm",
-        params=_batch_norm_params,
-        normext=lambda c, x, p, r: _nx("batch_norm")(
-            x,
-            p["running_mean"],
-            p["running_var"],
-            p["weight"],
-            p["bias"],
-            training=True,
-            activation=c.act,
-            residual=r,
-        ),
-        native=lambda c, x, p: F.batch_norm(
-            x, p["running_mean"], p["running_var"], p["weight"], p["bias"], training=True
-        ),
+        "batch_norm",
+        _batch_norm_params,
+        *_batch_norm_calls(training=True),
         modules=lambda c, ch: (
-            getattr(normext, f"BatchNorm{len(c.shape) - 2}d")(ch, activation=c.act),
-            getattr(torch.nn, f"BatchNorm{len(c.shape) - 2}d")(ch),
+            getattr(normext, _batch_norm_class(c))(ch, activation=c.act),
+            getattr(torch.nn, _batch_norm_class(c))(ch),
         ),
         module_requires=("BatchNorm1d", "BatchNorm2d", "BatchNorm3d"),
         float32_params=True,
     ),
+    # FrozenBatchNorm2d as detection backbones use it: running statistics, weight and bias are buffers.
     "batch_norm_eval": Norm(
-        requires="batch_norm",
-        params=_batch_norm_params,
-        normext=lambda c, x, p, r: _nx("batch_norm")(
-            x,
-            p["running_mean"],
-            p["running_var"],
-            p["weight"],
-            p["bias"],
-            training=False,
-            activation=c.act,
-            residual=r,
-        ),
-        native=lambda c, x, p: F.batch_norm(
-            x, p["running_mean"], p["running_var"], p["weight"], p["bias"], training=False
-        ),
+        "batch_norm",
+        _batch_norm_params,
+        *_batch_norm_calls(training=False),
         float32_params=True,
-        trainable_params=False,  # FrozenBatchNorm2d: weight and bias are buffers
+        trainable_params=False,
     ),
 }
 

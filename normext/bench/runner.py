@@ -57,7 +57,7 @@ def _norm_contenders(variant, device):
     case = variant.case
     norm = NORMS[case.norm]
     dtype = torch.float32 if norm.float32_params else DTYPES[variant.dtype]
-    params = norm.params(norm.param_channels(variant.shape), dtype, device)
+    params = norm.params(variant.shape[norm.channel_dim], dtype, device)
     for name, p in params.items():
         p.requires_grad_(variant.backward and norm.trainable_params and name in ("weight", "bias"))
     params32 = {k: _upcast(p) for k, p in params.items()}
