@@ -8,6 +8,7 @@ import functools
 import gc
 import itertools
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -169,6 +170,7 @@ def run_variant(variant, device, clock, effort, rotate_bytes, memory_cap):
     rounds, min_block = effort
     timed, ratios = compare(clock, {n: rotating(fn) for n, fn in contenders.items()}, rounds, min_block)
     result["input_sets"] = len(sets)
+    result["load_average_1min"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     result["timings"] = timed
     result["ratios"] = ratios
     result["speedup"] = {name: _median(r) for name, r in ratios.items()}
