@@ -48,7 +48,7 @@ def _git():
     return {"commit": commit, "dirty": bool(status.strip())}
 
 
-def environment(device, quick, effort):
+def environment(device, quick, effort, clock_statistic):
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         dev = {
@@ -81,7 +81,8 @@ def environment(device, quick, effort):
             "rounds": rounds,
             "min_block_s": min_block,
             "clock": "CUDA events" if device.type == "cuda" else "time.perf_counter",
-            "statistic": "per-call times; a block's median; median_s = median of all calls",
+            "statistic": f"every call timed; a block's time is the {clock_statistic} of its calls; a "
+            "contender's time_s is the median of its block times",
             "order": "contenders timed in turn each round, order rotated per round; speedup = median of "
             "per-round ratios time(other) / time(normext)",
             "inputs": "rotated among independent sets totalling at least twice the last-level cache",
@@ -254,10 +255,10 @@ def table_lines(doc):
                 r["name"].split("/")[1],
                 r["layout"],
                 r["pass"],
-                _fmt_time(timed["normext"]["median_s"]),
-                _fmt_time(timed.get("native", {}).get("median_s")),
+                _fmt_time(timed["normext"]["time_s"]),
+                _fmt_time(timed.get("native", {}).get("time_s")),
                 _fmt_x(speedup.get("native")),
-                _fmt_time(timed.get("chain", {}).get("median_s")),
+                _fmt_time(timed.get("chain", {}).get("time_s")),
                 _fmt_x(speedup.get("chain")),
                 f"{r['bytes_per_s']['normext'] / 1e9:.1f}" if "bytes_per_s" in r else "-",
                 f"{100 * r['roofline_fraction']['normext']:.0f}" if "roofline_fraction" in r else "-",

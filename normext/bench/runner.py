@@ -178,7 +178,7 @@ def run_variant(variant, device, clock, effort, rotate_bytes, memory_cap):
         moved = {"normext": variant.min_bytes(), "native": variant.min_bytes(residual=False)}
         moved["chain"] = moved["normext"]
         result["bytes"] = {name: moved[name] for name in timed}
-        result["bytes_per_s"] = {name: moved[name] / t["median_s"] for name, t in timed.items()}
+        result["bytes_per_s"] = {name: moved[name] / t["time_s"] for name, t in timed.items()}
     return result
 
 
@@ -195,7 +195,7 @@ def run(variants, device, out_dir, quick=False, effort=None, notes=(), stream=No
     device = torch.device(device)
     clock = clock_for(device)
     effort = effort or EFFORT[device.type]["quick" if quick else "full"]
-    env = report.environment(device, quick, effort)
+    env = report.environment(device, quick, effort, clock.statistic)
     report.print_header(env, stream)
     for note in notes:
         print(f"note: {note}", file=stream)
@@ -259,6 +259,7 @@ def parse_args(argv):
         help="which suite (auto: cuda if visible)",
     )
     parser.add_argument("--list", action="store_true", help="print the selected variants and exit")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's, all cores)")
     parser.add_argument("--rounds", type=int, help="rounds of alternating blocks (default per device)")
     parser.add_argument("--min-block", type=float, help="shortest timed block in seconds")
     return parser.parse_args(argv)
@@ -266,6 +267,8 @@ def parse_args(argv):
 
 def main(argv=None, suite=SUITE):
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -11,9 +11,12 @@ import torch
 
 
 class CudaClock:
-    """Per-call times from CUDA events recorded around each call on the current stream."""
+    """Per-call times from CUDA events recorded around each call on the current stream; a block's time is
+    the median of its calls."""
 
     device_type = "cuda"
+    statistic = "median"
+    reduce = staticmethod(statistics.median)
 
     def sync(self):
         torch.cuda.synchronize()
@@ -30,12 +33,14 @@ class CudaClock:
 
 
 class CpuClock:
-    """Per-call host times (time.perf_counter around each call). A block's median, not its mean: on a
-    shared machine one descheduled worker thread stalls a parallel region for tens of milliseconds, and a
-    mean over the block (what torch.utils.benchmark's Timer reports) would charge that to whichever
-    contender happened to run then."""
+    """Per-call host times (time.perf_counter around each call); a block's time is its fastest call. On a
+    shared machine other processes only ever add time: a descheduled worker thread stalls a parallel
+    region for milliseconds, which a block mean (what torch.utils.benchmark's Timer reports) or even a
+    median charges to whichever contender ran then."""
 
     device_type = "cpu"
+    statistic = "min"
+    reduce = staticmethod(min)
 
     def sync(self):
         pass
@@ -71,8 +76,8 @@ def compare(clock, fns, rounds, min_block_s, max_calls=200):
     The first contender is the one the others are compared with.
 
     Returns {name: {"calls_per_block", "samples_us" (every call, 4 significant digits: more than the
-    clocks resolve), "block_median_s", "median_s"}} and, for every other contender, {name: per-round
-    ratios time(name) / time(first)}."""
+    clocks resolve), "block_s" (each block's time, clock.statistic of its calls), "time_s" (the median of
+    block_s)}} and, for every other contender, {name: per-round ratios time(name) / time(first)}."""
     names = list(fns)
     calls = {name: _calls_per_block(clock, fns[name], min_block_s, max_calls) for name in names}
     samples = {name: [] for name in names}
@@ -82,13 +87,13 @@ def compare(clock, fns, rounds, min_block_s, max_calls=200):
         for name in order:
             times = clock.block(fns[name], calls[name])
             samples[name] += times
-            blocks[name].append(statistics.median(times))
+            blocks[name].append(clock.reduce(times))
     result = {
         name: {
             "calls_per_block": calls[name],
             "samples_us": [float(f"{t * 1e6:.4g}") for t in samples[name]],
-            "block_median_s": blocks[name],
-            "median_s": statistics.median(samples[name]),
+            "block_s": blocks[name],
+            "time_s": statistics.median(blocks[name]),
         }
         for name in names
     }
@@ -102,10 +107,10 @@ def copy_bandwidth(device, clock, nbytes, rounds, min_block_s):
     src = torch.randn(nbytes // 4, device=device)
     dst = torch.empty_like(src)
     timed, _ = compare(clock, {"copy": lambda: dst.copy_(src)}, rounds, min_block_s)
-    seconds = timed["copy"]["median_s"]
+    seconds = timed["copy"]["time_s"]
     return {
         "bytes_moved": 2 * src.numel() * 4,
-        "median_s": seconds,
+        "time_s": seconds,
         "samples_us": timed["copy"]["samples_us"],
         "bytes_per_s": 2 * src.numel() * 4 / seconds,
     }
