@@ -384,30 +384,52 @@ def write(doc, out_dir, stream):
 
 
 def chart(doc, path):
-    """Two panels over the variants: headline speedup (log scale) and normext's % of the copy roofline."""
+    """Two panels over the variants: headline speedup (log scale) and normext's % of the copy roofline,
+    with the axes labelled at the top and the bottom of the (tall) figure."""
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     rows = [r for r in doc["results"] if "error" not in r]
-    labels = [r["name"] for r in rows]
-    height = max(3.0, 0.16 * len(rows) + 1.2)
+    inches = 0.16 * len(rows)
+    top, bottom = 1.3, 0.8  # inches of title / axis labels above and below the bars
     fig, (ax1, ax2) = plt.subplots(
-        1, 2, figsize=(13, height), sharey=True, gridspec_kw={"width_ratios": [3, 2]}
+        1, 2, figsize=(13, inches + top + bottom), sharey=True, gridspec_kw={"width_ratios": [3, 2]}
     )
+    fig.subplots_adjust(top=1 - top / fig.get_figheight(), bottom=bottom / fig.get_figheight(), left=0.17)
     y = list(range(len(rows)))
     colors = ["tab:blue" if r["pass"] == "fwd" else "tab:orange" for r in rows]
     ax1.barh(y, [headline(r) for r in rows], color=colors)
     ax1.axvline(1.0, color="black", linewidth=0.8)
     ax1.set_xscale("log")
-    ax1.set_xlabel("speedup vs torch (chain for fused variants and stacks)  [blue fwd, orange fwd+bwd]")
-    ax1.set_yticks(y, labels, fontsize=6)
-    ax1.invert_yaxis()
+    ax1.xaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
+    ax1.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
+    ax1.xaxis.set_minor_formatter(NullFormatter())
+    ax1.set_xlabel("speedup vs torch (the unfused chain for fused variants)")
+    ax1.set_yticks(y, [r["name"] for r in rows], fontsize=6)
+    ax1.set_ylim(len(rows) - 0.5, -0.5)
+    roof = doc["roofline"]["bytes_per_s"] / 1e9
     ax2.barh(y, [100 * r.get("roofline_fraction", {}).get("normext", 0) for r in rows], color=colors)
-    ax2.set_xlabel(f"normext % of copy roofline ({doc['roofline']['bytes_per_s'] / 1e9:.0f} GB/s)")
+    ax2.set_xlabel(f"normext, % of copy roofline ({roof:.1f} GB/s)")
+    for ax in (ax1, ax2):
+        ax.grid(axis="x", linewidth=0.3)
+        ax.tick_params(axis="x", top=True, labeltop=True)
     dev = doc["device"]
     fig.suptitle(
-        f"normext bench, {dev['name']} ({dev['type']}, {doc['threads']} threads), {doc['date'][:10]}"
+        f"normext bench ({doc['suite']}): {dev['name']}, {dev['type']}, {doc['threads']} thread(s), "
+        f"torch {doc['torch']}, {doc['date'][:10]}",
+        y=1 - 0.25 / fig.get_figheight(),
     )
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.legend(
+        handles=[
+            Patch(color="tab:blue", label="forward"),
+            Patch(color="tab:orange", label="forward+backward"),
+        ],
+        loc="upper right",
+        ncols=2,
+        bbox_to_anchor=(0.99, 1 - 0.45 / fig.get_figheight()),
+        frameon=False,
+    )
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
