@@ -216,3 +216,19 @@ def test_tiny_run_writes_table_json_and_png(tmp_path, capsys):
     assert (tmp_path / json_path.name.replace(".json", ".txt")).exists()
     pytest.importorskip("matplotlib")
     assert json_path.with_suffix(".png").stat().st_size > 0
+
+
+def test_a_failing_variant_is_reported_and_the_run_goes_on(tmp_path, monkeypatch, capsys):
+    def broken(*args, **kwargs):
+        raise NotImplementedError("Could not run 'normext::group_norm_fwd' with arguments from the 'CUDA'")
+
+    monkeypatch.setattr(normext.functional, "group_norm", broken)
+    suite = [TINY[0], Case("tiny.in", "instance_norm", (1, 4, 5, 6), dtypes=("f32",))]
+    doc = runner.main(
+        ["--device", "cpu", "--out", str(tmp_path), "--filter", "f32/nchw|tiny.in/", *FAST], suite
+    )
+    errors = [r for r in doc["results"] if "error" in r]
+    assert [r["name"] for r in errors] == ["tiny.gn/f32/nchw/fwd", "tiny.gn/f32/nchw/fwd+bwd"]
+    assert errors[0]["error"].startswith("NotImplementedError: Could not run")
+    assert set(doc["summary"]) == {"instance_norm"}
+    assert "error: NotImplementedError" in capsys.readouterr().out

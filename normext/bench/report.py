@@ -59,6 +59,10 @@ def environment(device, quick, effort, clock_statistic):
             "memory_bytes": props.total_memory,
             "l2_bytes": getattr(props, "L2_cache_size", None),
             "cudnn": torch.backends.cudnn.version(),
+            "tf32": {
+                "matmul": torch.backends.cuda.matmul.allow_tf32,
+                "cudnn": torch.backends.cudnn.allow_tf32,
+            },
         }
     else:
         dev = {"type": "cpu", "name": _cpu_name(), "cores": os.cpu_count()}
@@ -377,6 +381,9 @@ def write(doc, out_dir, stream):
         import matplotlib
     except ImportError:
         print("matplotlib is not installed: no PNG chart (pip install matplotlib)", file=stream)
+        return paths
+    if not any("error" not in r for r in doc["results"]):
+        print("no variant was measured: no PNG chart", file=stream)
         return paths
     matplotlib.use("Agg")
     paths.append(chart(doc, stem.with_suffix(".png")))

@@ -103,7 +103,7 @@ def _stack_contenders(variant, device):
         normext_layers += [normext_norm, conv_layer]
     models = {"normext": torch.nn.Sequential(*normext_layers), "chain": torch.nn.Sequential(*native_layers)}
     dtype = DTYPES[variant.dtype]
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    autocast = contextlib.nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype)
     for model in models.values():
         model.to(device=device, memory_format=LAYOUTS[variant.layout]).train()
     contenders = {name: functools.partial(_train_step, model, autocast) for name, model in models.items()}
