@@ -1,6 +1,9 @@
 """What the benchmark measures: SUITE holds one line per (model, layer) shape; each line expands over
-dtypes, memory layouts and forward / forward+backward into Variants. NORMS holds, per norm, how to call
-normext, the torch native op and (for stacks) the modules; the unfused native chain is built from those."""
+dtypes, memory layouts and forward / forward+backward into Variants (CPU: the shape scaled down). NORMS
+holds, per norm, how to call normext, the torch native op and (for stacks) the modules; the unfused
+native chain is built from those. A case is one line, e.g.
+    Case("convnext.stage2", LN2D, (2, 384, 32, 32), act="gelu", residual=True, dtypes=AMP),
+and a line whose normext function is not built yet is skipped with a note until it is."""
 
 import math
 import re
