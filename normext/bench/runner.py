@@ -27,10 +27,13 @@ EFFORT = {
 COPY_BYTES = {"cuda": 1 << 30, "cpu": 256 << 20}  # the roofline copy: far past any cache
 MAX_SETS = 256  # input sets rotated through at most (tiny cases)
 CHECK_TOL = {"f32": 1e-3, "bf16": 1e-2, "f16": 1e-2}  # sanity check only; tests/ holds the real proofs
+# In a stack, an element whose pre-activation sits within rounding of a ReLU kink can take the other branch
+# in one implementation, and the convolutions behind it spread that through the input gradient.
+STACK_CHECK_TOL = 3e-2
 
 
 def _input_sets(variant, device, rotate_bytes, memory_cap):
-    """Enough independent sets of (x, residual, dy) to cycle past the last-level cache."""
+    """Enough sets of (x, residual, dy), each in its own memory, to cycle past the last-level cache."""
     dtype = DTYPES[variant.dtype]
     fmt = LAYOUTS[variant.layout]
     case = variant.case
@@ -41,15 +44,17 @@ def _input_sets(variant, device, rotate_bytes, memory_cap):
         t = torch.randn(variant.shape, dtype=dtype, device=device).contiguous(memory_format=fmt)
         return t.requires_grad_(requires_grad)
 
-    sets = []
-    for _ in range(count):
-        s = {"x": tensor(variant.backward)}
-        if case.residual and not case.layers:
-            s["residual"] = tensor(variant.backward)
-        if variant.backward:
-            s["dy"] = tensor()
-        sets.append(s)
-    return sets
+    first = {"x": tensor(variant.backward)}
+    if case.residual and not case.layers:
+        first["residual"] = tensor(variant.backward)
+    if variant.backward:
+        first["dy"] = tensor()
+    # The other sets are copies: separate memory is what defeats the cache, and copying is much cheaper
+    # than drawing tens of MiB of random numbers per variant.
+    return [first] + [
+        {k: t.detach().clone().requires_grad_(t.requires_grad) for k, t in first.items()}
+        for _ in range(count - 1)
+    ]
 
 
 def _norm_contenders(variant, device):
@@ -128,7 +133,7 @@ def _rel_err(a, b):
 def _check(variant, contenders, reference, s):
     """A sanity check, not a proof (tests/ has those): the relative error of normext's output (and input
     gradient) against torch's computation in float32 must stay within twice torch's own error in the
-    variant's dtype plus CHECK_TOL."""
+    variant's dtype plus CHECK_TOL (STACK_CHECK_TOL for stacks)."""
     expected = reference({k: _upcast(t) for k, t in s.items()})
     errors = {}
     for name in ("normext", "chain" if "chain" in contenders else "native"):
@@ -138,7 +143,8 @@ def _check(variant, contenders, reference, s):
         else:
             errors[name] = _rel_err(got, expected)
     baseline = max(v for k, v in errors.items() if k != "normext")
-    return {"rel_err": errors, "ok": bool(errors["normext"] <= 2 * baseline + CHECK_TOL[variant.dtype])}
+    tol = STACK_CHECK_TOL if variant.case.layers else CHECK_TOL[variant.dtype]
+    return {"rel_err": errors, "ok": bool(errors["normext"] <= 2 * baseline + tol)}
 
 
 def run_variant(variant, device, clock, effort, rotate_bytes, memory_cap):
