@@ -116,8 +116,13 @@ def print_header(env, stream):
     load = env["load_average"]
     if load and load[0] > 0.5:
         print(
-            f"  warning: load average {load[0]:.1f} before starting: other processes compete for the cores, "
-            "which slows multi-threaded code most",
+            f"  warning: load average {load[0]:.1f} before starting: other processes compete for the cores"
+            + (
+                "; a parallel region then waits for the scheduler to run each of its threads (whole "
+                "milliseconds), so prefer an idle machine or --threads 1"
+                if dev["type"] == "cpu" and env["threads"] > 1
+                else ""
+            ),
             file=stream,
         )
 
