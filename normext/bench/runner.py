@@ -17,7 +17,14 @@ import torch
 
 from normext.bench import report
 from normext.bench.cases import DTYPES, LAYOUTS, NATIVE_ACT_MODULE, NORMS, SUITE, native_chain, select
-from normext.bench.timing import cache_bytes, clock_for, compare, copy_bandwidth, peak_memory
+from normext.bench.timing import (
+    cache_bytes,
+    clock_for,
+    compare,
+    copy_bandwidth,
+    peak_memory,
+    steady_allocator,
+)
 
 # Timing effort per device: rounds of A/B/C blocks, and the shortest block. --quick uses the second row.
 EFFORT = {
@@ -202,6 +209,7 @@ def run(variants, device, out_dir, quick=False, effort=None, notes=(), stream=No
     clock = clock_for(device)
     effort = effort or EFFORT[device.type]["quick" if quick else "full"]
     env = report.environment(device, quick, effort, clock.statistic)
+    env["malloc"] = steady_allocator() if device.type == "cpu" else None
     report.print_header(env, stream)
     for note in notes:
         print(f"note: {note}", file=stream)

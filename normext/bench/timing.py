@@ -3,6 +3,8 @@ median of per-round ratios as the speedup. Each call is bracketed by CUDA events
 clock on CPU; a block's statistic is the median of its calls. Also the copy roofline, the cache size to
 rotate inputs past, and peak CUDA memory."""
 
+import ctypes
+import ctypes.util
 import math
 import statistics
 import time
@@ -53,6 +55,25 @@ class CpuClock:
             fn()
             times.append(clock() - start)
         return times
+
+
+def steady_allocator():
+    """Pins glibc malloc's thresholds so that freed tensor memory stays in the heap. By default glibc moves
+    its mmap threshold as blocks are freed and trims the heap top, so whether each call's tensors come
+    with fresh page faults depends on the allocation history: one contender's time moved 8x between two
+    runs of this suite. Returns what was set (None where this is not glibc)."""
+    settings = {
+        "M_TRIM_THRESHOLD": (-1, (1 << 31) - 1),
+        "M_MMAP_THRESHOLD": (-3, 32 << 20),
+    }  # glibc caps mmap at 32 MiB
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        mallopt = libc.mallopt
+    except (OSError, AttributeError, TypeError):
+        return None
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    applied = {name: value for name, (param, value) in settings.items() if mallopt(param, value) == 1}
+    return applied or None
 
 
 def clock_for(device):
