@@ -89,7 +89,10 @@ def environment(device, quick, effort, clock_statistic):
             "contender's time_s is the median of its block times",
             "order": "contenders timed in turn each round, order rotated per round; speedup = median of "
             "per-round ratios time(other) / time(normext)",
-            "inputs": "rotated among independent sets totalling at least twice the last-level cache",
+            "inputs": "rotated among sets in separate memory (copies of one random draw) totalling at least "
+            "twice the last-level cache",
+            "check": "once per variant: normext's output and input gradient against torch's in float32, "
+            "within twice torch's own error in the dtype plus a tolerance",
             "bytes": "forward 2*numel*size, backward 3*numel*size, a fused residual adds numel*size per pass",
             "roofline": "copy_ of a large tensor (bytes read + written), before and after the cases; the "
             "higher is used",

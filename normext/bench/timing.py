@@ -1,7 +1,7 @@
 """How the benchmark times: contenders measured in turn, round after round (A B C, B C A, ...), with the
-median of per-round ratios as the speedup. Each call is bracketed by CUDA events on a GPU, by the host
-clock on CPU; a block's statistic is the median of its calls. Also the copy roofline, the cache size to
-rotate inputs past, and peak CUDA memory."""
+median of per-round ratios as the speedup. Each call is bracketed by CUDA events on a GPU (a block's time:
+the median of its calls), by the host clock on CPU (a block's time: its fastest call). Also the copy
+roofline, the cache size to rotate inputs past, peak CUDA memory and a steady CPU allocator."""
 
 import ctypes
 import ctypes.util
@@ -62,10 +62,10 @@ def steady_allocator():
     its mmap threshold as blocks are freed and trims the heap top, so whether each call's tensors come
     with fresh page faults depends on the allocation history: one contender's time moved 8x between two
     runs of this suite. Returns what was set (None where this is not glibc)."""
-    settings = {
+    settings = {  # name: (mallopt parameter, value); 32 MiB is the largest mmap threshold glibc takes
         "M_TRIM_THRESHOLD": (-1, (1 << 31) - 1),
         "M_MMAP_THRESHOLD": (-3, 32 << 20),
-    }  # glibc caps mmap at 32 MiB
+    }
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c"))
         mallopt = libc.mallopt
