@@ -95,9 +95,10 @@ class _BatchNorm2d(torch.nn.BatchNorm2d):
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
+def _fast(monkeypatch):
     """Timing is not under test: one thread keeps these tests fast on a busy machine (where a parallel
-    region waits for a descheduled worker)."""
+    region waits for a descheduled worker), and a small roofline copy is enough."""
+    monkeypatch.setattr(runner, "COPY_BYTES", {"cpu": 16 << 20, "cuda": 64 << 20})
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
