@@ -2,7 +2,7 @@
 
 from normext import functional
 from normext._ops import ACTIVATIONS
-from normext.modules import GroupNorm, InstanceNorm1d, InstanceNorm2d, InstanceNorm3d
+from normext.modules import GroupNorm, InstanceNorm1d, InstanceNorm2d, InstanceNorm3d, LayerNorm, LayerNorm2d
 
 __all__ = [
     "ACTIVATIONS",
@@ -10,5 +10,7 @@ __all__ = [
     "InstanceNorm1d",
     "InstanceNorm2d",
     "InstanceNorm3d",
+    "LayerNorm",
+    "LayerNorm2d",
     "functional",
 ]
