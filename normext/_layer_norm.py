@@ -23,13 +23,13 @@ def _layer_norm_2d_fwd_fake(X, gamma, beta, residual, eps, act, slope):
 
 
 def _grads_fake(X, param_shape, output_mask, like):
-    empty = X.new_empty((0,))
-    acc = X.new_empty((0,), dtype=stat_dtype(X))
+    # Unselected outputs are (distinct) empty tensors, as the kernels return them.
+    acc = stat_dtype(X)
     return (
-        like(X) if output_mask[0] else empty,
-        X.new_empty(param_shape, dtype=stat_dtype(X)) if output_mask[1] else acc,
-        X.new_empty(param_shape, dtype=stat_dtype(X)) if output_mask[2] else acc,
-        like(X) if output_mask[3] else empty,
+        like(X) if output_mask[0] else X.new_empty((0,)),
+        X.new_empty(param_shape, dtype=acc) if output_mask[1] else X.new_empty((0,), dtype=acc),
+        X.new_empty(param_shape, dtype=acc) if output_mask[2] else X.new_empty((0,), dtype=acc),
+        like(X) if output_mask[3] else X.new_empty((0,)),
     )
 
 

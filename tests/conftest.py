@@ -11,7 +11,12 @@ requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU visible")
 DEVICES = ["cpu", pytest.param("cuda", marks=requires_cuda)]
 FORMATS = ["contiguous", "channels_last"]
 
-DTYPES = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = {
+    "float64": torch.float64,
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
 # Input dtype names used as test ids; "-mixed" means float32 weight/bias/running stats with a low-precision
 # input.
 LOW_AND_FP32 = ["float32", "float16", "bfloat16", "float16-mixed", "bfloat16-mixed"]
@@ -25,7 +30,9 @@ FLASH_ATOL = 1e-3
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "compile: torch.compile tests (slower; deselect with -m 'not compile')")
+    config.addinivalue_line(
+        "markers", "compile: torch.compile tests (slower; deselect with -m 'not compile')"
+    )
 
 
 @pytest.fixture(autouse=True)
@@ -153,7 +160,9 @@ def assert_fwd_close(out, ref, dtype, native=None, what="output", tol=None):
         assert native is not None, "low precision needs a torch-native baseline"
         nat = rel_err(native, ref)
         bound = FLASH_FACTOR * nat + FLASH_ATOL
-        assert err <= bound, f"{what}: rel err {err:.3g} > {FLASH_FACTOR} x torch-native {nat:.3g} + {FLASH_ATOL}"
+        assert err <= bound, (
+            f"{what}: rel err {err:.3g} > {FLASH_FACTOR} x torch-native {nat:.3g} + {FLASH_ATOL}"
+        )
 
 
 def assert_bwd_close(out, ref, dtype, native=None, what="grad"):

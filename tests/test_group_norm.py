@@ -89,7 +89,9 @@ def check_all(x, G, w, b, act, res, dtype, fmt=None, slope=SLOPE, backward=True)
     y, g = forward_backward(ours, tensors, dy)
     y_ref, g_ref = forward_backward(ref, [to64(t) for t in tensors], to64(dy))
     if low:
-        y_nat, g_nat = forward_backward(native, [None if t is None else t.detach().clone() for t in tensors], dy)
+        y_nat, g_nat = forward_backward(
+            native, [None if t is None else t.detach().clone() for t in tensors], dy
+        )
     else:
         y_nat, g_nat = None, [None] * 4
     assert y.dtype == x.dtype and y.device == x.device
@@ -302,9 +304,13 @@ def test_off_centre_data(device, case, fmt):
     w, b = make_params(32, torch.float32, device)
     dy = torch.randn_like(x)
     y, g = forward_backward(lambda x_, w_, b_: gn(x_, G, w_, b_), (x, w, b), dy)
-    y_ref, g_ref = forward_backward(lambda *t: group_norm_ref(t[0], G, t[1], t[2]), [to64(t) for t in (x, w, b)], to64(dy))
+    y_ref, g_ref = forward_backward(
+        lambda *t: group_norm_ref(t[0], G, t[1], t[2]), [to64(t) for t in (x, w, b)], to64(dy)
+    )
     y_nat, g_nat = forward_backward(lambda x_, w_, b_: F.group_norm(x_, G, w_, b_), (x.clone(), w, b), dy)
-    for name, out, ref, nat in zip(("y", "dx", "dweight", "dbias"), [y, *g], [y_ref, *g_ref], [y_nat, *g_nat]):
+    for name, out, ref, nat in zip(
+        ("y", "dx", "dweight", "dbias"), [y, *g], [y_ref, *g_ref], [y_nat, *g_nat]
+    ):
         err, nat_err = rel_err(out, ref), rel_err(nat, ref)
         if dtype == torch.float16:
             assert err <= 2 * nat_err + 1e-3, f"{name}: {err:.3g} > 2 x torch {nat_err:.3g} + 1e-3"
@@ -378,7 +384,10 @@ OP_CASES = [
     ((2, 16, 9), 16, False, True, "gelu"),
     ((2, 8, 3, 2, 3), 2, False, False, "identity"),
 ]
-OP_IDS = [f"{'x'.join(map(str, c[0]))}-G{c[1]}-{'aff' if c[2] else 'noaff'}-{'res' if c[3] else 'nores'}" for c in OP_CASES]
+OP_IDS = [
+    f"{'x'.join(map(str, c[0]))}-G{c[1]}-{'aff' if c[2] else 'noaff'}-{'res' if c[3] else 'nores'}"
+    for c in OP_CASES
+]
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -427,7 +436,9 @@ def test_ops_against_reference_poisoned(device, case, dtype_name, fmt):
         assert_bwd_close(gi, lf.grad, dtype, nat[i].grad if low else None, what=name)
 
 
-@pytest.mark.parametrize("mask", [(True, False, False, False), (False, True, True, False), (False, False, False, True)])
+@pytest.mark.parametrize(
+    "mask", [(True, False, False, False), (False, True, True, False), (False, False, False, True)]
+)
 @pytest.mark.parametrize("device", DEVICES)
 def test_op_bwd_output_mask(device, mask):
     shape, G = (2, 8, 4, 4), 2
@@ -554,7 +565,9 @@ def test_module_matches_torch_nn(device, dtype_name, fmt, affine):
     assert_layout_kept(y, x, fmt)
     y_nat, g_nat = forward_backward(lambda x_, r_: F.silu(theirs(x_) + r_), (x.clone(), res.clone()), dy)
     tensors = [to64(t) for t in (x, theirs.weight, theirs.bias, res)]
-    y_ref, g_ref = forward_backward(lambda *t: group_norm_ref(t[0], G, t[1], t[2], 1e-5, "silu", 0.01, t[3]), tensors, to64(dy))
+    y_ref, g_ref = forward_backward(
+        lambda *t: group_norm_ref(t[0], G, t[1], t[2], 1e-5, "silu", 0.01, t[3]), tensors, to64(dy)
+    )
     if dtype == torch.float32:
         torch.testing.assert_close(y, y_nat, rtol=1e-5, atol=1e-5)
     assert_fwd_close(y, y_ref, dtype, y_nat)
@@ -562,7 +575,9 @@ def test_module_matches_torch_nn(device, dtype_name, fmt, affine):
     assert_bwd_close(g[1], g_ref[3], dtype, g_nat[1], what="dresidual")
     if affine:
         theirs_grads = (theirs.weight.grad, theirs.bias.grad)
-        for name, p, gr, gnat in zip(("dweight", "dbias"), (ours.weight, ours.bias), g_ref[1:3], theirs_grads):
+        for name, p, gr, gnat in zip(
+            ("dweight", "dbias"), (ours.weight, ours.bias), g_ref[1:3], theirs_grads
+        ):
             assert p.grad is not None and p.grad.dtype == dtype
             assert_bwd_close(p.grad, gr, dtype, gnat, what=name)
 
