@@ -119,7 +119,8 @@ def main():
                 args.rounds,
                 args.min_time,
             )
-            print(f"{name:44s} {'fwd+bwd' if backward else 'fwd':8s} {a * 1e3:10.3f} {t * 1e3:10.3f} {ratio:6.2f}")
+            what = "fwd+bwd" if backward else "fwd"
+            print(f"{name:44s} {what:8s} {a * 1e3:10.3f} {t * 1e3:10.3f} {ratio:6.2f}")
 
 
 if __name__ == "__main__":
