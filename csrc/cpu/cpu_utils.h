@@ -77,7 +77,8 @@ inline void dispatch_activation(int64_t act, const F& f) {
 }
 
 // Moments of L contiguous values: an exact two-pass (sum, then squared deviations) over blocks that
-// stay in L1, the blocks merged with Chan's formula. Four SIMD accumulators hide add latency.
+// stay in L1, the blocks merged with Chan's formula. Four SIMD accumulators hide add latency. The sums
+// and merges run on x - x[0], so a mean far from zero (|mean| >> std) keeps its low bits.
 template <typename scalar_t>
 Welford<at::opmath_type<scalar_t>, at::opmath_type<scalar_t>> row_moments(const scalar_t* __restrict x,
                                                                           int64_t L) {
@@ -86,6 +87,8 @@ Welford<at::opmath_type<scalar_t>, at::opmath_type<scalar_t>> row_moments(const 
   using Vec = typename IO::Vec;
   constexpr int64_t kV = IO::kSize;
   constexpr int64_t kBlock = 256 * kV;
+  const acc_t shift = L > 0 ? acc_t(x[0]) : acc_t(0);
+  const Vec sh(shift);
   Welford<acc_t, acc_t> w{acc_t(0), acc_t(0), acc_t(0)};
   for (int64_t b0 = 0; b0 < L; b0 += kBlock) {
     const scalar_t* p = x + b0;
@@ -93,17 +96,18 @@ Welford<at::opmath_type<scalar_t>, at::opmath_type<scalar_t>> row_moments(const 
     const int64_t nv = n - n % (4 * kV);
     Vec s0(0), s1(0), s2(0), s3(0);
     for (int64_t i = 0; i < nv; i += 4 * kV) {
-      s0 = s0 + IO::load(p + i);
-      s1 = s1 + IO::load(p + i + kV);
-      s2 = s2 + IO::load(p + i + 2 * kV);
-      s3 = s3 + IO::load(p + i + 3 * kV);
+      s0 = s0 + (IO::load(p + i) - sh);
+      s1 = s1 + (IO::load(p + i + kV) - sh);
+      s2 = s2 + (IO::load(p + i + 2 * kV) - sh);
+      s3 = s3 + (IO::load(p + i + 3 * kV) - sh);
     }
     int64_t i = nv;
-    for (; i + kV <= n; i += kV) s0 = s0 + IO::load(p + i);
+    for (; i + kV <= n; i += kV) s0 = s0 + (IO::load(p + i) - sh);
     const int64_t nv1 = i;
     acc_t sum = at::vec::vec_reduce_all([](Vec a, Vec b) { return a + b; }, (s0 + s1) + (s2 + s3));
-    for (; i < n; ++i) sum += acc_t(p[i]);
-    const acc_t mean = sum / acc_t(n);
+    for (; i < n; ++i) sum += acc_t(p[i]) - shift;
+    const acc_t shifted_mean = sum / acc_t(n);
+    const acc_t mean = shift + shifted_mean;
     const Vec m(mean);
     Vec q0(0), q1(0), q2(0), q3(0);
     for (int64_t i = 0; i < nv; i += 4 * kV) {
@@ -120,8 +124,9 @@ Welford<at::opmath_type<scalar_t>, at::opmath_type<scalar_t>> row_moments(const 
     }
     acc_t m2 = at::vec::vec_reduce_all([](Vec a, Vec b) { return a + b; }, (q0 + q1) + (q2 + q3));
     for (int64_t i = nv1; i < n; ++i) m2 += (acc_t(p[i]) - mean) * (acc_t(p[i]) - mean);
-    w = welford_merge(w, {mean, m2, acc_t(n)});
+    w = welford_merge(w, {shifted_mean, m2, acc_t(n)});
   }
+  w.mean += shift;
   return w;
 }
 
