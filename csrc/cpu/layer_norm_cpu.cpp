@@ -16,26 +16,6 @@ namespace {
 
 using at::Tensor;
 
-// Calls f(std::integral_constant<int64_t, act>) so the activation's switch folds away at compile time
-// instead of running once per vector.
-template <typename F>
-void with_activation(int64_t act, const F& f) {
-  switch (act) {
-    case kRelu:
-      return f(std::integral_constant<int64_t, kRelu>{});
-    case kLeakyRelu:
-      return f(std::integral_constant<int64_t, kLeakyRelu>{});
-    case kSilu:
-      return f(std::integral_constant<int64_t, kSilu>{});
-    case kGelu:
-      return f(std::integral_constant<int64_t, kGelu>{});
-    case kGeluTanh:
-      return f(std::integral_constant<int64_t, kGeluTanh>{});
-    default:
-      return f(std::integral_constant<int64_t, kIdentity>{});
-  }
-}
-
 // Parameter as a pointer in the accumulation type, or `fill` when absent (storage holds the fill).
 template <typename acc_t>
 const acc_t* param_or(const c10::optional<Tensor>& p, std::vector<acc_t>& storage, int64_t n, acc_t fill) {
@@ -65,78 +45,38 @@ struct NormPtrs {
 
 // ------------------------------------------------------------------------------------------------ rows
 
-// Mean and M2 of L contiguous values in two passes over the (cached) row: the sum of x - x[0], so a
-// mean far from zero keeps its low bits, then the sum of (x - mean)^2. Four accumulators hide the add
-// latency; their order is fixed, so the result is deterministic.
-template <typename scalar_t>
-std::pair<at::opmath_type<scalar_t>, at::opmath_type<scalar_t>> row_mean_m2(const scalar_t* x, int64_t L) {
-  using IO = VecIO<scalar_t>;
-  using acc_t = typename IO::acc_t;
-  using Vec = typename IO::Vec;
-  constexpr int64_t V = IO::kSize;
-  auto sum_of = [&](auto term) {
-    Vec s0(acc_t(0)), s1(acc_t(0)), s2(acc_t(0)), s3(acc_t(0));
-    int64_t i = 0;
-    for (; i + 4 * V <= L; i += 4 * V) {
-      s0 = s0 + term(IO::load(x + i));
-      s1 = s1 + term(IO::load(x + i + V));
-      s2 = s2 + term(IO::load(x + i + 2 * V));
-      s3 = s3 + term(IO::load(x + i + 3 * V));
-    }
-    for (; i + V <= L; i += V) s0 = s0 + term(IO::load(x + i));
-    acc_t tail = 0;
-    for (; i < L; ++i) tail += term(acc_t(x[i]));
-    return at::vec::vec_reduce_all([](Vec a, Vec b) { return a + b; }, (s0 + s1) + (s2 + s3)) + tail;
-  };
-  const acc_t shift = acc_t(x[0]);
-  const acc_t mean = shift + sum_of([shift](auto v) { return v - decltype(v)(shift); }) / acc_t(L);
-  const acc_t m2 = sum_of([mean](auto v) {
-    const auto d = v - decltype(v)(mean);
-    return d * d;
+// One row: moments (row_moments: two passes over L1-sized blocks), then the apply re-reading the row from
+// cache. Run-level functions take their pointers by value, already offset to the row, so the hot loops
+// keep them in registers.
+template <typename scalar_t, int64_t kAct, typename acc_t = at::opmath_type<scalar_t>>
+void forward_row(const scalar_t* x, const scalar_t* res, scalar_t* y, int64_t D, const acc_t* gamma,
+                 const acc_t* beta, double eps, acc_t slope, acc_t* mean_out, acc_t* rstd_out) {
+  const auto w = row_moments(x, D);
+  const acc_t mean = w.mean, rstd = rstd_of(w.m2, D, eps);
+  *mean_out = mean;
+  *rstd_out = rstd;
+  for_simd_and_tail<scalar_t>(D, [&](auto zero, int64_t j) {
+    using T = decltype(zero);
+    const T scale = T(rstd) * coef<true, T>(gamma, j);
+    T z = (load_as<scalar_t, T>(x + j) - T(mean)) * scale + coef<true, T>(beta, j);
+    if (res != nullptr) z = z + load_as<scalar_t, T>(res + j);
+    store_as<scalar_t, T>(y + j, act_forward(z, kAct, slope));
   });
-  return {mean, m2};
 }
 
-// Forward over M rows of D elements: y = act((x - mean)·rstd·gamma + beta + r), gamma/beta per element.
-// One row per iteration of a parallel_for over rows; the row is read from memory once and re-read from
-// cache by the second statistics pass and the apply.
+// Forward over M rows of D elements, gamma/beta per element; one row per iteration of a parallel_for.
 template <typename scalar_t, int64_t kAct>
 void rows_forward(const NormPtrs<scalar_t>& p, scalar_t* Y, int64_t M, int64_t D, double eps) {
-  using IO = VecIO<scalar_t>;
-  using acc_t = typename IO::acc_t;
-  using Vec = typename IO::Vec;
-  constexpr int64_t V = IO::kSize;
   at::parallel_for(0, M, grain_for(D), [&](int64_t begin, int64_t end) {
-    const scalar_t* const X = p.X;
-    const scalar_t* const R = p.R;
-    const acc_t* const g = p.gamma;
-    const acc_t* const b = p.beta;
-    const acc_t slope = p.slope;
     for (int64_t row = begin; row < end; ++row) {
-      const scalar_t* x = X + row * D;
-      const scalar_t* r = R != nullptr ? R + row * D : nullptr;
-      scalar_t* y = Y + row * D;
-      const auto [mean, m2] = row_mean_m2(x, D);
-      const acc_t rstd = rstd_of(m2, D, eps);
-      p.mean[row] = mean;
-      p.rstd[row] = rstd;
-      const Vec vm(mean), vr(rstd);
-      int64_t j = 0;
-      for (; j + V <= D; j += V) {
-        Vec z = (IO::load(x + j) - vm) * vr * Vec::loadu(g + j) + Vec::loadu(b + j);
-        if (r != nullptr) z = z + IO::load(r + j);
-        IO::store(y + j, act_forward(z, kAct, slope));
-      }
-      for (; j < D; ++j) {
-        acc_t z = (acc_t(x[j]) - mean) * rstd * g[j] + b[j];
-        if (r != nullptr) z += acc_t(r[j]);
-        y[j] = scalar_t(act_forward(z, kAct, slope));
-      }
+      const int64_t o = row * D;
+      forward_row<scalar_t, kAct>(p.X + o, p.R != nullptr ? p.R + o : nullptr, Y + o, D, p.gamma, p.beta, eps,
+                                  p.slope, p.mean + row, p.rstd + row);
     }
   });
 }
 
-// Backward outputs and the dgamma/dbeta partial sums of the fixed row chunks (null when not needed).
+// Backward outputs and the dgamma/dbeta partial rows (null when not needed).
 template <typename scalar_t>
 struct GradPtrs {
   using acc_t = at::opmath_type<scalar_t>;
@@ -147,97 +87,72 @@ struct GradPtrs {
   acc_t* part_dbeta;
 };
 
-// dz = dy·act'(z) at the recomputed pre-activation z = x̂·gamma + beta + r.
-template <int64_t kAct, typename T, typename acc_t>
-inline T grad_pre_activation(T dy, T xhat, T g, T b, T r, acc_t slope) {
-  if constexpr (kAct == kIdentity) {
-    return dy;
-  } else {
-    return dy * act_grad(xhat * g + b + r, kAct, slope);
-  }
+// One row of the backward. Pass A computes dz (kept in `scratch` when an activation makes it costly to
+// recompute), Σ gamma·dz and Σ gamma·dz·x̂, and adds dz·x̂ and dz to the dgamma/dbeta partial rows pg/pb
+// (may be null); pass B writes dx = rstd·(gamma·dz − mean(gamma·dz) − x̂·mean(gamma·dz·x̂)).
+template <typename scalar_t, int64_t kAct, typename acc_t = at::opmath_type<scalar_t>>
+void backward_row(const scalar_t* dy, const scalar_t* x, const scalar_t* res, scalar_t* dx, scalar_t* dres,
+                  int64_t D, acc_t mean, acc_t rstd, const acc_t* gamma, const acc_t* beta, acc_t slope,
+                  acc_t* pg, acc_t* pb, acc_t* scratch) {
+  using Vec = typename VecIO<scalar_t>::Vec;
+  constexpr bool kScratch = kAct != kIdentity;
+  Vec v1(0), v2(0);
+  acc_t t1 = 0, t2 = 0;
+  for_simd_and_tail<scalar_t>(D, [&](auto zero, int64_t j) {
+    using T = decltype(zero);
+    const T xhat = (load_as<scalar_t, T>(x + j) - T(mean)) * T(rstd);
+    const T g = coef<true, T>(gamma, j);
+    const T dz = grad_z<kAct>(dy, res, j, xhat, g, coef<true, T>(beta, j), slope);
+    if constexpr (kScratch) store_as<acc_t, T>(scratch + j, dz);
+    if (dres != nullptr) store_as<scalar_t, T>(dres + j, dz);
+    if (pg != nullptr) store_as<acc_t, T>(pg + j, coef<true, T>(pg, j) + dz * xhat);
+    if (pb != nullptr) store_as<acc_t, T>(pb + j, coef<true, T>(pb, j) + dz);
+    const T gdz = g * dz;
+    if constexpr (std::is_same_v<T, acc_t>) {
+      t1 += gdz;
+      t2 += gdz * xhat;
+    } else {
+      v1 = v1 + gdz;
+      v2 = at::vec::fmadd(gdz, xhat, v2);
+    }
+  });
+  if (dx == nullptr) return;
+  const auto add = [](Vec a, Vec b) { return a + b; };
+  const acc_t c1 = (at::vec::vec_reduce_all(add, v1) + t1) / acc_t(D);
+  const acc_t c2 = (at::vec::vec_reduce_all(add, v2) + t2) / acc_t(D);
+  for_simd_and_tail<scalar_t>(D, [&](auto zero, int64_t j) {
+    using T = decltype(zero);
+    const T xhat = (load_as<scalar_t, T>(x + j) - T(mean)) * T(rstd);
+    T dz;
+    if constexpr (kScratch) {
+      dz = load_as<acc_t, T>(scratch + j);
+    } else {
+      dz = load_as<scalar_t, T>(dy + j);
+    }
+    store_as<scalar_t, T>(dx + j, T(rstd) * (coef<true, T>(gamma, j) * dz - T(c1) - xhat * T(c2)));
+  });
 }
 
-// Backward over M rows of D elements. Per row: pass A computes dz (kept in a row scratch when an
-// activation makes it costly to recompute), Σ gamma·dz, Σ gamma·dz·x̂, and adds dz·x̂ and dz to the
-// chunk's dgamma/dbeta partials; pass B writes dx = rstd·(gamma·dz − mean(gamma·dz) − x̂·mean(gamma·dz·x̂)).
-// Rows are cut into chunks fixed by the shape (one partial row each), so the result does not depend on
-// the thread count.
+// Backward over M rows of D elements. Rows are cut into chunks fixed by the shape, each owning one
+// dgamma/dbeta partial row, so the result does not depend on the thread count.
 template <typename scalar_t, int64_t kAct>
 void rows_backward(const NormPtrs<scalar_t>& p, const GradPtrs<scalar_t>& gp, int64_t M, int64_t D) {
-  using IO = VecIO<scalar_t>;
-  using acc_t = typename IO::acc_t;
-  using Vec = typename IO::Vec;
-  constexpr int64_t V = IO::kSize;
-  constexpr bool kScratch = kAct != kIdentity;
+  using acc_t = at::opmath_type<scalar_t>;
   const RowChunks rc = row_chunks(M, D);
   at::parallel_for(0, rc.count, 1, [&](int64_t begin, int64_t end) {
-    const scalar_t* const X = p.X;
-    const scalar_t* const R = p.R;
-    const scalar_t* const dY = gp.dY;
-    const acc_t* const g = p.gamma;
-    const acc_t* const b = p.beta;
-    const acc_t slope = p.slope;
-    const acc_t inv_d = acc_t(1) / acc_t(D);
-    std::vector<acc_t> scratch(kScratch ? D : 0);
-    acc_t* const dz_row = scratch.data();
+    std::vector<acc_t> scratch(kAct != kIdentity ? D : 0);
     for (int64_t chunk = begin; chunk < end; ++chunk) {
-      acc_t* const pg = gp.part_dgamma != nullptr ? gp.part_dgamma + chunk * D : nullptr;
-      acc_t* const pb = gp.part_dbeta != nullptr ? gp.part_dbeta + chunk * D : nullptr;
+      acc_t* pg = gp.part_dgamma != nullptr ? gp.part_dgamma + chunk * D : nullptr;
+      acc_t* pb = gp.part_dbeta != nullptr ? gp.part_dbeta + chunk * D : nullptr;
       if (pg != nullptr) std::fill(pg, pg + D, acc_t(0));
       if (pb != nullptr) std::fill(pb, pb + D, acc_t(0));
       const int64_t r0 = chunk * rc.rows_per_chunk, r1 = std::min(M, r0 + rc.rows_per_chunk);
       for (int64_t row = r0; row < r1; ++row) {
         const int64_t o = row * D;
-        const scalar_t* x = X + o;
-        const scalar_t* dy = dY + o;
-        const scalar_t* r = R != nullptr ? R + o : nullptr;
-        scalar_t* dr = gp.dR != nullptr ? gp.dR + o : nullptr;
-        const acc_t mean = p.mean[row], rstd = p.rstd[row];
-        const Vec vm(mean), vr(rstd);
-        Vec s1(acc_t(0)), s2(acc_t(0));
-        acc_t t1 = 0, t2 = 0;
-        int64_t j = 0;
-        for (; j + V <= D; j += V) {
-          const Vec xhat = (IO::load(x + j) - vm) * vr;
-          const Vec gj = Vec::loadu(g + j);
-          const Vec rj = r != nullptr ? IO::load(r + j) : Vec(acc_t(0));
-          const Vec dz = grad_pre_activation<kAct>(IO::load(dy + j), xhat, gj, Vec::loadu(b + j), rj, slope);
-          if constexpr (kScratch) dz.store(dz_row + j);
-          if (dr != nullptr) IO::store(dr + j, dz);
-          const Vec gdz = gj * dz;
-          s1 = s1 + gdz;
-          s2 = s2 + gdz * xhat;
-          if (pg != nullptr) (Vec::loadu(pg + j) + dz * xhat).store(pg + j);
-          if (pb != nullptr) (Vec::loadu(pb + j) + dz).store(pb + j);
-        }
-        for (; j < D; ++j) {
-          const acc_t xhat = (acc_t(x[j]) - mean) * rstd;
-          const acc_t rj = r != nullptr ? acc_t(r[j]) : acc_t(0);
-          const acc_t dz = grad_pre_activation<kAct>(acc_t(dy[j]), xhat, g[j], b[j], rj, slope);
-          if constexpr (kScratch) dz_row[j] = dz;
-          if (dr != nullptr) dr[j] = scalar_t(dz);
-          t1 += g[j] * dz;
-          t2 += g[j] * dz * xhat;
-          if (pg != nullptr) pg[j] += dz * xhat;
-          if (pb != nullptr) pb[j] += dz;
-        }
-        if (gp.dX == nullptr) continue;
-        auto add = [](Vec a, Vec c) { return a + c; };
-        const acc_t c1 = (at::vec::vec_reduce_all(add, s1) + t1) * inv_d;
-        const acc_t c2 = (at::vec::vec_reduce_all(add, s2) + t2) * inv_d;
-        const Vec vc1(c1), vc2(c2);
-        scalar_t* dx = gp.dX + o;
-        j = 0;
-        for (; j + V <= D; j += V) {
-          const Vec xhat = (IO::load(x + j) - vm) * vr;
-          const Vec dz = kScratch ? Vec::loadu(dz_row + j) : IO::load(dy + j);
-          IO::store(dx + j, vr * (Vec::loadu(g + j) * dz - vc1 - xhat * vc2));
-        }
-        for (; j < D; ++j) {
-          const acc_t xhat = (acc_t(x[j]) - mean) * rstd;
-          const acc_t dz = kScratch ? dz_row[j] : acc_t(dy[j]);
-          dx[j] = scalar_t(rstd * (g[j] * dz - c1 - xhat * c2));
-        }
+        backward_row<scalar_t, kAct>(gp.dY + o, p.X + o, p.R != nullptr ? p.R + o : nullptr,
+                                     gp.dX != nullptr ? gp.dX + o : nullptr,
+                                     gp.dR != nullptr ? gp.dR + o : nullptr, D, p.mean[row], p.rstd[row],
+                                     p.gamma, p.beta, p.slope, pg, pb, scratch.data());
       }
     }
   });
@@ -407,8 +322,7 @@ void block_2d_backward(const NormPtrs<scalar_t>& p, const GradPtrs<scalar_t>& gp
     for (int64_t l = 0; l < nl; ++l) {
       const int64_t e = o + l * W;
       const T xhat = (load_as<scalar_t, T>(X + e) - m[l]) * rs[l];
-      const T r = R != nullptr ? load_as<scalar_t, T>(R + e) : T(acc_t(0));
-      const T dz = grad_pre_activation<kAct>(load_as<scalar_t, T>(dY + e), xhat, g, b, r, slope);
+      const T dz = grad_z<kAct>(dY, R, e, xhat, g, b, slope);
       if constexpr (kScratch) store_as<acc_t, T>(scratch + (c * nl + l) * W, dz);
       if (gp.dR != nullptr) store_as<scalar_t, T>(gp.dR + e, dz);
       s1[l] = s1[l] + g * dz;
@@ -431,7 +345,12 @@ void block_2d_backward(const NormPtrs<scalar_t>& p, const GradPtrs<scalar_t>& gp
     for (int64_t l = 0; l < nl; ++l) {
       const int64_t e = o + l * W;
       const T xhat = (load_as<scalar_t, T>(X + e) - m[l]) * rs[l];
-      const T dz = kScratch ? load_as<acc_t, T>(scratch + (c * nl + l) * W) : load_as<scalar_t, T>(dY + e);
+      T dz;
+      if constexpr (kScratch) {
+        dz = load_as<acc_t, T>(scratch + (c * nl + l) * W);
+      } else {
+        dz = load_as<scalar_t, T>(dY + e);
+      }
       store_as<scalar_t, T>(gp.dX + e, rs[l] * (g * dz - s1[l] - xhat * s2[l]));
     }
   }
@@ -473,7 +392,7 @@ void forward_impl(const Tensor& X, const c10::optional<Tensor>& gamma, const c10
                              rstd.data_ptr<acc_t>(),
                              acc_t(slope)};
   scalar_t* y = Y.data_ptr<scalar_t>();
-  with_activation(act, [&](auto kAct) {
+  dispatch_activation(act, [&](auto kAct) {
     if (nchw != nullptr) {
       nchw_forward<scalar_t, decltype(kAct)::value>(p, y, blocks_2d<scalar_t>(*nchw), eps);
     } else {
@@ -503,7 +422,7 @@ void backward_impl(const Tensor& dY, const Tensor& X, const c10::optional<Tensor
   const GradPtrs<scalar_t> gp{dY.const_data_ptr<scalar_t>(), mask[0] ? dX.data_ptr<scalar_t>() : nullptr,
                               mask[3] ? dR.data_ptr<scalar_t>() : nullptr, mask[1] ? part_g.data() : nullptr,
                               mask[2] ? part_b.data() : nullptr};
-  with_activation(act, [&](auto kAct) {
+  dispatch_activation(act, [&](auto kAct) {
     if (nchw != nullptr) {
       nchw_backward<scalar_t, decltype(kAct)::value>(p, gp, s);
     } else {
