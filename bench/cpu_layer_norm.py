@@ -4,7 +4,7 @@ permute -> F.layer_norm -> permute chain (timm / detectron2) for LayerNorm2d, fo
 CPU times on a shared machine drift between runs, so each case alternates A and B rounds (the order flips
 every round) and reports the median of the per-round ratios normext / torch (< 1: normext is faster).
 
-    .venv/bin/python bench/cpu_layer_norm.py [--rounds 11] [--min-time 0.05] [--quick]
+    PYTHONPATH=. .venv/bin/python bench/cpu_layer_norm.py [--rounds 11] [--min-time 0.05] [--threads N] [--quick]
 """
 
 import argparse
@@ -74,8 +74,11 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=11)
     parser.add_argument("--min-time", type=float, default=0.05, help="seconds per A or B timing")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--quick", action="store_true", help="first shape of each family only")
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     rows = ROWS[:1] if args.quick else ROWS
     channels = CHANNELS[:1] if args.quick else CHANNELS
