@@ -4,7 +4,7 @@ permute -> F.layer_norm -> permute chain (timm / detectron2) for LayerNorm2d, fo
 CPU times on a shared machine drift between runs, so each case alternates A and B rounds (the order flips
 every round) and reports the median of the per-round ratios normext / torch (< 1: normext is faster).
 
-    PYTHONPATH=. .venv/bin/python bench/cpu_layer_norm.py [--rounds 11] [--min-time 0.05] [--threads N] [--quick]
+    PYTHONPATH=. .venv/bin/python bench/cpu_layer_norm.py [--rounds R] [--min-time S] [--threads N] [--quick]
 """
 
 import argparse

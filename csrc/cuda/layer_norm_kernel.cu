@@ -18,6 +18,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "common.cuh"
 #include "normext/checks.h"
 #include "normext/math.h"
 
@@ -25,9 +26,7 @@ namespace normext::cuda {
 namespace {
 
 using at::Tensor;
-using WelfordF = Welford<float, float>;
 
-constexpr int kWarp = 32;
 // Elements of a row one thread keeps in registers (kCap / VEC vectors).
 constexpr int kCap = 32;
 // Block size of the kernels where a warp or part of one owns a row (several rows per block).
@@ -40,15 +39,11 @@ constexpr int kLongRowThreads = 256;
 constexpr int64_t kMaxGrid = 1 << 30;
 constexpr int k2dThreads = 256;
 
-int64_t div_up(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
 int pow2_at_least(int64_t v) {
   int p = 1;
   while (p < v) p *= 2;
   return p;
 }
-
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 // SM count of the current device (cached per device).
 int sm_count() {
@@ -70,118 +65,30 @@ int64_t resident_blocks(Kernel kernel, int threads) {
   return static_cast<int64_t>(sm_count()) * std::max(per_sm, 1);
 }
 
-// AT_DISPATCH over the CUDA input dtypes (float64 is a CPU-only dtype, rejected by check_input).
-#define NORMEXT_LN_DISPATCH_CUDA(TYPE, NAME, ...)                                                       \
-  AT_DISPATCH_SWITCH(TYPE, NAME,                                                                        \
-                     AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__) \
-                         AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
-
 // ------------------------------------------------------------------------------------ device helpers
 
-template <typename T, int VEC>
-struct alignas(sizeof(T) * VEC) Pack {
-  T v[VEC];
-};
-
-// VEC consecutive elements as float; VEC > 1 only for 16-byte aligned pointers (checked on the host).
-template <int VEC, typename T>
-__device__ __forceinline__ void load_vec(const T* p, float (&out)[VEC]) {
-  if constexpr (VEC == 1) {
-    out[0] = static_cast<float>(*p);
-  } else {
-    const Pack<T, VEC> pk = *reinterpret_cast<const Pack<T, VEC>*>(p);
-#pragma unroll
-    for (int k = 0; k < VEC; ++k) out[k] = static_cast<float>(pk.v[k]);
-  }
-}
-
-template <int VEC, typename T>
-__device__ __forceinline__ void store_vec(T* p, const float (&in)[VEC]) {
-  if constexpr (VEC == 1) {
-    *p = static_cast<T>(in[0]);
-  } else {
-    Pack<T, VEC> pk;
-#pragma unroll
-    for (int k = 0; k < VEC; ++k) pk.v[k] = static_cast<T>(in[k]);
-    *reinterpret_cast<Pack<T, VEC>*>(p) = pk;
-  }
-}
-
-// p[j .. j + VEC) of a float parameter (16-byte aligned, j a multiple of VEC), or `fill` when absent.
+// p[j .. j + VEC) of a float parameter (aligned to VEC floats, j a multiple of VEC), or `fill` when
+// the parameter is absent.
 template <int VEC>
 __device__ __forceinline__ void load_param(const float* p, int64_t j, float (&out)[VEC], float fill) {
-  if (p == nullptr) {
-#pragma unroll
-    for (int k = 0; k < VEC; ++k) out[k] = fill;
-  } else if constexpr (VEC % 4 == 0) {
-#pragma unroll
-    for (int q = 0; q < VEC / 4; ++q) {
-      const float4 v = *reinterpret_cast<const float4*>(p + j + 4 * q);
-      out[4 * q] = v.x;
-      out[4 * q + 1] = v.y;
-      out[4 * q + 2] = v.z;
-      out[4 * q + 3] = v.w;
-    }
+  if (p != nullptr) {
+    load_float<VEC>(p, j, out);
   } else {
 #pragma unroll
-    for (int k = 0; k < VEC; ++k) out[k] = p[j + k];
+    for (int k = 0; k < VEC; ++k) out[k] = fill;
   }
 }
 
-// Sums of N values over a row's thread group, returned to every thread of the group. Groups of W ≤ 32
-// lanes (aligned within the warp): an xor butterfly, where each step adds the same two values in either
-// order, so all lanes hold the same bits. A whole block (kBlock, blockDim.x a multiple of 32): warp
-// butterflies, then every thread adds the warp sums in warp order; `red` holds 32·N floats and is free
-// again on return.
-template <bool kBlock, int N>
-__device__ __forceinline__ void row_allsum(float (&v)[N], int W, float* red) {
-  const int width = kBlock ? kWarp : W;
-  for (int off = width / 2; off > 0; off /= 2) {
-#pragma unroll
-    for (int i = 0; i < N; ++i) v[i] += __shfl_xor_sync(0xffffffffu, v[i], off);
-  }
+// Sum of v over a row's thread group, returned to every thread of the group: W <= 32 lanes aligned
+// within the warp (group_allsum), or the whole block (kBlock; block_allreduce with `red`, one slot per
+// warp, free again on return). Every thread of the block must call it.
+template <bool kBlock, typename T>
+__device__ __forceinline__ T row_allsum(T v, int W, T* red) {
   if constexpr (kBlock) {
-    const int warp = threadIdx.x / kWarp, nwarps = blockDim.x / kWarp;
-    if (threadIdx.x % kWarp == 0) {
-#pragma unroll
-      for (int i = 0; i < N; ++i) red[i * kWarp + warp] = v[i];
-    }
-    __syncthreads();
-#pragma unroll
-    for (int i = 0; i < N; ++i) {
-      float s = 0.f;
-      for (int w = 0; w < nwarps; ++w) s += red[i * kWarp + w];
-      v[i] = s;
-    }
-    __syncthreads();
+    return block_allreduce(v, SumOp{}, red, blockDim.x / kWarpSize);
+  } else {
+    return group_allsum(v, W);
   }
-}
-
-// Chan merge over the block in a fixed tree (warps by shfl_down, then warp 0), broadcast to every
-// thread through `red` (32 states), which is free again on return.
-__device__ WelfordF block_welford_all(WelfordF w, WelfordF* red) {
-  for (int off = kWarp / 2; off > 0; off /= 2) {
-    const WelfordF o{__shfl_down_sync(0xffffffffu, w.mean, off), __shfl_down_sync(0xffffffffu, w.m2, off),
-                     __shfl_down_sync(0xffffffffu, w.n, off)};
-    w = welford_merge(w, o);
-  }
-  const int warp = threadIdx.x / kWarp, nwarps = blockDim.x / kWarp;
-  if (threadIdx.x % kWarp == 0) red[warp] = w;
-  __syncthreads();
-  if (threadIdx.x < kWarp) {
-    w = threadIdx.x < nwarps ? red[threadIdx.x] : WelfordF{0.f, 0.f, 0.f};
-    for (int off = kWarp / 2; off > 0; off /= 2) {
-      const WelfordF o{__shfl_down_sync(0xffffffffu, w.mean, off), __shfl_down_sync(0xffffffffu, w.m2, off),
-                       __shfl_down_sync(0xffffffffu, w.n, off)};
-      w = welford_merge(w, o);
-    }
-  }
-  __syncthreads();
-  if (threadIdx.x == 0) red[0] = w;
-  __syncthreads();
-  w = red[0];
-  __syncthreads();
-  return w;
 }
 
 // y = act((x − mean)·(rstd·gamma) + beta + r) for one vector.
@@ -210,7 +117,7 @@ __global__ void __launch_bounds__(kMaxFwdRowThreads)
                        float* __restrict__ rstd_out, int64_t M, int D, int W, float eps, int act,
                        float slope) {
   constexpr int kIters = kCap / VEC;
-  __shared__ float red[kWarp];
+  __shared__ float red[kWarpSize];
   const int lane = kBlock ? threadIdx.x : threadIdx.x % W;
   const int groups = kBlock ? 1 : blockDim.x / W;
   const int group = kBlock ? 0 : threadIdx.x / W;
@@ -223,28 +130,28 @@ __global__ void __launch_bounds__(kMaxFwdRowThreads)
     const int64_t off = row * D;
     float x[kIters][VEC];
     const float shift = valid ? static_cast<float>(X[off]) : 0.f;
-    float s[1] = {0.f};
+    float s = 0.f;
 #pragma unroll
     for (int i = 0; i < kIters; ++i) {
       const int v = i * W + lane;
       if (valid && v < nvec) {
-        load_vec<VEC>(X + off + static_cast<int64_t>(v) * VEC, x[i]);
+        load_float<VEC>(X, off + static_cast<int64_t>(v) * VEC, x[i]);
 #pragma unroll
-        for (int k = 0; k < VEC; ++k) s[0] += x[i][k] - shift;
+        for (int k = 0; k < VEC; ++k) s += x[i][k] - shift;
       }
     }
-    row_allsum<kBlock>(s, W, red);
-    const float mean = shift + s[0] * inv_d;
-    float q[1] = {0.f};
+    s = row_allsum<kBlock>(s, W, red);
+    const float mean = shift + s * inv_d;
+    float q = 0.f;
 #pragma unroll
     for (int i = 0; i < kIters; ++i) {
       if (valid && i * W + lane < nvec) {
 #pragma unroll
-        for (int k = 0; k < VEC; ++k) q[0] += (x[i][k] - mean) * (x[i][k] - mean);
+        for (int k = 0; k < VEC; ++k) q += (x[i][k] - mean) * (x[i][k] - mean);
       }
     }
-    row_allsum<kBlock>(q, W, red);
-    const float rstd = 1.f / sqrtf(q[0] * inv_d + eps);
+    q = row_allsum<kBlock>(q, W, red);
+    const float rstd = 1.f / sqrtf(q * inv_d + eps);
     if (valid && lane == 0) {
       mean_out[row] = mean;
       rstd_out[row] = rstd;
@@ -257,9 +164,9 @@ __global__ void __launch_bounds__(kMaxFwdRowThreads)
         float g[VEC], b[VEC], r[VEC] = {}, y[VEC];
         load_param<VEC>(gamma, j, g, 1.f);
         load_param<VEC>(beta, j, b, 0.f);
-        if (R != nullptr) load_vec<VEC>(R + off + j, r);
+        if (R != nullptr) load_float<VEC>(R, off + j, r);
         apply_vec<VEC>(x[i], mean, rstd, g, b, r, act, slope, y);
-        store_vec<VEC>(Y + off + j, y);
+        store_float<VEC>(Y, off + j, y);
       }
     }
   }
@@ -274,7 +181,7 @@ __global__ void __launch_bounds__(kLongRowThreads)
                        scalar_t* __restrict__ Y, const float* __restrict__ gamma,
                        const float* __restrict__ beta, float* __restrict__ mean_out,
                        float* __restrict__ rstd_out, int64_t M, int D, float eps, int act, float slope) {
-  __shared__ WelfordF red[kWarp];
+  __shared__ WelfordF red[kWarpSize];
   const int nvec = D / VEC;
   for (int64_t row = blockIdx.x; row < M; row += gridDim.x) {
     const int64_t off = row * D;
@@ -282,7 +189,7 @@ __global__ void __launch_bounds__(kLongRowThreads)
     WelfordF w{0.f, 0.f, 0.f};
     for (int v = threadIdx.x; v < nvec; v += blockDim.x) {
       float x[VEC];
-      load_vec<VEC>(X + off + static_cast<int64_t>(v) * VEC, x);
+      load_float<VEC>(X, off + static_cast<int64_t>(v) * VEC, x);
       float s = 0.f;
 #pragma unroll
       for (int k = 0; k < VEC; ++k) s += x[k] - shift;
@@ -292,7 +199,7 @@ __global__ void __launch_bounds__(kLongRowThreads)
       for (int k = 0; k < VEC; ++k) q += (x[k] - shift - vm) * (x[k] - shift - vm);
       w = welford_merge(w, WelfordF{vm, q, static_cast<float>(VEC)});
     }
-    w = block_welford_all(w, red);
+    w = block_allreduce(w, WelfordOp{}, red, blockDim.x / kWarpSize);
     const float mean = shift + w.mean;
     const float rstd = 1.f / sqrtf(w.m2 / static_cast<float>(D) + eps);
     if (threadIdx.x == 0) {
@@ -302,12 +209,12 @@ __global__ void __launch_bounds__(kLongRowThreads)
     for (int v = threadIdx.x; v < nvec; v += blockDim.x) {
       const int64_t j = static_cast<int64_t>(v) * VEC;
       float x[VEC], g[VEC], b[VEC], r[VEC] = {}, y[VEC];
-      load_vec<VEC>(X + off + j, x);
+      load_float<VEC>(X, off + j, x);
       load_param<VEC>(gamma, j, g, 1.f);
       load_param<VEC>(beta, j, b, 0.f);
-      if (R != nullptr) load_vec<VEC>(R + off + j, r);
+      if (R != nullptr) load_float<VEC>(R, off + j, r);
       apply_vec<VEC>(x, mean, rstd, g, b, r, act, slope, y);
-      store_vec<VEC>(Y + off + j, y);
+      store_float<VEC>(Y, off + j, y);
     }
   }
 }
@@ -336,7 +243,7 @@ __global__ void __launch_bounds__(kMaxBwdRowThreads)
                        float* __restrict__ part_g, float* __restrict__ part_b, int64_t M, int D, int W,
                        int act, float slope) {
   constexpr int kIters = kCap / VEC;
-  __shared__ float red[2 * kWarp];
+  __shared__ Sum2 red[kWarpSize];
   const int lane = kBlock ? threadIdx.x : threadIdx.x % W;
   const int groups = kBlock ? 1 : blockDim.x / W;
   const int group = kBlock ? 0 : threadIdx.x / W;
@@ -356,19 +263,19 @@ __global__ void __launch_bounds__(kMaxBwdRowThreads)
     const float mean = valid ? mean_in[row] : 0.f;
     const float rstd = valid ? rstd_in[row] : 0.f;
     float x[kIters][VEC], dz[kIters][VEC];
-    float s[2] = {0.f, 0.f};
+    Sum2 s{0.f, 0.f};  // Σ gamma·dz, Σ gamma·dz·x̂
 #pragma unroll
     for (int i = 0; i < kIters; ++i) {
       const int v = i * W + lane;
       if (valid && v < nvec) {
         const int64_t j = static_cast<int64_t>(v) * VEC;
-        load_vec<VEC>(X + off + j, x[i]);
-        load_vec<VEC>(dY + off + j, dz[i]);
+        load_float<VEC>(X, off + j, x[i]);
+        load_float<VEC>(dY, off + j, dz[i]);
         float g[VEC], b[VEC] = {}, r[VEC] = {}, xhat[VEC];
         load_param<VEC>(gamma, j, g, 1.f);
         if (act != kIdentity) {
           load_param<VEC>(beta, j, b, 0.f);
-          if (R != nullptr) load_vec<VEC>(R + off + j, r);
+          if (R != nullptr) load_float<VEC>(R, off + j, r);
         }
 #pragma unroll
         for (int k = 0; k < VEC; ++k) xhat[k] = (x[i][k] - mean) * rstd;
@@ -377,15 +284,15 @@ __global__ void __launch_bounds__(kMaxBwdRowThreads)
         for (int k = 0; k < VEC; ++k) {
           pg[i][k] += dz[i][k] * xhat[k];
           pb[i][k] += dz[i][k];
-          s[0] += g[k] * dz[i][k];
-          s[1] += g[k] * dz[i][k] * xhat[k];
+          s.a += g[k] * dz[i][k];
+          s.b += g[k] * dz[i][k] * xhat[k];
         }
-        if (dR != nullptr) store_vec<VEC>(dR + off + j, dz[i]);
+        if (dR != nullptr) store_float<VEC>(dR, off + j, dz[i]);
       }
     }
-    row_allsum<kBlock>(s, W, red);
+    s = row_allsum<kBlock>(s, W, red);
     if (dX == nullptr) continue;
-    const float c1 = s[0] * inv_d, c2 = s[1] * inv_d;
+    const float c1 = s.a * inv_d, c2 = s.b * inv_d;
 #pragma unroll
     for (int i = 0; i < kIters; ++i) {
       const int v = i * W + lane;
@@ -395,7 +302,7 @@ __global__ void __launch_bounds__(kMaxBwdRowThreads)
         load_param<VEC>(gamma, j, g, 1.f);
 #pragma unroll
         for (int k = 0; k < VEC; ++k) dx[k] = rstd * (g[k] * dz[i][k] - c1 - (x[i][k] - mean) * rstd * c2);
-        store_vec<VEC>(dX + off + j, dx);
+        store_float<VEC>(dX, off + j, dx);
       }
     }
   }
@@ -447,19 +354,19 @@ __global__ void __launch_bounds__(kLongRowThreads)
                        const float* __restrict__ rstd_in, const float* __restrict__ gamma,
                        const float* __restrict__ beta, scalar_t* __restrict__ dX, scalar_t* __restrict__ dR,
                        int64_t M, int D, int act, float slope) {
-  __shared__ float red[2 * kWarp];
+  __shared__ Sum2 red[kWarpSize];
   const int nvec = D / VEC;
   const float inv_d = 1.f / static_cast<float>(D);
   // One vector's x̂, dz and gamma.
   auto grads = [&](int64_t off, int64_t j, float mean, float rstd, float (&xhat)[VEC], float (&dz)[VEC],
                    float (&g)[VEC]) {
     float x[VEC], b[VEC] = {}, r[VEC] = {};
-    load_vec<VEC>(X + off + j, x);
-    load_vec<VEC>(dY + off + j, dz);
+    load_float<VEC>(X, off + j, x);
+    load_float<VEC>(dY, off + j, dz);
     load_param<VEC>(gamma, j, g, 1.f);
     if (act != kIdentity) {
       load_param<VEC>(beta, j, b, 0.f);
-      if (R != nullptr) load_vec<VEC>(R + off + j, r);
+      if (R != nullptr) load_float<VEC>(R, off + j, r);
     }
 #pragma unroll
     for (int k = 0; k < VEC; ++k) xhat[k] = (x[k] - mean) * rstd;
@@ -468,28 +375,28 @@ __global__ void __launch_bounds__(kLongRowThreads)
   for (int64_t row = blockIdx.x; row < M; row += gridDim.x) {
     const int64_t off = row * D;
     const float mean = mean_in[row], rstd = rstd_in[row];
-    float s[2] = {0.f, 0.f};
+    Sum2 s{0.f, 0.f};
     for (int v = threadIdx.x; v < nvec; v += blockDim.x) {
       const int64_t j = static_cast<int64_t>(v) * VEC;
       float xhat[VEC], dz[VEC], g[VEC];
       grads(off, j, mean, rstd, xhat, dz, g);
 #pragma unroll
       for (int k = 0; k < VEC; ++k) {
-        s[0] += g[k] * dz[k];
-        s[1] += g[k] * dz[k] * xhat[k];
+        s.a += g[k] * dz[k];
+        s.b += g[k] * dz[k] * xhat[k];
       }
-      if (dR != nullptr) store_vec<VEC>(dR + off + j, dz);
+      if (dR != nullptr) store_float<VEC>(dR, off + j, dz);
     }
-    row_allsum<true>(s, blockDim.x, red);
+    s = row_allsum<true>(s, blockDim.x, red);
     if (dX == nullptr) continue;
-    const float c1 = s[0] * inv_d, c2 = s[1] * inv_d;
+    const float c1 = s.a * inv_d, c2 = s.b * inv_d;
     for (int v = threadIdx.x; v < nvec; v += blockDim.x) {
       const int64_t j = static_cast<int64_t>(v) * VEC;
       float xhat[VEC], dz[VEC], g[VEC], dx[VEC];
       grads(off, j, mean, rstd, xhat, dz, g);
 #pragma unroll
       for (int k = 0; k < VEC; ++k) dx[k] = rstd * (g[k] * dz[k] - c1 - xhat[k] * c2);
-      store_vec<VEC>(dX + off + j, dx);
+      store_float<VEC>(dX, off + j, dx);
     }
   }
 }
@@ -498,7 +405,7 @@ constexpr int kColsTY = 8;
 
 // dgamma/dbeta partials for long rows (a column reduction). Block (32, kColsTY): threadIdx.x picks
 // column blockIdx.x·32 + x, threadIdx.y the rows r ≡ y (mod kColsTY) of row chunk blockIdx.y (rows
-// [blockIdx.y·rows_per_chunk, +rows_per_chunk)); the kColsTY sums are added in y order into
+// [blockIdx.y·rows_per_chunk, +rows_per_chunk)); column_reduce combines the kColsTY sums into
 // part_g/part_b[blockIdx.y].
 template <typename scalar_t>
 __global__ void __launch_bounds__(32 * kColsTY)
@@ -508,11 +415,11 @@ __global__ void __launch_bounds__(32 * kColsTY)
                               const float* __restrict__ beta, float* __restrict__ part_g,
                               float* __restrict__ part_b, int64_t M, int D, int64_t rows_per_chunk, int act,
                               float slope) {
-  __shared__ float red[2][kColsTY][kWarp];
-  const int64_t j = static_cast<int64_t>(blockIdx.x) * kWarp + threadIdx.x;
+  __shared__ Sum2 red[kColsTY * kWarpSize];
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * kWarpSize + threadIdx.x;
   const int64_t r0 = static_cast<int64_t>(blockIdx.y) * rows_per_chunk;
   const int64_t r1 = std::min(M, r0 + rows_per_chunk);
-  float sg = 0.f, sb = 0.f;
+  Sum2 sum[1] = {{0.f, 0.f}};  // Σ dz·x̂, Σ dz
   if (j < D) {
     const float g = gamma != nullptr ? gamma[j] : 1.f, b = beta != nullptr ? beta[j] : 0.f;
     for (int64_t row = r0 + threadIdx.y; row < r1; row += kColsTY) {
@@ -523,22 +430,15 @@ __global__ void __launch_bounds__(32 * kColsTY)
         const float r = R != nullptr ? static_cast<float>(R[e]) : 0.f;
         dz *= act_grad(xhat * g + b + r, act, slope);
       }
-      sg += dz * xhat;
-      sb += dz;
+      sum[0].a += dz * xhat;
+      sum[0].b += dz;
     }
   }
-  red[0][threadIdx.y][threadIdx.x] = sg;
-  red[1][threadIdx.y][threadIdx.x] = sb;
-  __syncthreads();
+  column_reduce<1>(sum, red, threadIdx.y, threadIdx.x, kColsTY, kWarpSize, SumOp{});
   if (threadIdx.y == 0 && j < D) {
-    float tg = 0.f, tb = 0.f;
-    for (int y = 0; y < kColsTY; ++y) {
-      tg += red[0][y][threadIdx.x];
-      tb += red[1][y][threadIdx.x];
-    }
     const int64_t o = static_cast<int64_t>(blockIdx.y) * D + j;
-    if (part_g != nullptr) part_g[o] = tg;
-    if (part_b != nullptr) part_b[o] = tb;
+    if (part_g != nullptr) part_g[o] = red[threadIdx.x].a;
+    if (part_b != nullptr) part_b[o] = red[threadIdx.x].b;
   }
 }
 
@@ -546,31 +446,26 @@ constexpr int kSumTY = 16;
 
 // out[j] = Σ_p part[p·D + j] over P partial rows in a fixed order. Block (32, kSumTY): threadIdx.x picks
 // column blockIdx.x·32 + x, threadIdx.y sums rows p ≡ y (mod kSumTY) in order, and the kSumTY sums are
-// added in y order. blockIdx.y selects the (part, out) pair: 0 = dgamma, 1 = dbeta.
+// combined by column_reduce. blockIdx.y selects the (part, out) pair: 0 = dgamma, 1 = dbeta.
 __global__ void __launch_bounds__(32 * kSumTY)
     sum_partials_kernel(const float* part0, float* out0, const float* part1, float* out1, int64_t P, int D) {
-  __shared__ float red[kSumTY][kWarp + 1];
+  __shared__ float red[kSumTY * kWarpSize];
   const float* part = blockIdx.y == 0 ? part0 : part1;
   float* out = blockIdx.y == 0 ? out0 : out1;
-  const int64_t j = static_cast<int64_t>(blockIdx.x) * kWarp + threadIdx.x;
-  float t = 0.f;
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * kWarpSize + threadIdx.x;
+  float t[1] = {0.f};
   if (j < D) {
-    for (int64_t p = threadIdx.y; p < P; p += kSumTY) t += part[p * D + j];
+    for (int64_t p = threadIdx.y; p < P; p += kSumTY) t[0] += part[p * D + j];
   }
-  red[threadIdx.y][threadIdx.x] = t;
-  __syncthreads();
-  if (threadIdx.y == 0 && j < D) {
-    float s = 0.f;
-    for (int y = 0; y < kSumTY; ++y) s += red[y][threadIdx.x];
-    out[j] = s;
-  }
+  column_reduce<1>(t, red, threadIdx.y, threadIdx.x, kSumTY, kWarpSize, SumOp{});
+  if (threadIdx.y == 0 && j < D) out[j] = red[threadIdx.x];
 }
 
 // ---------------------------------------------------------------------------------------- NCHW 2d
 
 // LayerNorm2d on NCHW-contiguous (N, C, HxW): a strided reduction over C at every position. Block
-// (TX, TY), TX·TY a multiple of 32, TY a power of two: threadIdx.x owns VEC consecutive positions of the
-// block's TX·VEC (block b covers sample b / blocks_per_n, positions from (b % blocks_per_n)·TX·VEC), and
+// (TX, TY), TX a power of two <= 32, TX·TY a multiple of 32: threadIdx.x owns VEC consecutive positions of
+// the block's TX·VEC (block b covers sample b / blocks_per_n, positions from (b % blocks_per_n)·TX·VEC), and
 // threadIdx.y the channels c ≡ y (mod TY). With VEC > 1, HxW is a multiple of VEC, so a vector is all
 // inside or all outside the sample. Every thread runs ceil(C / TY) channel iterations (c ≥ C and
 // positions ≥ HxW only skip memory), so warp shuffles stay convergent.
@@ -594,9 +489,9 @@ __device__ __forceinline__ Tile2d tile_2d(int C, int64_t HxW, int64_t blocks_per
   return t;
 }
 
-// Forward. Pass 1: each thread runs a Welford over its channels for each of its VEC positions (on
-// x − x[n, 0, p], one 1/count per channel shared by the VEC lanes); the TY states of a position are then
-// merged in a fixed tree in shared memory. Pass 2 re-reads x (L1/L2) and writes y.
+// Forward. Pass 1: each thread runs a lane-wise Welford over its channels for its VEC positions (on
+// x − x[n, 0, p], so a mean far from zero keeps its low bits); column_reduce merges the TY states of
+// each position. Pass 2 re-reads x (L1/L2) and writes y.
 template <typename scalar_t, int VEC>
 __global__ void __launch_bounds__(k2dThreads)
     ln2d_nchw_fwd_kernel(const scalar_t* __restrict__ X, const scalar_t* __restrict__ R,
@@ -604,48 +499,28 @@ __global__ void __launch_bounds__(k2dThreads)
                          const float* __restrict__ beta, float* __restrict__ mean_out,
                          float* __restrict__ rstd_out, int C, int64_t HxW, int64_t blocks_per_n, float eps,
                          int act, float slope) {
-  __shared__ WelfordF st[k2dThreads * VEC];  // [ty][tx·VEC + k]
+  __shared__ WelfordF st[k2dThreads * VEC];
   const Tile2d t = tile_2d<VEC>(C, HxW, blocks_per_n);
   const int64_t base = t.n * C * HxW + t.p;
-  float shift[VEC] = {}, m[VEC] = {}, q[VEC] = {};
-  float cnt = 0.f;
+  Lanes<VEC> shift(0.f);
+  WelfordLanes<VEC> w = welford_lanes_zero<VEC>();
   if (t.valid) {
-    load_vec<VEC>(X + base, shift);
+    shift = to_lanes(load_vec<VEC>(X, base));
     for (int c = t.ty; c < C; c += t.TY) {
-      float x[VEC];
-      load_vec<VEC>(X + base + static_cast<int64_t>(c) * HxW, x);
-      cnt += 1.f;
-      const float inv = 1.f / cnt;
-#pragma unroll
-      for (int k = 0; k < VEC; ++k) {
-        const float v = x[k] - shift[k];
-        const float d = v - m[k];
-        m[k] += d * inv;
-        q[k] += d * (v - m[k]);
-      }
+      welford_push(w, to_lanes(load_vec<VEC>(X, base + static_cast<int64_t>(c) * HxW)) - shift);
     }
   }
-  const int row = t.TX * VEC;
+  WelfordF lanes[VEC];
 #pragma unroll
-  for (int k = 0; k < VEC; ++k) st[t.ty * row + t.tx * VEC + k] = WelfordF{m[k], q[k], cnt};
-  for (int s = t.TY / 2; s > 0; s /= 2) {
-    __syncthreads();
-    if (t.ty < s) {
-#pragma unroll
-      for (int k = 0; k < VEC; ++k) {
-        const int i = t.ty * row + t.tx * VEC + k;
-        st[i] = welford_merge(st[i], st[i + s * row]);
-      }
-    }
-  }
-  __syncthreads();
+  for (int k = 0; k < VEC; ++k) lanes[k] = welford_lane(w, k);
+  column_reduce<VEC>(lanes, st, t.ty, t.tx, t.TY, t.TX, WelfordOp{});
   if (!t.valid) return;  // no barrier below
   float mean[VEC], rstd[VEC];
 #pragma unroll
   for (int k = 0; k < VEC; ++k) {
-    const WelfordF w = st[t.tx * VEC + k];
-    mean[k] = shift[k] + w.mean;
-    rstd[k] = 1.f / sqrtf(w.m2 / static_cast<float>(C) + eps);
+    const WelfordF m = st[t.tx * VEC + k];
+    mean[k] = shift.v[k] + m.mean;
+    rstd[k] = 1.f / sqrtf(m.m2 / static_cast<float>(C) + eps);
   }
   if (t.ty == 0) {
     const int64_t o = t.n * HxW + t.p;
@@ -659,19 +534,19 @@ __global__ void __launch_bounds__(k2dThreads)
     const int64_t o = base + static_cast<int64_t>(c) * HxW;
     const float g = gamma != nullptr ? gamma[c] : 1.f, b = beta != nullptr ? beta[c] : 0.f;
     float x[VEC], r[VEC] = {}, y[VEC];
-    load_vec<VEC>(X + o, x);
-    if (R != nullptr) load_vec<VEC>(R + o, r);
+    load_float<VEC>(X, o, x);
+    if (R != nullptr) load_float<VEC>(R, o, r);
 #pragma unroll
     for (int k = 0; k < VEC; ++k) y[k] = act_forward((x[k] - mean[k]) * (rstd[k] * g) + b + r[k], act, slope);
-    store_vec<VEC>(Y + o, y);
+    store_float<VEC>(Y, o, y);
   }
 }
 
 // Backward. Pass 1 over the thread's channels: dz (dresidual), per-position Σ gamma·dz and
 // Σ gamma·dz·x̂, and per channel the block's Σ dz·x̂ and Σ dz (added over the TX lanes of the channel by
-// an xor butterfly; lane 0 writes them to part_g/part_b[blockIdx.x][c], one writer per entry). The
-// per-position sums are merged over TY in a fixed tree in shared memory; pass 2 re-reads x, dy and
-// writes dx = rstd·(gamma·dz − mean_c(gamma·dz) − x̂·mean_c(gamma·dz·x̂)).
+// group_allsum; lane 0 writes them to part_g/part_b[blockIdx.x][c], one writer per entry). column_reduce
+// merges the per-position sums over TY; pass 2 re-reads x, dy and writes
+// dx = rstd·(gamma·dz − mean_c(gamma·dz) − x̂·mean_c(gamma·dz·x̂)).
 template <typename scalar_t, int VEC>
 __global__ void __launch_bounds__(k2dThreads)
     ln2d_nchw_bwd_kernel(const scalar_t* __restrict__ dY, const scalar_t* __restrict__ X,
@@ -680,10 +555,13 @@ __global__ void __launch_bounds__(k2dThreads)
                          const float* __restrict__ beta, scalar_t* __restrict__ dX, scalar_t* __restrict__ dR,
                          float* __restrict__ part_g, float* __restrict__ part_b, int C, int64_t HxW,
                          int64_t blocks_per_n, int act, float slope) {
-  __shared__ float sums[2][k2dThreads * VEC];  // [ty][tx·VEC + k]
+  __shared__ Sum2 sums[k2dThreads * VEC];
   const Tile2d t = tile_2d<VEC>(C, HxW, blocks_per_n);
   const int64_t base = t.n * C * HxW + t.p;
-  float mean[VEC] = {}, rstd[VEC] = {}, s1[VEC] = {}, s2[VEC] = {};
+  float mean[VEC] = {}, rstd[VEC] = {};
+  Sum2 s[VEC];  // per position: Σ gamma·dz, Σ gamma·dz·x̂
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) s[k] = Sum2{0.f, 0.f};
   if (t.valid) {
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
@@ -695,9 +573,9 @@ __global__ void __launch_bounds__(k2dThreads)
   auto grads = [&](int c, int64_t o, float (&xhat)[VEC], float (&dz)[VEC]) {
     const float g = gamma != nullptr ? gamma[c] : 1.f, b = beta != nullptr ? beta[c] : 0.f;
     float x[VEC], r[VEC] = {};
-    load_vec<VEC>(X + o, x);
-    load_vec<VEC>(dY + o, dz);
-    if (R != nullptr && act != kIdentity) load_vec<VEC>(R + o, r);
+    load_float<VEC>(X, o, x);
+    load_float<VEC>(dY, o, dz);
+    if (R != nullptr && act != kIdentity) load_float<VEC>(R, o, r);
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
       xhat[k] = (x[k] - mean[k]) * rstd[k];
@@ -707,56 +585,36 @@ __global__ void __launch_bounds__(k2dThreads)
   };
   for (int it = 0; it < t.iters; ++it) {
     const int c = t.ty + it * t.TY;
-    float dg = 0.f, db = 0.f;
+    Sum2 param{0.f, 0.f};  // Σ dz·x̂, Σ dz of channel c over the thread's positions
     if (c < C && t.valid) {
       const int64_t o = base + static_cast<int64_t>(c) * HxW;
       float xhat[VEC], dz[VEC];
       const float g = grads(c, o, xhat, dz);
 #pragma unroll
       for (int k = 0; k < VEC; ++k) {
-        s1[k] += g * dz[k];
-        s2[k] += g * dz[k] * xhat[k];
-        dg += dz[k] * xhat[k];
-        db += dz[k];
+        s[k].a += g * dz[k];
+        s[k].b += g * dz[k] * xhat[k];
+        param.a += dz[k] * xhat[k];
+        param.b += dz[k];
       }
-      if (dR != nullptr) store_vec<VEC>(dR + o, dz);
+      if (dR != nullptr) store_float<VEC>(dR, o, dz);
     }
-    for (int off = t.TX / 2; off > 0; off /= 2) {
-      dg += __shfl_xor_sync(0xffffffffu, dg, off);
-      db += __shfl_xor_sync(0xffffffffu, db, off);
-    }
+    param = group_allsum(param, t.TX);
     if (t.tx == 0 && c < C) {
       const int64_t o = static_cast<int64_t>(blockIdx.x) * C + c;
-      if (part_g != nullptr) part_g[o] = dg;
-      if (part_b != nullptr) part_b[o] = db;
+      if (part_g != nullptr) part_g[o] = param.a;
+      if (part_b != nullptr) part_b[o] = param.b;
     }
   }
   if (dX == nullptr) return;  // uniform over the grid
-  const int row = t.TX * VEC;
-#pragma unroll
-  for (int k = 0; k < VEC; ++k) {
-    sums[0][t.ty * row + t.tx * VEC + k] = s1[k];
-    sums[1][t.ty * row + t.tx * VEC + k] = s2[k];
-  }
-  for (int s = t.TY / 2; s > 0; s /= 2) {
-    __syncthreads();
-    if (t.ty < s) {
-#pragma unroll
-      for (int k = 0; k < VEC; ++k) {
-        const int i = t.ty * row + t.tx * VEC + k;
-        sums[0][i] += sums[0][i + s * row];
-        sums[1][i] += sums[1][i + s * row];
-      }
-    }
-  }
-  __syncthreads();
+  column_reduce<VEC>(s, sums, t.ty, t.tx, t.TY, t.TX, SumOp{});
   if (!t.valid) return;
   const float inv_c = 1.f / static_cast<float>(C);
   float c1[VEC], c2[VEC];
 #pragma unroll
   for (int k = 0; k < VEC; ++k) {
-    c1[k] = sums[0][t.tx * VEC + k] * inv_c;
-    c2[k] = sums[1][t.tx * VEC + k] * inv_c;
+    c1[k] = sums[t.tx * VEC + k].a * inv_c;
+    c2[k] = sums[t.tx * VEC + k].b * inv_c;
   }
   for (int c = t.ty; c < C; c += t.TY) {
     const int64_t o = base + static_cast<int64_t>(c) * HxW;
@@ -764,13 +622,13 @@ __global__ void __launch_bounds__(k2dThreads)
     const float g = grads(c, o, xhat, dz);
 #pragma unroll
     for (int k = 0; k < VEC; ++k) dx[k] = rstd[k] * (g * dz[k] - c1[k] - xhat[k] * c2[k]);
-    store_vec<VEC>(dX + o, dx);
+    store_float<VEC>(dX, o, dx);
   }
 }
 
 // ------------------------------------------------------------------------------------------ launches
 
-// Pointers of one forward or backward call. gamma/beta are float32, 16-byte aligned, or null.
+// Pointers of one forward or backward call. gamma/beta are float32 aligned to kParamAlign floats, or null.
 template <typename scalar_t>
 struct Ptrs {
   const scalar_t* X;
@@ -784,27 +642,18 @@ struct Ptrs {
   scalar_t* dR;
 };
 
-template <typename scalar_t>
-constexpr int vec_width() {
-  return 16 / sizeof(scalar_t);
-}
+// Parameters are read kMaxVec<scalar_t> floats at a time: at most 8 (16-bit inputs).
+constexpr int kParamAlign = 8;
 
-// 16-byte vectors when every tensor pointer is 16-byte aligned and `extent` (the contiguous run a vector
-// must not cross: the row, or HxW) is a multiple of the vector width.
-template <typename scalar_t>
-bool can_vectorize(const Ptrs<scalar_t>& p, int64_t extent) {
-  for (const void* q :
-       {static_cast<const void*>(p.X), static_cast<const void*>(p.R), static_cast<const void*>(p.dY),
-        static_cast<const void*>(p.out), static_cast<const void*>(p.dR)}) {
-    if (q != nullptr && !aligned16(q)) return false;
-  }
-  return extent % vec_width<scalar_t>() == 0;
-}
-
+// 16-byte vectors when every tensor is aligned to them and `extent` (the contiguous run a vector must
+// not cross: the row, or HxW) is a multiple of the vector width; calls f(integral_constant VEC).
 template <typename scalar_t, typename F>
-void with_vec(bool vec, const F& f) {
+void with_vec(const Ptrs<scalar_t>& p, int64_t extent, const F& f) {
+  constexpr int V = kMaxVec<scalar_t>;
+  const bool vec = extent % V == 0 && vec_aligned(p.X, V) && vec_aligned(p.R, V) && vec_aligned(p.dY, V) &&
+                   vec_aligned(p.out, V) && vec_aligned(p.dR, V);
   if (vec) {
-    f(std::integral_constant<int, vec_width<scalar_t>()>{});
+    f(std::integral_constant<int, V>{});
   } else {
     f(std::integral_constant<int, 1>{});
   }
@@ -818,20 +667,20 @@ struct RowPlan {
 };
 
 RowPlan row_plan(int nvec, int vec, int max_block_threads) {
-  const int64_t needed = div_up(nvec, kCap / vec);
-  if (needed <= kWarp) return {pow2_at_least(needed), false, true};
-  const int64_t threads = div_up(needed, kWarp) * kWarp;
+  const int64_t needed = ceil_div<int64_t>(nvec, kCap / vec);
+  if (needed <= kWarpSize) return {pow2_at_least(needed), false, true};
+  const int64_t threads = ceil_div<int64_t>(needed, kWarpSize) * kWarpSize;
   return {static_cast<int>(threads), true, threads <= max_block_threads};
 }
 
 template <typename scalar_t>
 void rows_forward(const Ptrs<scalar_t>& p, int64_t M, int D, float eps, int act, float slope) {
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  with_vec<scalar_t>(can_vectorize(p, D), [&](auto vec) {
+  with_vec(p, D, [&](auto vec) {
     constexpr int VEC = decltype(vec)::value;
     const RowPlan plan = row_plan(D / VEC, VEC, kMaxFwdRowThreads);
     if (plan.fits && !plan.block) {
-      const int64_t blocks = std::min(div_up(M, kGroupThreads / plan.threads), kMaxGrid);
+      const int64_t blocks = std::min(ceil_div<int64_t>(M, kGroupThreads / plan.threads), kMaxGrid);
       ln_fwd_rows_kernel<scalar_t, VEC, false><<<blocks, kGroupThreads, 0, stream>>>(
           p.X, p.R, p.out, p.gamma, p.beta, p.mean, p.rstd, M, D, plan.threads, eps, act, slope);
     } else if (plan.fits) {
@@ -861,8 +710,8 @@ void finish_params(const Tensor& part, int64_t P, int D, float* dgamma, float* d
     outs[count++] = dbeta;
   }
   if (count == 0) return;
-  const dim3 grid(div_up(D, kWarp), count);
-  sum_partials_kernel<<<grid, dim3(kWarp, kSumTY), 0, c10::cuda::getCurrentCUDAStream()>>>(
+  const dim3 grid(ceil_div<int64_t>(D, kWarpSize), count);
+  sum_partials_kernel<<<grid, dim3(kWarpSize, kSumTY), 0, c10::cuda::getCurrentCUDAStream()>>>(
       parts[0], outs[0], parts[count - 1], outs[count - 1], P, D);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -872,22 +721,22 @@ void rows_backward(const Ptrs<scalar_t>& p, int64_t M, int D, int act, float slo
                    float* dbeta) {
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const bool params = dgamma != nullptr || dbeta != nullptr;
-  with_vec<scalar_t>(can_vectorize(p, D), [&](auto vec) {
+  with_vec(p, D, [&](auto vec) {
     constexpr int VEC = decltype(vec)::value;
     const RowPlan plan = row_plan(D / VEC, VEC, kMaxBwdRowThreads);
     // Persistent blocks, each writing one partial row of dgamma/dbeta; long rows instead get one partial
     // row per chunk of rows_per_chunk rows from ln_bwd_long_params_kernel.
     int64_t blocks;
     if (plan.fits && !plan.block) {
-      blocks = std::min(div_up(M, kGroupThreads / plan.threads),
+      blocks = std::min(ceil_div<int64_t>(M, kGroupThreads / plan.threads),
                         resident_blocks(ln_bwd_rows_kernel<scalar_t, VEC, false>, kGroupThreads));
     } else if (plan.fits) {
       blocks = std::min(M, resident_blocks(ln_bwd_rows_kernel<scalar_t, VEC, true>, plan.threads));
     } else {
       blocks = std::min(M, resident_blocks(ln_bwd_long_kernel<scalar_t, VEC>, kLongRowThreads));
     }
-    const int64_t rows_per_chunk = div_up(M, std::min<int64_t>(M, 256));
-    const int64_t P = plan.fits ? blocks : div_up(M, rows_per_chunk);
+    const int64_t rows_per_chunk = ceil_div<int64_t>(M, std::min<int64_t>(M, 256));
+    const int64_t P = plan.fits ? blocks : ceil_div<int64_t>(M, rows_per_chunk);
     Tensor part =
         params ? at::empty({2, P, D}, at::TensorOptions().dtype(at::kFloat).device(at::kCUDA)) : Tensor();
     float* pg = dgamma != nullptr ? part.data_ptr<float>() : nullptr;
@@ -909,8 +758,9 @@ void rows_backward(const Ptrs<scalar_t>& p, int64_t M, int D, int act, float slo
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
       if (params) {
-        ln_bwd_long_params_kernel<scalar_t><<<dim3(div_up(D, kWarp), P), dim3(kWarp, kColsTY), 0, stream>>>(
-            p.dY, p.X, p.R, p.mean, p.rstd, p.gamma, p.beta, pg, pb, M, D, rows_per_chunk, act, slope);
+        ln_bwd_long_params_kernel<scalar_t>
+            <<<dim3(ceil_div<int64_t>(D, kWarpSize), P), dim3(kWarpSize, kColsTY), 0, stream>>>(
+                p.dY, p.X, p.R, p.mean, p.rstd, p.gamma, p.beta, pg, pb, M, D, rows_per_chunk, act, slope);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
     }
@@ -926,10 +776,10 @@ struct Plan2d {
 };
 
 Plan2d plan_2d(int64_t N, int C, int64_t HxW, int vec) {
-  int TX = kWarp;
-  while (TX > 4 && N * div_up(HxW, static_cast<int64_t>(TX) * vec) < 2 * sm_count()) TX /= 2;
-  const int TY = std::max(kWarp / TX, std::min(k2dThreads / TX, pow2_at_least(C)));
-  const int64_t blocks_per_n = div_up(HxW, static_cast<int64_t>(TX) * vec);
+  int TX = kWarpSize;
+  while (TX > 4 && N * ceil_div<int64_t>(HxW, static_cast<int64_t>(TX) * vec) < 2 * sm_count()) TX /= 2;
+  const int TY = std::max(kWarpSize / TX, std::min(k2dThreads / TX, pow2_at_least(C)));
+  const int64_t blocks_per_n = ceil_div<int64_t>(HxW, static_cast<int64_t>(TX) * vec);
   TORCH_CHECK(N * blocks_per_n <= INT_MAX, "layer_norm_2d: too many positions for one launch");
   return {TX, TY, blocks_per_n};
 }
@@ -937,7 +787,7 @@ Plan2d plan_2d(int64_t N, int C, int64_t HxW, int vec) {
 template <typename scalar_t>
 void nchw_forward(const Ptrs<scalar_t>& p, const ChannelDims& d, float eps, int act, float slope) {
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  with_vec<scalar_t>(can_vectorize(p, d.HxW), [&](auto vec) {
+  with_vec(p, d.HxW, [&](auto vec) {
     constexpr int VEC = decltype(vec)::value;
     const Plan2d plan = plan_2d(d.N, d.C, d.HxW, VEC);
     ln2d_nchw_fwd_kernel<scalar_t, VEC><<<d.N * plan.blocks_per_n, dim3(plan.TX, plan.TY), 0, stream>>>(
@@ -950,7 +800,7 @@ template <typename scalar_t>
 void nchw_backward(const Ptrs<scalar_t>& p, const ChannelDims& d, int act, float slope, float* dgamma,
                    float* dbeta) {
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  with_vec<scalar_t>(can_vectorize(p, d.HxW), [&](auto vec) {
+  with_vec(p, d.HxW, [&](auto vec) {
     constexpr int VEC = decltype(vec)::value;
     const Plan2d plan = plan_2d(d.N, d.C, d.HxW, VEC);
     const int64_t P = d.N * plan.blocks_per_n;
@@ -969,10 +819,11 @@ void nchw_backward(const Ptrs<scalar_t>& p, const ChannelDims& d, int act, float
 
 // ------------------------------------------------------------------------------------------- host side
 
-// A float32 parameter the kernels may read with 16-byte vectors (a copy when the view is misaligned).
+// A float32 parameter the kernels may read kParamAlign floats at a time (a copy when the view is not
+// aligned to that).
 const float* param_ptr(c10::optional<Tensor>& p) {
   if (!p.has_value()) return nullptr;
-  if (!aligned16(p->data_ptr())) p = p->clone();
+  if (!vec_aligned(p->data_ptr<float>(), kParamAlign)) p = p->clone();
   return p->data_ptr<float>();
 }
 
@@ -1013,7 +864,7 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_fwd_cuda(const Tensor& X_in, const
     rstd.fill_(std::nan(""));
     return {Y, mean, rstd};
   }
-  NORMEXT_LN_DISPATCH_CUDA(a.X.scalar_type(), "layer_norm_fwd_cuda", [&] {
+  NORMEXT_DISPATCH_CUDA_TYPES(a.X.scalar_type(), "layer_norm_fwd_cuda", [&] {
     auto p = make_ptrs<scalar_t>(a.X, a.residual, a.gamma, a.beta, mean, rstd);
     p.out = Y.data_ptr<scalar_t>();
     rows_forward(p, a.M, static_cast<int>(a.D), static_cast<float>(eps), static_cast<int>(act),
@@ -1059,7 +910,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_norm_bwd_cuda(
   const Tensor rstd = check_stats(rstd_in, a.X, a.M, "rstd", op);
   auto [dX, dgamma, dbeta, dR] = alloc_grads(a.X, normalized_shape, mask);
   if (a.X.numel() == 0) return {dX, dgamma, dbeta, dR};
-  NORMEXT_LN_DISPATCH_CUDA(a.X.scalar_type(), "layer_norm_bwd_cuda", [&] {
+  NORMEXT_DISPATCH_CUDA_TYPES(a.X.scalar_type(), "layer_norm_bwd_cuda", [&] {
     auto p = make_ptrs<scalar_t>(a.X, a.residual, a.gamma, a.beta, mean, rstd);
     set_grad_ptrs(p, dY, dX, dR, mask);
     rows_backward(p, a.M, static_cast<int>(a.D), static_cast<int>(act), static_cast<float>(slope),
@@ -1087,7 +938,7 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_2d_fwd_cuda(const Tensor& X_in,
     rstd.fill_(std::nan(""));
     return {Y, mean, rstd};
   }
-  NORMEXT_LN_DISPATCH_CUDA(a.X.scalar_type(), "layer_norm_2d_fwd_cuda", [&] {
+  NORMEXT_DISPATCH_CUDA_TYPES(a.X.scalar_type(), "layer_norm_2d_fwd_cuda", [&] {
     auto p = make_ptrs<scalar_t>(a.X, a.residual, a.gamma, a.beta, mean, rstd);
     p.out = Y.data_ptr<scalar_t>();
     if (a.rows) {
@@ -1114,7 +965,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_norm_2d_bwd_cuda(
   const Tensor rstd = check_stats(rstd_in, a.X, N * HxW, "rstd", op);
   auto [dX, dgamma, dbeta, dR] = alloc_grads(a.X, {C}, mask);
   if (a.X.numel() == 0) return {dX, dgamma, dbeta, dR};
-  NORMEXT_LN_DISPATCH_CUDA(a.X.scalar_type(), "layer_norm_2d_bwd_cuda", [&] {
+  NORMEXT_DISPATCH_CUDA_TYPES(a.X.scalar_type(), "layer_norm_2d_bwd_cuda", [&] {
     auto p = make_ptrs<scalar_t>(a.X, a.residual, a.gamma, a.beta, mean, rstd);
     set_grad_ptrs(p, dY, dX, dR, mask);
     float* dg = mask[1] ? dgamma.data_ptr<float>() : nullptr;
