@@ -45,14 +45,10 @@ int pow2_at_least(int64_t v) {
   return p;
 }
 
-// SM count of the current device (cached per device).
 int sm_count() {
-  static int cache[64] = {};
-  const int dev = c10::cuda::current_device();
-  if (dev >= 64) return 132;
-  if (cache[dev] == 0)
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&cache[dev], cudaDevAttrMultiProcessorCount, dev));
-  return cache[dev];
+  int n = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, c10::cuda::current_device()));
+  return n;
 }
 
 // Blocks of `kernel` that fit on the GPU at once (at least one per SM): the grid of the persistent
