@@ -158,16 +158,24 @@ void rows_backward(const NormPtrs<scalar_t>& p, const GradPtrs<scalar_t>& gp, in
   });
 }
 
-// out[j] = Σ_k part[k·D + j] over the `count` partial rows, in k order (deterministic).
+// dgamma[j] = Σ_k part_g[k·D + j] (and dbeta from part_b) over the `count` partial rows, in k order
+// (deterministic); null pairs are skipped. One parallel region for both, and none when the partials are
+// small: on a busy machine every region's join can cost a scheduler tick.
 template <typename acc_t>
-void sum_partials(const acc_t* part, int64_t count, int64_t D, acc_t* out) {
-  at::parallel_for(0, D, grain_for(count), [&](int64_t begin, int64_t end) {
-    std::fill(out + begin, out + end, acc_t(0));
-    for (int64_t k = 0; k < count; ++k) {
-      const acc_t* src = part + k * D;
-      for (int64_t j = begin; j < end; ++j) out[j] += src[j];
-    }
-  });
+void sum_partials(const acc_t* part_g, const acc_t* part_b, int64_t count, int64_t D, acc_t* dgamma,
+                  acc_t* dbeta) {
+  constexpr int64_t kInline = 1 << 18;  // partial elements per task
+  at::parallel_for(0, D, std::max<int64_t>(1, kInline / std::max<int64_t>(1, count)),
+                   [&](int64_t begin, int64_t end) {
+                     for (const auto& [part, out] : {std::pair{part_g, dgamma}, std::pair{part_b, dbeta}}) {
+                       if (out == nullptr) continue;
+                       std::fill(out + begin, out + end, acc_t(0));
+                       for (int64_t k = 0; k < count; ++k) {
+                         const acc_t* src = part + k * D;
+                         for (int64_t j = begin; j < end; ++j) out[j] += src[j];
+                       }
+                     }
+                   });
 }
 
 // ------------------------------------------------------------------------------------------ NCHW 2d
@@ -429,8 +437,8 @@ void backward_impl(const Tensor& dY, const Tensor& X, const c10::optional<Tensor
       rows_backward<scalar_t, decltype(kAct)::value>(p, gp, M, D);
     }
   });
-  if (mask[1]) sum_partials(part_g.data(), parts, D, dgamma.data_ptr<acc_t>());
-  if (mask[2]) sum_partials(part_b.data(), parts, D, dbeta.data_ptr<acc_t>());
+  sum_partials<acc_t>(part_g.data(), part_b.data(), parts, D, mask[1] ? dgamma.data_ptr<acc_t>() : nullptr,
+                      mask[2] ? dbeta.data_ptr<acc_t>() : nullptr);
 }
 
 std::tuple<Tensor, Tensor, Tensor> layer_norm_fwd_cpu(const Tensor& X_in, const c10::optional<Tensor>& gamma,
