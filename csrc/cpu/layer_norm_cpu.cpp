@@ -133,12 +133,19 @@ void backward_row(const scalar_t* dy, const scalar_t* x, const scalar_t* res, sc
   });
 }
 
-// Backward over M rows of D elements. Rows are cut into chunks fixed by the shape, each owning one
-// dgamma/dbeta partial row, so the result does not depend on the thread count.
+// Row chunks of the backward, fixed by the shape. Each chunk owns one dgamma/dbeta partial row (zeroed,
+// then summed by sum_partials), so chunks are larger than RowChunks' to keep that traffic small.
+RowChunks backward_chunks(int64_t M, int64_t D) {
+  constexpr int64_t kElemsPerChunk = 1 << 17;
+  const int64_t per = std::max<int64_t>(1, kElemsPerChunk / std::max<int64_t>(1, D));
+  return {per, std::max<int64_t>(1, (M + per - 1) / per)};
+}
+
+// Backward over M rows of D elements in backward_chunks; the result does not depend on the thread count.
 template <typename scalar_t, int64_t kAct>
 void rows_backward(const NormPtrs<scalar_t>& p, const GradPtrs<scalar_t>& gp, int64_t M, int64_t D) {
   using acc_t = at::opmath_type<scalar_t>;
-  const RowChunks rc = row_chunks(M, D);
+  const RowChunks rc = backward_chunks(M, D);
   at::parallel_for(0, rc.count, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> scratch(kAct != kIdentity ? D : 0);
     for (int64_t chunk = begin; chunk < end; ++chunk) {
@@ -425,7 +432,7 @@ void backward_impl(const Tensor& dY, const Tensor& X, const c10::optional<Tensor
                              rstd.data_ptr<acc_t>(),
                              acc_t(slope)};
   const Block2d s = nchw != nullptr ? blocks_2d<scalar_t>(*nchw) : Block2d{};
-  const int64_t parts = nchw != nullptr ? s.N * s.per_n : row_chunks(M, D).count;
+  const int64_t parts = nchw != nullptr ? s.N * s.per_n : backward_chunks(M, D).count;
   std::vector<acc_t> part_g(mask[1] ? parts * D : 0), part_b(mask[2] ? parts * D : 0);
   const GradPtrs<scalar_t> gp{dY.const_data_ptr<scalar_t>(), mask[0] ? dX.data_ptr<scalar_t>() : nullptr,
                               mask[3] ? dR.data_ptr<scalar_t>() : nullptr, mask[1] ? part_g.data() : nullptr,
