@@ -29,8 +29,8 @@ acc_t rstd_of(acc_t m2, int64_t n, double eps) {
   return acc_t(1) / std::sqrt(m2 / acc_t(n) + acc_t(eps));
 }
 
-// Pointers and sizes shared by the row and NCHW kernels. gamma/beta are never null (ones/zeros when
-// absent); R, dY, dX, dR, dgamma/dbeta partials may be null where not used.
+// Inputs and statistics shared by the row and NCHW kernels. gamma/beta are never null (ones/zeros when
+// absent); R is null without a residual. The forward writes mean/rstd, the backward reads them.
 template <typename scalar_t>
 struct NormPtrs {
   using acc_t = at::opmath_type<scalar_t>;
