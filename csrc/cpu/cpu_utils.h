@@ -4,11 +4,13 @@
 
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
 #include <type_traits>
+#include <vector>
 
 #include "normext/math.h"
 
@@ -75,6 +77,15 @@ Welford<at::opmath_type<scalar_t>, at::opmath_type<scalar_t>> row_moments(const 
   Welford<acc_t, acc_t> tail{acc_t(0), acc_t(0), acc_t(0)};
   for (; i < L; ++i) welford_push(tail, acc_t(x[i]));
   return welford_merge(w, tail);
+}
+
+// Per-channel parameter (checked, in the accumulation type) as a pointer, or `fill` when absent.
+template <typename acc_t>
+const acc_t* param_or(const c10::optional<at::Tensor>& p, std::vector<acc_t>& storage, int64_t C,
+                      acc_t fill) {
+  if (p.has_value()) return p->data_ptr<acc_t>();
+  storage.assign(C, fill);
+  return storage.data();
 }
 
 }  // namespace normext::cpu

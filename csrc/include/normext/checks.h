@@ -142,4 +142,43 @@ inline GroupNormArgs check_group_norm(const at::Tensor& X_in, const c10::optiona
   return a;
 }
 
+// BatchNorm arguments checked once for both devices: statistics are per channel, over N and every
+// spatial position.
+struct BatchNormArgs {
+  at::Tensor X;
+  c10::optional<at::Tensor> gamma, beta, residual;
+  Layout layout;
+  ChannelDims dims;
+};
+
+inline BatchNormArgs check_batch_norm(const at::Tensor& X_in, const c10::optional<at::Tensor>& gamma,
+                                      const c10::optional<at::Tensor>& beta,
+                                      const c10::optional<at::Tensor>& residual, int64_t act,
+                                      const char* op) {
+  check_input(X_in, op, 2);
+  check_activation(act, op);
+  BatchNormArgs a;
+  a.layout = layout_of(X_in);
+  a.X = to_layout(X_in, a.layout);
+  a.dims = channel_dims(a.X);
+  a.gamma = check_param(gamma, a.X, a.dims.C, "weight", op);
+  a.beta = check_param(beta, a.X, a.dims.C, "bias", op);
+  a.residual = check_like(residual, a.X, a.layout, "residual", op);
+  return a;
+}
+
+// A running statistic updated in place: 1-D of C elements (any stride) on X's device. The update is
+// computed in the accumulation type and stored in the statistic's own floating dtype.
+inline void check_running_stat(const c10::optional<at::Tensor>& r, const at::Tensor& X, int64_t C,
+                               const char* name, const char* op) {
+  if (!r.has_value() || !r->defined()) return;
+  TORCH_CHECK(r->device() == X.device(), op, ": ", name, " is on ", r->device(), " but the input is on ",
+              X.device());
+  TORCH_CHECK(r->dim() == 1 && r->numel() == C, op, ": expected ", name, " of shape [", C, "], got ",
+              r->sizes());
+  const auto t = r->scalar_type();
+  TORCH_CHECK(t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16, op, ": ", name,
+              " must be a floating-point tensor, got ", t);
+}
+
 }  // namespace normext
