@@ -1,6 +1,7 @@
-# BatchNorm tests: normext.BatchNorm1d/2d/3d, normext.functional.batch_norm and the torch.ops.normext.batch_norm_*
-# ops against the float64 reference and torch.nn (training/eval, running statistics over several steps, shapes x
-# memory formats x dtypes x activations, off-centre data, gradcheck, opcheck, determinism, bad inputs, compile).
+# BatchNorm tests: normext.BatchNorm1d/2d/3d, normext.functional.batch_norm and the batch_norm_* ops
+# against the float64 reference and torch.nn (training/eval, running statistics over several steps,
+# shapes x memory formats x dtypes x activations, off-centre data, gradcheck, opcheck, determinism,
+# bad inputs, torch.compile).
 import pytest
 import torch
 import torch.nn.functional as F
@@ -29,7 +30,12 @@ import normext.functional as nxF
 SLOPE = 0.2  # a non-default leaky_relu slope, so an ignored negative_slope shows
 ERRORS = (RuntimeError, ValueError, TypeError)
 MODULES = {2: normext.BatchNorm1d, 3: normext.BatchNorm1d, 4: normext.BatchNorm2d, 5: normext.BatchNorm3d}
-TORCH_MODULES = {2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d, 5: torch.nn.BatchNorm3d}
+TORCH_MODULES = {
+    2: torch.nn.BatchNorm1d,
+    3: torch.nn.BatchNorm1d,
+    4: torch.nn.BatchNorm2d,
+    5: torch.nn.BatchNorm3d,
+}
 
 
 def leaves_of(tensors):
@@ -56,7 +62,9 @@ def bn(x, rm, rv, w=None, b=None, training=True, momentum=0.1, act=None, res=Non
     return nxF.batch_norm(x, rm, rv, w, b, training, momentum, eps, act, slope, res)
 
 
-def bn_native(x, rm, rv, w=None, b=None, training=True, momentum=0.1, act=None, res=None, slope=SLOPE, eps=1e-5):
+def bn_native(
+    x, rm, rv, w=None, b=None, training=True, momentum=0.1, act=None, res=None, slope=SLOPE, eps=1e-5
+):
     """The unfused torch chain in x's dtype: F.batch_norm, then + residual, then the activation."""
     return native_chain(F.batch_norm(x, rm, rv, w, b, training, momentum, eps), res, act, slope)
 
@@ -78,13 +86,17 @@ def check_all(x, w, b, act, res, dtype, training=True, fmt=None, pdtype=None, ba
     )
     _, rm_ref, rv_ref = batch_norm_ref(x, rm0, rv0, training=training, momentum=0.1)
     rm_nat, rv_nat = rm0.clone(), rv0.clone()
-    y_nat, g_nat = fwd_bwd(lambda *t: bn_native(t[0], rm_nat, rv_nat, t[1], t[2], training, 0.1, act, t[3]), tensors, dy)
+    y_nat, g_nat = fwd_bwd(
+        lambda *t: bn_native(t[0], rm_nat, rv_nat, t[1], t[2], training, 0.1, act, t[3]), tensors, dy
+    )
     assert y.dtype == x.dtype and y.device == x.device
     if fmt is not None:
         assert_layout_kept(y, x, fmt)
     assert_fwd_close(y, y_ref, dtype, y_nat if low else None)
     if backward:
-        for name, gi, gr, gnat, t in zip(("dx", "dweight", "dbias", "dresidual"), g, g_ref, g_nat, tensors, strict=True):
+        for name, gi, gr, gnat, t in zip(
+            ("dx", "dweight", "dbias", "dresidual"), g, g_ref, g_nat, tensors, strict=True
+        ):
             if t is None:
                 continue
             assert gi is not None, f"{name} is missing"
@@ -220,9 +232,15 @@ def test_off_centre_data(device, case, fmt):
     rm0, rv0 = running_stats(16, torch.float32, device)
     rm, rv = rm0.clone(), rv0.clone()
     y, g = fwd_bwd(lambda *t: bn(t[0], rm, rv, t[1], t[2]), (x, w, b), dy)
-    y_ref, g_ref = fwd_bwd(lambda *t: batch_norm_ref(t[0], None, None, t[1], t[2], True)[0], [to64(t) for t in (x, w, b)], to64(dy))
+    y_ref, g_ref = fwd_bwd(
+        lambda *t: batch_norm_ref(t[0], None, None, t[1], t[2], True)[0],
+        [to64(t) for t in (x, w, b)],
+        to64(dy),
+    )
     y_nat, g_nat = fwd_bwd(lambda *t: F.batch_norm(t[0], None, None, t[1], t[2], True), (x, w, b), dy)
-    for name, out, ref, nat in zip(("y", "dx", "dweight", "dbias"), [y, *g], [y_ref, *g_ref], [y_nat, *g_nat], strict=True):
+    for name, out, ref, nat in zip(
+        ("y", "dx", "dweight", "dbias"), [y, *g], [y_ref, *g_ref], [y_nat, *g_nat], strict=True
+    ):
         err, nat_err = rel_err(out, ref), rel_err(nat, ref)
         if dtype == torch.float16:
             assert err <= 2 * nat_err + 1e-3, f"{name}: {err:.3g} > 2 x torch {nat_err:.3g} + 1e-3"
@@ -288,7 +306,9 @@ def test_module_several_steps_against_torch(device, shape, momentum):
     statistics and num_batches_tracked follow torch.nn.BatchNorm*d (followed by the same activation)."""
     C = shape[1]
     theirs = TORCH_MODULES[len(shape)](C, momentum=momentum, device=device)
-    ours = MODULES[len(shape)](C, momentum=momentum, activation="leaky_relu", negative_slope=SLOPE, device=device)
+    ours = MODULES[len(shape)](
+        C, momentum=momentum, activation="leaky_relu", negative_slope=SLOPE, device=device
+    )
     w, b = make_params(C, torch.float32, device)
     with torch.no_grad():
         theirs.weight.copy_(w)
@@ -348,7 +368,9 @@ def test_module_mixed_precision(device, dtype_name):
     assert rel_err(m.running_mean, rm_ref) < tol and rel_err(m.running_var, rv_ref) < tol
     m.eval()
     t.eval()
-    assert_fwd_close(m(x), batch_norm_ref(x, m.running_mean, m.running_var, activation="relu")[0], dtype, F.relu(t(x)))
+    assert_fwd_close(
+        m(x), batch_norm_ref(x, m.running_mean, m.running_var, activation="relu")[0], dtype, F.relu(t(x))
+    )
 
 
 @pytest.mark.parametrize("cls", [normext.BatchNorm1d, normext.BatchNorm2d, normext.BatchNorm3d])
@@ -494,12 +516,19 @@ def test_opcheck(device, fmt):
     torch.library.opcheck(ops.batch_norm_stats.default, (x,))
     m, q = ops.batch_norm_stats(x)
     counts = torch.tensor([60.0, 0.0, 60.0], device=device)
-    torch.library.opcheck(ops.batch_norm_merge.default, (counts, torch.stack([m, m, m]), torch.stack([q, q, q]), rm, rv, 0.1, 1e-5))
+    torch.library.opcheck(
+        ops.batch_norm_merge.default,
+        (counts, torch.stack([m, m, m]), torch.stack([q, q, q]), rm, rv, 0.1, 1e-5),
+    )
     torch.library.opcheck(ops.batch_norm_apply.default, (x, rm, rv, w, b, res, 1e-5, code, SLOPE))
     torch.library.opcheck(ops.batch_norm_apply.default, (x, rm, rv, None, None, None, 1e-5, 0, SLOPE))
     torch.library.opcheck(ops.batch_norm_bwd_reduce.default, (dy, x, res, mean, rstd, w, b, code, SLOPE))
     s_dz, s_dzx = ops.batch_norm_bwd_reduce(dy, x, res, mean, rstd, w, b, code, SLOPE)
-    for sums, mask in (((s_dz, s_dzx), [True, True]), ((None, None), [True, False]), ((None, None), [False, True])):
+    for sums, mask in (
+        ((s_dz, s_dzx), [True, True]),
+        ((None, None), [True, False]),
+        ((None, None), [False, True]),
+    ):
         torch.library.opcheck(
             ops.batch_norm_bwd_elemt.default, (dy, x, res, mean, rstd, w, b, *sums, 1 / 60, code, SLOPE, mask)
         )
@@ -537,12 +566,18 @@ def test_ops_against_reference(device, fmt):
     rstd = torch.rsqrt(var_m + 1e-5)
     s_dz, s_dzx = ops.batch_norm_bwd_reduce(dy, x, res, mean_m, rstd, w, b, ACT_CODES["silu"], SLOPE)
     leaves = leaves_of([to64(t) for t in (x, w, b, res)])
-    batch_norm_ref(leaves[0], None, None, leaves[1], leaves[2], True, activation="silu", residual=leaves[3])[0].backward(to64(dy))
+    batch_norm_ref(leaves[0], None, None, leaves[1], leaves[2], True, activation="silu", residual=leaves[3])[
+        0
+    ].backward(to64(dy))
     assert rel_err(s_dzx, leaves[1].grad) < 1e-5 and rel_err(s_dz, leaves[2].grad) < 1e-5
     count = x.numel() // C
-    dX, dR = ops.batch_norm_bwd_elemt(dy, x, res, mean_m, rstd, w, b, s_dz, s_dzx, 1 / count, ACT_CODES["silu"], SLOPE, [True, True])
+    dX, dR = ops.batch_norm_bwd_elemt(
+        dy, x, res, mean_m, rstd, w, b, s_dz, s_dzx, 1 / count, ACT_CODES["silu"], SLOPE, [True, True]
+    )
     assert rel_err(dX, leaves[0].grad) < 1e-4 and rel_err(dR, leaves[3].grad) < 1e-5
-    dX, dR = ops.batch_norm_bwd_elemt(dy, x, res, mean_m, rstd, w, b, None, None, 1.0, 0, SLOPE, [True, False])
+    dX, dR = ops.batch_norm_bwd_elemt(
+        dy, x, res, mean_m, rstd, w, b, None, None, 1.0, 0, SLOPE, [True, False]
+    )
     assert dR.numel() == 0
     assert rel_err(dX, to64(dy) * to64(w * rstd).view(1, -1, 1, 1)) < 1e-6
 

@@ -4,7 +4,15 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEVICES, FORMATS, assert_fwd_close, assert_layout_kept, make_input, make_params, parse_dtype
+from conftest import (
+    DEVICES,
+    FORMATS,
+    assert_fwd_close,
+    assert_layout_kept,
+    make_input,
+    make_params,
+    parse_dtype,
+)
 from reference import ACTIVATIONS, batch_norm_ref, native_chain, rel_err, to64
 
 import normext
@@ -42,7 +50,18 @@ def test_forward_backward(device, dtype_name, fmt, act):
     y = m(x, res)
     assert y.dtype == dtype
     assert_layout_kept(y, x, fmt)
-    y_ref = batch_norm_ref(x, m.running_mean, m.running_var, m.weight, m.bias, False, eps=m.eps, activation=act, slope=SLOPE, residual=res)[0]
+    y_ref = batch_norm_ref(
+        x,
+        m.running_mean,
+        m.running_var,
+        m.weight,
+        m.bias,
+        False,
+        eps=m.eps,
+        activation=act,
+        slope=SLOPE,
+        residual=res,
+    )[0]
     y_nat = native_chain(torchvision_formula(m, x), res, act, SLOPE)
     assert_fwd_close(y, y_ref, dtype, y_nat)
     dy = torch.randn_like(y)

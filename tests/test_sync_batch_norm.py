@@ -22,9 +22,39 @@ COLLECTIVE_TIMEOUT_S = 60
 # (name, per-rank batch sizes for 2 / 3 ranks, shape after N, dtype, memory format, activation, residual,
 # momentum, affine). float64 makes the comparison with the concatenated batch exact to ~1e-12.
 SCENARIOS = [
-    ("nchw-f64-leaky-res", {2: [3, 1], 3: [2, 0, 3]}, (5, 3, 4), torch.float64, "contiguous", "leaky_relu", True, 0.1, True),
-    ("cl-f32-cumulative", {2: [1, 2], 3: [1, 1, 2]}, (6, 4, 3), torch.float32, "channels_last", None, False, None, True),
-    ("nc-f64-noaffine", {2: [0, 4], 3: [3, 2, 0]}, (7,), torch.float64, "contiguous", "silu", False, 0.3, False),
+    (
+        "nchw-f64-leaky-res",
+        {2: [3, 1], 3: [2, 0, 3]},
+        (5, 3, 4),
+        torch.float64,
+        "contiguous",
+        "leaky_relu",
+        True,
+        0.1,
+        True,
+    ),
+    (
+        "cl-f32-cumulative",
+        {2: [1, 2], 3: [1, 1, 2]},
+        (6, 4, 3),
+        torch.float32,
+        "channels_last",
+        None,
+        False,
+        None,
+        True,
+    ),
+    (
+        "nc-f64-noaffine",
+        {2: [0, 4], 3: [3, 2, 0]},
+        (7,),
+        torch.float64,
+        "contiguous",
+        "silu",
+        False,
+        0.3,
+        False,
+    ),
 ]
 STEPS = [True, True, False, True]  # train, train, eval, train
 
@@ -74,7 +104,9 @@ def run_scenario(scenario, rank, world):
         ours = normext.SyncBatchNorm.convert_sync_batchnorm(reference_module(scenario))
         ours.activation = act
     else:
-        ours = normext.SyncBatchNorm(rest[0], momentum=momentum, affine=affine, activation=act, negative_slope=0.2, dtype=dtype)
+        ours = normext.SyncBatchNorm(
+            rest[0], momentum=momentum, affine=affine, activation=act, negative_slope=0.2, dtype=dtype
+        )
         ours.load_state_dict(ref.state_dict())
     for step, training in enumerate(STEPS):
         ours.train(training)
@@ -142,7 +174,9 @@ def worker(rank, world, port, errors):
 def test_distributed_gloo_matches_concatenated_batch(world):
     ctx = mp.get_context("spawn")
     errors = ctx.SimpleQueue()
-    procs = mp.start_processes(worker, args=(world, free_port(), errors), nprocs=world, join=False, start_method="spawn")
+    procs = mp.start_processes(
+        worker, args=(world, free_port(), errors), nprocs=world, join=False, start_method="spawn"
+    )
     deadline = time.monotonic() + TIMEOUT_S
     try:
         while not procs.join(timeout=max(1.0, deadline - time.monotonic())):
