@@ -23,22 +23,19 @@ ChannelShape bn_shape(const BatchNormArgs& a) {
   return {N, C, HxW, false};
 }
 
-// Per-channel mean and M2 of X: per-(n, c) moments merged over n in order (a no-op for one sample).
+// Per-channel mean and M2 of X: per-(n, c) moments (double, see Moments) merged over n in order.
 template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
 void batch_moments(const scalar_t* X, const ChannelShape& s, acc_t* mean, acc_t* m2) {
-  if (s.N == 1) {
-    channel_moments(X, s, mean, m2);
-    return;
-  }
-  std::vector<acc_t> m_nc(s.N * s.C), q_nc(s.N * s.C);
+  std::vector<double> m_nc(s.N * s.C), q_nc(s.N * s.C);
   channel_moments(X, s, m_nc.data(), q_nc.data());
   at::parallel_for(0, s.C, grain_for(s.N), [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
-      Welford<acc_t, acc_t> w{acc_t(0), acc_t(0), acc_t(0)};
-      for (int64_t n = 0; n < s.N; ++n)
-        w = welford_merge(w, {m_nc[n * s.C + c], q_nc[n * s.C + c], acc_t(s.HxW)});
-      mean[c] = w.mean;
-      m2[c] = w.m2;
+      Moments w{0.0, 0.0, 0.0};
+      for (int64_t n = 0; n < s.N; ++n) {
+        w = welford_merge(w, Moments{m_nc[n * s.C + c], q_nc[n * s.C + c], double(s.HxW)});
+      }
+      mean[c] = acc_t(w.mean);
+      m2[c] = acc_t(w.m2);
     }
   });
 }

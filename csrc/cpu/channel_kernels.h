@@ -191,24 +191,38 @@ void grad_sums_row(const scalar_t* dy, const scalar_t* x, const scalar_t* res, i
   });
 }
 
-// Welford step of one channels-last row into per-channel running means/M2; inv = 1/(rows so far).
+// Moments of a block of `rows` channels-last rows merged into per-channel running moments (double,
+// count `seen` so far). Like row_moments: pass 1 sums each channel's deviation from the block's
+// first row, pass 2 the squared deviations from the block mean, both in acc_t SIMD; the merge is
+// per channel, not per element, so doing it in double costs nothing.
 template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
-void moments_row(const scalar_t* x, int64_t C, acc_t inv, acc_t* mean, acc_t* m2) {
-  for_simd_and_tail<scalar_t>(C, [&](auto zero, int64_t j) {
-    using T = decltype(zero);
-    const T v = load_as<scalar_t, T>(x + j);
-    const T m = coef<true, T>(mean, j);
-    const T d = v - m;
-    const T m_new = m + d * T(inv);
-    const T q = coef<true, T>(m2, j) + d * (v - m_new);
-    if constexpr (std::is_same_v<T, acc_t>) {
-      mean[j] = m_new;
-      m2[j] = q;
-    } else {
-      m_new.store(mean + j);
-      q.store(m2 + j);
-    }
-  });
+void moments_block(const scalar_t* x, int64_t rows, int64_t C, double seen, acc_t* bsum, acc_t* bm2,
+                   double* mean, double* m2) {
+  std::fill(bsum, bsum + C, acc_t(0));
+  std::fill(bm2, bm2 + C, acc_t(0));
+  for (int64_t r = 1; r < rows; ++r) {
+    for_simd_and_tail<scalar_t>(C, [&](auto zero, int64_t j) {
+      using T = decltype(zero);
+      const T d = load_as<scalar_t, T>(x + r * C + j) - load_as<scalar_t, T>(x + j);
+      store_as<acc_t, T>(bsum + j, coef<true, T>(bsum, j) + d);
+    });
+  }
+  const acc_t inv = acc_t(1) / acc_t(rows);
+  for (int64_t r = 0; r < rows; ++r) {
+    for_simd_and_tail<scalar_t>(C, [&](auto zero, int64_t j) {
+      using T = decltype(zero);
+      const T d = (load_as<scalar_t, T>(x + r * C + j) - load_as<scalar_t, T>(x + j)) -
+                  coef<true, T>(bsum, j) * T(inv);
+      store_as<acc_t, T>(bm2 + j, coef<true, T>(bm2, j) + d * d);
+    });
+  }
+  for (int64_t j = 0; j < C; ++j) {
+    const double bmean = double(acc_t(x[j])) + double(bsum[j]) / double(rows);
+    const Moments w =
+        welford_merge(Moments{mean[j], m2[j], seen}, Moments{bmean, double(bm2[j]), double(rows)});
+    mean[j] = w.mean;
+    m2[j] = w.m2;
+  }
 }
 
 // Channels-last reductions over HxW: each sample's rows are cut into fixed chunks (RowChunks), each
@@ -230,38 +244,42 @@ RowChunks reduce_channels_last(const ChannelShape& s, std::vector<acc_t>& out0, 
   return rc;
 }
 
-// Per-(n, c) moments over HxW (count HxW each): a two-pass per contiguous run (channels-first), or
-// per-chunk per-channel Welford merged in chunk order (channels-last).
+// Per-(n, c) moments over HxW (count HxW each), in double (see Moments): a row_moments per contiguous
+// run (channels-first), or exact blocks of rows per chunk merged in chunk order (channels-last).
 template <typename scalar_t>
-void channel_moments(const scalar_t* X, const ChannelShape& s, at::opmath_type<scalar_t>* mean,
-                     at::opmath_type<scalar_t>* m2) {
+void channel_moments(const scalar_t* X, const ChannelShape& s, double* mean, double* m2) {
   using acc_t = at::opmath_type<scalar_t>;
   if (!s.channels_last) {
     at::parallel_for(0, s.N * s.C, grain_for(s.HxW), [&](int64_t begin, int64_t end) {
       for (int64_t nc = begin; nc < end; ++nc) {
-        const auto w = row_moments(X + nc * s.HxW, s.HxW);
+        const Moments w = row_moments(X + nc * s.HxW, s.HxW);
         mean[nc] = w.mean;
         m2[nc] = w.m2;
       }
     });
     return;
   }
-  std::vector<acc_t> pm, pq;
+  // Rows per block: at least 8, about 4k values.
+  const int64_t block_rows = std::max<int64_t>(8, 4096 / std::max<int64_t>(1, s.C));
+  std::vector<double> pm, pq;
   const RowChunks rc =
-      reduce_channels_last(s, pm, pq, [&](int64_t n, int64_t r0, int64_t r1, acc_t* cm, acc_t* cq) {
-        for (int64_t r = r0; r < r1; ++r) {
-          moments_row(X + (n * s.HxW + r) * s.C, s.C, acc_t(1) / acc_t(r - r0 + 1), cm, cq);
+      reduce_channels_last(s, pm, pq, [&](int64_t n, int64_t r0, int64_t r1, double* cm, double* cq) {
+        std::vector<acc_t> bsum(s.C), bm2(s.C);
+        for (int64_t r = r0; r < r1; r += block_rows) {
+          const int64_t rows = std::min(block_rows, r1 - r);
+          moments_block(X + (n * s.HxW + r) * s.C, rows, s.C, double(r - r0), bsum.data(), bm2.data(), cm,
+                        cq);
         }
       });
   at::parallel_for(0, s.N * s.C, grain_for(rc.count), [&](int64_t begin, int64_t end) {
     for (int64_t nc = begin; nc < end; ++nc) {
       const int64_t n = nc / s.C, c = nc % s.C;
-      Welford<acc_t, acc_t> w{acc_t(0), acc_t(0), acc_t(0)};
+      Moments w{0.0, 0.0, 0.0};
       for (int64_t k = 0; k < rc.count; ++k) {
         const int64_t r0 = k * rc.rows_per_chunk;
         const int64_t rows = std::min(s.HxW, r0 + rc.rows_per_chunk) - r0;
         const int64_t i = (n * rc.count + k) * s.C + c;
-        w = welford_merge(w, {pm[i], pq[i], acc_t(rows)});
+        w = welford_merge(w, Moments{pm[i], pq[i], double(rows)});
       }
       mean[nc] = w.mean;
       m2[nc] = w.m2;

@@ -43,9 +43,9 @@ std::tuple<Tensor, Tensor, Tensor> group_norm_fwd_cpu(const Tensor& X_in, const 
     acc_t* mean_p = mean.data_ptr<acc_t>();
     acc_t* rstd_p = rstd.data_ptr<acc_t>();
     const scalar_t* X = a.X.const_data_ptr<scalar_t>();
-    const auto finish = [&](int64_t ng, const Welford<acc_t, acc_t>& w) {
-      mean_p[ng] = w.mean;
-      rstd_p[ng] = acc_t(1) / std::sqrt(w.m2 / w.n + acc_t(eps));
+    const auto finish = [&](int64_t ng, const Moments& w) {
+      mean_p[ng] = acc_t(w.mean);
+      rstd_p[ng] = acc_t(1) / std::sqrt(acc_t(w.m2 / w.n) + acc_t(eps));
     };
     if (!s.channels_last) {
       // A channels-first group is one contiguous run of D·HxW values.
@@ -53,12 +53,12 @@ std::tuple<Tensor, Tensor, Tensor> group_norm_fwd_cpu(const Tensor& X_in, const 
         for (int64_t ng = begin; ng < end; ++ng) finish(ng, row_moments(X + ng * D * HxW, D * HxW));
       });
     } else {
-      std::vector<acc_t> m_nc(N * C), q_nc(N * C);
+      std::vector<double> m_nc(N * C), q_nc(N * C);
       channel_moments(X, s, m_nc.data(), q_nc.data());
       for (int64_t ng = 0; ng < N * G; ++ng) {
-        Welford<acc_t, acc_t> w{acc_t(0), acc_t(0), acc_t(0)};
+        Moments w{0.0, 0.0, 0.0};
         for (int64_t d = 0; d < D; ++d)
-          w = welford_merge(w, {m_nc[ng * D + d], q_nc[ng * D + d], acc_t(HxW)});
+          w = welford_merge(w, Moments{m_nc[ng * D + d], q_nc[ng * D + d], double(HxW)});
         finish(ng, w);
       }
     }
