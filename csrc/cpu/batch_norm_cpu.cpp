@@ -14,12 +14,11 @@ namespace {
 
 using at::Tensor;
 
-// The channel passes' view of X. Channels-last memory, and input without spatial extent ((N, C) or
-// HxW == 1, whose contiguous memory is the same), is one "sample" of N·HxW rows of C channels, so the
-// passes produce per-channel results directly; channels-first is N·C runs of HxW.
+// The channel passes' view of X (see BatchNormArgs::rows_view): rows give per-channel results
+// directly, channels-first runs per-(n, c) ones that are merged over n.
 ChannelShape bn_shape(const BatchNormArgs& a) {
   const auto [N, C, HxW] = a.dims;
-  if (a.layout == Layout::kChannelsLast || HxW == 1) return {1, C, N * HxW, true};
+  if (a.rows_view) return {1, C, N * HxW, true};
   return {N, C, HxW, false};
 }
 
@@ -75,8 +74,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_fwd_cpu(
   constexpr const char* op = "batch_norm_fwd";
   const auto a = check_batch_norm(X_in, gamma, beta, residual, act, op);
   const int64_t C = a.dims.C;
-  check_running_stat(running_mean, a.X, C, "running_mean", op);
-  check_running_stat(running_var, a.X, C, "running_var", op);
+  check_running_stats(running_mean, running_var, a.X, C, op);
   Tensor Y = at::empty_like(a.X);
   const auto acc_opts = a.X.options().dtype(acc_dtype(a.X));
   Tensor mean = at::empty({C}, acc_opts);
@@ -136,8 +134,7 @@ std::tuple<Tensor, Tensor> batch_norm_merge_cpu(const Tensor& counts_in, const T
   const Tensor means = check_stats(means_in, means_in, K * C, "means", op);
   const Tensor m2s = check_stats(m2s_in, means_in, K * C, "m2s", op);
   const Tensor counts = check_stats(counts_in, means_in, K, "counts", op);
-  check_running_stat(running_mean, means, C, "running_mean", op);
-  check_running_stat(running_var, means, C, "running_var", op);
+  check_running_stats(running_mean, running_var, means, C, op);
   Tensor mean = at::empty({C}, means.options());
   Tensor m2 = at::empty({C}, means.options());
   double total = 0;

@@ -149,6 +149,9 @@ struct BatchNormArgs {
   c10::optional<at::Tensor> gamma, beta, residual;
   Layout layout;
   ChannelDims dims;
+  // The kernels' view of X: N·HxW rows of C channels for channels-last memory and for input without
+  // spatial extent ((N, C) or HxW == 1, whose contiguous memory is the same); else N·C runs of HxW.
+  bool rows_view;
 };
 
 inline BatchNormArgs check_batch_norm(const at::Tensor& X_in, const c10::optional<at::Tensor>& gamma,
@@ -161,24 +164,37 @@ inline BatchNormArgs check_batch_norm(const at::Tensor& X_in, const c10::optiona
   a.layout = layout_of(X_in);
   a.X = to_layout(X_in, a.layout);
   a.dims = channel_dims(a.X);
+  a.rows_view = a.layout == Layout::kChannelsLast || a.dims.HxW == 1;
   a.gamma = check_param(gamma, a.X, a.dims.C, "weight", op);
   a.beta = check_param(beta, a.X, a.dims.C, "bias", op);
   a.residual = check_like(residual, a.X, a.layout, "residual", op);
   return a;
 }
 
-// A running statistic updated in place: 1-D of C elements (any stride) on X's device. The update is
-// computed in the accumulation type and stored in the statistic's own floating dtype.
-inline void check_running_stat(const c10::optional<at::Tensor>& r, const at::Tensor& X, int64_t C,
-                               const char* name, const char* op) {
-  if (!r.has_value() || !r->defined()) return;
-  TORCH_CHECK(r->device() == X.device(), op, ": ", name, " is on ", r->device(), " but the input is on ",
-              X.device());
-  TORCH_CHECK(r->dim() == 1 && r->numel() == C, op, ": expected ", name, " of shape [", C, "], got ",
-              r->sizes());
-  const auto t = r->scalar_type();
-  TORCH_CHECK(t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16, op, ": ", name,
-              " must be a floating-point tensor, got ", t);
+// Running statistics updated in place: 1-D of C elements (any stride) on X's device, of one floating
+// dtype (their own; the update is computed in the accumulation type and stored back in it).
+inline void check_running_stats(const c10::optional<at::Tensor>& running_mean,
+                                const c10::optional<at::Tensor>& running_var, const at::Tensor& X, int64_t C,
+                                const char* op) {
+  const std::pair<const c10::optional<at::Tensor>*, const char*> stats[] = {{&running_mean, "running_mean"},
+                                                                            {&running_var, "running_var"}};
+  for (const auto& [r, name] : stats) {
+    if (!r->has_value() || !(*r)->defined()) continue;
+    const at::Tensor& t = **r;
+    TORCH_CHECK(t.device() == X.device(), op, ": ", name, " is on ", t.device(), " but the input is on ",
+                X.device());
+    TORCH_CHECK(t.dim() == 1 && t.numel() == C, op, ": expected ", name, " of shape [", C, "], got ",
+                t.sizes());
+    const auto type = t.scalar_type();
+    TORCH_CHECK(type == at::kFloat || type == at::kDouble || type == at::kHalf || type == at::kBFloat16, op,
+                ": ", name, " must be a floating-point tensor, got ", type);
+  }
+  if (running_mean.has_value() && running_mean->defined() && running_var.has_value() &&
+      running_var->defined()) {
+    TORCH_CHECK(running_mean->scalar_type() == running_var->scalar_type(), op,
+                ": running_mean and running_var must have the same dtype, got ", running_mean->scalar_type(),
+                " and ", running_var->scalar_type());
+  }
 }
 
 }  // namespace normext
