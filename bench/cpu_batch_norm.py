@@ -3,11 +3,17 @@ plain BatchNorm and the ResNet-bottleneck chain BN -> + residual -> ReLU, NCHW a
 
 A and B alternate in rounds (A then B, then B then A, ...) so drift in machine load hits both; each round
 times `iters` calls of each and the table reports the median of the per-round ratios torch / normext
-(> 1: normext faster) with the median per-call times. Usage:
+(> 1: normext faster) with the median per-call times. --clock cpu times the calling thread's CPU time
+instead of wall time (with --threads 1, that leaves out time the process waits for a core on a shared
+machine). --keep-freed-memory tells glibc malloc to keep freed blocks (no trimming, mmap only above
+32 MiB): otherwise whether a multi-MiB output lands on fresh, page-faulting memory depends on the
+allocation history, which adds noise of the size of the differences measured, to both sides. Usage:
     python bench/cpu_batch_norm.py [--rounds 7] [--iters 5] [--dtype float32] [--threads N]
+                                   [--clock wall|cpu] [--keep-freed-memory]
 """
 
 import argparse
+import ctypes
 import statistics
 import time
 
@@ -49,23 +55,31 @@ def make_case(shape, dtype, fmt, fused):
     return ours, theirs
 
 
-def time_calls(fn, iters):
-    t0 = time.perf_counter()
+def time_calls(fn, iters, clock):
+    t0 = clock()
     for _ in range(iters):
         fn()
-    return (time.perf_counter() - t0) / iters
+    return (clock() - t0) / iters
 
 
-def compare(ours, theirs, rounds, iters):
+def compare(ours, theirs, rounds, iters, clock):
     ours(), theirs()  # warm-up
     t_ours, t_theirs, ratios = [], [], []
     for r in range(rounds):
         order = (ours, theirs) if r % 2 == 0 else (theirs, ours)
-        t = {fn: time_calls(fn, iters) for fn in order}
+        t = {fn: time_calls(fn, iters, clock) for fn in order}
         t_ours.append(t[ours])
         t_theirs.append(t[theirs])
         ratios.append(t[theirs] / t[ours])
     return statistics.median(t_ours), statistics.median(t_theirs), statistics.median(ratios)
+
+
+def keep_freed_memory():
+    libc = ctypes.CDLL("libc.so.6")
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    ok = libc.mallopt(m_trim_threshold, 2**30) and libc.mallopt(m_mmap_threshold, 32 * 2**20)
+    if not ok:
+        raise RuntimeError("mallopt failed")
 
 
 def main():
@@ -74,22 +88,32 @@ def main():
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--clock", default="wall", choices=["wall", "cpu"])
+    p.add_argument("--keep-freed-memory", action="store_true")
     args = p.parse_args()
+    if args.keep_freed_memory:
+        keep_freed_memory()
+    clock = time.perf_counter if args.clock == "wall" else time.thread_time
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.dtype}, training fwd+bwd, ")
-    print(f"median of {args.rounds} alternating rounds x {args.iters} calls; speedup = torch / normext\n")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.dtype}, training fwd+bwd")
+    rounds = f"median of {args.rounds} alternating rounds x {args.iters} calls"
+    malloc = ", malloc keeps freed memory" if args.keep_freed_memory else ""
+    print(f"{args.clock} time, {rounds}{malloc}; speedup = torch / normext\n")
     print("| shape | layout | op | normext ms | torch ms | speedup |")
     print("|---|---|---|---:|---:|---:|")
     for name, shape in SHAPES:
         for fmt in ("contiguous", "channels_last"):
             for fused in (False, True):
                 ours, theirs = make_case(shape, dtype, fmt, fused)
-                t_o, t_t, ratio = compare(ours, theirs, args.rounds, args.iters)
+                t_o, t_t, ratio = compare(ours, theirs, args.rounds, args.iters, clock)
                 op = "BN+add+ReLU vs chain" if fused else "BN"
                 dims = "x".join(map(str, shape))
-                print(f"| {name} {dims} | {fmt} | {op} | {t_o * 1e3:.2f} | {t_t * 1e3:.2f} | {ratio:.2f}x |", flush=True)
+                print(
+                    f"| {name} {dims} | {fmt} | {op} | {t_o * 1e3:.2f} | {t_t * 1e3:.2f} | {ratio:.2f}x |",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

@@ -4,7 +4,9 @@
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
+#include <vector>
 
 #include "channel_kernels.h"
 #include "normext/checks.h"
@@ -22,9 +24,188 @@ ChannelShape bn_shape(const BatchNormArgs& a) {
   return {N, C, HxW, false};
 }
 
-// Per-channel mean and M2 of X: per-(n, c) moments (double, see Moments) merged over n in order.
+// ---------------------------------------------------------------- rows view (channels-last, (N, C))
+// Column passes over M rows of C channels, SIMD across channels, per-channel coefficients and
+// accumulators in arrays of C. With few channels those arrays stay in L1 and rows are walked one after
+// the other (a few sequential streams, which the prefetcher follows); with many channels they outgrow
+// L1, and rows are taken kRowGroup at a time so each coefficient load serves kRowGroup rows.
+
+constexpr int64_t kRowGroup = 4;
+constexpr int64_t kGroupRowsFromChannels = 1024;
+
+// Walks the rows of [r0, r1) in groups of G and, in each, the SIMD vectors (T = Vectorized) then the
+// scalar tail (T = acc_t) of the C channels: Step::template run<T>(o, j, rows, C, args...) with o =
+// first row · C + j. `rows` is a compile-time G for full groups (so the step's row loop unrolls), an
+// int64_t for the last partial one. Steps get every pointer by value, so hot loops keep them in
+// registers.
+template <typename scalar_t, typename Step, int64_t G, typename... Args>
+inline void walk_rows(int64_t r0, int64_t r1, int64_t C, Args... args) {
+  using IO = VecIO<scalar_t>;
+  const auto group = [&](int64_t r, auto rows) {
+    int64_t j = 0;
+    for (; j + IO::kSize <= C; j += IO::kSize) {
+      Step::template run<typename IO::Vec>(r * C + j, j, rows, C, args...);
+    }
+    for (; j < C; ++j) Step::template run<typename IO::acc_t>(r * C + j, j, rows, C, args...);
+  };
+  int64_t r = r0;
+  for (; r + G <= r1; r += G) group(r, std::integral_constant<int64_t, G>{});
+  if (r < r1) group(r, r1 - r);
+}
+
+template <typename scalar_t, typename Step, typename... Args>
+inline void for_rows(int64_t r0, int64_t r1, int64_t C, Args... args) {
+  if (C >= kGroupRowsFromChannels) {
+    walk_rows<scalar_t, Step, kRowGroup>(r0, r1, C, args...);
+  } else {
+    walk_rows<scalar_t, Step, 1>(r0, r1, C, args...);
+  }
+}
+
+template <typename T>
+inline T madd(const T& a, const T& b, const T& c) {
+  if constexpr (std::is_floating_point_v<T>) {
+    return a * b + c;
+  } else {
+    return at::vec::fmadd(a, b, c);
+  }
+}
+
+// out[c] += Σ_rows F::f(x, k[c]).
+template <typename F>
+struct SumStep {
+  template <typename T, typename Rows, typename scalar_t, typename acc_t>
+  static void run(int64_t o, int64_t j, Rows rows, int64_t C, const scalar_t* X, const acc_t* k, acc_t* out) {
+    const T kv = coef<true, T>(k, j);
+    T acc = coef<true, T>(out, j);
+    for (int64_t q = 0; q < rows; ++q, o += C) acc = acc + F::f(load_as<scalar_t, T>(X + o), kv);
+    store_as<acc_t, T>(out + j, acc);
+  }
+};
+
+struct ShiftedValue {
+  template <typename T>
+  static T f(const T& v, const T& k) {
+    return v - k;
+  }
+};
+
+struct SquaredDeviation {
+  template <typename T>
+  static T f(const T& v, const T& m) {
+    return (v - m) * (v - m);
+  }
+};
+
+// Per-channel Σ F::f(x, k[c]) over all M rows: fixed row chunks (RowChunks) reduced in parallel, the
+// chunk sums added in double in chunk order.
+template <typename F, typename scalar_t, typename acc_t>
+std::vector<double> rows_sum(const scalar_t* X, int64_t M, int64_t C, const acc_t* k) {
+  const RowChunks rc = row_chunks(M, C);
+  std::vector<acc_t> part(rc.count * C, acc_t(0));
+  at::parallel_for(0, rc.count, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t r0 = i * rc.rows_per_chunk, r1 = std::min(M, r0 + rc.rows_per_chunk);
+      for_rows<scalar_t, SumStep<F>>(r0, r1, C, X, k, part.data() + i * C);
+    }
+  });
+  std::vector<double> total(C, 0.0);
+  for (int64_t i = 0; i < rc.count; ++i) {
+    for (int64_t c = 0; c < C; ++c) total[c] += double(part[i * C + c]);
+  }
+  return total;
+}
+
+// Per-channel mean and M2, an exact two-pass: pass 1 sums x - K (K the first row, so float sums
+// scale with the spread, not the magnitude), pass 2 sums (x - mean)^2.
+template <typename scalar_t, typename acc_t>
+void rows_moments(const scalar_t* X, int64_t M, int64_t C, acc_t* mean, acc_t* m2) {
+  const std::vector<acc_t> k(X, X + C);
+  const auto shifted = rows_sum<ShiftedValue>(X, M, C, k.data());
+  std::vector<double> mean_d(C);
+  for (int64_t c = 0; c < C; ++c) {
+    mean_d[c] = double(k[c]) + shifted[c] / double(M);
+    mean[c] = acc_t(mean_d[c]);
+  }
+  const auto sq = rows_sum<SquaredDeviation>(X, M, C, mean);
+  for (int64_t c = 0; c < C; ++c) {
+    // Σ(x - m)^2 = M2 + M·(mean - m)^2 for the rounded mean m.
+    const double e = mean_d[c] - double(mean[c]);
+    m2[c] = acc_t(std::max(0.0, sq[c] - double(M) * e * e));
+  }
+}
+
+// Y = act((x - mean)·scale + beta + R), scale = gamma·rstd per channel.
+template <int64_t kAct>
+struct ApplyStep {
+  template <typename T, typename Rows, typename scalar_t, typename acc_t>
+  static void run(int64_t o, int64_t j, Rows rows, int64_t C, const scalar_t* X, const scalar_t* R,
+                  scalar_t* Y, const acc_t* mean, const acc_t* scale, const acc_t* beta, acc_t slope) {
+    const T m = coef<true, T>(mean, j), a = coef<true, T>(scale, j), b = coef<true, T>(beta, j);
+    for (int64_t q = 0; q < rows; ++q, o += C) {
+      T z = madd(load_as<scalar_t, T>(X + o) - m, a, b);
+      if (R != nullptr) z = z + load_as<scalar_t, T>(R + o);
+      store_as<scalar_t, T>(Y + o, act_forward(z, kAct, slope));
+    }
+  }
+};
+
+// Adds Σdz and Σdz·x̂ of the rows into per-channel accumulators sdz, sdzx.
+template <int64_t kAct>
+struct GradSumsStep {
+  template <typename T, typename Rows, typename scalar_t, typename acc_t>
+  static void run(int64_t o, int64_t j, Rows rows, int64_t C, const scalar_t* dY, const scalar_t* X,
+                  const scalar_t* R, const acc_t* mean, const acc_t* rstd, const acc_t* gamma,
+                  const acc_t* beta, acc_t slope, acc_t* sdz, acc_t* sdzx) {
+    const T m = coef<true, T>(mean, j), rs = coef<true, T>(rstd, j);
+    const T g = coef<true, T>(gamma, j), b = coef<true, T>(beta, j);
+    T a0 = coef<true, T>(sdz, j), a1 = coef<true, T>(sdzx, j);
+    for (int64_t q = 0; q < rows; ++q, o += C) {
+      const T xhat = (load_as<scalar_t, T>(X + o) - m) * rs;
+      const T dz = grad_z<kAct>(dY, R, o, xhat, g, b, slope);
+      a0 = a0 + dz;
+      a1 = madd(dz, xhat, a1);
+    }
+    store_as<acc_t, T>(sdz + j, a0);
+    store_as<acc_t, T>(sdzx + j, a1);
+  }
+};
+
+// dX = a·dz + b·x̂ + c and dR = dz (either may be null).
+template <int64_t kAct>
+struct GradInputStep {
+  template <typename T, typename Rows, typename scalar_t, typename acc_t>
+  static void run(int64_t o, int64_t j, Rows rows, int64_t C, const scalar_t* dY, const scalar_t* X,
+                  const scalar_t* R, const acc_t* mean, const acc_t* rstd, const acc_t* gamma,
+                  const acc_t* beta, const acc_t* ka, const acc_t* kb, const acc_t* kc, acc_t slope,
+                  scalar_t* dX, scalar_t* dR) {
+    const T m = coef<true, T>(mean, j), rs = coef<true, T>(rstd, j);
+    const T g = coef<true, T>(gamma, j), b = coef<true, T>(beta, j);
+    const T a = coef<true, T>(ka, j), bb = coef<true, T>(kb, j), cc = coef<true, T>(kc, j);
+    for (int64_t q = 0; q < rows; ++q, o += C) {
+      const T xhat = (load_as<scalar_t, T>(X + o) - m) * rs;
+      const T dz = grad_z<kAct>(dY, R, o, xhat, g, b, slope);
+      if (dR != nullptr) store_as<scalar_t, T>(dR + o, dz);
+      if (dX != nullptr) store_as<scalar_t, T>(dX + o, madd(a, dz, madd(bb, xhat, cc)));
+    }
+  }
+};
+
+// Runs body(r0, r1) over row ranges of about 32k elements in parallel.
+template <typename F>
+void parallel_rows(int64_t M, int64_t C, const F& body) {
+  at::parallel_for(0, M, grain_for(C), body);
+}
+
+// ------------------------------------------------------------------------- both views
+
+// Per-channel mean and M2 of X. Planes: per-(n, c) moments (double, see Moments) merged over n.
 template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
 void batch_moments(const scalar_t* X, const ChannelShape& s, acc_t* mean, acc_t* m2) {
+  if (s.channels_last) {
+    rows_moments(X, s.HxW, s.C, mean, m2);
+    return;
+  }
   std::vector<double> m_nc(s.N * s.C), q_nc(s.N * s.C);
   channel_moments(X, s, m_nc.data(), q_nc.data());
   at::parallel_for(0, s.C, grain_for(s.N), [&](int64_t begin, int64_t end) {
@@ -39,15 +220,75 @@ void batch_moments(const scalar_t* X, const ChannelShape& s, acc_t* mean, acc_t*
   });
 }
 
-// Sums per-(n, c) values over n in order into out[c] (a copy for one sample).
-template <typename acc_t>
-void sum_over_samples(const std::vector<acc_t>& v, int64_t N, int64_t C, acc_t* out) {
-  at::parallel_for(0, C, grain_for(N), [&](int64_t begin, int64_t end) {
-    for (int64_t c = begin; c < end; ++c) {
-      acc_t t = 0;
-      for (int64_t n = 0; n < N; ++n) t += v[n * C + c];
-      out[c] = t;
+// Y = act(x̂·gamma + beta + R) with per-channel statistics.
+template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+void batch_apply(const scalar_t* X, const scalar_t* R, scalar_t* Y, const ChannelShape& s,
+                 const ChannelCoefs<acc_t>& k, int64_t act, double slope) {
+  if (!s.channels_last) {
+    channel_apply(X, R, Y, s, k, act, slope);
+    return;
+  }
+  std::vector<acc_t> scale(s.C);
+  for (int64_t c = 0; c < s.C; ++c) scale[c] = k.gamma[c] * k.rstd[c];
+  dispatch_activation(act, [&](auto A) {
+    parallel_rows(s.HxW, s.C, [&](int64_t r0, int64_t r1) {
+      for_rows<scalar_t, ApplyStep<decltype(A)::value>>(
+          r0, r1, s.C, X, R, Y, k.mean, static_cast<const acc_t*>(scale.data()), k.beta, acc_t(slope));
+    });
+  });
+}
+
+// Per-channel Σdz and Σdz·x̂ in a fixed order (planes: per-(n, c) sums added over n in order).
+template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+void batch_grad_sums(const scalar_t* dY, const scalar_t* X, const scalar_t* R, const ChannelShape& s,
+                     const ChannelCoefs<acc_t>& k, int64_t act, double slope, acc_t* sum_dz, acc_t* sum_dzx) {
+  if (!s.channels_last) {
+    std::vector<acc_t> sdz(s.N * s.C), sdzx(s.N * s.C);
+    channel_grad_sums(dY, X, R, s, k, act, slope, sdz.data(), sdzx.data());
+    for (int64_t c = 0; c < s.C; ++c) {
+      acc_t a = 0, b = 0;
+      for (int64_t n = 0; n < s.N; ++n) {
+        a += sdz[n * s.C + c];
+        b += sdzx[n * s.C + c];
+      }
+      sum_dz[c] = a;
+      sum_dzx[c] = b;
     }
+    return;
+  }
+  std::vector<acc_t> pdz, pdzx;
+  RowChunks rc{};
+  dispatch_activation(act, [&](auto A) {
+    rc = reduce_channels_last(s, pdz, pdzx, [&](int64_t, int64_t r0, int64_t r1, acc_t* cdz, acc_t* cdzx) {
+      for_rows<scalar_t, GradSumsStep<decltype(A)::value>>(r0, r1, s.C, dY, X, R, k.mean, k.rstd, k.gamma,
+                                                           k.beta, acc_t(slope), cdz, cdzx);
+    });
+  });
+  for (int64_t c = 0; c < s.C; ++c) {
+    double a = 0, b = 0;
+    for (int64_t i = 0; i < rc.count; ++i) {
+      a += double(pdz[i * s.C + c]);
+      b += double(pdzx[i * s.C + c]);
+    }
+    sum_dz[c] = acc_t(a);
+    sum_dzx[c] = acc_t(b);
+  }
+}
+
+// dX = a·dz + b·x̂ + c and dR = dz with per-channel coefficients; either output may be null.
+template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+void batch_grad_input(const scalar_t* dY, const scalar_t* X, const scalar_t* R, const ChannelShape& s,
+                      const ChannelCoefs<acc_t>& k, const GradCoefs<acc_t>& gc, int64_t act, double slope,
+                      scalar_t* dX, scalar_t* dR) {
+  if (!s.channels_last) {
+    channel_grad_input(dY, X, R, s, k, gc, act, slope, dX, dR);
+    return;
+  }
+  dispatch_activation(act, [&](auto A) {
+    parallel_rows(s.HxW, s.C, [&](int64_t r0, int64_t r1) {
+      for_rows<scalar_t, GradInputStep<decltype(A)::value>>(r0, r1, s.C, dY, X, R, k.mean, k.rstd, k.gamma,
+                                                            k.beta, gc.a, gc.b, gc.c, acc_t(slope), dX, dR);
+    });
   });
 }
 
@@ -99,7 +340,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_fwd_cpu(
     const ChannelCoefs<acc_t> k{mean_p, rstd_p, 0, param_or(a.gamma, ones, C, acc_t(1)),
                                 param_or(a.beta, zeros, C, acc_t(0))};
     const scalar_t* R = a.residual ? a.residual->const_data_ptr<scalar_t>() : nullptr;
-    channel_apply(X, R, Y.data_ptr<scalar_t>(), s, k, act, slope);
+    batch_apply(X, R, Y.data_ptr<scalar_t>(), s, k, act, slope);
   });
   update_running_stats(running_mean, running_var, mean, m2, count, momentum);
   return {Y, mean, rstd};
@@ -144,10 +385,12 @@ std::tuple<Tensor, Tensor> batch_norm_merge_cpu(const Tensor& counts_in, const T
     const scalar_t* q_p = m2s.const_data_ptr<scalar_t>();
     for (int64_t k = 0; k < K; ++k) total += double(n_p[k]);
     for (int64_t c = 0; c < C; ++c) {
-      Welford<scalar_t, scalar_t> w{scalar_t(0), scalar_t(0), scalar_t(0)};
-      for (int64_t k = 0; k < K; ++k) w = welford_merge(w, {m_p[k * C + c], q_p[k * C + c], n_p[k]});
-      mean.data_ptr<scalar_t>()[c] = w.mean;
-      m2.data_ptr<scalar_t>()[c] = w.m2;
+      Moments w{0.0, 0.0, 0.0};
+      for (int64_t k = 0; k < K; ++k) {
+        w = welford_merge(w, Moments{double(m_p[k * C + c]), double(q_p[k * C + c]), double(n_p[k])});
+      }
+      mean.data_ptr<scalar_t>()[c] = scalar_t(w.mean);
+      m2.data_ptr<scalar_t>()[c] = scalar_t(w.m2);
     }
   });
   update_running_stats(running_mean, running_var, mean, m2, total, momentum);
@@ -170,7 +413,7 @@ Tensor batch_norm_apply_cpu(const Tensor& X_in, const Tensor& mean_in, const Ten
     const ChannelCoefs<acc_t> k{mean.const_data_ptr<acc_t>(), rstd.const_data_ptr<acc_t>(), 0,
                                 param_or(a.gamma, ones, C, acc_t(1)), param_or(a.beta, zeros, C, acc_t(0))};
     const scalar_t* R = a.residual ? a.residual->const_data_ptr<scalar_t>() : nullptr;
-    channel_apply(a.X.const_data_ptr<scalar_t>(), R, Y.data_ptr<scalar_t>(), bn_shape(a), k, act, slope);
+    batch_apply(a.X.const_data_ptr<scalar_t>(), R, Y.data_ptr<scalar_t>(), bn_shape(a), k, act, slope);
   });
   return Y;
 }
@@ -199,12 +442,9 @@ std::tuple<Tensor, Tensor> batch_norm_bwd_reduce_cpu(const Tensor& dY_in, const 
         const ChannelCoefs<acc_t> k{mean.const_data_ptr<acc_t>(), rstd.const_data_ptr<acc_t>(), 0,
                                     param_or(a.gamma, ones, C, acc_t(1)),
                                     param_or(a.beta, zeros, C, acc_t(0))};
-        std::vector<acc_t> sdz(s.N * C), sdzx(s.N * C);
         const scalar_t* R = a.residual ? a.residual->const_data_ptr<scalar_t>() : nullptr;
-        channel_grad_sums(dY.const_data_ptr<scalar_t>(), a.X.const_data_ptr<scalar_t>(), R, s, k, act, slope,
-                          sdz.data(), sdzx.data());
-        sum_over_samples(sdz, s.N, C, sum_dz.data_ptr<acc_t>());
-        sum_over_samples(sdzx, s.N, C, sum_dzx.data_ptr<acc_t>());
+        batch_grad_sums(dY.const_data_ptr<scalar_t>(), a.X.const_data_ptr<scalar_t>(), R, s, k, act, slope,
+                        sum_dz.data_ptr<acc_t>(), sum_dzx.data_ptr<acc_t>());
       });
   return {sum_dz, sum_dzx};
 }
@@ -245,10 +485,10 @@ std::tuple<Tensor, Tensor> batch_norm_bwd_elemt_cpu(
           }
         }
         const scalar_t* R = a.residual ? a.residual->const_data_ptr<scalar_t>() : nullptr;
-        channel_grad_input(dY.const_data_ptr<scalar_t>(), a.X.const_data_ptr<scalar_t>(), R, bn_shape(a), k,
-                           GradCoefs<acc_t>{ca.data(), cb.data(), cc.data()}, act, slope,
-                           mask[0] ? dX.data_ptr<scalar_t>() : nullptr,
-                           mask[1] ? dR.data_ptr<scalar_t>() : nullptr);
+        batch_grad_input(dY.const_data_ptr<scalar_t>(), a.X.const_data_ptr<scalar_t>(), R, bn_shape(a), k,
+                         GradCoefs<acc_t>{ca.data(), cb.data(), cc.data()}, act, slope,
+                         mask[0] ? dX.data_ptr<scalar_t>() : nullptr,
+                         mask[1] ? dR.data_ptr<scalar_t>() : nullptr);
       });
   return {dX, dR};
 }
