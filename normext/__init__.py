@@ -2,13 +2,32 @@
 
 from normext import functional
 from normext._ops import ACTIVATIONS
-from normext.modules import GroupNorm, InstanceNorm1d, InstanceNorm2d, InstanceNorm3d
+from normext.modules import (
+    BatchNorm1d,
+    BatchNorm2d,
+    BatchNorm3d,
+    FrozenBatchNorm2d,
+    GroupNorm,
+    InstanceNorm1d,
+    InstanceNorm2d,
+    InstanceNorm3d,
+    LayerNorm,
+    LayerNorm2d,
+    SyncBatchNorm,
+)
 
 __all__ = [
     "ACTIVATIONS",
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "FrozenBatchNorm2d",
     "GroupNorm",
     "InstanceNorm1d",
     "InstanceNorm2d",
     "InstanceNorm3d",
+    "LayerNorm",
+    "LayerNorm2d",
+    "SyncBatchNorm",
     "functional",
 ]

@@ -188,6 +188,22 @@ __device__ __forceinline__ WelfordF shfl_down(const WelfordF& w, int off) {
   return {shfl_down(w.mean, off), shfl_down(w.m2, off), shfl_down(w.n, off)};
 }
 
+// Double-precision moments, for merges of many partial results whose means are far apart relative to
+// their spread (a float mean loses ulp(mean) per merge); per-partial work, not per-element.
+using WelfordD = normext::Welford<double, double>;
+
+struct WelfordDOp {
+  __device__ WelfordD operator()(const WelfordD& a, const WelfordD& b) const {
+    return normext::welford_merge(a, b);
+  }
+};
+
+__device__ __forceinline__ double shfl_down(double v, int off) { return __shfl_down_sync(kFullMask, v, off); }
+
+__device__ __forceinline__ WelfordD shfl_down(const WelfordD& w, int off) {
+  return {shfl_down(w.mean, off), shfl_down(w.m2, off), shfl_down(w.n, off)};
+}
+
 // ---------------------------------------------------------------------------------------------
 // Reductions. All combine in an order fixed by the launch shape (never by timing), so results are
 // bit-reproducible; none uses atomics. Every one needs blockDim.x % 32 == 0 (full warps).
@@ -198,6 +214,21 @@ template <typename T, typename Op>
 __device__ __forceinline__ T warp_reduce(T v, Op op) {
 #pragma unroll
   for (int off = kWarpSize / 2; off > 0; off /= 2) v = op(v, shfl_down(v, off));
+  return v;
+}
+
+__device__ __forceinline__ float shfl_xor(float v, int off) { return __shfl_xor_sync(kFullMask, v, off); }
+
+__device__ __forceinline__ Sum2 shfl_xor(const Sum2& v, int off) {
+  return {shfl_xor(v.a, off), shfl_xor(v.b, off)};
+}
+
+// Sum of v over each aligned run of `width` lanes (a power of two <= 32) by an xor butterfly, returned
+// to every lane of the run: each step adds the same two values in either order, so all lanes hold the
+// same bits. All 32 lanes of the warp must call it.
+template <typename T>
+__device__ __forceinline__ T group_allsum(T v, int width) {
+  for (int off = width / 2; off > 0; off /= 2) v = v + shfl_xor(v, off);
   return v;
 }
 
