@@ -311,6 +311,27 @@ def roofline_lines(doc):
     return lines + ([CPU_ROOF_NOTE] if doc["device"]["type"] == "cpu" else [])
 
 
+def case_lines(doc):
+    """One line per suite case: the geometric-mean headline speedup over its dtypes and layouts, per pass,
+    and normext's median % of the roofline (the short table for a README)."""
+    cases = {}
+    for r in doc["results"]:
+        if "error" not in r:
+            cases.setdefault(r["case"], []).append(r)
+    head = f"{'case':26s} {'norm':14s} {'shape':>16s} {'fwd':>7s} {'fwd+bwd':>7s} {'% roof':>6s}"
+    lines = [head, "-" * len(head)]
+    for name, rs in cases.items():
+        speed = {p: _geomean([headline(r) for r in rs if r["pass"] == p]) for p in ("fwd", "fwd+bwd")}
+        roofs = sorted(100 * r["roofline_fraction"]["normext"] for r in rs if "roofline_fraction" in r)
+        roof = f"{roofs[len(roofs) // 2]:.0f}" if roofs else "-"
+        shape = "x".join(map(str, rs[0]["shape"]))
+        lines.append(
+            f"{name:26s} {rs[0]['norm']:14s} {shape:>16s} {_fmt_x(speed['fwd']):>7s} "
+            f"{_fmt_x(speed['fwd+bwd']):>7s} {roof:>6s}"
+        )
+    return lines
+
+
 def summary_lines(doc):
     lines = []
     for key, s in doc["summary"].items():
@@ -349,6 +370,9 @@ def print_results(doc, stream):
     print("\n".join(table_lines(doc)), file=stream)
     print(file=stream)
     print("\n".join(roofline_lines(doc)), file=stream)
+    print(file=stream)
+    print("\n".join(case_lines(doc)), file=stream)
+    print(file=stream)
     print("\n".join(summary_lines(doc)), file=stream)
     print("\n".join(memory_lines(doc)), file=stream)
     failed = [r["name"] for r in doc["results"] if "check" in r and not r["check"]["ok"]]
@@ -383,7 +407,8 @@ def write(doc, out_dir, stream):
     stem = out_dir / file_stem(doc)
     paths = [stem.with_suffix(".json"), stem.with_suffix(".txt")]
     paths[0].write_text(_compact_number_lists(json.dumps(doc, indent=1)) + "\n")
-    text = table_lines(doc) + [""] + roofline_lines(doc) + summary_lines(doc) + memory_lines(doc)
+    text = table_lines(doc) + [""] + roofline_lines(doc) + [""] + case_lines(doc) + [""]
+    text += summary_lines(doc) + memory_lines(doc)
     paths[1].write_text("\n".join(text) + "\n")
     try:
         import matplotlib
