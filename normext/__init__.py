@@ -1,7 +1,8 @@
 """normext: fused, layout-native normalization layers for PyTorch (CUDA and CPU kernels)."""
 
-from normext import functional
+from normext import functional, integrations
 from normext._ops import ACTIVATIONS
+from normext.convert import convert_model
 from normext.modules import GroupNorm, InstanceNorm1d, InstanceNorm2d, InstanceNorm3d
 
 __all__ = [
@@ -10,5 +11,7 @@ __all__ = [
     "InstanceNorm1d",
     "InstanceNorm2d",
     "InstanceNorm3d",
+    "convert_model",
     "functional",
+    "integrations",
 ]
