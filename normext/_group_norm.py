@@ -18,14 +18,13 @@ def _group_norm_fwd_fake(X, gamma, beta, residual, G, eps, act, slope):
 
 @torch.library.register_fake("normext::group_norm_bwd")
 def _group_norm_bwd_fake(dY, X, residual, mean, rstd, gamma, beta, G, act, slope, output_mask):
+    # Unselected outputs are distinct empty tensors, as the kernels return (none aliases another).
     C = X.shape[1]
-    empty = X.new_empty((0,))
-    acc = X.new_empty((0,), dtype=stat_dtype(X))
     return (
-        empty_in_native_layout(X) if output_mask[0] else empty,
-        X.new_empty((C,), dtype=stat_dtype(X)) if output_mask[1] else acc,
-        X.new_empty((C,), dtype=stat_dtype(X)) if output_mask[2] else acc,
-        empty_in_native_layout(X) if output_mask[3] else empty,
+        empty_in_native_layout(X) if output_mask[0] else X.new_empty((0,)),
+        X.new_empty((C if output_mask[1] else 0,), dtype=stat_dtype(X)),
+        X.new_empty((C if output_mask[2] else 0,), dtype=stat_dtype(X)),
+        empty_in_native_layout(X) if output_mask[3] else X.new_empty((0,)),
     )
 
 
