@@ -18,12 +18,13 @@ def _group_norm_fwd_fake(X, gamma, beta, residual, G, eps, act, slope):
 
 @torch.library.register_fake("normext::group_norm_bwd")
 def _group_norm_bwd_fake(dY, X, residual, mean, rstd, gamma, beta, G, act, slope, output_mask):
-    # Unselected outputs are distinct empty tensors, as the kernels return (none aliases another).
     C = X.shape[1]
+    acc = stat_dtype(X)
+    # Unselected outputs are distinct empty tensors, as the kernels return them (no aliasing).
     return (
         empty_in_native_layout(X) if output_mask[0] else X.new_empty((0,)),
-        X.new_empty((C if output_mask[1] else 0,), dtype=stat_dtype(X)),
-        X.new_empty((C if output_mask[2] else 0,), dtype=stat_dtype(X)),
+        X.new_empty((C if output_mask[1] else 0,), dtype=acc),
+        X.new_empty((C if output_mask[2] else 0,), dtype=acc),
         empty_in_native_layout(X) if output_mask[3] else X.new_empty((0,)),
     )
 
@@ -85,14 +86,15 @@ def _activation(z, act, slope):
 
 def _normalize_with_running_stats(input, running_mean, running_var, weight, bias, eps, act, slope, residual):
     shape = (1, -1) + (1,) * (input.dim() - 2)
-    scale = torch.rsqrt(running_var.float() + eps)
+    acc = stat_dtype(input)
+    scale = torch.rsqrt(running_var.to(acc) + eps)
     if weight is not None:
-        scale = scale * weight.float()
-    z = (input.float() - running_mean.float().view(shape)) * scale.view(shape)
+        scale = scale * weight.to(acc)
+    z = (input.to(acc) - running_mean.to(acc).view(shape)) * scale.view(shape)
     if bias is not None:
-        z = z + bias.float().view(shape)
+        z = z + bias.to(acc).view(shape)
     if residual is not None:
-        z = z + residual.float()
+        z = z + residual.to(acc)
     return _activation(z, act, slope).to(input.dtype)
 
 

@@ -130,7 +130,7 @@ def instance_norm_ref(
 
 
 def native_chain(norm_out, residual, activation, slope=0.01):
-    """The unfused torch-native chain after a torch norm: (+ residual) then the activation, in the input dtype."""
+    """The unfused torch-native chain after a torch norm: + residual, then the activation (input dtype)."""
     z = norm_out if residual is None else norm_out + residual
     return act_torch(z, activation, slope)
 

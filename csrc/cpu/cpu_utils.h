@@ -57,24 +57,81 @@ inline RowChunks row_chunks(int64_t rows, int64_t row_len) {
 // Grain for at::parallel_for over items of `work` elements each: about 32k elements per task.
 inline int64_t grain_for(int64_t work) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, work)); }
 
-// Welford moments of L contiguous values: SIMD lanes run their own (equal-count) Welford, merged
-// lane by lane with Chan's formula, then the scalar tail.
+// Calls f(std::integral_constant<int64_t, act>{}) so hot loops see the activation as a constant.
+template <typename F>
+inline void dispatch_activation(int64_t act, const F& f) {
+  switch (act) {
+    case kRelu:
+      return f(std::integral_constant<int64_t, kRelu>{});
+    case kLeakyRelu:
+      return f(std::integral_constant<int64_t, kLeakyRelu>{});
+    case kSilu:
+      return f(std::integral_constant<int64_t, kSilu>{});
+    case kGelu:
+      return f(std::integral_constant<int64_t, kGelu>{});
+    case kGeluTanh:
+      return f(std::integral_constant<int64_t, kGeluTanh>{});
+    default:
+      return f(std::integral_constant<int64_t, kIdentity>{});
+  }
+}
+
+// Moments merged across blocks, chunks and channels are held in double: a block mean rounded to
+// float loses ulp(mean), which for off-centre data (mean 100, std 0.01) is a visible fraction of the
+// differences between block means that Chan's formula adds up. Per-element work stays in acc_t.
+using Moments = Welford<double, double>;
+
+// Moments of L contiguous values: per block that stays in L1, a two-pass over x - x0 (x0 the block's
+// first value, so the sums stay small and exact for off-centre data): the shifted mean, then the
+// squared deviations from it; blocks merged with Chan's formula. Four SIMD accumulators hide latency.
 template <typename scalar_t>
-Welford<at::opmath_type<scalar_t>, at::opmath_type<scalar_t>> row_moments(const scalar_t* x, int64_t L) {
+Moments row_moments(const scalar_t* __restrict x, int64_t L) {
   using IO = VecIO<scalar_t>;
   using acc_t = typename IO::acc_t;
   using Vec = typename IO::Vec;
-  Welford<Vec, acc_t> wv{Vec(acc_t(0)), Vec(acc_t(0)), acc_t(0)};
-  int64_t i = 0;
-  for (; i + IO::kSize <= L; i += IO::kSize) welford_push(wv, IO::load(x + i));
-  acc_t lane_mean[IO::kSize], lane_m2[IO::kSize];
-  wv.mean.store(lane_mean);
-  wv.m2.store(lane_m2);
-  Welford<acc_t, acc_t> w{acc_t(0), acc_t(0), acc_t(0)};
-  for (int64_t l = 0; l < IO::kSize; ++l) w = welford_merge(w, {lane_mean[l], lane_m2[l], wv.n});
-  Welford<acc_t, acc_t> tail{acc_t(0), acc_t(0), acc_t(0)};
-  for (; i < L; ++i) welford_push(tail, acc_t(x[i]));
-  return welford_merge(w, tail);
+  constexpr int64_t kV = IO::kSize;
+  constexpr int64_t kBlock = 256 * kV;
+  const auto add = [](Vec a, Vec b) { return a + b; };
+  Moments w{0.0, 0.0, 0.0};
+  for (int64_t b0 = 0; b0 < L; b0 += kBlock) {
+    const scalar_t* p = x + b0;
+    const int64_t n = std::min(kBlock, L - b0);
+    const int64_t n4 = n - n % (4 * kV), n1 = n - n % kV;
+    const acc_t shift = acc_t(p[0]);
+    const Vec k(shift);
+    Vec s0(0), s1(0), s2(0), s3(0);
+    for (int64_t i = 0; i < n4; i += 4 * kV) {
+      s0 = s0 + (IO::load(p + i) - k);
+      s1 = s1 + (IO::load(p + i + kV) - k);
+      s2 = s2 + (IO::load(p + i + 2 * kV) - k);
+      s3 = s3 + (IO::load(p + i + 3 * kV) - k);
+    }
+    for (int64_t i = n4; i < n1; i += kV) s0 = s0 + (IO::load(p + i) - k);
+    acc_t sum = at::vec::vec_reduce_all(add, (s0 + s1) + (s2 + s3));
+    for (int64_t i = n1; i < n; ++i) sum += acc_t(p[i]) - shift;
+    const acc_t ms = sum / acc_t(n);
+    const Vec m(ms);
+    Vec q0(0), q1(0), q2(0), q3(0);
+    for (int64_t i = 0; i < n4; i += 4 * kV) {
+      const Vec d0 = (IO::load(p + i) - k) - m, d1 = (IO::load(p + i + kV) - k) - m;
+      const Vec d2 = (IO::load(p + i + 2 * kV) - k) - m, d3 = (IO::load(p + i + 3 * kV) - k) - m;
+      q0 = at::vec::fmadd(d0, d0, q0);
+      q1 = at::vec::fmadd(d1, d1, q1);
+      q2 = at::vec::fmadd(d2, d2, q2);
+      q3 = at::vec::fmadd(d3, d3, q3);
+    }
+    for (int64_t i = n4; i < n1; i += kV) {
+      const Vec d = (IO::load(p + i) - k) - m;
+      q0 = at::vec::fmadd(d, d, q0);
+    }
+    acc_t m2 = at::vec::vec_reduce_all(add, (q0 + q1) + (q2 + q3));
+    for (int64_t i = n1; i < n; ++i) {
+      const acc_t d = (acc_t(p[i]) - shift) - ms;
+      m2 += d * d;
+    }
+    w = welford_merge(w, {double(shift) + double(sum) / double(n), double(m2), double(n)});
+  }
+  return w;
 }
 
 }  // namespace normext::cpu

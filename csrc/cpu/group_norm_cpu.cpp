@@ -48,15 +48,27 @@ std::tuple<Tensor, Tensor, Tensor> group_norm_fwd_cpu(const Tensor& X_in, const 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.X.scalar_type(), "group_norm_fwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const ChannelShape s{N, C, HxW, a.layout == Layout::kChannelsLast};
-    std::vector<acc_t> m_nc(N * C), q_nc(N * C);
-    channel_moments(a.X.const_data_ptr<scalar_t>(), s, m_nc.data(), q_nc.data());
     acc_t* mean_p = mean.data_ptr<acc_t>();
     acc_t* rstd_p = rstd.data_ptr<acc_t>();
-    for (int64_t ng = 0; ng < N * G; ++ng) {
-      Welford<acc_t, acc_t> w{acc_t(0), acc_t(0), acc_t(0)};
-      for (int64_t d = 0; d < D; ++d) w = welford_merge(w, {m_nc[ng * D + d], q_nc[ng * D + d], acc_t(HxW)});
-      mean_p[ng] = w.mean;
-      rstd_p[ng] = acc_t(1) / std::sqrt(w.m2 / w.n + acc_t(eps));
+    const scalar_t* X = a.X.const_data_ptr<scalar_t>();
+    const auto finish = [&](int64_t ng, const Moments& w) {
+      mean_p[ng] = acc_t(w.mean);
+      rstd_p[ng] = acc_t(1) / std::sqrt(acc_t(w.m2 / w.n) + acc_t(eps));
+    };
+    if (!s.channels_last) {
+      // A channels-first group is one contiguous run of D·HxW values.
+      at::parallel_for(0, N * G, grain_for(D * HxW), [&](int64_t begin, int64_t end) {
+        for (int64_t ng = begin; ng < end; ++ng) finish(ng, row_moments(X + ng * D * HxW, D * HxW));
+      });
+    } else {
+      std::vector<double> m_nc(N * C), q_nc(N * C);
+      channel_moments(X, s, m_nc.data(), q_nc.data());
+      for (int64_t ng = 0; ng < N * G; ++ng) {
+        Moments w{0.0, 0.0, 0.0};
+        for (int64_t d = 0; d < D; ++d)
+          w = welford_merge(w, Moments{m_nc[ng * D + d], q_nc[ng * D + d], double(HxW)});
+        finish(ng, w);
+      }
     }
     std::vector<acc_t> ones, zeros;
     const auto mean_c = expand_groups(mean_p, N, G, D);
@@ -64,7 +76,7 @@ std::tuple<Tensor, Tensor, Tensor> group_norm_fwd_cpu(const Tensor& X_in, const 
     const ChannelCoefs<acc_t> k{mean_c.data(), rstd_c.data(), C, param_or(a.gamma, ones, C, acc_t(1)),
                                 param_or(a.beta, zeros, C, acc_t(0))};
     const scalar_t* R = a.residual ? a.residual->const_data_ptr<scalar_t>() : nullptr;
-    channel_apply(a.X.const_data_ptr<scalar_t>(), R, Y.data_ptr<scalar_t>(), s, k, act, slope);
+    channel_apply(X, R, Y.data_ptr<scalar_t>(), s, k, act, slope);
   });
   return {Y, mean, rstd};
 }
