@@ -298,14 +298,53 @@ def test_opcheck_every_call(device, make):
         torch.library.opcheck(func, _as_user_args(func, args, phase), kwargs)
 
 
+def _sync_batch_norm_calls(device):
+    """SyncBatchNorm's collective path (per-rank statistics, merged after the all-gather) only runs with
+    more than one rank; its ops are called here as it calls them, with two ranks' worth of statistics."""
+    ops = torch.ops.normext
+    xs = [make_input((3, 5, 4, 2), device=device, fmt=f) for f in ("contiguous", "channels_last")]
+    stats = [ops.batch_norm_stats(x) for x in xs]
+    counts = torch.tensor([24.0, 24.0], device=device)
+    means = torch.stack([m for m, _ in stats])
+    m2s = torch.stack([m2 for _, m2 in stats])
+    running = [torch.randn(5, device=device), torch.rand(5, device=device) + 0.5]
+    return [(ops.batch_norm_stats.default, (x,)) for x in xs] + [
+        (ops.batch_norm_merge.default, (counts, means, m2s, *running, 0.1, 1e-5)),
+        (ops.batch_norm_merge.default, (counts, means, m2s, None, None, 0.1, 1e-5)),
+    ]
+
+
+DIRECT_CALLS = [
+    pytest.param(
+        _sync_batch_norm_calls,
+        id="SyncBatchNorm-collective-path",
+        marks=pytest.mark.skipif(
+            not hasattr(torch.ops.normext, "batch_norm_merge"),
+            reason="normext::batch_norm_merge not built yet",
+        ),
+    )
+]
+
+
+@pytest.mark.parametrize("calls", DIRECT_CALLS)
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_direct_calls(device, calls):
+    for op, args in calls(device):
+        torch.library.opcheck(op, args)
+
+
+def _active(params):
+    return [p.values[0] for p in params if not any(m.args[0] for m in p.marks if m.name == "skipif")]
+
+
 def test_every_op_is_reached():
     """Each registered normext op is called by some case above (so opcheck covered it)."""
     registered = {n for n in torch._C._dispatch_get_all_op_names() if n.startswith("normext::")}
     reached = set()
-    for param in CASES:
-        if any(m.args[0] for m in param.marks if m.name == "skipif"):
-            continue
-        reached |= {func._schema.name for func, *_ in _record(param.values[0]("cpu"))}
+    for make in _active(CASES):
+        reached |= {func._schema.name for func, *_ in _record(make("cpu"))}
+    for calls in _active(DIRECT_CALLS):
+        reached |= {op._schema.name for op, _ in calls("cpu")}
     assert registered <= reached, f"ops no case reaches (add one): {sorted(registered - reached)}"
 
 
