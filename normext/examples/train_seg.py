@@ -62,22 +62,27 @@ def synthetic_batches(steps, batch, size, num_classes, seed):
     return list(zip(images.split(batch), labels.split(batch), strict=True))
 
 
-def train(model, batches, args):
-    """SGD steps over the batches; returns (losses, seconds per step)."""
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    step = torch.compile(model) if args.compile else model
-    losses, times = [], []
+def train(models, batches, args):
+    """SGD steps over the batches, the models taking turns on each batch (so that a slow phase of a shared
+    machine hits both alike); returns {name: losses} and {name: seconds per step}."""
+    runs = {}
+    for name, model in models.items():
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        runs[name] = (torch.compile(model) if args.compile else model, opt)
+    losses = {name: [] for name in models}
+    times = {name: [] for name in models}
     for images, labels in batches:
         images = images.to(args.device, memory_format=args.memory_format)
         labels = labels.to(args.device)
-        start = time.perf_counter()
-        with torch.autocast(args.device, dtype=args.amp, enabled=args.amp is not None):
-            loss = F.cross_entropy(step(images), labels)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())  # also waits for the device
-        times.append(time.perf_counter() - start)
+        for name, (step, opt) in runs.items():
+            start = time.perf_counter()
+            with torch.autocast(args.device, dtype=args.amp, enabled=args.amp is not None):
+                loss = F.cross_entropy(step(images), labels)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses[name].append(loss.item())  # also waits for the device
+            times[name].append(time.perf_counter() - start)
     return losses, times
 
 
@@ -116,9 +121,7 @@ def main(argv=None):
     print(f"normext.convert_model: {len(report)} norm layers converted ({', '.join(kinds) or 'none'}), "
           f"{fused} with the following activation fused")  # fmt: skip
 
-    losses, times = {}, {}
-    for name, model in (("torch.nn", reference), ("normext", converted)):
-        losses[name], times[name] = train(model, batches, args)
+    losses, times = train({"torch.nn": reference, "normext": converted}, batches, args)
 
     print(f"{'step':>4}  {'torch.nn loss':>13}  {'normext loss':>12}  {'rel diff':>8}")
     worst = 0.0
