@@ -177,21 +177,24 @@ FUSABLE = [
 
 @pytest.mark.parametrize("act, name, slope", FUSABLE)
 @pytest.mark.parametrize(
-    "norm",
+    "norm, train",
     [
-        pytest.param(lambda: nn.GroupNorm(4, 8), id="GroupNorm"),
-        pytest.param(lambda: nn.InstanceNorm2d(8, affine=True), id="InstanceNorm2d"),
-        pytest.param(lambda: nn.BatchNorm2d(8), id="BatchNorm2d", marks=needs("BatchNorm2d")),
+        pytest.param(lambda: nn.GroupNorm(4, 8), True, id="GroupNorm"),
+        pytest.param(lambda: nn.InstanceNorm2d(8, affine=True), True, id="InstanceNorm2d"),
+        pytest.param(lambda: nn.InstanceNorm2d(8, track_running_stats=True), False, id="InstanceNorm2d-eval"),
+        pytest.param(lambda: nn.BatchNorm2d(8), True, id="BatchNorm2d", marks=needs("BatchNorm2d")),
+        pytest.param(lambda: nn.BatchNorm2d(8), False, id="BatchNorm2d-eval", marks=needs("BatchNorm2d")),
     ],
 )
-def test_fuses_following_activation(norm, act, name, slope):
+def test_fuses_following_activation(norm, train, act, name, slope):
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), randomize(norm()), act, nn.Conv2d(8, 2, 1))
     ref = copy.deepcopy(model)
     _, report = normext.convert_model(model, return_report=True)
     assert model[1].activation == name and model[1].negative_slope == slope
     assert type(model[2]) is nn.Identity
     assert [(r.name, r.activation, r.activation_module) for r in report] == [("1", name, "2")]
-    run_and_compare(ref, model, make_input((2, 3, 6, 6)), train=True)
+    assert list(model.state_dict()) == list(ref.state_dict())
+    run_and_compare(ref, model, make_input((2, 3, 6, 6)), train=train)
 
 
 def test_fusion_only_where_it_is_safe():
