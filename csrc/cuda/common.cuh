@@ -1,0 +1,329 @@
+// Device building blocks shared by normext's CUDA kernels: vector access that converts to float,
+// warp / block / column reductions (sums and Welford-Chan moments) in fixed, shape-only orders, and
+// small host helpers (alignment, ceil_div, dtype dispatch).
+#pragma once
+
+#include <ATen/Dispatch.h>
+#include <c10/macros/Macros.h>
+
+#include <cstdint>
+
+#include "normext/math.h"
+
+// float32 / float16 / bfloat16: float64 is rejected on CUDA, so instantiating it would only cost
+// build time.
+#define NORMEXT_DISPATCH_CUDA_TYPES(TYPE, NAME, ...)                         \
+  AT_DISPATCH_SWITCH(TYPE, NAME,                                             \
+                     AT_DISPATCH_CASE(at::ScalarType::Float, __VA_ARGS__)    \
+                         AT_DISPATCH_CASE(at::ScalarType::Half, __VA_ARGS__) \
+                             AT_DISPATCH_CASE(at::ScalarType::BFloat16, __VA_ARGS__))
+
+namespace normext::cuda {
+
+constexpr int kWarpSize = 32;
+constexpr unsigned kFullMask = 0xffffffffu;
+
+template <typename T>
+C10_HOST_DEVICE constexpr T ceil_div(T a, T b) {
+  return (a + b - 1) / b;
+}
+
+template <typename T>
+C10_HOST_DEVICE constexpr T round_up(T a, T b) {
+  return ceil_div(a, b) * b;
+}
+
+// Elements of scalar_t per 16-byte access.
+template <typename scalar_t>
+constexpr int kMaxVec = 16 / static_cast<int>(sizeof(scalar_t));
+
+// Whether p can be accessed `vec` elements at a time. A null pointer (an absent optional tensor)
+// does not constrain the choice.
+template <typename scalar_t>
+inline bool vec_aligned(const scalar_t* p, int vec) {
+  return reinterpret_cast<uintptr_t>(p) % (sizeof(scalar_t) * vec) == 0;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Vector access. p must be VEC-element aligned and i a multiple of VEC: callers pick VEC > 1 only
+// after checking every base pointer and the contiguous extent (vec_aligned, sizes % VEC).
+
+template <typename scalar_t, int VEC>
+struct alignas(sizeof(scalar_t) * VEC) AlignedVector {
+  scalar_t val[VEC];
+};
+
+// Raw loads keep 16-bit values packed (half the registers of floats) while several loads are in
+// flight; convert with static_cast<float>(v.val[j]) when consuming them.
+template <int VEC, typename scalar_t>
+__device__ __forceinline__ AlignedVector<scalar_t, VEC> load_vec(const scalar_t* __restrict__ p, int64_t i) {
+  return *reinterpret_cast<const AlignedVector<scalar_t, VEC>*>(p + i);
+}
+
+// load_vec, or zeros when p is null (an absent optional input such as the residual).
+template <int VEC, typename scalar_t>
+__device__ __forceinline__ AlignedVector<scalar_t, VEC> load_vec_or_zero(const scalar_t* __restrict__ p,
+                                                                         int64_t i) {
+  if (p) return load_vec<VEC>(p, i);
+  AlignedVector<scalar_t, VEC> v;
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) v.val[j] = static_cast<scalar_t>(0.f);
+  return v;
+}
+
+template <int VEC, typename scalar_t>
+__device__ __forceinline__ void load_float(const scalar_t* __restrict__ p, int64_t i, float (&out)[VEC]) {
+  const auto v = load_vec<VEC>(p, i);
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) out[j] = static_cast<float>(v.val[j]);
+}
+
+template <int VEC, typename scalar_t>
+__device__ __forceinline__ void store_float(scalar_t* __restrict__ p, int64_t i, const float (&in)[VEC]) {
+  AlignedVector<scalar_t, VEC> v;
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) v.val[j] = static_cast<scalar_t>(in[j]);
+  *reinterpret_cast<AlignedVector<scalar_t, VEC>*>(p + i) = v;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Value types that reductions combine.
+
+// VEC independent float lanes with lane-wise arithmetic, so that normext::welford_push/merge run
+// VEC running moments with one shared count (and one division per pushed vector).
+template <int N>
+struct Lanes {
+  float v[N];
+  Lanes() = default;
+  C10_HOST_DEVICE explicit Lanes(float s) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) v[i] = s;
+  }
+};
+
+template <int N>
+C10_HOST_DEVICE Lanes<N> operator+(const Lanes<N>& a, const Lanes<N>& b) {
+  Lanes<N> r;
+#pragma unroll
+  for (int i = 0; i < N; ++i) r.v[i] = a.v[i] + b.v[i];
+  return r;
+}
+
+template <int N>
+C10_HOST_DEVICE Lanes<N> operator-(const Lanes<N>& a, const Lanes<N>& b) {
+  Lanes<N> r;
+#pragma unroll
+  for (int i = 0; i < N; ++i) r.v[i] = a.v[i] - b.v[i];
+  return r;
+}
+
+template <int N>
+C10_HOST_DEVICE Lanes<N> operator*(const Lanes<N>& a, const Lanes<N>& b) {
+  Lanes<N> r;
+#pragma unroll
+  for (int i = 0; i < N; ++i) r.v[i] = a.v[i] * b.v[i];
+  return r;
+}
+
+template <int N, typename scalar_t>
+C10_HOST_DEVICE Lanes<N> to_lanes(const AlignedVector<scalar_t, N>& x) {
+  Lanes<N> r;
+#pragma unroll
+  for (int i = 0; i < N; ++i) r.v[i] = static_cast<float>(x.val[i]);
+  return r;
+}
+
+using WelfordF = normext::Welford<float, float>;
+
+template <int N>
+using WelfordLanes = normext::Welford<Lanes<N>, float>;
+
+template <int N>
+C10_HOST_DEVICE WelfordLanes<N> welford_lanes_zero() {
+  return {Lanes<N>(0.f), Lanes<N>(0.f), 0.f};
+}
+
+// Lane j of a lane-wise Welford as a scalar one.
+template <int N>
+C10_HOST_DEVICE WelfordF welford_lane(const WelfordLanes<N>& w, int j) {
+  return {w.mean.v[j], w.m2.v[j], w.n};
+}
+
+// All lanes merged in lane order (for when every lane saw the same row or group).
+template <int N>
+C10_HOST_DEVICE WelfordF welford_merge_lanes(const WelfordLanes<N>& w) {
+  WelfordF r = welford_lane(w, 0);
+#pragma unroll
+  for (int j = 1; j < N; ++j) r = normext::welford_merge(r, welford_lane(w, j));
+  return r;
+}
+
+// Two sums reduced together (e.g. sum(dz) and sum(dz * xhat) in a backward pass).
+struct alignas(8) Sum2 {
+  float a, b;
+};
+
+C10_HOST_DEVICE inline Sum2 operator+(const Sum2& p, const Sum2& q) { return {p.a + q.a, p.b + q.b}; }
+
+struct SumOp {
+  template <typename T>
+  __device__ T operator()(const T& a, const T& b) const {
+    return a + b;
+  }
+};
+
+struct WelfordOp {
+  __device__ WelfordF operator()(const WelfordF& a, const WelfordF& b) const {
+    return normext::welford_merge(a, b);
+  }
+};
+
+__device__ __forceinline__ float shfl_down(float v, int off) { return __shfl_down_sync(kFullMask, v, off); }
+
+__device__ __forceinline__ Sum2 shfl_down(const Sum2& v, int off) {
+  return {shfl_down(v.a, off), shfl_down(v.b, off)};
+}
+
+__device__ __forceinline__ WelfordF shfl_down(const WelfordF& w, int off) {
+  return {shfl_down(w.mean, off), shfl_down(w.m2, off), shfl_down(w.n, off)};
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reductions. All combine in an order fixed by the launch shape (never by timing), so results are
+// bit-reproducible; none uses atomics. Every one needs blockDim.x % 32 == 0 (full warps).
+
+// Shuffle tree over a warp; the total is valid in lane 0 only. Lanes that have nothing to
+// contribute must pass the identity.
+template <typename T, typename Op>
+__device__ __forceinline__ T warp_reduce(T v, Op op) {
+#pragma unroll
+  for (int off = kWarpSize / 2; off > 0; off /= 2) v = op(v, shfl_down(v, off));
+  return v;
+}
+
+// Combines v over each run of `seg_warps` consecutive warps (the whole block when seg_warps is the
+// number of warps) and returns the total to every thread of the run, each computing it in the same
+// order. All threads of the block must call it; red needs a slot per warp and is free on return.
+template <typename T, typename Op>
+__device__ T block_allreduce(T v, Op op, T* red, int seg_warps) {
+  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
+  v = warp_reduce(v, op);
+  if (lane == 0) red[warp] = v;
+  __syncthreads();
+  const int first = warp - warp % seg_warps;
+  T total = red[first];
+  for (int w = 1; w < seg_warps; ++w) total = op(total, red[first + w]);
+  __syncthreads();
+  return total;
+}
+
+// One warp combines load(0) .. load(count - 1): lane l takes l, l + 32, ... in turn, then a shuffle
+// tree. Valid in lane 0; all 32 lanes must call it.
+template <typename T, typename Load, typename Op>
+__device__ T warp_reduce_range(int64_t count, T identity, Load load, Op op) {
+  T acc = identity;
+  for (int64_t i = threadIdx.x % kWarpSize; i < count; i += kWarpSize) acc = op(acc, load(i));
+  return warp_reduce(acc, op);
+}
+
+// Segment s < segments is load(s, 0 .. len - 1); warp w reduces segments w, w + nwarps, ... with
+// warp_reduce_range and its lane 0 calls emit(s, total). No block synchronisation inside: callers
+// __syncthreads() before reading what emit wrote.
+template <typename T, typename Load, typename Op, typename Emit>
+__device__ void warp_per_segment(int64_t segments, int64_t len, T identity, Load load, Op op, Emit emit) {
+  const int nwarps = blockDim.x / kWarpSize;
+  for (int64_t s = threadIdx.x / kWarpSize; s < segments; s += nwarps) {
+    const T total = warp_reduce_range(len, identity, [&](int64_t i) { return load(s, i); }, op);
+    if (threadIdx.x % kWarpSize == 0) emit(s, total);
+  }
+}
+
+// Column reduction over a (rows x cols) thread tile: thread (row, col) holds VEC values for columns
+// [col*VEC, col*VEC + VEC); threads with row >= rows are padding and pass nothing. On return buf[k],
+// k < cols*VEC, holds column k combined over all rows by a fixed pairwise tree. buf needs
+// rows*cols*VEC entries that nobody reads while this runs. Every thread of the block must call it.
+template <int VEC, typename T, typename Op>
+__device__ void column_reduce(const T (&vals)[VEC], T* buf, int row, int col, int rows, int cols, Op op) {
+  const int width = cols * VEC;
+  if (row < rows) {
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) buf[row * width + col * VEC + j] = vals[j];
+  }
+  __syncthreads();
+  for (int live = rows; live > 1;) {
+    // Rows [half, live) fold onto rows [0, live - half): the written rows are all below `half`
+    // and the read ones at or above it, so one step has no read/write overlap.
+    const int half = (live + 1) / 2;
+    if (row < live - half) {
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        T& dst = buf[row * width + col * VEC + j];
+        dst = op(dst, buf[(row + half) * width + col * VEC + j]);
+      }
+    }
+    __syncthreads();
+    live = half;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Channel-major spans (NCHW rows of L = HxW values per channel).
+
+// Channel (relative to the span start) and offset within it of element i of a span of channels of
+// length L, advanced by a fixed stride with no division per step.
+struct ChannelCursor {
+  int64_t c, rem;  // channel and offset within the channel
+  int64_t dc, dr;  // the stride as whole channels plus a remainder
+
+  __device__ ChannelCursor(int64_t i, int64_t stride, int64_t L) {
+    if (i <= UINT32_MAX && stride <= UINT32_MAX && L <= UINT32_MAX) {
+      const uint32_t l = static_cast<uint32_t>(L);
+      c = static_cast<uint32_t>(i) / l;
+      dc = static_cast<uint32_t>(stride) / l;
+    } else {
+      c = i / L;
+      dc = stride / L;
+    }
+    rem = i - c * L;
+    dr = stride - dc * L;
+  }
+
+  __device__ void advance(int64_t L) {
+    c += dc;
+    rem += dr;
+    if (rem >= L) {
+      rem -= L;
+      ++c;
+    }
+  }
+};
+
+// Per-element gamma/beta (absent: 1 / 0) of the VEC elements starting at channel c, offset rem, of
+// a channel-major span whose first channel is c0. One parameter load when the vector stays in one
+// channel, which is the common case.
+template <int VEC>
+__device__ __forceinline__ void span_params(const float* __restrict__ gamma, const float* __restrict__ beta,
+                                            int64_t c0, int64_t c, int64_t rem, int64_t L, float (&gam)[VEC],
+                                            float (&bet)[VEC]) {
+  if (rem + VEC <= L) {
+    const float g = gamma ? gamma[c0 + c] : 1.f, b = beta ? beta[c0 + c] : 0.f;
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      gam[j] = g;
+      bet[j] = b;
+    }
+    return;
+  }
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) {
+    if (rem == L) {
+      rem = 0;
+      ++c;
+    }
+    gam[j] = gamma ? gamma[c0 + c] : 1.f;
+    bet[j] = beta ? beta[c0 + c] : 0.f;
+    ++rem;
+  }
+}
+
+}  // namespace normext::cuda
