@@ -69,6 +69,12 @@ def cuda_arch_list():
 def extension():
     sources = ["csrc/normext.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
     cxx = ["-O3", "-std=c++20", "-Wno-unknown-pragmas"]
+    # at::parallel_for is an inline `#pragma omp parallel` (ATen/ParallelOpenMP.h): without -fopenmp the
+    # CPU kernels run on one thread. libgomp.so.1 is the runtime torch itself loads, so it is shared.
+    link = []
+    if platform.system() == "Linux":
+        cxx.append("-fopenmp")
+        link.append("-fopenmp")
     avx2 = os.environ.get("NORMEXT_CPU_AVX2")
     if avx2 == "1" or (avx2 is None and cpu_has_avx2()):
         # at::vec picks its AVX2 implementation from these macros; the flags match what ATen's
@@ -86,8 +92,15 @@ def extension():
             include_dirs=include_dirs,
             define_macros=macros,
             extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+            extra_link_args=link,
         )
-    return CppExtension("normext._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx})
+    return CppExtension(
+        "normext._C",
+        sources,
+        include_dirs=include_dirs,
+        extra_compile_args={"cxx": cxx},
+        extra_link_args=link,
+    )
 
 
 setup(

@@ -36,11 +36,13 @@ struct GradCoefs {
   const acc_t* c;
 };
 
-// One run of elements of one sample: the HxW elements of channel `chan` (channels-first), or the C
-// channels of one spatial position (channels-last, chan = 0).
+// A run of elements of one sample: the HxW elements of channel `chan` (channels-first, rows = 1), or
+// `rows` consecutive spatial positions of C channels each (channels-last, chan = 0), which the
+// kernels walk channel-vector by channel-vector so each coefficient is loaded once per run.
 struct Run {
   int64_t offset;  // element offset of the run in X
-  int64_t count;   // elements in the run
+  int64_t count;   // elements per row
+  int64_t rows;    // rows of `count` elements, consecutive in memory
   int64_t stat;    // index of the run's first channel in mean/rstd
   int64_t chan;    // channel of the run's first element
 };
@@ -52,13 +54,18 @@ void for_each_run(const ChannelShape& s, int64_t stat_stride, const Body& body) 
     at::parallel_for(0, s.N * s.C, grain_for(s.HxW), [&](int64_t begin, int64_t end) {
       for (int64_t nc = begin; nc < end; ++nc) {
         const int64_t n = nc / s.C, c = nc % s.C;
-        body(std::false_type{}, Run{nc * s.HxW, s.HxW, n * stat_stride + c, c});
+        body(std::false_type{}, Run{nc * s.HxW, s.HxW, 1, n * stat_stride + c, c});
       }
     });
   } else {
-    at::parallel_for(0, s.N * s.HxW, grain_for(s.C), [&](int64_t begin, int64_t end) {
-      for (int64_t row = begin; row < end; ++row) {
-        body(std::true_type{}, Run{row * s.C, s.C, (row / s.HxW) * stat_stride, 0});
+    // Blocks of about 4k values that stay in L1 while the kernel walks them channel-vector-wise.
+    const int64_t rows = std::min(s.HxW, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, s.C)));
+    const int64_t blocks = (s.HxW + rows - 1) / rows;
+    at::parallel_for(0, s.N * blocks, grain_for(rows * s.C), [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t n = t / blocks, r0 = (t % blocks) * rows;
+        body(std::true_type{},
+             Run{(n * s.HxW + r0) * s.C, s.C, std::min(rows, s.HxW - r0), n * stat_stride, 0});
       }
     });
   }
@@ -121,30 +128,34 @@ inline T grad_z(const scalar_t* dy, const scalar_t* res, int64_t j, T xhat, T ga
 // keep them in registers (SIMD stores are may-alias and would force reloads through references).
 
 template <typename scalar_t, int64_t kAct, bool kPerElem, typename acc_t = at::opmath_type<scalar_t>>
-void apply_run(const scalar_t* x, const scalar_t* res, scalar_t* y, int64_t n, const acc_t* mean,
-               const acc_t* rstd, const acc_t* gamma, const acc_t* beta, acc_t slope) {
+void apply_run(const scalar_t* x, const scalar_t* res, scalar_t* y, int64_t n, int64_t rows,
+               const acc_t* mean, const acc_t* rstd, const acc_t* gamma, const acc_t* beta, acc_t slope) {
   for_simd_and_tail<scalar_t>(n, [&](auto zero, int64_t j) {
     using T = decltype(zero);
+    const T m = coef<kPerElem, T>(mean, j), b = coef<kPerElem, T>(beta, j);
     const T scale = coef<kPerElem, T>(rstd, j) * coef<kPerElem, T>(gamma, j);
-    T z = (load_as<scalar_t, T>(x + j) - coef<kPerElem, T>(mean, j)) * scale + coef<kPerElem, T>(beta, j);
-    if (res != nullptr) z = z + load_as<scalar_t, T>(res + j);
-    store_as<scalar_t, T>(y + j, act_forward(z, kAct, slope));
+    for (int64_t o = j; o < rows * n; o += n) {
+      T z = (load_as<scalar_t, T>(x + o) - m) * scale + b;
+      if (res != nullptr) z = z + load_as<scalar_t, T>(res + o);
+      store_as<scalar_t, T>(y + o, act_forward(z, kAct, slope));
+    }
   });
 }
 
 template <typename scalar_t, int64_t kAct, bool kPerElem, typename acc_t = at::opmath_type<scalar_t>>
 void grad_input_run(const scalar_t* dy, const scalar_t* x, const scalar_t* res, scalar_t* dx, scalar_t* dres,
-                    int64_t n, const acc_t* mean, const acc_t* rstd, const acc_t* gamma, const acc_t* beta,
-                    const acc_t* a, const acc_t* b, const acc_t* c, acc_t slope) {
+                    int64_t n, int64_t rows, const acc_t* mean, const acc_t* rstd, const acc_t* gamma,
+                    const acc_t* beta, const acc_t* a, const acc_t* b, const acc_t* c, acc_t slope) {
   for_simd_and_tail<scalar_t>(n, [&](auto zero, int64_t j) {
     using T = decltype(zero);
-    const T xhat = (load_as<scalar_t, T>(x + j) - coef<kPerElem, T>(mean, j)) * coef<kPerElem, T>(rstd, j);
-    const T dz =
-        grad_z<kAct>(dy, res, j, xhat, coef<kPerElem, T>(gamma, j), coef<kPerElem, T>(beta, j), slope);
-    if (dres != nullptr) store_as<scalar_t, T>(dres + j, dz);
-    if (dx != nullptr) {
-      const T v = coef<kPerElem, T>(a, j) * dz + coef<kPerElem, T>(b, j) * xhat + coef<kPerElem, T>(c, j);
-      store_as<scalar_t, T>(dx + j, v);
+    const T m = coef<kPerElem, T>(mean, j), r = coef<kPerElem, T>(rstd, j);
+    const T g = coef<kPerElem, T>(gamma, j), bt = coef<kPerElem, T>(beta, j);
+    const T ca = coef<kPerElem, T>(a, j), cb = coef<kPerElem, T>(b, j), cc = coef<kPerElem, T>(c, j);
+    for (int64_t o = j; o < rows * n; o += n) {
+      const T xhat = (load_as<scalar_t, T>(x + o) - m) * r;
+      const T dz = grad_z<kAct>(dy, res, o, xhat, g, bt, slope);
+      if (dres != nullptr) store_as<scalar_t, T>(dres + o, dz);
+      if (dx != nullptr) store_as<scalar_t, T>(dx + o, ca * dz + cb * xhat + cc);
     }
   });
 }
@@ -172,57 +183,60 @@ std::pair<acc_t, acc_t> grad_sums_run(const scalar_t* dy, const scalar_t* x, con
   return {at::vec::vec_reduce_all(add, v_dz) + t_dz, at::vec::vec_reduce_all(add, v_dzx) + t_dzx};
 }
 
-// Adds dz and dz·x̂ of one channels-last row (C channels) into per-channel accumulators.
+// Σ dz and Σ dz·x̂ per channel over `rows` channels-last rows, walking down the rows per SIMD vector
+// of channels so the accumulators and coefficients stay in registers.
 template <typename scalar_t, int64_t kAct, typename acc_t = at::opmath_type<scalar_t>>
-void grad_sums_row(const scalar_t* dy, const scalar_t* x, const scalar_t* res, int64_t C, const acc_t* mean,
-                   const acc_t* rstd, const acc_t* gamma, const acc_t* beta, acc_t slope, acc_t* sdz,
-                   acc_t* sdzx) {
+void grad_sums_chunk(const scalar_t* dy, const scalar_t* x, const scalar_t* res, int64_t rows, int64_t C,
+                     const acc_t* mean, const acc_t* rstd, const acc_t* gamma, const acc_t* beta, acc_t slope,
+                     acc_t* sdz, acc_t* sdzx) {
   for_simd_and_tail<scalar_t>(C, [&](auto zero, int64_t j) {
     using T = decltype(zero);
-    const T xhat = (load_as<scalar_t, T>(x + j) - coef<true, T>(mean, j)) * coef<true, T>(rstd, j);
-    const T dz = grad_z<kAct>(dy, res, j, xhat, coef<true, T>(gamma, j), coef<true, T>(beta, j), slope);
-    if constexpr (std::is_same_v<T, acc_t>) {
-      sdz[j] += dz;
-      sdzx[j] += dz * xhat;
-    } else {
-      (T::loadu(sdz + j) + dz).store(sdz + j);
-      at::vec::fmadd(dz, xhat, T::loadu(sdzx + j)).store(sdzx + j);
+    const T m = coef<true, T>(mean, j), r = coef<true, T>(rstd, j);
+    const T g = coef<true, T>(gamma, j), b = coef<true, T>(beta, j);
+    T a0(0), a1(0);
+    for (int64_t o = j; o < rows * C; o += C) {
+      const T xhat = (load_as<scalar_t, T>(x + o) - m) * r;
+      const T dz = grad_z<kAct>(dy, res, o, xhat, g, b, slope);
+      a0 = a0 + dz;
+      a1 = a1 + dz * xhat;
     }
+    store_as<acc_t, T>(sdz + j, a0);
+    store_as<acc_t, T>(sdzx + j, a1);
   });
 }
 
-// Moments of a block of `rows` channels-last rows merged into per-channel running moments (double,
-// count `seen` so far). Like row_moments: pass 1 sums each channel's deviation from the block's
-// first row, pass 2 the squared deviations from the block mean, both in acc_t SIMD; the merge is
-// per channel, not per element, so doing it in double costs nothing.
-template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
-void moments_block(const scalar_t* x, int64_t rows, int64_t C, double seen, acc_t* bsum, acc_t* bm2,
-                   double* mean, double* m2) {
-  std::fill(bsum, bsum + C, acc_t(0));
-  std::fill(bm2, bm2 + C, acc_t(0));
-  for (int64_t r = 1; r < rows; ++r) {
-    for_simd_and_tail<scalar_t>(C, [&](auto zero, int64_t j) {
-      using T = decltype(zero);
-      const T d = load_as<scalar_t, T>(x + r * C + j) - load_as<scalar_t, T>(x + j);
-      store_as<acc_t, T>(bsum + j, coef<true, T>(bsum, j) + d);
-    });
-  }
-  const acc_t inv = acc_t(1) / acc_t(rows);
-  for (int64_t r = 0; r < rows; ++r) {
-    for_simd_and_tail<scalar_t>(C, [&](auto zero, int64_t j) {
-      using T = decltype(zero);
-      const T d = (load_as<scalar_t, T>(x + r * C + j) - load_as<scalar_t, T>(x + j)) -
-                  coef<true, T>(bsum, j) * T(inv);
-      store_as<acc_t, T>(bm2 + j, coef<true, T>(bm2, j) + d * d);
-    });
-  }
-  for (int64_t j = 0; j < C; ++j) {
-    const double bmean = double(acc_t(x[j])) + double(bsum[j]) / double(rows);
-    const Moments w =
-        welford_merge(Moments{mean[j], m2[j], seen}, Moments{bmean, double(bm2[j]), double(rows)});
-    mean[j] = w.mean;
-    m2[j] = w.m2;
-  }
+// Per-channel moments of `rows` channels-last rows in one pass: sums of d = x - x0 and d² where x0 is
+// the first row (a shift: |x0 - mean| is on the scale of the spread, so the variance
+// Σd²/n - (Σd/n)² does not cancel the way E[x²] - E[x]² does for off-centre data). The SIMD
+// accumulators stay in registers while walking down the rows; results per channel in double.
+template <typename scalar_t>
+void chunk_moments(const scalar_t* x, int64_t rows, int64_t C, double* mean, double* m2) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int64_t kV = VecIO<scalar_t>::kSize;
+  const auto finish = [&](int64_t c, acc_t shift, acc_t s1, acc_t s2) {
+    const double ms = double(s1) / double(rows);
+    mean[c] = double(shift) + ms;
+    m2[c] = std::max(0.0, double(s2) - ms * double(s1));
+  };
+  for_simd_and_tail<scalar_t>(C, [&](auto zero, int64_t j) {
+    using T = decltype(zero);
+    const T x0 = load_as<scalar_t, T>(x + j);
+    T s1(0), s2(0);
+    for (int64_t r = 1; r < rows; ++r) {
+      const T d = load_as<scalar_t, T>(x + r * C + j) - x0;
+      s1 = s1 + d;
+      s2 = s2 + d * d;
+    }
+    if constexpr (std::is_same_v<T, acc_t>) {
+      finish(j, x0, s1, s2);
+    } else {
+      acc_t l0[kV], l1[kV], l2[kV];
+      x0.store(l0);
+      s1.store(l1);
+      s2.store(l2);
+      for (int64_t l = 0; l < kV; ++l) finish(j + l, l0[l], l1[l], l2[l]);
+    }
+  });
 }
 
 // Channels-last reductions over HxW: each sample's rows are cut into fixed chunks (RowChunks), each
@@ -245,7 +259,7 @@ RowChunks reduce_channels_last(const ChannelShape& s, std::vector<acc_t>& out0, 
 }
 
 // Per-(n, c) moments over HxW (count HxW each), in double (see Moments): a row_moments per contiguous
-// run (channels-first), or exact blocks of rows per chunk merged in chunk order (channels-last).
+// run (channels-first), or chunk_moments per fixed chunk of rows merged in chunk order (channels-last).
 template <typename scalar_t>
 void channel_moments(const scalar_t* X, const ChannelShape& s, double* mean, double* m2) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -259,17 +273,10 @@ void channel_moments(const scalar_t* X, const ChannelShape& s, double* mean, dou
     });
     return;
   }
-  // Rows per block: at least 8, about 4k values.
-  const int64_t block_rows = std::max<int64_t>(8, 4096 / std::max<int64_t>(1, s.C));
   std::vector<double> pm, pq;
   const RowChunks rc =
       reduce_channels_last(s, pm, pq, [&](int64_t n, int64_t r0, int64_t r1, double* cm, double* cq) {
-        std::vector<acc_t> bsum(s.C), bm2(s.C);
-        for (int64_t r = r0; r < r1; r += block_rows) {
-          const int64_t rows = std::min(block_rows, r1 - r);
-          moments_block(X + (n * s.HxW + r) * s.C, rows, s.C, double(r - r0), bsum.data(), bm2.data(), cm,
-                        cq);
-        }
+        chunk_moments(X + (n * s.HxW + r0) * s.C, r1 - r0, s.C, cm, cq);
       });
   at::parallel_for(0, s.N * s.C, grain_for(rc.count), [&](int64_t begin, int64_t end) {
     for (int64_t nc = begin; nc < end; ++nc) {
@@ -295,8 +302,8 @@ void channel_apply(const scalar_t* X, const scalar_t* R, scalar_t* Y, const Chan
   dispatch_activation(act, [&](auto A) {
     for_each_run(s, k.stat_stride, [&](auto per_elem, const Run& r) {
       apply_run<scalar_t, decltype(A)::value, decltype(per_elem)::value>(
-          X + r.offset, R ? R + r.offset : nullptr, Y + r.offset, r.count, k.mean + r.stat, k.rstd + r.stat,
-          k.gamma + r.chan, k.beta + r.chan, acc_t(slope));
+          X + r.offset, R ? R + r.offset : nullptr, Y + r.offset, r.count, r.rows, k.mean + r.stat,
+          k.rstd + r.stat, k.gamma + r.chan, k.beta + r.chan, acc_t(slope));
     });
   });
 }
@@ -323,12 +330,10 @@ void channel_grad_sums(const scalar_t* dY, const scalar_t* X, const scalar_t* R,
     std::vector<acc_t> pdz, pdzx;
     const RowChunks rc =
         reduce_channels_last(s, pdz, pdzx, [&](int64_t n, int64_t r0, int64_t r1, acc_t* cdz, acc_t* cdzx) {
-          for (int64_t r = r0; r < r1; ++r) {
-            const int64_t o = (n * s.HxW + r) * s.C;
-            grad_sums_row<scalar_t, decltype(A)::value>(
-                dY + o, X + o, R ? R + o : nullptr, s.C, k.mean + n * k.stat_stride,
-                k.rstd + n * k.stat_stride, k.gamma, k.beta, sl, cdz, cdzx);
-          }
+          const int64_t o = (n * s.HxW + r0) * s.C;
+          grad_sums_chunk<scalar_t, decltype(A)::value>(
+              dY + o, X + o, R ? R + o : nullptr, r1 - r0, s.C, k.mean + n * k.stat_stride,
+              k.rstd + n * k.stat_stride, k.gamma, k.beta, sl, cdz, cdzx);
         });
     at::parallel_for(0, s.N * s.C, grain_for(rc.count), [&](int64_t begin, int64_t end) {
       for (int64_t nc = begin; nc < end; ++nc) {
@@ -356,7 +361,7 @@ void channel_grad_input(const scalar_t* dY, const scalar_t* X, const scalar_t* R
     for_each_run(s, k.stat_stride, [&](auto per_elem, const Run& r) {
       grad_input_run<scalar_t, decltype(A)::value, decltype(per_elem)::value>(
           dY + r.offset, X + r.offset, R ? R + r.offset : nullptr, dX ? dX + r.offset : nullptr,
-          dR ? dR + r.offset : nullptr, r.count, k.mean + r.stat, k.rstd + r.stat, k.gamma + r.chan,
+          dR ? dR + r.offset : nullptr, r.count, r.rows, k.mean + r.stat, k.rstd + r.stat, k.gamma + r.chan,
           k.beta + r.chan, g.a + r.stat, g.b + r.stat, g.c + r.stat, acc_t(slope));
     });
   });
