@@ -20,6 +20,26 @@ TORCH_LIBRARY(normext, m) {
       "group_norm_bwd(Tensor dY, Tensor X, Tensor? residual, Tensor mean, Tensor rstd, "
       "Tensor? gamma, Tensor? beta, int G, int act, float slope, bool[4] output_mask) -> "
       "(Tensor dX, Tensor dgamma, Tensor dbeta, Tensor dresidual)");
+
+  // LayerNorm over the trailing normalized_shape of X (made contiguous): M rows of D elements, gamma/beta
+  // of shape normalized_shape (elementwise affine). mean/rstd have X's leading dims (one per row).
+  m.def(
+      "layer_norm_fwd(Tensor X, Tensor? gamma, Tensor? beta, Tensor? residual, int[] normalized_shape, "
+      "float eps, int act, float slope) -> (Tensor Y, Tensor mean, Tensor rstd)");
+  // output_mask as for group_norm_bwd; dgamma/dbeta have shape normalized_shape.
+  m.def(
+      "layer_norm_bwd(Tensor dY, Tensor X, Tensor? residual, Tensor mean, Tensor rstd, Tensor? gamma, "
+      "Tensor? beta, int[] normalized_shape, int act, float slope, bool[4] output_mask) -> "
+      "(Tensor dX, Tensor dgamma, Tensor dbeta, Tensor dresidual)");
+  // LayerNorm2d: X is (N, C, *), NCHW-contiguous or channels-last, normalized over C at each (n, position)
+  // with per-channel gamma/beta; Y keeps the layout. mean/rstd are (N, HxW).
+  m.def(
+      "layer_norm_2d_fwd(Tensor X, Tensor? gamma, Tensor? beta, Tensor? residual, float eps, int act, "
+      "float slope) -> (Tensor Y, Tensor mean, Tensor rstd)");
+  m.def(
+      "layer_norm_2d_bwd(Tensor dY, Tensor X, Tensor? residual, Tensor mean, Tensor rstd, Tensor? gamma, "
+      "Tensor? beta, int act, float slope, bool[4] output_mask) -> "
+      "(Tensor dX, Tensor dgamma, Tensor dbeta, Tensor dresidual)");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -3,7 +3,7 @@
 from normext import functional, integrations
 from normext._ops import ACTIVATIONS
 from normext.convert import convert_model
-from normext.modules import GroupNorm, InstanceNorm1d, InstanceNorm2d, InstanceNorm3d
+from normext.modules import GroupNorm, InstanceNorm1d, InstanceNorm2d, InstanceNorm3d, LayerNorm, LayerNorm2d
 
 __all__ = [
     "ACTIVATIONS",
@@ -11,6 +11,8 @@ __all__ = [
     "InstanceNorm1d",
     "InstanceNorm2d",
     "InstanceNorm3d",
+    "LayerNorm",
+    "LayerNorm2d",
     "convert_model",
     "functional",
     "integrations",

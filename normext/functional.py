@@ -2,5 +2,6 @@
 activation, y = act(norm(x) + residual). Each norm family lives in its own normext/_<family>.py."""
 
 from normext._group_norm import group_norm, instance_norm
+from normext._layer_norm import layer_norm, layer_norm_2d
 
-__all__ = ["group_norm", "instance_norm"]
+__all__ = ["group_norm", "instance_norm", "layer_norm", "layer_norm_2d"]

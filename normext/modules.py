@@ -2,5 +2,6 @@
 state_dict handling and isinstance checks stay torch's). Each norm family lives in normext/_<family>.py."""
 
 from normext._group_norm import GroupNorm, InstanceNorm1d, InstanceNorm2d, InstanceNorm3d
+from normext._layer_norm import LayerNorm, LayerNorm2d
 
-__all__ = ["GroupNorm", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d"]
+__all__ = ["GroupNorm", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "LayerNorm", "LayerNorm2d"]

@@ -195,10 +195,14 @@ def forward_backward(fn, tensors, dy):
     return y, [None if t is None else t.grad for t in leaves]
 
 
-def kink_free_residual(x, G, w=None, b=None):
-    """A float64 residual that puts every pre-activation GN(x)*w + b + residual at |z| in [0.2, 1], away
-    from the relu / leaky_relu kink (for gradcheck)."""
-    z0 = group_norm_pre_ref(x, G, w, b).detach()
+def residual_away_from_kink(z0):
+    """A float64 residual that moves every pre-activation z0 + residual to |z| in [0.2, 1], away from the
+    relu / leaky_relu kink (for gradcheck)."""
     sign = torch.where(torch.rand(z0.shape, dtype=torch.float64) < 0.5, -1.0, 1.0).double()
     target = (torch.rand(z0.shape, dtype=torch.float64) * 0.8 + 0.2) * sign
-    return target - z0
+    return target - z0.detach()
+
+
+def kink_free_residual(x, G, w=None, b=None):
+    """residual_away_from_kink for the pre-activation GN(x)*w + b."""
+    return residual_away_from_kink(group_norm_pre_ref(x, G, w, b))

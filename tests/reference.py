@@ -1,5 +1,6 @@
 # Independent float64 references for the normalization tests: activations, GroupNorm, InstanceNorm (with
-# the running-stat update), the unfused torch-native chain used as the low-precision baseline, and rel_err.
+# the running-stat update), LayerNorm, LayerNorm2d (and the permute chain torch users write for it), the
+# unfused torch-native chain used as the low-precision baseline, and rel_err.
 # Everything here is plain torch ops; nothing is taken from normext.
 import math
 
@@ -143,3 +144,63 @@ def rel_err(a, ref):
     num = torch.linalg.vector_norm(a64 - r64).item()
     den = torch.linalg.vector_norm(r64).item()
     return num / den if den > 0 else num
+
+
+def layer_norm_pre_ref(x, normalized_shape, weight=None, bias=None, eps=1e-5, residual=None):
+    """The pre-activation z = LN(x) * w + b + residual over the trailing normalized_shape, float64."""
+    x64 = to64(x)
+    dims = tuple(range(-len(normalized_shape), 0))
+    mean = x64.mean(dims, keepdim=True)
+    var = ((x64 - mean) ** 2).mean(dims, keepdim=True)
+    z = (x64 - mean) / torch.sqrt(var + eps)
+    if weight is not None:
+        z = z * to64(weight)
+    if bias is not None:
+        z = z + to64(bias)
+    if residual is not None:
+        z = z + to64(residual)
+    return z
+
+
+def layer_norm_ref(
+    x, normalized_shape, weight=None, bias=None, eps=1e-5, activation=None, slope=0.01, residual=None
+):
+    """y = act(LN(x) * w + b + residual), float64 on the CPU, from the formula."""
+    return act_ref(layer_norm_pre_ref(x, normalized_shape, weight, bias, eps, residual), activation, slope)
+
+
+def layer_norm_stats_ref(x, normalized_shape, eps=1e-5):
+    """Per-row mean and rstd (float64, shape x.shape[:-len(normalized_shape)])."""
+    x64 = to64(x)
+    dims = tuple(range(-len(normalized_shape), 0))
+    mean = x64.mean(dims)
+    var = ((x64 - x64.mean(dims, keepdim=True)) ** 2).mean(dims)
+    return mean, 1.0 / torch.sqrt(var + eps)
+
+
+def layer_norm_2d_pre_ref(x, weight=None, bias=None, eps=1e-6, residual=None):
+    """The pre-activation of LayerNorm2d: each (n, position) normalized over the C channels (dim 1), then
+    per-channel w, b, + residual; float64."""
+    x64 = to64(x)
+    mean = x64.mean(1, keepdim=True)
+    var = ((x64 - mean) ** 2).mean(1, keepdim=True)
+    z = (x64 - mean) / torch.sqrt(var + eps)
+    if weight is not None:
+        z = z * _channel_view(to64(weight), z.dim())
+    if bias is not None:
+        z = z + _channel_view(to64(bias), z.dim())
+    if residual is not None:
+        z = z + to64(residual)
+    return z
+
+
+def layer_norm_2d_ref(x, weight=None, bias=None, eps=1e-6, activation=None, slope=0.01, residual=None):
+    """y = act(LayerNorm2d(x) + residual), float64 on the CPU, from the formula."""
+    return act_ref(layer_norm_2d_pre_ref(x, weight, bias, eps, residual), activation, slope)
+
+
+def permute_layer_norm_2d(x, weight=None, bias=None, eps=1e-6):
+    """LayerNorm2d as timm / detectron2 write it: permute C last, F.layer_norm, permute back."""
+    perm = [0, *range(2, x.dim()), 1]
+    inv = [perm.index(i) for i in range(x.dim())]
+    return F.layer_norm(x.permute(perm), (x.shape[1],), weight, bias, eps).permute(inv)

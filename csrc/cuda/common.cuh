@@ -201,6 +201,21 @@ __device__ __forceinline__ T warp_reduce(T v, Op op) {
   return v;
 }
 
+__device__ __forceinline__ float shfl_xor(float v, int off) { return __shfl_xor_sync(kFullMask, v, off); }
+
+__device__ __forceinline__ Sum2 shfl_xor(const Sum2& v, int off) {
+  return {shfl_xor(v.a, off), shfl_xor(v.b, off)};
+}
+
+// Sum of v over each aligned run of `width` lanes (a power of two <= 32) by an xor butterfly, returned
+// to every lane of the run: each step adds the same two values in either order, so all lanes hold the
+// same bits. All 32 lanes of the warp must call it.
+template <typename T>
+__device__ __forceinline__ T group_allsum(T v, int width) {
+  for (int off = width / 2; off > 0; off /= 2) v = v + shfl_xor(v, off);
+  return v;
+}
+
 // Combines v over each run of `seg_warps` consecutive warps (the whole block when seg_warps is the
 // number of warps) and returns the total to every thread of the run, each computing it in the same
 // order. All threads of the block must call it; red needs a slot per warp and is free on return.

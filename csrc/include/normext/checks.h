@@ -4,6 +4,10 @@
 
 #include <ATen/ATen.h>
 #include <c10/util/Optional.h>
+#include <c10/util/StringUtil.h>
+#include <c10/util/accumulate.h>
+
+#include <vector>
 
 #include "normext/math.h"
 
@@ -66,16 +70,22 @@ inline void check_activation(int64_t act, const char* op) {
 // X's or float32 (mixed precision). Returned contiguous in the accumulation type (float32, or
 // float64 for float64 input) so kernels template on one parameter type only; that is a no-op for
 // the usual float32 parameters and a C-element cast for half/bf16 ones.
-inline c10::optional<at::Tensor> check_param(const c10::optional<at::Tensor>& p, const at::Tensor& X,
-                                             int64_t numel, const char* name, const char* op) {
+// check_param_shape is the same for a parameter of any shape (LayerNorm's normalized_shape); it is
+// returned flattened.
+inline c10::optional<at::Tensor> check_param_shape(const c10::optional<at::Tensor>& p, const at::Tensor& X,
+                                                   at::IntArrayRef shape, const char* name, const char* op) {
   if (!p.has_value() || !p->defined()) return c10::nullopt;
   TORCH_CHECK(p->device() == X.device(), op, ": ", name, " is on ", p->device(), " but the input is on ",
               X.device());
-  TORCH_CHECK(p->dim() == 1 && p->numel() == numel, op, ": expected ", name, " of shape [", numel, "], got ",
-              p->sizes());
+  TORCH_CHECK(p->sizes() == shape, op, ": expected ", name, " of shape ", shape, ", got ", p->sizes());
   TORCH_CHECK(p->scalar_type() == X.scalar_type() || p->scalar_type() == at::kFloat, op, ": ", name,
               " must have the input's dtype (", X.scalar_type(), ") or float32, got ", p->scalar_type());
-  return p->to(acc_dtype(X)).contiguous();
+  return p->to(acc_dtype(X)).contiguous().view(-1);
+}
+
+inline c10::optional<at::Tensor> check_param(const c10::optional<at::Tensor>& p, const at::Tensor& X,
+                                             int64_t numel, const char* name, const char* op) {
+  return check_param_shape(p, X, {numel}, name, op);
 }
 
 // A tensor that must match X elementwise (residual, dY): same shape, device and dtype; returned
@@ -136,6 +146,66 @@ inline GroupNormArgs check_group_norm(const at::Tensor& X_in, const c10::optiona
               ") to be divisible by num_groups (", G, ")");
   a.G = G;
   a.D = a.dims.C / G;
+  a.gamma = check_param(gamma, a.X, a.dims.C, "weight", op);
+  a.beta = check_param(beta, a.X, a.dims.C, "bias", op);
+  a.residual = check_like(residual, a.X, a.layout, "residual", op);
+  return a;
+}
+
+// LayerNorm arguments checked once for both devices: X made contiguous and seen as M rows of the
+// D = prod(normalized_shape) trailing elements; gamma/beta flattened to D elements.
+struct LayerNormArgs {
+  at::Tensor X;
+  c10::optional<at::Tensor> gamma, beta, residual;
+  int64_t M, D;
+  std::vector<int64_t> stat_shape;  // X's leading dims: one mean/rstd per row
+};
+
+inline LayerNormArgs check_layer_norm(const at::Tensor& X_in, at::IntArrayRef normalized_shape,
+                                      const c10::optional<at::Tensor>& gamma,
+                                      const c10::optional<at::Tensor>& beta,
+                                      const c10::optional<at::Tensor>& residual, int64_t act,
+                                      const char* op) {
+  check_input(X_in, op, 1);
+  check_activation(act, op);
+  const int64_t k = static_cast<int64_t>(normalized_shape.size());
+  TORCH_CHECK(k >= 1, op, ": normalized_shape must have at least one dimension");
+  const int64_t lead = X_in.dim() - k;
+  TORCH_CHECK(lead >= 0 && X_in.sizes().slice(lead) == normalized_shape, op,
+              ": Given normalized_shape=", normalized_shape, ", expected input with shape [*, ",
+              c10::Join(", ", normalized_shape), "], but got input of size ", X_in.sizes());
+  LayerNormArgs a;
+  a.X = X_in.contiguous();
+  a.stat_shape = a.X.sizes().slice(0, lead).vec();
+  a.D = c10::multiply_integers(normalized_shape);
+  a.M = c10::multiply_integers(a.stat_shape);
+  a.gamma = check_param_shape(gamma, a.X, normalized_shape, "weight", op);
+  a.beta = check_param_shape(beta, a.X, normalized_shape, "bias", op);
+  a.residual = check_like(residual, a.X, Layout::kChannelsFirst, "residual", op);
+  return a;
+}
+
+// LayerNorm2d arguments: X is (N, C, *) in its native layout, normalized over C at each (n, position).
+struct LayerNorm2dArgs {
+  at::Tensor X;
+  c10::optional<at::Tensor> gamma, beta, residual;
+  Layout layout;
+  ChannelDims dims;
+  // Rows of C contiguous channels (channels-last, or no spatial extent); else NCHW, strided over C.
+  bool rows;
+};
+
+inline LayerNorm2dArgs check_layer_norm_2d(const at::Tensor& X_in, const c10::optional<at::Tensor>& gamma,
+                                           const c10::optional<at::Tensor>& beta,
+                                           const c10::optional<at::Tensor>& residual, int64_t act,
+                                           const char* op) {
+  check_input(X_in, op, 2);
+  check_activation(act, op);
+  LayerNorm2dArgs a;
+  a.layout = layout_of(X_in);
+  a.X = to_layout(X_in, a.layout);
+  a.dims = channel_dims(a.X);
+  a.rows = a.layout == Layout::kChannelsLast || a.dims.HxW == 1;
   a.gamma = check_param(gamma, a.X, a.dims.C, "weight", op);
   a.beta = check_param(beta, a.X, a.dims.C, "bias", op);
   a.residual = check_like(residual, a.X, a.layout, "residual", op);

@@ -1,0 +1,552 @@
+// LayerNorm and LayerNorm2d on the CPU: host entry points registered at the CPU key.
+// Rows (LayerNorm; LayerNorm2d in channels-last) are normalized one row at a time with the row kept in
+// cache between its statistics and its apply; LayerNorm2d in NCHW keeps SIMD lanes along the contiguous
+// spatial positions and walks the channels (a strided reduction over C, no layout copy).
+#include <ATen/Dispatch.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <type_traits>
+
+#include "channel_kernels.h"
+#include "normext/checks.h"
+
+namespace normext::cpu {
+namespace {
+
+using at::Tensor;
+
+// Parameter as a pointer in the accumulation type, or `fill` when absent (storage holds the fill).
+template <typename acc_t>
+const acc_t* param_or(const c10::optional<Tensor>& p, std::vector<acc_t>& storage, int64_t n, acc_t fill) {
+  if (p.has_value()) return p->data_ptr<acc_t>();
+  storage.assign(n, fill);
+  return storage.data();
+}
+
+template <typename acc_t>
+acc_t rstd_of(acc_t m2, int64_t n, double eps) {
+  return acc_t(1) / std::sqrt(m2 / acc_t(n) + acc_t(eps));
+}
+
+// Inputs and statistics shared by the row and NCHW kernels. gamma/beta are never null (ones/zeros when
+// absent); R is null without a residual. The forward writes mean/rstd, the backward reads them.
+template <typename scalar_t>
+struct NormPtrs {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* X;
+  const scalar_t* R;
+  const acc_t* gamma;
+  const acc_t* beta;
+  acc_t* mean;
+  acc_t* rstd;
+  acc_t slope;
+};
+
+// ------------------------------------------------------------------------------------------------ rows
+
+// One row: moments (row_moments: two passes over L1-sized blocks), then the apply re-reading the row from
+// cache. Run-level functions take their pointers by value, already offset to the row, so the hot loops
+// keep them in registers.
+template <typename scalar_t, int64_t kAct, typename acc_t = at::opmath_type<scalar_t>>
+void forward_row(const scalar_t* x, const scalar_t* res, scalar_t* y, int64_t D, const acc_t* gamma,
+                 const acc_t* beta, double eps, acc_t slope, acc_t* mean_out, acc_t* rstd_out) {
+  const auto w = row_moments(x, D);
+  const acc_t mean = w.mean, rstd = rstd_of(w.m2, D, eps);
+  *mean_out = mean;
+  *rstd_out = rstd;
+  for_simd_and_tail<scalar_t>(D, [&](auto zero, int64_t j) {
+    using T = decltype(zero);
+    const T scale = T(rstd) * coef<true, T>(gamma, j);
+    T z = (load_as<scalar_t, T>(x + j) - T(mean)) * scale + coef<true, T>(beta, j);
+    if (res != nullptr) z = z + load_as<scalar_t, T>(res + j);
+    store_as<scalar_t, T>(y + j, act_forward(z, kAct, slope));
+  });
+}
+
+// Forward over M rows of D elements, gamma/beta per element; one row per iteration of a parallel_for.
+template <typename scalar_t, int64_t kAct>
+void rows_forward(const NormPtrs<scalar_t>& p, scalar_t* Y, int64_t M, int64_t D, double eps) {
+  at::parallel_for(0, M, grain_for(D), [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t o = row * D;
+      forward_row<scalar_t, kAct>(p.X + o, p.R != nullptr ? p.R + o : nullptr, Y + o, D, p.gamma, p.beta, eps,
+                                  p.slope, p.mean + row, p.rstd + row);
+    }
+  });
+}
+
+// Backward outputs and the dgamma/dbeta partial rows (null when not needed).
+template <typename scalar_t>
+struct GradPtrs {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* dY;
+  scalar_t* dX;
+  scalar_t* dR;
+  acc_t* part_dgamma;
+  acc_t* part_dbeta;
+};
+
+// One row of the backward. Pass A computes dz (kept in `scratch` when an activation makes it costly to
+// recompute), Σ gamma·dz and Σ gamma·dz·x̂, and adds dz·x̂ and dz to the dgamma/dbeta partial rows pg/pb
+// (may be null); pass B writes dx = rstd·(gamma·dz − mean(gamma·dz) − x̂·mean(gamma·dz·x̂)).
+template <typename scalar_t, int64_t kAct, typename acc_t = at::opmath_type<scalar_t>>
+void backward_row(const scalar_t* dy, const scalar_t* x, const scalar_t* res, scalar_t* dx, scalar_t* dres,
+                  int64_t D, acc_t mean, acc_t rstd, const acc_t* gamma, const acc_t* beta, acc_t slope,
+                  acc_t* pg, acc_t* pb, acc_t* scratch) {
+  using Vec = typename VecIO<scalar_t>::Vec;
+  constexpr bool kScratch = kAct != kIdentity;
+  Vec v1(0), v2(0);
+  acc_t t1 = 0, t2 = 0;
+  for_simd_and_tail<scalar_t>(D, [&](auto zero, int64_t j) {
+    using T = decltype(zero);
+    const T xhat = (load_as<scalar_t, T>(x + j) - T(mean)) * T(rstd);
+    const T g = coef<true, T>(gamma, j);
+    const T dz = grad_z<kAct>(dy, res, j, xhat, g, coef<true, T>(beta, j), slope);
+    if constexpr (kScratch) store_as<acc_t, T>(scratch + j, dz);
+    if (dres != nullptr) store_as<scalar_t, T>(dres + j, dz);
+    if (pg != nullptr) store_as<acc_t, T>(pg + j, coef<true, T>(pg, j) + dz * xhat);
+    if (pb != nullptr) store_as<acc_t, T>(pb + j, coef<true, T>(pb, j) + dz);
+    const T gdz = g * dz;
+    if constexpr (std::is_same_v<T, acc_t>) {
+      t1 += gdz;
+      t2 += gdz * xhat;
+    } else {
+      v1 = v1 + gdz;
+      v2 = at::vec::fmadd(gdz, xhat, v2);
+    }
+  });
+  if (dx == nullptr) return;
+  const auto add = [](Vec a, Vec b) { return a + b; };
+  const acc_t c1 = (at::vec::vec_reduce_all(add, v1) + t1) / acc_t(D);
+  const acc_t c2 = (at::vec::vec_reduce_all(add, v2) + t2) / acc_t(D);
+  for_simd_and_tail<scalar_t>(D, [&](auto zero, int64_t j) {
+    using T = decltype(zero);
+    const T xhat = (load_as<scalar_t, T>(x + j) - T(mean)) * T(rstd);
+    T dz;
+    if constexpr (kScratch) {
+      dz = load_as<acc_t, T>(scratch + j);
+    } else {
+      dz = load_as<scalar_t, T>(dy + j);
+    }
+    store_as<scalar_t, T>(dx + j, T(rstd) * (coef<true, T>(gamma, j) * dz - T(c1) - xhat * T(c2)));
+  });
+}
+
+// Row chunks of the backward, fixed by the shape. Each chunk owns one dgamma/dbeta partial row (zeroed,
+// then summed by sum_partials), so chunks are larger than RowChunks' to keep that traffic small.
+RowChunks backward_chunks(int64_t M, int64_t D) {
+  constexpr int64_t kElemsPerChunk = 1 << 17;
+  const int64_t per = std::max<int64_t>(1, kElemsPerChunk / std::max<int64_t>(1, D));
+  return {per, std::max<int64_t>(1, (M + per - 1) / per)};
+}
+
+// Backward over M rows of D elements in backward_chunks; the result does not depend on the thread count.
+template <typename scalar_t, int64_t kAct>
+void rows_backward(const NormPtrs<scalar_t>& p, const GradPtrs<scalar_t>& gp, int64_t M, int64_t D) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const RowChunks rc = backward_chunks(M, D);
+  at::parallel_for(0, rc.count, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> scratch(kAct != kIdentity ? D : 0);
+    for (int64_t chunk = begin; chunk < end; ++chunk) {
+      acc_t* pg = gp.part_dgamma != nullptr ? gp.part_dgamma + chunk * D : nullptr;
+      acc_t* pb = gp.part_dbeta != nullptr ? gp.part_dbeta + chunk * D : nullptr;
+      if (pg != nullptr) std::fill(pg, pg + D, acc_t(0));
+      if (pb != nullptr) std::fill(pb, pb + D, acc_t(0));
+      const int64_t r0 = chunk * rc.rows_per_chunk, r1 = std::min(M, r0 + rc.rows_per_chunk);
+      for (int64_t row = r0; row < r1; ++row) {
+        const int64_t o = row * D;
+        backward_row<scalar_t, kAct>(gp.dY + o, p.X + o, p.R != nullptr ? p.R + o : nullptr,
+                                     gp.dX != nullptr ? gp.dX + o : nullptr,
+                                     gp.dR != nullptr ? gp.dR + o : nullptr, D, p.mean[row], p.rstd[row],
+                                     p.gamma, p.beta, p.slope, pg, pb, scratch.data());
+      }
+    }
+  });
+}
+
+// dgamma[j] = Σ_k part_g[k·D + j] (and dbeta from part_b) over the `count` partial rows, in k order
+// (deterministic); null pairs are skipped. One parallel region for both, and none when the partials are
+// small: on a busy machine every region's join can cost a scheduler tick.
+template <typename acc_t>
+void sum_partials(const acc_t* part_g, const acc_t* part_b, int64_t count, int64_t D, acc_t* dgamma,
+                  acc_t* dbeta) {
+  constexpr int64_t kInline = 1 << 18;  // partial elements per task
+  at::parallel_for(0, D, std::max<int64_t>(1, kInline / std::max<int64_t>(1, count)),
+                   [&](int64_t begin, int64_t end) {
+                     for (const auto& [part, out] : {std::pair{part_g, dgamma}, std::pair{part_b, dbeta}}) {
+                       if (out == nullptr) continue;
+                       std::fill(out + begin, out + end, acc_t(0));
+                       for (int64_t k = 0; k < count; ++k) {
+                         const acc_t* src = part + k * D;
+                         for (int64_t j = begin; j < end; ++j) out[j] += src[j];
+                       }
+                     }
+                   });
+}
+
+// ------------------------------------------------------------------------------------------ NCHW 2d
+
+// LayerNorm2d on (N, C, HxW)-contiguous X. A task is one sample n and a block of up to kBlockVecs SIMD
+// vectors of consecutive positions (the positions past the last whole vector run as scalar lanes); it
+// walks the C channels with stride HxW, each lane running its own Welford over the channels of its
+// position. Tasks never share a position, so the forward is deterministic by construction.
+constexpr int64_t kBlockVecs = 8;
+
+struct Block2d {
+  int64_t N, C, HxW;
+  int64_t per_n;  // blocks per sample
+  int64_t block;  // positions per block
+};
+
+template <typename scalar_t>
+Block2d blocks_2d(const ChannelDims& d) {
+  const int64_t block = kBlockVecs * VecIO<scalar_t>::kSize;
+  return {d.N, d.C, d.HxW, (d.HxW + block - 1) / block, block};
+}
+
+// Positions [p0, p0 + nl·W) of sample n as nl lanes of T (W = 1 for acc_t, the vector size for Vec).
+template <typename T, typename scalar_t>
+constexpr int64_t lanes_of() {
+  return std::is_same_v<T, at::opmath_type<scalar_t>> ? 1 : VecIO<scalar_t>::kSize;
+}
+
+template <typename T, typename scalar_t>
+constexpr int64_t max_lanes() {
+  return std::is_same_v<T, at::opmath_type<scalar_t>> ? VecIO<scalar_t>::kSize : kBlockVecs;
+}
+
+// Per-lane mean and rstd over the C channels (Welford on x − x[c = 0], so a mean far from zero keeps
+// its low bits); writes them to the statistics and returns them in m / rs.
+template <typename T, typename scalar_t>
+void lanes_moments(const scalar_t* x, int64_t nl, int64_t C, int64_t HxW, double eps, T* m, T* rs,
+                   at::opmath_type<scalar_t>* mean_out, at::opmath_type<scalar_t>* rstd_out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int64_t W = lanes_of<T, scalar_t>();
+  T shift[max_lanes<T, scalar_t>()], q[max_lanes<T, scalar_t>()];
+  for (int64_t l = 0; l < nl; ++l) {
+    shift[l] = load_as<scalar_t, T>(x + l * W);
+    m[l] = T(acc_t(0));
+    q[l] = T(acc_t(0));
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    const scalar_t* xc = x + c * HxW;
+    const T inv(acc_t(1) / acc_t(c + 1));
+    for (int64_t l = 0; l < nl; ++l) {
+      const T v = load_as<scalar_t, T>(xc + l * W) - shift[l];
+      const T d = v - m[l];
+      m[l] = m[l] + d * inv;
+      q[l] = q[l] + d * (v - m[l]);
+    }
+  }
+  const T var_eps = T(acc_t(eps));
+  const T inv_c(acc_t(1) / acc_t(C));
+  for (int64_t l = 0; l < nl; ++l) {
+    m[l] = m[l] + shift[l];
+    if constexpr (W == 1) {
+      rs[l] = rstd_of(q[l], C, eps);
+    } else {
+      rs[l] = (q[l] * inv_c + var_eps).rsqrt();
+    }
+    store_as<acc_t, T>(mean_out + l * W, m[l]);
+    store_as<acc_t, T>(rstd_out + l * W, rs[l]);
+  }
+}
+
+template <typename T, typename scalar_t, int64_t kAct>
+void block_2d_forward(const NormPtrs<scalar_t>& p, scalar_t* Y, const Block2d& s, int64_t n, int64_t p0,
+                      int64_t nl, double eps) {
+  constexpr int64_t W = lanes_of<T, scalar_t>();
+  T m[max_lanes<T, scalar_t>()], rs[max_lanes<T, scalar_t>()];
+  const int64_t base = n * s.C * s.HxW + p0;
+  const int64_t stat = n * s.HxW + p0;
+  lanes_moments<T>(p.X + base, nl, s.C, s.HxW, eps, m, rs, p.mean + stat, p.rstd + stat);
+  const scalar_t* const R = p.R;
+  const auto slope = p.slope;
+  for (int64_t c = 0; c < s.C; ++c) {
+    const int64_t o = base + c * s.HxW;
+    const T g(p.gamma[c]), b(p.beta[c]);
+    for (int64_t l = 0; l < nl; ++l) {
+      T z = (load_as<scalar_t, T>(p.X + o + l * W) - m[l]) * rs[l] * g + b;
+      if (R != nullptr) z = z + load_as<scalar_t, T>(R + o + l * W);
+      store_as<scalar_t, T>(Y + o + l * W, act_forward(z, kAct, slope));
+    }
+  }
+}
+
+// Runs body(T, p0, nl) on every block of sample n's positions: whole vectors, then the scalar rest.
+template <typename scalar_t, typename Body>
+void for_block_lanes(const Block2d& s, int64_t blk, const Body& body) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using Vec = typename VecIO<scalar_t>::Vec;
+  constexpr int64_t V = VecIO<scalar_t>::kSize;
+  const int64_t p0 = blk * s.block;
+  const int64_t len = std::min(s.block, s.HxW - p0);
+  const int64_t nv = len / V;
+  if (nv > 0) body(Vec(acc_t(0)), p0, nv);
+  if (len > nv * V) body(acc_t(0), p0 + nv * V, len - nv * V);
+}
+
+template <typename scalar_t, int64_t kAct>
+void nchw_forward(const NormPtrs<scalar_t>& p, scalar_t* Y, const Block2d& s, double eps) {
+  at::parallel_for(0, s.N * s.per_n, grain_for(s.C * s.block), [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t n = t / s.per_n;
+      for_block_lanes<scalar_t>(s, t % s.per_n, [&](auto zero, int64_t p0, int64_t nl) {
+        block_2d_forward<decltype(zero), scalar_t, kAct>(p, Y, s, n, p0, nl, eps);
+      });
+    }
+  });
+}
+
+// Backward of one block: pass A over the channels accumulates, per lane, Σ gamma·dz and Σ gamma·dz·x̂
+// (and adds the block's Σ dz·x̂, Σ dz of each channel to its dgamma/dbeta partial row); pass B writes dx.
+// dz is kept in `scratch` (C·nl lanes) when an activation makes it costly to recompute.
+template <typename T, typename scalar_t, int64_t kAct>
+void block_2d_backward(const NormPtrs<scalar_t>& p, const GradPtrs<scalar_t>& gp, const Block2d& s, int64_t n,
+                       int64_t p0, int64_t nl, at::opmath_type<scalar_t>* pg, at::opmath_type<scalar_t>* pb,
+                       at::opmath_type<scalar_t>* scratch) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int64_t W = lanes_of<T, scalar_t>();
+  constexpr int64_t L = max_lanes<T, scalar_t>();
+  constexpr bool kScratch = kAct != kIdentity;
+  auto hsum = [](T v) {
+    if constexpr (W == 1) {
+      return v;
+    } else {
+      return at::vec::vec_reduce_all([](T a, T b) { return a + b; }, v);
+    }
+  };
+  const int64_t base = n * s.C * s.HxW + p0;
+  const int64_t stat = n * s.HxW + p0;
+  T m[L], rs[L], s1[L], s2[L];
+  for (int64_t l = 0; l < nl; ++l) {
+    m[l] = load_as<acc_t, T>(p.mean + stat + l * W);
+    rs[l] = load_as<acc_t, T>(p.rstd + stat + l * W);
+    s1[l] = T(acc_t(0));
+    s2[l] = T(acc_t(0));
+  }
+  const scalar_t* const X = p.X;
+  const scalar_t* const R = p.R;
+  const scalar_t* const dY = gp.dY;
+  const auto slope = p.slope;
+  for (int64_t c = 0; c < s.C; ++c) {
+    const int64_t o = base + c * s.HxW;
+    const T g(p.gamma[c]), b(p.beta[c]);
+    T dzx(acc_t(0)), dzs(acc_t(0));
+    for (int64_t l = 0; l < nl; ++l) {
+      const int64_t e = o + l * W;
+      const T xhat = (load_as<scalar_t, T>(X + e) - m[l]) * rs[l];
+      const T dz = grad_z<kAct>(dY, R, e, xhat, g, b, slope);
+      if constexpr (kScratch) store_as<acc_t, T>(scratch + (c * nl + l) * W, dz);
+      if (gp.dR != nullptr) store_as<scalar_t, T>(gp.dR + e, dz);
+      s1[l] = s1[l] + g * dz;
+      s2[l] = s2[l] + g * dz * xhat;
+      dzx = dzx + dz * xhat;
+      dzs = dzs + dz;
+    }
+    if (pg != nullptr) pg[c] += hsum(dzx);
+    if (pb != nullptr) pb[c] += hsum(dzs);
+  }
+  if (gp.dX == nullptr) return;
+  const T inv_c(acc_t(1) / acc_t(s.C));
+  for (int64_t l = 0; l < nl; ++l) {
+    s1[l] = s1[l] * inv_c;
+    s2[l] = s2[l] * inv_c;
+  }
+  for (int64_t c = 0; c < s.C; ++c) {
+    const int64_t o = base + c * s.HxW;
+    const T g(p.gamma[c]);
+    for (int64_t l = 0; l < nl; ++l) {
+      const int64_t e = o + l * W;
+      const T xhat = (load_as<scalar_t, T>(X + e) - m[l]) * rs[l];
+      T dz;
+      if constexpr (kScratch) {
+        dz = load_as<acc_t, T>(scratch + (c * nl + l) * W);
+      } else {
+        dz = load_as<scalar_t, T>(dY + e);
+      }
+      store_as<scalar_t, T>(gp.dX + e, rs[l] * (g * dz - s1[l] - xhat * s2[l]));
+    }
+  }
+}
+
+// Tasks as in the forward; each task owns one C-element dgamma/dbeta partial row, summed in task order.
+template <typename scalar_t, int64_t kAct>
+void nchw_backward(const NormPtrs<scalar_t>& p, const GradPtrs<scalar_t>& gp, const Block2d& s) {
+  using acc_t = at::opmath_type<scalar_t>;
+  at::parallel_for(0, s.N * s.per_n, grain_for(s.C * s.block), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> scratch(kAct != kIdentity ? s.C * s.block : 0);
+    for (int64_t t = begin; t < end; ++t) {
+      acc_t* pg = gp.part_dgamma != nullptr ? gp.part_dgamma + t * s.C : nullptr;
+      acc_t* pb = gp.part_dbeta != nullptr ? gp.part_dbeta + t * s.C : nullptr;
+      if (pg != nullptr) std::fill(pg, pg + s.C, acc_t(0));
+      if (pb != nullptr) std::fill(pb, pb + s.C, acc_t(0));
+      const int64_t n = t / s.per_n;
+      for_block_lanes<scalar_t>(s, t % s.per_n, [&](auto zero, int64_t p0, int64_t nl) {
+        block_2d_backward<decltype(zero), scalar_t, kAct>(p, gp, s, n, p0, nl, pg, pb, scratch.data());
+      });
+    }
+  });
+}
+
+// ------------------------------------------------------------------------------------------- host side
+
+// Rows or NCHW-2d forward into Y (allocated like X); mean/rstd hold one value per row / position.
+template <typename scalar_t>
+void forward_impl(const Tensor& X, const c10::optional<Tensor>& gamma, const c10::optional<Tensor>& beta,
+                  const c10::optional<Tensor>& residual, double eps, int64_t act, double slope, Tensor& Y,
+                  Tensor& mean, Tensor& rstd, int64_t M, int64_t D, const ChannelDims* nchw) {
+  using acc_t = at::opmath_type<scalar_t>;
+  std::vector<acc_t> ones, zeros;
+  const NormPtrs<scalar_t> p{X.const_data_ptr<scalar_t>(),
+                             residual ? residual->const_data_ptr<scalar_t>() : nullptr,
+                             param_or(gamma, ones, D, acc_t(1)),
+                             param_or(beta, zeros, D, acc_t(0)),
+                             mean.data_ptr<acc_t>(),
+                             rstd.data_ptr<acc_t>(),
+                             acc_t(slope)};
+  scalar_t* y = Y.data_ptr<scalar_t>();
+  dispatch_activation(act, [&](auto kAct) {
+    if (nchw != nullptr) {
+      nchw_forward<scalar_t, decltype(kAct)::value>(p, y, blocks_2d<scalar_t>(*nchw), eps);
+    } else {
+      rows_forward<scalar_t, decltype(kAct)::value>(p, y, M, D, eps);
+    }
+  });
+}
+
+template <typename scalar_t>
+void backward_impl(const Tensor& dY, const Tensor& X, const c10::optional<Tensor>& residual,
+                   const Tensor& mean, const Tensor& rstd, const c10::optional<Tensor>& gamma,
+                   const c10::optional<Tensor>& beta, int64_t act, double slope, std::array<bool, 4> mask,
+                   Tensor& dX, Tensor& dgamma, Tensor& dbeta, Tensor& dR, int64_t M, int64_t D,
+                   const ChannelDims* nchw) {
+  using acc_t = at::opmath_type<scalar_t>;
+  std::vector<acc_t> ones, zeros;
+  const NormPtrs<scalar_t> p{X.const_data_ptr<scalar_t>(),
+                             residual ? residual->const_data_ptr<scalar_t>() : nullptr,
+                             param_or(gamma, ones, D, acc_t(1)),
+                             param_or(beta, zeros, D, acc_t(0)),
+                             mean.data_ptr<acc_t>(),
+                             rstd.data_ptr<acc_t>(),
+                             acc_t(slope)};
+  const Block2d s = nchw != nullptr ? blocks_2d<scalar_t>(*nchw) : Block2d{};
+  const int64_t parts = nchw != nullptr ? s.N * s.per_n : backward_chunks(M, D).count;
+  std::vector<acc_t> part_g(mask[1] ? parts * D : 0), part_b(mask[2] ? parts * D : 0);
+  const GradPtrs<scalar_t> gp{dY.const_data_ptr<scalar_t>(), mask[0] ? dX.data_ptr<scalar_t>() : nullptr,
+                              mask[3] ? dR.data_ptr<scalar_t>() : nullptr, mask[1] ? part_g.data() : nullptr,
+                              mask[2] ? part_b.data() : nullptr};
+  dispatch_activation(act, [&](auto kAct) {
+    if (nchw != nullptr) {
+      nchw_backward<scalar_t, decltype(kAct)::value>(p, gp, s);
+    } else {
+      rows_backward<scalar_t, decltype(kAct)::value>(p, gp, M, D);
+    }
+  });
+  sum_partials<acc_t>(part_g.data(), part_b.data(), parts, D, mask[1] ? dgamma.data_ptr<acc_t>() : nullptr,
+                      mask[2] ? dbeta.data_ptr<acc_t>() : nullptr);
+}
+
+std::tuple<Tensor, Tensor, Tensor> layer_norm_fwd_cpu(const Tensor& X_in, const c10::optional<Tensor>& gamma,
+                                                      const c10::optional<Tensor>& beta,
+                                                      const c10::optional<Tensor>& residual,
+                                                      at::IntArrayRef normalized_shape, double eps,
+                                                      int64_t act, double slope) {
+  const auto a = check_layer_norm(X_in, normalized_shape, gamma, beta, residual, act, "layer_norm_fwd");
+  Tensor Y = at::empty_like(a.X);
+  Tensor mean = at::empty(a.stat_shape, a.X.options().dtype(acc_dtype(a.X)));
+  Tensor rstd = at::empty_like(mean);
+  if (a.M == 0) return {Y, mean, rstd};
+  if (a.D == 0) {
+    mean.fill_(std::nan(""));
+    rstd.fill_(std::nan(""));
+    return {Y, mean, rstd};
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.X.scalar_type(), "layer_norm_fwd_cpu", [&] {
+    forward_impl<scalar_t>(a.X, a.gamma, a.beta, a.residual, eps, act, slope, Y, mean, rstd, a.M, a.D,
+                           nullptr);
+  });
+  return {Y, mean, rstd};
+}
+
+// Outputs of a backward op: unselected ones are empty; dgamma/dbeta are in the accumulation type.
+std::tuple<Tensor, Tensor, Tensor, Tensor> alloc_grads(const Tensor& X, at::IntArrayRef param_shape,
+                                                       std::array<bool, 4> mask) {
+  const auto acc_opts = X.options().dtype(acc_dtype(X));
+  return {mask[0] ? at::empty_like(X) : at::empty({0}, X.options()),
+          mask[1] ? at::zeros(param_shape, acc_opts) : at::empty({0}, acc_opts),
+          mask[2] ? at::zeros(param_shape, acc_opts) : at::empty({0}, acc_opts),
+          mask[3] ? at::empty_like(X) : at::empty({0}, X.options())};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> layer_norm_bwd_cpu(
+    const Tensor& dY_in, const Tensor& X_in, const c10::optional<Tensor>& residual, const Tensor& mean_in,
+    const Tensor& rstd_in, const c10::optional<Tensor>& gamma, const c10::optional<Tensor>& beta,
+    at::IntArrayRef normalized_shape, int64_t act, double slope, std::array<bool, 4> mask) {
+  constexpr const char* op = "layer_norm_bwd";
+  const auto a = check_layer_norm(X_in, normalized_shape, gamma, beta, residual, act, op);
+  const Tensor dY = *check_like(dY_in, a.X, Layout::kChannelsFirst, "grad_output", op);
+  const Tensor mean = check_stats(mean_in, a.X, a.M, "mean", op);
+  const Tensor rstd = check_stats(rstd_in, a.X, a.M, "rstd", op);
+  auto [dX, dgamma, dbeta, dR] = alloc_grads(a.X, normalized_shape, mask);
+  if (a.X.numel() == 0) return {dX, dgamma, dbeta, dR};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.X.scalar_type(), "layer_norm_bwd_cpu", [&] {
+    backward_impl<scalar_t>(dY, a.X, a.residual, mean, rstd, a.gamma, a.beta, act, slope, mask, dX, dgamma,
+                            dbeta, dR, a.M, a.D, nullptr);
+  });
+  return {dX, dgamma, dbeta, dR};
+}
+
+std::tuple<Tensor, Tensor, Tensor> layer_norm_2d_fwd_cpu(const Tensor& X_in,
+                                                         const c10::optional<Tensor>& gamma,
+                                                         const c10::optional<Tensor>& beta,
+                                                         const c10::optional<Tensor>& residual, double eps,
+                                                         int64_t act, double slope) {
+  const auto a = check_layer_norm_2d(X_in, gamma, beta, residual, act, "layer_norm_2d_fwd");
+  const auto [N, C, HxW] = a.dims;
+  Tensor Y = at::empty_like(a.X);
+  Tensor mean = at::empty({N, HxW}, a.X.options().dtype(acc_dtype(a.X)));
+  Tensor rstd = at::empty_like(mean);
+  if (N * HxW == 0) return {Y, mean, rstd};
+  if (C == 0) {
+    mean.fill_(std::nan(""));
+    rstd.fill_(std::nan(""));
+    return {Y, mean, rstd};
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.X.scalar_type(), "layer_norm_2d_fwd_cpu", [&] {
+    forward_impl<scalar_t>(a.X, a.gamma, a.beta, a.residual, eps, act, slope, Y, mean, rstd, N * HxW, C,
+                           a.rows ? nullptr : &a.dims);
+  });
+  return {Y, mean, rstd};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> layer_norm_2d_bwd_cpu(
+    const Tensor& dY_in, const Tensor& X_in, const c10::optional<Tensor>& residual, const Tensor& mean_in,
+    const Tensor& rstd_in, const c10::optional<Tensor>& gamma, const c10::optional<Tensor>& beta, int64_t act,
+    double slope, std::array<bool, 4> mask) {
+  constexpr const char* op = "layer_norm_2d_bwd";
+  const auto a = check_layer_norm_2d(X_in, gamma, beta, residual, act, op);
+  const auto [N, C, HxW] = a.dims;
+  const Tensor dY = *check_like(dY_in, a.X, a.layout, "grad_output", op);
+  const Tensor mean = check_stats(mean_in, a.X, N * HxW, "mean", op);
+  const Tensor rstd = check_stats(rstd_in, a.X, N * HxW, "rstd", op);
+  auto [dX, dgamma, dbeta, dR] = alloc_grads(a.X, {C}, mask);
+  if (a.X.numel() == 0) return {dX, dgamma, dbeta, dR};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.X.scalar_type(), "layer_norm_2d_bwd_cpu", [&] {
+    backward_impl<scalar_t>(dY, a.X, a.residual, mean, rstd, a.gamma, a.beta, act, slope, mask, dX, dgamma,
+                            dbeta, dR, N * HxW, C, a.rows ? nullptr : &a.dims);
+  });
+  return {dX, dgamma, dbeta, dR};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(normext, CPU, m) {
+  m.impl("layer_norm_fwd", &layer_norm_fwd_cpu);
+  m.impl("layer_norm_bwd", &layer_norm_bwd_cpu);
+  m.impl("layer_norm_2d_fwd", &layer_norm_2d_fwd_cpu);
+  m.impl("layer_norm_2d_bwd", &layer_norm_2d_bwd_cpu);
+}
+
+}  // namespace normext::cpu

@@ -1,0 +1,988 @@
+// LayerNorm and LayerNorm2d on CUDA: the layer_norm[_2d]_fwd/bwd ops registered at the CUDA key.
+// Rows (LayerNorm; LayerNorm2d in channels-last) pick their kernel by row length: a group of up to 32
+// lanes of a warp per row, or a whole block per row, with the row held in registers (two exact passes
+// over the registers for the statistics); only rows too long for that take two passes over memory.
+// LayerNorm2d in NCHW reduces over C with threads along the contiguous positions. dgamma/dbeta are
+// per-block partial rows summed by a second kernel in a fixed order (no atomics: deterministic).
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <climits>
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+
+#include "common.cuh"
+#include "normext/checks.h"
+#include "normext/math.h"
+
+namespace normext::cuda {
+namespace {
+
+using at::Tensor;
+
+// Elements of a row one thread keeps in registers (kCap / VEC vectors).
+constexpr int kCap = 32;
+// Block size of the kernels where a warp or part of one owns a row (several rows per block).
+constexpr int kGroupThreads = 128;
+// Block-per-row limits: the forward holds x (kCap floats per thread), the backward x, dz and the
+// dgamma/dbeta partials (4·kCap), so the backward gets fewer threads per block.
+constexpr int kMaxFwdRowThreads = 512;  // rows up to 16384 elements
+constexpr int kMaxBwdRowThreads = 256;  // rows up to 8192 elements
+constexpr int kLongRowThreads = 256;
+constexpr int64_t kMaxGrid = 1 << 30;
+constexpr int k2dThreads = 256;
+
+int pow2_at_least(int64_t v) {
+  int p = 1;
+  while (p < v) p *= 2;
+  return p;
+}
+
+int sm_count() {
+  int n = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, c10::cuda::current_device()));
+  return n;
+}
+
+// Blocks of `kernel` that fit on the GPU at once (at least one per SM): the grid of the persistent
+// backward kernels, so that each partial row covers an equal share of the rows in a single wave. A
+// function of the device and the build only, so the reduction order is the same on every run.
+template <typename Kernel>
+int64_t resident_blocks(Kernel kernel, int threads) {
+  int per_sm = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, 0));
+  return static_cast<int64_t>(sm_count()) * std::max(per_sm, 1);
+}
+
+// ------------------------------------------------------------------------------------ device helpers
+
+// p[j .. j + VEC) of a float parameter (aligned to VEC floats, j a multiple of VEC), or `fill` when
+// the parameter is absent.
+template <int VEC>
+__device__ __forceinline__ void load_param(const float* p, int64_t j, float (&out)[VEC], float fill) {
+  if (p != nullptr) {
+    load_float<VEC>(p, j, out);
+  } else {
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) out[k] = fill;
+  }
+}
+
+// Sum of v over a row's thread group, returned to every thread of the group: W <= 32 lanes aligned
+// within the warp (group_allsum), or the whole block (kBlock; block_allreduce with `red`, one slot per
+// warp, free again on return). Every thread of the block must call it.
+template <bool kBlock, typename T>
+__device__ __forceinline__ T row_allsum(T v, int W, T* red) {
+  if constexpr (kBlock) {
+    return block_allreduce(v, SumOp{}, red, blockDim.x / kWarpSize);
+  } else {
+    return group_allsum(v, W);
+  }
+}
+
+// y = act((x − mean)·(rstd·gamma) + beta + r) for one vector.
+template <int VEC>
+__device__ __forceinline__ void apply_vec(const float (&x)[VEC], float mean, float rstd,
+                                          const float (&g)[VEC], const float (&b)[VEC], const float (&r)[VEC],
+                                          int act, float slope, float (&y)[VEC]) {
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) y[k] = act_forward((x[k] - mean) * (rstd * g[k]) + b[k] + r[k], act, slope);
+}
+
+// --------------------------------------------------------------------------------------- row kernels
+
+// Forward over M rows of D = nvec·VEC elements, each row held in registers. A group of W threads owns a
+// row: W ≤ 32 lanes of a warp (kBlock = false, kGroupThreads / W rows per block), or the whole block
+// (kBlock, W = blockDim.x, a multiple of 32). Thread `lane` holds the row's vectors lane, lane + W, ...
+// (at most kCap / VEC), so each load of the group is one contiguous span. Statistics from registers:
+// mean = x0 + Σ(x − x0)/D with x0 the row's first element (a mean far from zero keeps its low bits),
+// var = Σ(x − mean)²/D. Rows are strided over the grid; all threads of a block run the same iterations
+// (rows ≥ M only skip memory), so shuffles and barriers stay convergent.
+template <typename scalar_t, int VEC, bool kBlock>
+__global__ void __launch_bounds__(kMaxFwdRowThreads)
+    ln_fwd_rows_kernel(const scalar_t* __restrict__ X, const scalar_t* __restrict__ R,
+                       scalar_t* __restrict__ Y, const float* __restrict__ gamma,
+                       const float* __restrict__ beta, float* __restrict__ mean_out,
+                       float* __restrict__ rstd_out, int64_t M, int D, int W, float eps, int act,
+                       float slope) {
+  constexpr int kIters = kCap / VEC;
+  __shared__ float red[kWarpSize];
+  const int lane = kBlock ? threadIdx.x : threadIdx.x % W;
+  const int groups = kBlock ? 1 : blockDim.x / W;
+  const int group = kBlock ? 0 : threadIdx.x / W;
+  const int nvec = D / VEC;
+  const float inv_d = 1.f / static_cast<float>(D);
+  for (int64_t base = static_cast<int64_t>(blockIdx.x) * groups; base < M;
+       base += static_cast<int64_t>(gridDim.x) * groups) {
+    const int64_t row = base + group;
+    const bool valid = row < M;
+    const int64_t off = row * D;
+    float x[kIters][VEC];
+    const float shift = valid ? static_cast<float>(X[off]) : 0.f;
+    float s = 0.f;
+#pragma unroll
+    for (int i = 0; i < kIters; ++i) {
+      const int v = i * W + lane;
+      if (valid && v < nvec) {
+        load_float<VEC>(X, off + static_cast<int64_t>(v) * VEC, x[i]);
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) s += x[i][k] - shift;
+      }
+    }
+    s = row_allsum<kBlock>(s, W, red);
+    const float mean = shift + s * inv_d;
+    float q = 0.f;
+#pragma unroll
+    for (int i = 0; i < kIters; ++i) {
+      if (valid && i * W + lane < nvec) {
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) q += (x[i][k] - mean) * (x[i][k] - mean);
+      }
+    }
+    q = row_allsum<kBlock>(q, W, red);
+    const float rstd = 1.f / sqrtf(q * inv_d + eps);
+    if (valid && lane == 0) {
+      mean_out[row] = mean;
+      rstd_out[row] = rstd;
+    }
+#pragma unroll
+    for (int i = 0; i < kIters; ++i) {
+      const int v = i * W + lane;
+      if (valid && v < nvec) {
+        const int64_t j = static_cast<int64_t>(v) * VEC;
+        float g[VEC], b[VEC], r[VEC] = {}, y[VEC];
+        load_param<VEC>(gamma, j, g, 1.f);
+        load_param<VEC>(beta, j, b, 0.f);
+        if (R != nullptr) load_float<VEC>(R, off + j, r);
+        apply_vec<VEC>(x[i], mean, rstd, g, b, r, act, slope, y);
+        store_float<VEC>(Y, off + j, y);
+      }
+    }
+  }
+}
+
+// Forward of rows too long for registers: a block per row (grid-strided). Each thread folds one vector at
+// a time into its Welford state (an exact two-pass within the vector, then a Chan merge, on x − x0), the
+// block merges the states in a fixed tree, and the apply re-reads the row (mostly from L2).
+template <typename scalar_t, int VEC>
+__global__ void __launch_bounds__(kLongRowThreads)
+    ln_fwd_long_kernel(const scalar_t* __restrict__ X, const scalar_t* __restrict__ R,
+                       scalar_t* __restrict__ Y, const float* __restrict__ gamma,
+                       const float* __restrict__ beta, float* __restrict__ mean_out,
+                       float* __restrict__ rstd_out, int64_t M, int D, float eps, int act, float slope) {
+  __shared__ WelfordF red[kWarpSize];
+  const int nvec = D / VEC;
+  for (int64_t row = blockIdx.x; row < M; row += gridDim.x) {
+    const int64_t off = row * D;
+    const float shift = static_cast<float>(X[off]);
+    WelfordF w{0.f, 0.f, 0.f};
+    for (int v = threadIdx.x; v < nvec; v += blockDim.x) {
+      float x[VEC];
+      load_float<VEC>(X, off + static_cast<int64_t>(v) * VEC, x);
+      float s = 0.f;
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) s += x[k] - shift;
+      const float vm = s / VEC;
+      float q = 0.f;
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) q += (x[k] - shift - vm) * (x[k] - shift - vm);
+      w = welford_merge(w, WelfordF{vm, q, static_cast<float>(VEC)});
+    }
+    w = block_allreduce(w, WelfordOp{}, red, blockDim.x / kWarpSize);
+    const float mean = shift + w.mean;
+    const float rstd = 1.f / sqrtf(w.m2 / static_cast<float>(D) + eps);
+    if (threadIdx.x == 0) {
+      mean_out[row] = mean;
+      rstd_out[row] = rstd;
+    }
+    for (int v = threadIdx.x; v < nvec; v += blockDim.x) {
+      const int64_t j = static_cast<int64_t>(v) * VEC;
+      float x[VEC], g[VEC], b[VEC], r[VEC] = {}, y[VEC];
+      load_float<VEC>(X, off + j, x);
+      load_param<VEC>(gamma, j, g, 1.f);
+      load_param<VEC>(beta, j, b, 0.f);
+      if (R != nullptr) load_float<VEC>(R, off + j, r);
+      apply_vec<VEC>(x, mean, rstd, g, b, r, act, slope, y);
+      store_float<VEC>(Y, off + j, y);
+    }
+  }
+}
+
+// dz = dy·act'(z) at the recomputed pre-activation z = x̂·gamma + beta + r, for one vector (in place).
+template <int VEC>
+__device__ __forceinline__ void grad_pre_activation(float (&dz)[VEC], const float (&xhat)[VEC],
+                                                    const float (&g)[VEC], const float (&b)[VEC],
+                                                    const float (&r)[VEC], int act, float slope) {
+  if (act == kIdentity) return;
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) dz[k] *= act_grad(xhat[k] * g[k] + b[k] + r[k], act, slope);
+}
+
+// Backward over rows held in registers, thread→data mapping as in ln_fwd_rows_kernel. Per row, x and dz
+// stay in registers: Σ gamma·dz and Σ gamma·dz·x̂ over the group, then dx = rstd·(gamma·dz − mean(gamma·dz)
+// − x̂·mean(gamma·dz·x̂)); dresidual = dz. Every thread keeps running dgamma/dbeta sums (Σ dz·x̂, Σ dz) for
+// its columns over the rows it visits; at the end the block writes one partial row of each to
+// part_g/part_b[blockIdx.x] (groups of a block added in group order through shared memory).
+template <typename scalar_t, int VEC, bool kBlock>
+__global__ void __launch_bounds__(kMaxBwdRowThreads)
+    ln_bwd_rows_kernel(const scalar_t* __restrict__ dY, const scalar_t* __restrict__ X,
+                       const scalar_t* __restrict__ R, const float* __restrict__ mean_in,
+                       const float* __restrict__ rstd_in, const float* __restrict__ gamma,
+                       const float* __restrict__ beta, scalar_t* __restrict__ dX, scalar_t* __restrict__ dR,
+                       float* __restrict__ part_g, float* __restrict__ part_b, int64_t M, int D, int W,
+                       int act, float slope) {
+  constexpr int kIters = kCap / VEC;
+  __shared__ Sum2 red[kWarpSize];
+  const int lane = kBlock ? threadIdx.x : threadIdx.x % W;
+  const int groups = kBlock ? 1 : blockDim.x / W;
+  const int group = kBlock ? 0 : threadIdx.x / W;
+  const int nvec = D / VEC;
+  const float inv_d = 1.f / static_cast<float>(D);
+  float pg[kIters][VEC], pb[kIters][VEC];
+#pragma unroll
+  for (int i = 0; i < kIters; ++i) {
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) pg[i][k] = pb[i][k] = 0.f;
+  }
+  for (int64_t base = static_cast<int64_t>(blockIdx.x) * groups; base < M;
+       base += static_cast<int64_t>(gridDim.x) * groups) {
+    const int64_t row = base + group;
+    const bool valid = row < M;
+    const int64_t off = row * D;
+    const float mean = valid ? mean_in[row] : 0.f;
+    const float rstd = valid ? rstd_in[row] : 0.f;
+    float x[kIters][VEC], dz[kIters][VEC];
+    Sum2 s{0.f, 0.f};  // Σ gamma·dz, Σ gamma·dz·x̂
+#pragma unroll
+    for (int i = 0; i < kIters; ++i) {
+      const int v = i * W + lane;
+      if (valid && v < nvec) {
+        const int64_t j = static_cast<int64_t>(v) * VEC;
+        load_float<VEC>(X, off + j, x[i]);
+        load_float<VEC>(dY, off + j, dz[i]);
+        float g[VEC], b[VEC] = {}, r[VEC] = {}, xhat[VEC];
+        load_param<VEC>(gamma, j, g, 1.f);
+        if (act != kIdentity) {
+          load_param<VEC>(beta, j, b, 0.f);
+          if (R != nullptr) load_float<VEC>(R, off + j, r);
+        }
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) xhat[k] = (x[i][k] - mean) * rstd;
+        grad_pre_activation<VEC>(dz[i], xhat, g, b, r, act, slope);
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) {
+          pg[i][k] += dz[i][k] * xhat[k];
+          pb[i][k] += dz[i][k];
+          s.a += g[k] * dz[i][k];
+          s.b += g[k] * dz[i][k] * xhat[k];
+        }
+        if (dR != nullptr) store_float<VEC>(dR, off + j, dz[i]);
+      }
+    }
+    s = row_allsum<kBlock>(s, W, red);
+    if (dX == nullptr) continue;
+    const float c1 = s.a * inv_d, c2 = s.b * inv_d;
+#pragma unroll
+    for (int i = 0; i < kIters; ++i) {
+      const int v = i * W + lane;
+      if (valid && v < nvec) {
+        const int64_t j = static_cast<int64_t>(v) * VEC;
+        float g[VEC], dx[VEC];
+        load_param<VEC>(gamma, j, g, 1.f);
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) dx[k] = rstd * (g[k] * dz[i][k] - c1 - (x[i][k] - mean) * rstd * c2);
+        store_float<VEC>(dX, off + j, dx);
+      }
+    }
+  }
+  if constexpr (kBlock) {
+#pragma unroll
+    for (int i = 0; i < kIters; ++i) {
+      const int v = i * W + lane;
+      if (v < nvec) {
+        const int64_t j = static_cast<int64_t>(blockIdx.x) * D + static_cast<int64_t>(v) * VEC;
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) {
+          if (part_g != nullptr) part_g[j + k] = pg[i][k];
+          if (part_b != nullptr) part_b[j + k] = pb[i][k];
+        }
+      }
+    }
+  } else {
+    // groups·D ≤ (kGroupThreads / W)·(W·kCap) = kGroupThreads·kCap.
+    __shared__ float buf[kGroupThreads * kCap];
+    for (int which = 0; which < 2; ++which) {
+      float* out = which == 0 ? part_g : part_b;
+      if (out == nullptr) continue;
+#pragma unroll
+      for (int i = 0; i < kIters; ++i) {
+        const int v = i * W + lane;
+        if (v < nvec) {
+#pragma unroll
+          for (int k = 0; k < VEC; ++k) buf[group * D + v * VEC + k] = which == 0 ? pg[i][k] : pb[i][k];
+        }
+      }
+      __syncthreads();
+      for (int j = threadIdx.x; j < D; j += blockDim.x) {
+        float t = 0.f;
+        for (int g = 0; g < groups; ++g) t += buf[g * D + j];
+        out[static_cast<int64_t>(blockIdx.x) * D + j] = t;
+      }
+      __syncthreads();
+    }
+  }
+}
+
+// dX / dresidual of rows too long for registers: a block per row (grid-strided); the first pass reads x
+// and dy for Σ gamma·dz and Σ gamma·dz·x̂, the second re-reads them (mostly from L2) for dx.
+// dgamma/dbeta come from ln_bwd_long_params_kernel.
+template <typename scalar_t, int VEC>
+__global__ void __launch_bounds__(kLongRowThreads)
+    ln_bwd_long_kernel(const scalar_t* __restrict__ dY, const scalar_t* __restrict__ X,
+                       const scalar_t* __restrict__ R, const float* __restrict__ mean_in,
+                       const float* __restrict__ rstd_in, const float* __restrict__ gamma,
+                       const float* __restrict__ beta, scalar_t* __restrict__ dX, scalar_t* __restrict__ dR,
+                       int64_t M, int D, int act, float slope) {
+  __shared__ Sum2 red[kWarpSize];
+  const int nvec = D / VEC;
+  const float inv_d = 1.f / static_cast<float>(D);
+  // One vector's x̂, dz and gamma.
+  auto grads = [&](int64_t off, int64_t j, float mean, float rstd, float (&xhat)[VEC], float (&dz)[VEC],
+                   float (&g)[VEC]) {
+    float x[VEC], b[VEC] = {}, r[VEC] = {};
+    load_float<VEC>(X, off + j, x);
+    load_float<VEC>(dY, off + j, dz);
+    load_param<VEC>(gamma, j, g, 1.f);
+    if (act != kIdentity) {
+      load_param<VEC>(beta, j, b, 0.f);
+      if (R != nullptr) load_float<VEC>(R, off + j, r);
+    }
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) xhat[k] = (x[k] - mean) * rstd;
+    grad_pre_activation<VEC>(dz, xhat, g, b, r, act, slope);
+  };
+  for (int64_t row = blockIdx.x; row < M; row += gridDim.x) {
+    const int64_t off = row * D;
+    const float mean = mean_in[row], rstd = rstd_in[row];
+    Sum2 s{0.f, 0.f};
+    for (int v = threadIdx.x; v < nvec; v += blockDim.x) {
+      const int64_t j = static_cast<int64_t>(v) * VEC;
+      float xhat[VEC], dz[VEC], g[VEC];
+      grads(off, j, mean, rstd, xhat, dz, g);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        s.a += g[k] * dz[k];
+        s.b += g[k] * dz[k] * xhat[k];
+      }
+      if (dR != nullptr) store_float<VEC>(dR, off + j, dz);
+    }
+    s = row_allsum<true>(s, blockDim.x, red);
+    if (dX == nullptr) continue;
+    const float c1 = s.a * inv_d, c2 = s.b * inv_d;
+    for (int v = threadIdx.x; v < nvec; v += blockDim.x) {
+      const int64_t j = static_cast<int64_t>(v) * VEC;
+      float xhat[VEC], dz[VEC], g[VEC], dx[VEC];
+      grads(off, j, mean, rstd, xhat, dz, g);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) dx[k] = rstd * (g[k] * dz[k] - c1 - xhat[k] * c2);
+      store_float<VEC>(dX, off + j, dx);
+    }
+  }
+}
+
+constexpr int kColsTY = 8;
+
+// dgamma/dbeta partials for long rows (a column reduction). Block (32, kColsTY): threadIdx.x picks
+// column blockIdx.x·32 + x, threadIdx.y the rows r ≡ y (mod kColsTY) of row chunk blockIdx.y (rows
+// [blockIdx.y·rows_per_chunk, +rows_per_chunk)); column_reduce combines the kColsTY sums into
+// part_g/part_b[blockIdx.y].
+template <typename scalar_t>
+__global__ void __launch_bounds__(32 * kColsTY)
+    ln_bwd_long_params_kernel(const scalar_t* __restrict__ dY, const scalar_t* __restrict__ X,
+                              const scalar_t* __restrict__ R, const float* __restrict__ mean_in,
+                              const float* __restrict__ rstd_in, const float* __restrict__ gamma,
+                              const float* __restrict__ beta, float* __restrict__ part_g,
+                              float* __restrict__ part_b, int64_t M, int D, int64_t rows_per_chunk, int act,
+                              float slope) {
+  __shared__ Sum2 red[kColsTY * kWarpSize];
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * kWarpSize + threadIdx.x;
+  const int64_t r0 = static_cast<int64_t>(blockIdx.y) * rows_per_chunk;
+  const int64_t r1 = std::min(M, r0 + rows_per_chunk);
+  Sum2 sum[1] = {{0.f, 0.f}};  // Σ dz·x̂, Σ dz
+  if (j < D) {
+    const float g = gamma != nullptr ? gamma[j] : 1.f, b = beta != nullptr ? beta[j] : 0.f;
+    for (int64_t row = r0 + threadIdx.y; row < r1; row += kColsTY) {
+      const int64_t e = row * D + j;
+      const float xhat = (static_cast<float>(X[e]) - mean_in[row]) * rstd_in[row];
+      float dz = static_cast<float>(dY[e]);
+      if (act != kIdentity) {
+        const float r = R != nullptr ? static_cast<float>(R[e]) : 0.f;
+        dz *= act_grad(xhat * g + b + r, act, slope);
+      }
+      sum[0].a += dz * xhat;
+      sum[0].b += dz;
+    }
+  }
+  column_reduce<1>(sum, red, threadIdx.y, threadIdx.x, kColsTY, kWarpSize, SumOp{});
+  if (threadIdx.y == 0 && j < D) {
+    const int64_t o = static_cast<int64_t>(blockIdx.y) * D + j;
+    if (part_g != nullptr) part_g[o] = red[threadIdx.x].a;
+    if (part_b != nullptr) part_b[o] = red[threadIdx.x].b;
+  }
+}
+
+constexpr int kSumTY = 16;
+
+// out[j] = Σ_p part[p·D + j] over P partial rows in a fixed order. Block (32, kSumTY): threadIdx.x picks
+// column blockIdx.x·32 + x, threadIdx.y sums rows p ≡ y (mod kSumTY) in order, and the kSumTY sums are
+// combined by column_reduce. blockIdx.y selects the (part, out) pair: 0 = dgamma, 1 = dbeta.
+__global__ void __launch_bounds__(32 * kSumTY)
+    sum_partials_kernel(const float* part0, float* out0, const float* part1, float* out1, int64_t P, int D) {
+  __shared__ float red[kSumTY * kWarpSize];
+  const float* part = blockIdx.y == 0 ? part0 : part1;
+  float* out = blockIdx.y == 0 ? out0 : out1;
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * kWarpSize + threadIdx.x;
+  float t[1] = {0.f};
+  if (j < D) {
+    for (int64_t p = threadIdx.y; p < P; p += kSumTY) t[0] += part[p * D + j];
+  }
+  column_reduce<1>(t, red, threadIdx.y, threadIdx.x, kSumTY, kWarpSize, SumOp{});
+  if (threadIdx.y == 0 && j < D) out[j] = red[threadIdx.x];
+}
+
+// ---------------------------------------------------------------------------------------- NCHW 2d
+
+// LayerNorm2d on NCHW-contiguous (N, C, HxW): a strided reduction over C at every position. Block
+// (TX, TY), TX a power of two <= 32, TX·TY a multiple of 32: threadIdx.x owns VEC consecutive positions of
+// the block's TX·VEC (block b covers sample b / blocks_per_n, positions from (b % blocks_per_n)·TX·VEC), and
+// threadIdx.y the channels c ≡ y (mod TY). With VEC > 1, HxW is a multiple of VEC, so a vector is all
+// inside or all outside the sample. Every thread runs ceil(C / TY) channel iterations (c ≥ C and
+// positions ≥ HxW only skip memory), so warp shuffles stay convergent.
+struct Tile2d {
+  int64_t n, p;  // sample and first position of this thread
+  bool valid;    // p < HxW
+  int tx, ty, TX, TY, iters;
+};
+
+template <int VEC>
+__device__ __forceinline__ Tile2d tile_2d(int C, int64_t HxW, int64_t blocks_per_n) {
+  Tile2d t;
+  t.TX = blockDim.x;
+  t.TY = blockDim.y;
+  t.tx = threadIdx.x;
+  t.ty = threadIdx.y;
+  t.n = blockIdx.x / blocks_per_n;
+  t.p = (blockIdx.x % blocks_per_n) * static_cast<int64_t>(t.TX) * VEC + static_cast<int64_t>(t.tx) * VEC;
+  t.valid = t.p < HxW;
+  t.iters = (C + t.TY - 1) / t.TY;
+  return t;
+}
+
+// Forward. Pass 1: each thread runs a lane-wise Welford over its channels for its VEC positions (on
+// x − x[n, 0, p], so a mean far from zero keeps its low bits); column_reduce merges the TY states of
+// each position. Pass 2 re-reads x (L1/L2) and writes y.
+template <typename scalar_t, int VEC>
+__global__ void __launch_bounds__(k2dThreads)
+    ln2d_nchw_fwd_kernel(const scalar_t* __restrict__ X, const scalar_t* __restrict__ R,
+                         scalar_t* __restrict__ Y, const float* __restrict__ gamma,
+                         const float* __restrict__ beta, float* __restrict__ mean_out,
+                         float* __restrict__ rstd_out, int C, int64_t HxW, int64_t blocks_per_n, float eps,
+                         int act, float slope) {
+  __shared__ WelfordF st[k2dThreads * VEC];
+  const Tile2d t = tile_2d<VEC>(C, HxW, blocks_per_n);
+  const int64_t base = t.n * C * HxW + t.p;
+  Lanes<VEC> shift(0.f);
+  WelfordLanes<VEC> w = welford_lanes_zero<VEC>();
+  if (t.valid) {
+    shift = to_lanes(load_vec<VEC>(X, base));
+    for (int c = t.ty; c < C; c += t.TY) {
+      welford_push(w, to_lanes(load_vec<VEC>(X, base + static_cast<int64_t>(c) * HxW)) - shift);
+    }
+  }
+  WelfordF lanes[VEC];
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) lanes[k] = welford_lane(w, k);
+  column_reduce<VEC>(lanes, st, t.ty, t.tx, t.TY, t.TX, WelfordOp{});
+  if (!t.valid) return;  // no barrier below
+  float mean[VEC], rstd[VEC];
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) {
+    const WelfordF m = st[t.tx * VEC + k];
+    mean[k] = shift.v[k] + m.mean;
+    rstd[k] = 1.f / sqrtf(m.m2 / static_cast<float>(C) + eps);
+  }
+  if (t.ty == 0) {
+    const int64_t o = t.n * HxW + t.p;
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      mean_out[o + k] = mean[k];
+      rstd_out[o + k] = rstd[k];
+    }
+  }
+  for (int c = t.ty; c < C; c += t.TY) {
+    const int64_t o = base + static_cast<int64_t>(c) * HxW;
+    const float g = gamma != nullptr ? gamma[c] : 1.f, b = beta != nullptr ? beta[c] : 0.f;
+    float x[VEC], r[VEC] = {}, y[VEC];
+    load_float<VEC>(X, o, x);
+    if (R != nullptr) load_float<VEC>(R, o, r);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) y[k] = act_forward((x[k] - mean[k]) * (rstd[k] * g) + b + r[k], act, slope);
+    store_float<VEC>(Y, o, y);
+  }
+}
+
+// Backward. Pass 1 over the thread's channels: dz (dresidual), per-position Σ gamma·dz and
+// Σ gamma·dz·x̂, and per channel the block's Σ dz·x̂ and Σ dz (added over the TX lanes of the channel by
+// group_allsum; lane 0 writes them to part_g/part_b[blockIdx.x][c], one writer per entry). column_reduce
+// merges the per-position sums over TY; pass 2 re-reads x, dy and writes
+// dx = rstd·(gamma·dz − mean_c(gamma·dz) − x̂·mean_c(gamma·dz·x̂)).
+template <typename scalar_t, int VEC>
+__global__ void __launch_bounds__(k2dThreads)
+    ln2d_nchw_bwd_kernel(const scalar_t* __restrict__ dY, const scalar_t* __restrict__ X,
+                         const scalar_t* __restrict__ R, const float* __restrict__ mean_in,
+                         const float* __restrict__ rstd_in, const float* __restrict__ gamma,
+                         const float* __restrict__ beta, scalar_t* __restrict__ dX, scalar_t* __restrict__ dR,
+                         float* __restrict__ part_g, float* __restrict__ part_b, int C, int64_t HxW,
+                         int64_t blocks_per_n, int act, float slope) {
+  __shared__ Sum2 sums[k2dThreads * VEC];
+  const Tile2d t = tile_2d<VEC>(C, HxW, blocks_per_n);
+  const int64_t base = t.n * C * HxW + t.p;
+  float mean[VEC] = {}, rstd[VEC] = {};
+  Sum2 s[VEC];  // per position: Σ gamma·dz, Σ gamma·dz·x̂
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) s[k] = Sum2{0.f, 0.f};
+  if (t.valid) {
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      mean[k] = mean_in[t.n * HxW + t.p + k];
+      rstd[k] = rstd_in[t.n * HxW + t.p + k];
+    }
+  }
+  // One vector's x̂, dz at channel c.
+  auto grads = [&](int c, int64_t o, float (&xhat)[VEC], float (&dz)[VEC]) {
+    const float g = gamma != nullptr ? gamma[c] : 1.f, b = beta != nullptr ? beta[c] : 0.f;
+    float x[VEC], r[VEC] = {};
+    load_float<VEC>(X, o, x);
+    load_float<VEC>(dY, o, dz);
+    if (R != nullptr && act != kIdentity) load_float<VEC>(R, o, r);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      xhat[k] = (x[k] - mean[k]) * rstd[k];
+      if (act != kIdentity) dz[k] *= act_grad(xhat[k] * g + b + r[k], act, slope);
+    }
+    return g;
+  };
+  for (int it = 0; it < t.iters; ++it) {
+    const int c = t.ty + it * t.TY;
+    Sum2 param{0.f, 0.f};  // Σ dz·x̂, Σ dz of channel c over the thread's positions
+    if (c < C && t.valid) {
+      const int64_t o = base + static_cast<int64_t>(c) * HxW;
+      float xhat[VEC], dz[VEC];
+      const float g = grads(c, o, xhat, dz);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        s[k].a += g * dz[k];
+        s[k].b += g * dz[k] * xhat[k];
+        param.a += dz[k] * xhat[k];
+        param.b += dz[k];
+      }
+      if (dR != nullptr) store_float<VEC>(dR, o, dz);
+    }
+    param = group_allsum(param, t.TX);
+    if (t.tx == 0 && c < C) {
+      const int64_t o = static_cast<int64_t>(blockIdx.x) * C + c;
+      if (part_g != nullptr) part_g[o] = param.a;
+      if (part_b != nullptr) part_b[o] = param.b;
+    }
+  }
+  if (dX == nullptr) return;  // uniform over the grid
+  column_reduce<VEC>(s, sums, t.ty, t.tx, t.TY, t.TX, SumOp{});
+  if (!t.valid) return;
+  const float inv_c = 1.f / static_cast<float>(C);
+  float c1[VEC], c2[VEC];
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) {
+    c1[k] = sums[t.tx * VEC + k].a * inv_c;
+    c2[k] = sums[t.tx * VEC + k].b * inv_c;
+  }
+  for (int c = t.ty; c < C; c += t.TY) {
+    const int64_t o = base + static_cast<int64_t>(c) * HxW;
+    float xhat[VEC], dz[VEC], dx[VEC];
+    const float g = grads(c, o, xhat, dz);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) dx[k] = rstd[k] * (g * dz[k] - c1[k] - xhat[k] * c2[k]);
+    store_float<VEC>(dX, o, dx);
+  }
+}
+
+// ------------------------------------------------------------------------------------------ launches
+
+// Pointers of one forward or backward call. gamma/beta are float32 aligned to kParamAlign floats, or null.
+template <typename scalar_t>
+struct Ptrs {
+  const scalar_t* X;
+  const scalar_t* R;
+  const float* gamma;
+  const float* beta;
+  float* mean;
+  float* rstd;
+  const scalar_t* dY;  // backward only
+  scalar_t* out;       // Y, or dX (may be null)
+  scalar_t* dR;
+};
+
+// Parameters are read kMaxVec<scalar_t> floats at a time: at most 8 (16-bit inputs).
+constexpr int kParamAlign = 8;
+
+// 16-byte vectors when every tensor is aligned to them and `extent` (the contiguous run a vector must
+// not cross: the row, or HxW) is a multiple of the vector width; calls f(integral_constant VEC).
+template <typename scalar_t, typename F>
+void with_vec(const Ptrs<scalar_t>& p, int64_t extent, const F& f) {
+  constexpr int V = kMaxVec<scalar_t>;
+  const bool vec = extent % V == 0 && vec_aligned(p.X, V) && vec_aligned(p.R, V) && vec_aligned(p.dY, V) &&
+                   vec_aligned(p.out, V) && vec_aligned(p.dR, V);
+  if (vec) {
+    f(std::integral_constant<int, V>{});
+  } else {
+    f(std::integral_constant<int, 1>{});
+  }
+}
+
+// Row-kernel class of a row of nvec vectors: threads per row, and whether a warp (part) owns it.
+struct RowPlan {
+  int threads;  // W
+  bool block;   // a block per row (W > 32)
+  bool fits;    // held in registers at all
+};
+
+RowPlan row_plan(int nvec, int vec, int max_block_threads) {
+  const int64_t needed = ceil_div<int64_t>(nvec, kCap / vec);
+  if (needed <= kWarpSize) return {pow2_at_least(needed), false, true};
+  const int64_t threads = ceil_div<int64_t>(needed, kWarpSize) * kWarpSize;
+  return {static_cast<int>(threads), true, threads <= max_block_threads};
+}
+
+template <typename scalar_t>
+void rows_forward(const Ptrs<scalar_t>& p, int64_t M, int D, float eps, int act, float slope) {
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  with_vec(p, D, [&](auto vec) {
+    constexpr int VEC = decltype(vec)::value;
+    const RowPlan plan = row_plan(D / VEC, VEC, kMaxFwdRowThreads);
+    if (plan.fits && !plan.block) {
+      const int64_t blocks = std::min(ceil_div<int64_t>(M, kGroupThreads / plan.threads), kMaxGrid);
+      ln_fwd_rows_kernel<scalar_t, VEC, false><<<blocks, kGroupThreads, 0, stream>>>(
+          p.X, p.R, p.out, p.gamma, p.beta, p.mean, p.rstd, M, D, plan.threads, eps, act, slope);
+    } else if (plan.fits) {
+      ln_fwd_rows_kernel<scalar_t, VEC, true><<<std::min(M, kMaxGrid), plan.threads, 0, stream>>>(
+          p.X, p.R, p.out, p.gamma, p.beta, p.mean, p.rstd, M, D, plan.threads, eps, act, slope);
+    } else {
+      ln_fwd_long_kernel<scalar_t, VEC><<<std::min(M, kMaxGrid), kLongRowThreads, 0, stream>>>(
+          p.X, p.R, p.out, p.gamma, p.beta, p.mean, p.rstd, M, D, eps, act, slope);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+// Sums the P partial rows of the requested dgamma/dbeta (a null `out` is skipped).
+void finish_params(const Tensor& part, int64_t P, int D, float* dgamma, float* dbeta) {
+  const float* pg = part.data_ptr<float>();
+  const float* pb = pg + P * D;
+  const float* parts[2];
+  float* outs[2];
+  int count = 0;
+  if (dgamma != nullptr) {
+    parts[count] = pg;
+    outs[count++] = dgamma;
+  }
+  if (dbeta != nullptr) {
+    parts[count] = pb;
+    outs[count++] = dbeta;
+  }
+  if (count == 0) return;
+  const dim3 grid(ceil_div<int64_t>(D, kWarpSize), count);
+  sum_partials_kernel<<<grid, dim3(kWarpSize, kSumTY), 0, c10::cuda::getCurrentCUDAStream()>>>(
+      parts[0], outs[0], parts[count - 1], outs[count - 1], P, D);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename scalar_t>
+void rows_backward(const Ptrs<scalar_t>& p, int64_t M, int D, int act, float slope, float* dgamma,
+                   float* dbeta) {
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const bool params = dgamma != nullptr || dbeta != nullptr;
+  with_vec(p, D, [&](auto vec) {
+    constexpr int VEC = decltype(vec)::value;
+    const RowPlan plan = row_plan(D / VEC, VEC, kMaxBwdRowThreads);
+    // Persistent blocks, each writing one partial row of dgamma/dbeta; long rows instead get one partial
+    // row per chunk of rows_per_chunk rows from ln_bwd_long_params_kernel.
+    int64_t blocks;
+    if (plan.fits && !plan.block) {
+      blocks = std::min(ceil_div<int64_t>(M, kGroupThreads / plan.threads),
+                        resident_blocks(ln_bwd_rows_kernel<scalar_t, VEC, false>, kGroupThreads));
+    } else if (plan.fits) {
+      blocks = std::min(M, resident_blocks(ln_bwd_rows_kernel<scalar_t, VEC, true>, plan.threads));
+    } else {
+      blocks = std::min(M, resident_blocks(ln_bwd_long_kernel<scalar_t, VEC>, kLongRowThreads));
+    }
+    const int64_t rows_per_chunk = ceil_div<int64_t>(M, std::min<int64_t>(M, 256));
+    const int64_t P = plan.fits ? blocks : ceil_div<int64_t>(M, rows_per_chunk);
+    Tensor part =
+        params ? at::empty({2, P, D}, at::TensorOptions().dtype(at::kFloat).device(at::kCUDA)) : Tensor();
+    float* pg = dgamma != nullptr ? part.data_ptr<float>() : nullptr;
+    float* pb = dbeta != nullptr ? part.data_ptr<float>() + P * D : nullptr;
+    if (plan.fits && !plan.block) {
+      ln_bwd_rows_kernel<scalar_t, VEC, false>
+          <<<blocks, kGroupThreads, 0, stream>>>(p.dY, p.X, p.R, p.mean, p.rstd, p.gamma, p.beta, p.out, p.dR,
+                                                 pg, pb, M, D, plan.threads, act, slope);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    } else if (plan.fits) {
+      ln_bwd_rows_kernel<scalar_t, VEC, true>
+          <<<blocks, plan.threads, 0, stream>>>(p.dY, p.X, p.R, p.mean, p.rstd, p.gamma, p.beta, p.out, p.dR,
+                                                pg, pb, M, D, plan.threads, act, slope);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    } else {
+      if (p.out != nullptr || p.dR != nullptr) {
+        ln_bwd_long_kernel<scalar_t, VEC><<<blocks, kLongRowThreads, 0, stream>>>(
+            p.dY, p.X, p.R, p.mean, p.rstd, p.gamma, p.beta, p.out, p.dR, M, D, act, slope);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+      if (params) {
+        ln_bwd_long_params_kernel<scalar_t>
+            <<<dim3(ceil_div<int64_t>(D, kWarpSize), P), dim3(kWarpSize, kColsTY), 0, stream>>>(
+                p.dY, p.X, p.R, p.mean, p.rstd, p.gamma, p.beta, pg, pb, M, D, rows_per_chunk, act, slope);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+    }
+    if (params) finish_params(part, P, D, dgamma, dbeta);
+  });
+}
+
+// Block shape of the NCHW-2d kernels: TX threads along positions (as wide as still gives two blocks
+// per SM), TY (a power of two, TX·TY a multiple of 32, at most k2dThreads) along channels.
+struct Plan2d {
+  int TX, TY;
+  int64_t blocks_per_n;
+};
+
+Plan2d plan_2d(int64_t N, int C, int64_t HxW, int vec) {
+  int TX = kWarpSize;
+  while (TX > 4 && N * ceil_div<int64_t>(HxW, static_cast<int64_t>(TX) * vec) < 2 * sm_count()) TX /= 2;
+  const int TY = std::max(kWarpSize / TX, std::min(k2dThreads / TX, pow2_at_least(C)));
+  const int64_t blocks_per_n = ceil_div<int64_t>(HxW, static_cast<int64_t>(TX) * vec);
+  TORCH_CHECK(N * blocks_per_n <= INT_MAX, "layer_norm_2d: too many positions for one launch");
+  return {TX, TY, blocks_per_n};
+}
+
+template <typename scalar_t>
+void nchw_forward(const Ptrs<scalar_t>& p, const ChannelDims& d, float eps, int act, float slope) {
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  with_vec(p, d.HxW, [&](auto vec) {
+    constexpr int VEC = decltype(vec)::value;
+    const Plan2d plan = plan_2d(d.N, d.C, d.HxW, VEC);
+    ln2d_nchw_fwd_kernel<scalar_t, VEC><<<d.N * plan.blocks_per_n, dim3(plan.TX, plan.TY), 0, stream>>>(
+        p.X, p.R, p.out, p.gamma, p.beta, p.mean, p.rstd, d.C, d.HxW, plan.blocks_per_n, eps, act, slope);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+template <typename scalar_t>
+void nchw_backward(const Ptrs<scalar_t>& p, const ChannelDims& d, int act, float slope, float* dgamma,
+                   float* dbeta) {
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  with_vec(p, d.HxW, [&](auto vec) {
+    constexpr int VEC = decltype(vec)::value;
+    const Plan2d plan = plan_2d(d.N, d.C, d.HxW, VEC);
+    const int64_t P = d.N * plan.blocks_per_n;
+    const bool params = dgamma != nullptr || dbeta != nullptr;
+    Tensor part =
+        params ? at::empty({2, P, d.C}, at::TensorOptions().dtype(at::kFloat).device(at::kCUDA)) : Tensor();
+    float* pg = dgamma != nullptr ? part.data_ptr<float>() : nullptr;
+    float* pb = dbeta != nullptr ? part.data_ptr<float>() + P * d.C : nullptr;
+    ln2d_nchw_bwd_kernel<scalar_t, VEC>
+        <<<P, dim3(plan.TX, plan.TY), 0, stream>>>(p.dY, p.X, p.R, p.mean, p.rstd, p.gamma, p.beta, p.out,
+                                                   p.dR, pg, pb, d.C, d.HxW, plan.blocks_per_n, act, slope);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (params) finish_params(part, P, d.C, dgamma, dbeta);
+  });
+}
+
+// ------------------------------------------------------------------------------------------- host side
+
+// A float32 parameter the kernels may read kParamAlign floats at a time (a copy when the view is not
+// aligned to that).
+const float* param_ptr(c10::optional<Tensor>& p) {
+  if (!p.has_value()) return nullptr;
+  if (!vec_aligned(p->data_ptr<float>(), kParamAlign)) p = p->clone();
+  return p->data_ptr<float>();
+}
+
+template <typename scalar_t>
+Ptrs<scalar_t> make_ptrs(const Tensor& X, const c10::optional<Tensor>& R, c10::optional<Tensor>& gamma,
+                         c10::optional<Tensor>& beta, const Tensor& mean, const Tensor& rstd) {
+  return {X.const_data_ptr<scalar_t>(),
+          R ? R->const_data_ptr<scalar_t>() : nullptr,
+          param_ptr(gamma),
+          param_ptr(beta),
+          mean.data_ptr<float>(),
+          rstd.data_ptr<float>(),
+          nullptr,
+          nullptr,
+          nullptr};
+}
+
+void check_int_extent(int64_t v, const char* what, const char* op) {
+  TORCH_CHECK(v <= INT_MAX, op, ": ", what, " of ", v, " elements is not supported on CUDA (at most ",
+              INT_MAX, ")");
+}
+
+std::tuple<Tensor, Tensor, Tensor> layer_norm_fwd_cuda(const Tensor& X_in, const c10::optional<Tensor>& gamma,
+                                                       const c10::optional<Tensor>& beta,
+                                                       const c10::optional<Tensor>& residual,
+                                                       at::IntArrayRef normalized_shape, double eps,
+                                                       int64_t act, double slope) {
+  constexpr const char* op = "layer_norm_fwd";
+  auto a = check_layer_norm(X_in, normalized_shape, gamma, beta, residual, act, op);
+  const c10::cuda::CUDAGuard guard(a.X.device());
+  check_int_extent(a.D, "a normalized row", op);
+  Tensor Y = at::empty_like(a.X);
+  Tensor mean = at::empty(a.stat_shape, a.X.options().dtype(at::kFloat));
+  Tensor rstd = at::empty_like(mean);
+  if (a.M == 0) return {Y, mean, rstd};
+  if (a.D == 0) {
+    mean.fill_(std::nan(""));
+    rstd.fill_(std::nan(""));
+    return {Y, mean, rstd};
+  }
+  NORMEXT_DISPATCH_CUDA_TYPES(a.X.scalar_type(), "layer_norm_fwd_cuda", [&] {
+    auto p = make_ptrs<scalar_t>(a.X, a.residual, a.gamma, a.beta, mean, rstd);
+    p.out = Y.data_ptr<scalar_t>();
+    rows_forward(p, a.M, static_cast<int>(a.D), static_cast<float>(eps), static_cast<int>(act),
+                 static_cast<float>(slope));
+  });
+  return {Y, mean, rstd};
+}
+
+// Outputs of a backward op: unselected ones are empty; dgamma/dbeta float32 of param_shape, zero-filled
+// only when nothing is reduced (empty input), else written whole by the kernels.
+std::tuple<Tensor, Tensor, Tensor, Tensor> alloc_grads(const Tensor& X, at::IntArrayRef param_shape,
+                                                       std::array<bool, 4> mask) {
+  const auto f32 = X.options().dtype(at::kFloat);
+  std::tuple<Tensor, Tensor, Tensor, Tensor> g{mask[0] ? at::empty_like(X) : at::empty({0}, X.options()),
+                                               mask[1] ? at::empty(param_shape, f32) : at::empty({0}, f32),
+                                               mask[2] ? at::empty(param_shape, f32) : at::empty({0}, f32),
+                                               mask[3] ? at::empty_like(X) : at::empty({0}, X.options())};
+  if (X.numel() == 0) {
+    std::get<1>(g).zero_();
+    std::get<2>(g).zero_();
+  }
+  return g;
+}
+
+template <typename scalar_t>
+void set_grad_ptrs(Ptrs<scalar_t>& p, const Tensor& dY, const Tensor& dX, const Tensor& dR,
+                   std::array<bool, 4> mask) {
+  p.dY = dY.const_data_ptr<scalar_t>();
+  p.out = mask[0] ? dX.data_ptr<scalar_t>() : nullptr;
+  p.dR = mask[3] ? dR.data_ptr<scalar_t>() : nullptr;
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> layer_norm_bwd_cuda(
+    const Tensor& dY_in, const Tensor& X_in, const c10::optional<Tensor>& residual, const Tensor& mean_in,
+    const Tensor& rstd_in, const c10::optional<Tensor>& gamma, const c10::optional<Tensor>& beta,
+    at::IntArrayRef normalized_shape, int64_t act, double slope, std::array<bool, 4> mask) {
+  constexpr const char* op = "layer_norm_bwd";
+  auto a = check_layer_norm(X_in, normalized_shape, gamma, beta, residual, act, op);
+  const c10::cuda::CUDAGuard guard(a.X.device());
+  check_int_extent(a.D, "a normalized row", op);
+  const Tensor dY = *check_like(dY_in, a.X, Layout::kChannelsFirst, "grad_output", op);
+  const Tensor mean = check_stats(mean_in, a.X, a.M, "mean", op);
+  const Tensor rstd = check_stats(rstd_in, a.X, a.M, "rstd", op);
+  auto [dX, dgamma, dbeta, dR] = alloc_grads(a.X, normalized_shape, mask);
+  if (a.X.numel() == 0) return {dX, dgamma, dbeta, dR};
+  NORMEXT_DISPATCH_CUDA_TYPES(a.X.scalar_type(), "layer_norm_bwd_cuda", [&] {
+    auto p = make_ptrs<scalar_t>(a.X, a.residual, a.gamma, a.beta, mean, rstd);
+    set_grad_ptrs(p, dY, dX, dR, mask);
+    rows_backward(p, a.M, static_cast<int>(a.D), static_cast<int>(act), static_cast<float>(slope),
+                  mask[1] ? dgamma.data_ptr<float>() : nullptr, mask[2] ? dbeta.data_ptr<float>() : nullptr);
+  });
+  return {dX, dgamma, dbeta, dR};
+}
+
+std::tuple<Tensor, Tensor, Tensor> layer_norm_2d_fwd_cuda(const Tensor& X_in,
+                                                          const c10::optional<Tensor>& gamma,
+                                                          const c10::optional<Tensor>& beta,
+                                                          const c10::optional<Tensor>& residual, double eps,
+                                                          int64_t act, double slope) {
+  constexpr const char* op = "layer_norm_2d_fwd";
+  auto a = check_layer_norm_2d(X_in, gamma, beta, residual, act, op);
+  const c10::cuda::CUDAGuard guard(a.X.device());
+  const auto [N, C, HxW] = a.dims;
+  check_int_extent(C, "a channel dimension", op);
+  Tensor Y = at::empty_like(a.X);
+  Tensor mean = at::empty({N, HxW}, a.X.options().dtype(at::kFloat));
+  Tensor rstd = at::empty_like(mean);
+  if (N * HxW == 0) return {Y, mean, rstd};
+  if (C == 0) {
+    mean.fill_(std::nan(""));
+    rstd.fill_(std::nan(""));
+    return {Y, mean, rstd};
+  }
+  NORMEXT_DISPATCH_CUDA_TYPES(a.X.scalar_type(), "layer_norm_2d_fwd_cuda", [&] {
+    auto p = make_ptrs<scalar_t>(a.X, a.residual, a.gamma, a.beta, mean, rstd);
+    p.out = Y.data_ptr<scalar_t>();
+    if (a.rows) {
+      rows_forward(p, N * HxW, static_cast<int>(C), static_cast<float>(eps), static_cast<int>(act),
+                   static_cast<float>(slope));
+    } else {
+      nchw_forward(p, a.dims, static_cast<float>(eps), static_cast<int>(act), static_cast<float>(slope));
+    }
+  });
+  return {Y, mean, rstd};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> layer_norm_2d_bwd_cuda(
+    const Tensor& dY_in, const Tensor& X_in, const c10::optional<Tensor>& residual, const Tensor& mean_in,
+    const Tensor& rstd_in, const c10::optional<Tensor>& gamma, const c10::optional<Tensor>& beta, int64_t act,
+    double slope, std::array<bool, 4> mask) {
+  constexpr const char* op = "layer_norm_2d_bwd";
+  auto a = check_layer_norm_2d(X_in, gamma, beta, residual, act, op);
+  const c10::cuda::CUDAGuard guard(a.X.device());
+  const auto [N, C, HxW] = a.dims;
+  check_int_extent(C, "a channel dimension", op);
+  const Tensor dY = *check_like(dY_in, a.X, a.layout, "grad_output", op);
+  const Tensor mean = check_stats(mean_in, a.X, N * HxW, "mean", op);
+  const Tensor rstd = check_stats(rstd_in, a.X, N * HxW, "rstd", op);
+  auto [dX, dgamma, dbeta, dR] = alloc_grads(a.X, {C}, mask);
+  if (a.X.numel() == 0) return {dX, dgamma, dbeta, dR};
+  NORMEXT_DISPATCH_CUDA_TYPES(a.X.scalar_type(), "layer_norm_2d_bwd_cuda", [&] {
+    auto p = make_ptrs<scalar_t>(a.X, a.residual, a.gamma, a.beta, mean, rstd);
+    set_grad_ptrs(p, dY, dX, dR, mask);
+    float* dg = mask[1] ? dgamma.data_ptr<float>() : nullptr;
+    float* db = mask[2] ? dbeta.data_ptr<float>() : nullptr;
+    if (a.rows) {
+      rows_backward(p, N * HxW, static_cast<int>(C), static_cast<int>(act), static_cast<float>(slope), dg,
+                    db);
+    } else {
+      nchw_backward(p, a.dims, static_cast<int>(act), static_cast<float>(slope), dg, db);
+    }
+  });
+  return {dX, dgamma, dbeta, dR};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(normext, CUDA, m) {
+  m.impl("layer_norm_fwd", &layer_norm_fwd_cuda);
+  m.impl("layer_norm_bwd", &layer_norm_bwd_cuda);
+  m.impl("layer_norm_2d_fwd", &layer_norm_2d_fwd_cuda);
+  m.impl("layer_norm_2d_bwd", &layer_norm_2d_bwd_cuda);
+}
+
+}  // namespace normext::cuda
