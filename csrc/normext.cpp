@@ -40,6 +40,40 @@ TORCH_LIBRARY(normext, m) {
       "layer_norm_2d_bwd(Tensor dY, Tensor X, Tensor? residual, Tensor mean, Tensor rstd, Tensor? gamma, "
       "Tensor? beta, int act, float slope, bool[4] output_mask) -> "
       "(Tensor dX, Tensor dgamma, Tensor dbeta, Tensor dresidual)");
+
+  // BatchNorm (SyncBatchNorm and FrozenBatchNorm2d are built from the same ops). X is (N, C, *) in
+  // either layout; statistics are per channel over N and all spatial positions: (C,) float32
+  // (float64 for float64 input). Running statistics are updated in place with the unbiased variance,
+  // new = (1 - momentum) * old + momentum * batch, and left alone for an empty batch.
+  // Training forward: batch statistics, running-stat update, y = act(norm(x) + res) in one op.
+  m.def(
+      "batch_norm_fwd(Tensor X, Tensor? gamma, Tensor? beta, Tensor? residual, Tensor(a!)? running_mean, "
+      "Tensor(b!)? running_var, float momentum, float eps, int act, float slope) -> "
+      "(Tensor Y, Tensor mean, Tensor rstd)");
+  // Per-channel mean and M2 = sum((x - mean)^2) of X (0 and 0 for an empty X); the count is numel / C.
+  m.def("batch_norm_stats(Tensor X) -> (Tensor mean, Tensor m2)");
+  // Chan's merge of K partial statistics (counts (K,), means and m2s (K, C)) in k order: the mean and
+  // biased variance of the union, with the running-stat update. SyncBatchNorm's all-gather lands here.
+  m.def(
+      "batch_norm_merge(Tensor counts, Tensor means, Tensor m2s, Tensor(a!)? running_mean, "
+      "Tensor(b!)? running_var, float momentum, float eps) -> (Tensor mean, Tensor var)");
+  // y = act((x - mean) * rsqrt(var + eps) * gamma + beta + res) with given per-channel statistics
+  // (running statistics in eval, FrozenBatchNorm2d, InstanceNorm without input stats, SyncBatchNorm).
+  m.def(
+      "batch_norm_apply(Tensor X, Tensor mean, Tensor var, Tensor? gamma, Tensor? beta, Tensor? residual, "
+      "float eps, int act, float slope) -> Tensor");
+  // Backward, per channel: sum_dz = sum(dz), sum_dzxhat = sum(dz * xhat), dz the gradient at the
+  // pre-activation; they are dbeta and dgamma, and what SyncBatchNorm all-reduces.
+  m.def(
+      "batch_norm_bwd_reduce(Tensor dY, Tensor X, Tensor? residual, Tensor mean, Tensor rstd, Tensor? gamma, "
+      "Tensor? beta, int act, float slope) -> (Tensor sum_dz, Tensor sum_dzxhat)");
+  // dX = gamma * rstd * (dz - sum_dz * inv_count - xhat * sum_dzxhat * inv_count); without the sums
+  // (statistics that are constants: eval, frozen) dX = gamma * rstd * dz. output_mask selects
+  // (dX, dresidual); unselected outputs are empty tensors.
+  m.def(
+      "batch_norm_bwd_elemt(Tensor dY, Tensor X, Tensor? residual, Tensor mean, Tensor rstd, Tensor? gamma, "
+      "Tensor? beta, Tensor? sum_dz, Tensor? sum_dzxhat, float inv_count, int act, float slope, "
+      "bool[2] output_mask) -> (Tensor dX, Tensor dresidual)");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

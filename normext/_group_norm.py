@@ -4,8 +4,8 @@ path (torch.library.register_autograd over normext::group_norm_fwd), the functio
 import warnings
 
 import torch
-import torch.nn.functional as F
 
+from normext._batch_norm import normalize_with_stats
 from normext._ops import IDENTITY, FusedActivation, activation_code, empty_in_native_layout, stat_dtype
 
 
@@ -73,31 +73,6 @@ def group_norm(
     )[0]
 
 
-def _activation(z, act, slope):
-    return {
-        0: lambda: z,
-        1: lambda: F.relu(z),
-        2: lambda: F.leaky_relu(z, slope),
-        3: lambda: F.silu(z),
-        4: lambda: F.gelu(z),
-        5: lambda: F.gelu(z, approximate="tanh"),
-    }[act]()
-
-
-def _normalize_with_running_stats(input, running_mean, running_var, weight, bias, eps, act, slope, residual):
-    shape = (1, -1) + (1,) * (input.dim() - 2)
-    acc = stat_dtype(input)
-    scale = torch.rsqrt(running_var.to(acc) + eps)
-    if weight is not None:
-        scale = scale * weight.to(acc)
-    z = (input.to(acc) - running_mean.to(acc).view(shape)) * scale.view(shape)
-    if bias is not None:
-        z = z + bias.to(acc).view(shape)
-    if residual is not None:
-        z = z + residual.to(acc)
-    return _activation(z, act, slope).to(input.dtype)
-
-
 def instance_norm(
     input,
     running_mean=None,
@@ -118,7 +93,7 @@ def instance_norm(
     if not use_input_stats:
         if running_mean is None or running_var is None:
             raise ValueError("instance_norm: use_input_stats=False needs running_mean and running_var")
-        return _normalize_with_running_stats(
+        return normalize_with_stats(
             input, running_mean, running_var, weight, bias, eps, act, negative_slope, residual
         )
     spatial = input[0, 0].numel() if input.shape[0] * input.shape[1] > 0 else 0

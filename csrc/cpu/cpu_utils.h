@@ -4,11 +4,13 @@
 
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
 #include <type_traits>
+#include <vector>
 
 #include "normext/math.h"
 
@@ -132,6 +134,15 @@ Moments row_moments(const scalar_t* __restrict x, int64_t L) {
     w = welford_merge(w, {double(shift) + double(sum) / double(n), double(m2), double(n)});
   }
   return w;
+}
+
+// Per-channel parameter (checked, in the accumulation type) as a pointer, or `fill` when absent.
+template <typename acc_t>
+const acc_t* param_or(const c10::optional<at::Tensor>& p, std::vector<acc_t>& storage, int64_t C,
+                      acc_t fill) {
+  if (p.has_value()) return p->data_ptr<acc_t>();
+  storage.assign(C, fill);
+  return storage.data();
 }
 
 }  // namespace normext::cpu

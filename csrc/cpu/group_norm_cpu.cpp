@@ -14,14 +14,6 @@ namespace {
 
 using at::Tensor;
 
-// Per-channel parameter as a pointer in the accumulation type, or `fill` when absent.
-template <typename acc_t>
-const acc_t* param_or(const c10::optional<Tensor>& p, std::vector<acc_t>& storage, int64_t C, acc_t fill) {
-  if (p.has_value()) return p->data_ptr<acc_t>();
-  storage.assign(C, fill);
-  return storage.data();
-}
-
 // Broadcasts per-(n, g) values to per-(n, c): out[n*C + c] = v[n*G + c/D].
 template <typename acc_t>
 std::vector<acc_t> expand_groups(const acc_t* v, int64_t N, int64_t G, int64_t D) {

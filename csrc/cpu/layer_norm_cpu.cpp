@@ -503,7 +503,7 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_2d_fwd_cpu(const Tensor& X_in,
                                                          const c10::optional<Tensor>& beta,
                                                          const c10::optional<Tensor>& residual, double eps,
                                                          int64_t act, double slope) {
-  const auto a = check_layer_norm_2d(X_in, gamma, beta, residual, act, "layer_norm_2d_fwd");
+  const auto a = check_channel_norm(X_in, gamma, beta, residual, act, "layer_norm_2d_fwd");
   const auto [N, C, HxW] = a.dims;
   Tensor Y = at::empty_like(a.X);
   Tensor mean = at::empty({N, HxW}, a.X.options().dtype(acc_dtype(a.X)));
@@ -526,7 +526,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_norm_2d_bwd_cpu(
     const Tensor& rstd_in, const c10::optional<Tensor>& gamma, const c10::optional<Tensor>& beta, int64_t act,
     double slope, std::array<bool, 4> mask) {
   constexpr const char* op = "layer_norm_2d_bwd";
-  const auto a = check_layer_norm_2d(X_in, gamma, beta, residual, act, op);
+  const auto a = check_channel_norm(X_in, gamma, beta, residual, act, op);
   const auto [N, C, HxW] = a.dims;
   const Tensor dY = *check_like(dY_in, a.X, a.layout, "grad_output", op);
   const Tensor mean = check_stats(mean_in, a.X, N * HxW, "mean", op);

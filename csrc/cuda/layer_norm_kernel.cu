@@ -921,7 +921,7 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_2d_fwd_cuda(const Tensor& X_in,
                                                           const c10::optional<Tensor>& residual, double eps,
                                                           int64_t act, double slope) {
   constexpr const char* op = "layer_norm_2d_fwd";
-  auto a = check_layer_norm_2d(X_in, gamma, beta, residual, act, op);
+  auto a = check_channel_norm(X_in, gamma, beta, residual, act, op);
   const c10::cuda::CUDAGuard guard(a.X.device());
   const auto [N, C, HxW] = a.dims;
   check_int_extent(C, "a channel dimension", op);
@@ -952,7 +952,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_norm_2d_bwd_cuda(
     const Tensor& rstd_in, const c10::optional<Tensor>& gamma, const c10::optional<Tensor>& beta, int64_t act,
     double slope, std::array<bool, 4> mask) {
   constexpr const char* op = "layer_norm_2d_bwd";
-  auto a = check_layer_norm_2d(X_in, gamma, beta, residual, act, op);
+  auto a = check_channel_norm(X_in, gamma, beta, residual, act, op);
   const c10::cuda::CUDAGuard guard(a.X.device());
   const auto [N, C, HxW] = a.dims;
   check_int_extent(C, "a channel dimension", op);

@@ -185,23 +185,25 @@ inline LayerNormArgs check_layer_norm(const at::Tensor& X_in, at::IntArrayRef no
   return a;
 }
 
-// LayerNorm2d arguments: X is (N, C, *) in its native layout, normalized over C at each (n, position).
-struct LayerNorm2dArgs {
+// Arguments of the per-channel-parameter norms that are not GroupNorm (LayerNorm2d, BatchNorm),
+// checked once for both devices: X (N, C, *) in its native layout, gamma/beta of C elements.
+struct ChannelNormArgs {
   at::Tensor X;
   c10::optional<at::Tensor> gamma, beta, residual;
   Layout layout;
   ChannelDims dims;
-  // Rows of C contiguous channels (channels-last, or no spatial extent); else NCHW, strided over C.
+  // The kernels' view of X: N·HxW rows of C contiguous channels for channels-last memory and for input
+  // without spatial extent ((N, C) or HxW == 1, whose contiguous memory is the same); else N·C runs of HxW.
   bool rows;
 };
 
-inline LayerNorm2dArgs check_layer_norm_2d(const at::Tensor& X_in, const c10::optional<at::Tensor>& gamma,
-                                           const c10::optional<at::Tensor>& beta,
-                                           const c10::optional<at::Tensor>& residual, int64_t act,
-                                           const char* op) {
+inline ChannelNormArgs check_channel_norm(const at::Tensor& X_in, const c10::optional<at::Tensor>& gamma,
+                                          const c10::optional<at::Tensor>& beta,
+                                          const c10::optional<at::Tensor>& residual, int64_t act,
+                                          const char* op) {
   check_input(X_in, op, 2);
   check_activation(act, op);
-  LayerNorm2dArgs a;
+  ChannelNormArgs a;
   a.layout = layout_of(X_in);
   a.X = to_layout(X_in, a.layout);
   a.dims = channel_dims(a.X);
@@ -210,6 +212,32 @@ inline LayerNorm2dArgs check_layer_norm_2d(const at::Tensor& X_in, const c10::op
   a.beta = check_param(beta, a.X, a.dims.C, "bias", op);
   a.residual = check_like(residual, a.X, a.layout, "residual", op);
   return a;
+}
+
+// Running statistics updated in place: 1-D of C elements (any stride) on X's device, of one floating
+// dtype (their own; the update is computed in the accumulation type and stored back in it).
+inline void check_running_stats(const c10::optional<at::Tensor>& running_mean,
+                                const c10::optional<at::Tensor>& running_var, const at::Tensor& X, int64_t C,
+                                const char* op) {
+  const std::pair<const c10::optional<at::Tensor>*, const char*> stats[] = {{&running_mean, "running_mean"},
+                                                                            {&running_var, "running_var"}};
+  for (const auto& [r, name] : stats) {
+    if (!r->has_value() || !(*r)->defined()) continue;
+    const at::Tensor& t = **r;
+    TORCH_CHECK(t.device() == X.device(), op, ": ", name, " is on ", t.device(), " but the input is on ",
+                X.device());
+    TORCH_CHECK(t.dim() == 1 && t.numel() == C, op, ": expected ", name, " of shape [", C, "], got ",
+                t.sizes());
+    const auto type = t.scalar_type();
+    TORCH_CHECK(type == at::kFloat || type == at::kDouble || type == at::kHalf || type == at::kBFloat16, op,
+                ": ", name, " must be a floating-point tensor, got ", type);
+  }
+  if (running_mean.has_value() && running_mean->defined() && running_var.has_value() &&
+      running_var->defined()) {
+    TORCH_CHECK(running_mean->scalar_type() == running_var->scalar_type(), op,
+                ": running_mean and running_var must have the same dtype, got ", running_mean->scalar_type(),
+                " and ", running_var->scalar_type());
+  }
 }
 
 }  // namespace normext

@@ -1,0 +1,507 @@
+// BatchNorm on the CPU: host entry points of the batch_norm_* ops, registered at the CPU key. The
+// shared channel passes of channel_kernels.h run with per-channel statistics (stat_stride 0); the
+// per-(n, c) partial moments and gradient sums of channels-first input are merged over n in order.
+#include <ATen/Dispatch.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "channel_kernels.h"
+#include "normext/checks.h"
+
+namespace normext::cpu {
+namespace {
+
+using at::Tensor;
+
+// The channel passes' view of X (see ChannelNormArgs::rows): rows give per-channel results
+// directly, channels-first runs per-(n, c) ones that are merged over n.
+ChannelShape bn_shape(const ChannelNormArgs& a) {
+  const auto [N, C, HxW] = a.dims;
+  if (a.rows) return {1, C, N * HxW, true};
+  return {N, C, HxW, false};
+}
+
+// ---------------------------------------------------------------- rows view (channels-last, (N, C))
+// Column passes over M rows of C channels, SIMD across channels, per-channel coefficients and
+// accumulators in arrays of C. With few channels those arrays stay in L1 and rows are walked one after
+// the other (a few sequential streams, which the prefetcher follows); with many channels they outgrow
+// L1, and rows are taken kRowGroup at a time so each coefficient load serves kRowGroup rows.
+
+constexpr int64_t kRowGroup = 4;
+constexpr int64_t kGroupRowsFromChannels = 1024;
+
+// Walks the rows of [r0, r1) in groups of G and, in each, the SIMD vectors (T = Vectorized) then the
+// scalar tail (T = acc_t) of the C channels: Step::template run<T>(o, j, rows, C, args...) with o =
+// first row · C + j. `rows` is a compile-time G for full groups (so the step's row loop unrolls), an
+// int64_t for the last partial one. Steps get every pointer by value, so hot loops keep them in
+// registers.
+template <typename scalar_t, typename Step, int64_t G, typename... Args>
+inline void walk_rows(int64_t r0, int64_t r1, int64_t C, Args... args) {
+  using IO = VecIO<scalar_t>;
+  const auto group = [&](int64_t r, auto rows) {
+    int64_t j = 0;
+    for (; j + IO::kSize <= C; j += IO::kSize) {
+      Step::template run<typename IO::Vec>(r * C + j, j, rows, C, args...);
+    }
+    for (; j < C; ++j) Step::template run<typename IO::acc_t>(r * C + j, j, rows, C, args...);
+  };
+  int64_t r = r0;
+  for (; r + G <= r1; r += G) group(r, std::integral_constant<int64_t, G>{});
+  if (r < r1) group(r, r1 - r);
+}
+
+template <typename scalar_t, typename Step, typename... Args>
+inline void for_rows(int64_t r0, int64_t r1, int64_t C, Args... args) {
+  if (C >= kGroupRowsFromChannels) {
+    walk_rows<scalar_t, Step, kRowGroup>(r0, r1, C, args...);
+  } else {
+    walk_rows<scalar_t, Step, 1>(r0, r1, C, args...);
+  }
+}
+
+template <typename T>
+inline T madd(const T& a, const T& b, const T& c) {
+  if constexpr (std::is_floating_point_v<T>) {
+    return a * b + c;
+  } else {
+    return at::vec::fmadd(a, b, c);
+  }
+}
+
+// out[c] += Σ_rows F::f(x, k[c]).
+template <typename F>
+struct SumStep {
+  template <typename T, typename Rows, typename scalar_t, typename acc_t>
+  static void run(int64_t o, int64_t j, Rows rows, int64_t C, const scalar_t* X, const acc_t* k, acc_t* out) {
+    const T kv = coef<true, T>(k, j);
+    T acc = coef<true, T>(out, j);
+    for (int64_t q = 0; q < rows; ++q, o += C) acc = acc + F::f(load_as<scalar_t, T>(X + o), kv);
+    store_as<acc_t, T>(out + j, acc);
+  }
+};
+
+struct ShiftedValue {
+  template <typename T>
+  static T f(const T& v, const T& k) {
+    return v - k;
+  }
+};
+
+struct SquaredDeviation {
+  template <typename T>
+  static T f(const T& v, const T& m) {
+    return (v - m) * (v - m);
+  }
+};
+
+// Per-channel Σ F::f(x, k[c]) over all M rows: fixed row chunks (RowChunks) reduced in parallel, the
+// chunk sums added in double in chunk order.
+template <typename F, typename scalar_t, typename acc_t>
+std::vector<double> rows_sum(const scalar_t* X, int64_t M, int64_t C, const acc_t* k) {
+  const RowChunks rc = row_chunks(M, C);
+  std::vector<acc_t> part(rc.count * C, acc_t(0));
+  at::parallel_for(0, rc.count, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t r0 = i * rc.rows_per_chunk, r1 = std::min(M, r0 + rc.rows_per_chunk);
+      for_rows<scalar_t, SumStep<F>>(r0, r1, C, X, k, part.data() + i * C);
+    }
+  });
+  std::vector<double> total(C, 0.0);
+  for (int64_t i = 0; i < rc.count; ++i) {
+    for (int64_t c = 0; c < C; ++c) total[c] += double(part[i * C + c]);
+  }
+  return total;
+}
+
+// Per-channel mean and M2, an exact two-pass: pass 1 sums x - K (K the first row, so float sums
+// scale with the spread, not the magnitude), pass 2 sums (x - mean)^2.
+template <typename scalar_t, typename acc_t>
+void rows_moments(const scalar_t* X, int64_t M, int64_t C, acc_t* mean, acc_t* m2) {
+  const std::vector<acc_t> k(X, X + C);
+  const auto shifted = rows_sum<ShiftedValue>(X, M, C, k.data());
+  std::vector<double> mean_d(C);
+  for (int64_t c = 0; c < C; ++c) {
+    mean_d[c] = double(k[c]) + shifted[c] / double(M);
+    mean[c] = acc_t(mean_d[c]);
+  }
+  const auto sq = rows_sum<SquaredDeviation>(X, M, C, mean);
+  for (int64_t c = 0; c < C; ++c) {
+    // Σ(x - m)^2 = M2 + M·(mean - m)^2 for the rounded mean m.
+    const double e = mean_d[c] - double(mean[c]);
+    m2[c] = acc_t(std::max(0.0, sq[c] - double(M) * e * e));
+  }
+}
+
+// Y = act((x - mean)·scale + beta + R), scale = gamma·rstd per channel.
+template <int64_t kAct>
+struct ApplyStep {
+  template <typename T, typename Rows, typename scalar_t, typename acc_t>
+  static void run(int64_t o, int64_t j, Rows rows, int64_t C, const scalar_t* X, const scalar_t* R,
+                  scalar_t* Y, const acc_t* mean, const acc_t* scale, const acc_t* beta, acc_t slope) {
+    const T m = coef<true, T>(mean, j), a = coef<true, T>(scale, j), b = coef<true, T>(beta, j);
+    for (int64_t q = 0; q < rows; ++q, o += C) {
+      T z = madd(load_as<scalar_t, T>(X + o) - m, a, b);
+      if (R != nullptr) z = z + load_as<scalar_t, T>(R + o);
+      store_as<scalar_t, T>(Y + o, act_forward(z, kAct, slope));
+    }
+  }
+};
+
+// Adds Σdz and Σdz·x̂ of the rows into per-channel accumulators sdz, sdzx.
+template <int64_t kAct>
+struct GradSumsStep {
+  template <typename T, typename Rows, typename scalar_t, typename acc_t>
+  static void run(int64_t o, int64_t j, Rows rows, int64_t C, const scalar_t* dY, const scalar_t* X,
+                  const scalar_t* R, const acc_t* mean, const acc_t* rstd, const acc_t* gamma,
+                  const acc_t* beta, acc_t slope, acc_t* sdz, acc_t* sdzx) {
+    const T m = coef<true, T>(mean, j), rs = coef<true, T>(rstd, j);
+    const T g = coef<true, T>(gamma, j), b = coef<true, T>(beta, j);
+    T a0 = coef<true, T>(sdz, j), a1 = coef<true, T>(sdzx, j);
+    for (int64_t q = 0; q < rows; ++q, o += C) {
+      const T xhat = (load_as<scalar_t, T>(X + o) - m) * rs;
+      const T dz = grad_z<kAct>(dY, R, o, xhat, g, b, slope);
+      a0 = a0 + dz;
+      a1 = madd(dz, xhat, a1);
+    }
+    store_as<acc_t, T>(sdz + j, a0);
+    store_as<acc_t, T>(sdzx + j, a1);
+  }
+};
+
+// dX = a·dz + b·x̂ + c and dR = dz (either may be null).
+template <int64_t kAct>
+struct GradInputStep {
+  template <typename T, typename Rows, typename scalar_t, typename acc_t>
+  static void run(int64_t o, int64_t j, Rows rows, int64_t C, const scalar_t* dY, const scalar_t* X,
+                  const scalar_t* R, const acc_t* mean, const acc_t* rstd, const acc_t* gamma,
+                  const acc_t* beta, const acc_t* ka, const acc_t* kb, const acc_t* kc, acc_t slope,
+                  scalar_t* dX, scalar_t* dR) {
+    const T m = coef<true, T>(mean, j), rs = coef<true, T>(rstd, j);
+    const T g = coef<true, T>(gamma, j), b = coef<true, T>(beta, j);
+    const T a = coef<true, T>(ka, j), bb = coef<true, T>(kb, j), cc = coef<true, T>(kc, j);
+    for (int64_t q = 0; q < rows; ++q, o += C) {
+      const T xhat = (load_as<scalar_t, T>(X + o) - m) * rs;
+      const T dz = grad_z<kAct>(dY, R, o, xhat, g, b, slope);
+      if (dR != nullptr) store_as<scalar_t, T>(dR + o, dz);
+      if (dX != nullptr) store_as<scalar_t, T>(dX + o, madd(a, dz, madd(bb, xhat, cc)));
+    }
+  }
+};
+
+// Runs body(r0, r1) over row ranges of about 32k elements in parallel.
+template <typename F>
+void parallel_rows(int64_t M, int64_t C, const F& body) {
+  at::parallel_for(0, M, grain_for(C), body);
+}
+
+// ------------------------------------------------------------------------- both views
+
+// Per-channel mean and M2 of X. Planes: per-(n, c) moments (double, see Moments) merged over n.
+template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+void batch_moments(const scalar_t* X, const ChannelShape& s, acc_t* mean, acc_t* m2) {
+  if (s.channels_last) {
+    rows_moments(X, s.HxW, s.C, mean, m2);
+    return;
+  }
+  std::vector<double> m_nc(s.N * s.C), q_nc(s.N * s.C);
+  channel_moments(X, s, m_nc.data(), q_nc.data());
+  at::parallel_for(0, s.C, grain_for(s.N), [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      Moments w{0.0, 0.0, 0.0};
+      for (int64_t n = 0; n < s.N; ++n) {
+        w = welford_merge(w, Moments{m_nc[n * s.C + c], q_nc[n * s.C + c], double(s.HxW)});
+      }
+      mean[c] = acc_t(w.mean);
+      m2[c] = acc_t(w.m2);
+    }
+  });
+}
+
+// Y = act(x̂·gamma + beta + R) with per-channel statistics.
+template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+void batch_apply(const scalar_t* X, const scalar_t* R, scalar_t* Y, const ChannelShape& s,
+                 const ChannelCoefs<acc_t>& k, int64_t act, double slope) {
+  if (!s.channels_last) {
+    channel_apply(X, R, Y, s, k, act, slope);
+    return;
+  }
+  std::vector<acc_t> scale(s.C);
+  for (int64_t c = 0; c < s.C; ++c) scale[c] = k.gamma[c] * k.rstd[c];
+  dispatch_activation(act, [&](auto A) {
+    parallel_rows(s.HxW, s.C, [&](int64_t r0, int64_t r1) {
+      for_rows<scalar_t, ApplyStep<decltype(A)::value>>(
+          r0, r1, s.C, X, R, Y, k.mean, static_cast<const acc_t*>(scale.data()), k.beta, acc_t(slope));
+    });
+  });
+}
+
+// Per-channel Σdz and Σdz·x̂ in a fixed order (planes: per-(n, c) sums added over n in order).
+template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+void batch_grad_sums(const scalar_t* dY, const scalar_t* X, const scalar_t* R, const ChannelShape& s,
+                     const ChannelCoefs<acc_t>& k, int64_t act, double slope, acc_t* sum_dz, acc_t* sum_dzx) {
+  if (!s.channels_last) {
+    std::vector<acc_t> sdz(s.N * s.C), sdzx(s.N * s.C);
+    channel_grad_sums(dY, X, R, s, k, act, slope, sdz.data(), sdzx.data());
+    for (int64_t c = 0; c < s.C; ++c) {
+      acc_t a = 0, b = 0;
+      for (int64_t n = 0; n < s.N; ++n) {
+        a += sdz[n * s.C + c];
+        b += sdzx[n * s.C + c];
+      }
+      sum_dz[c] = a;
+      sum_dzx[c] = b;
+    }
+    return;
+  }
+  std::vector<acc_t> pdz, pdzx;
+  RowChunks rc{};
+  dispatch_activation(act, [&](auto A) {
+    rc = reduce_channels_last(s, pdz, pdzx, [&](int64_t, int64_t r0, int64_t r1, acc_t* cdz, acc_t* cdzx) {
+      for_rows<scalar_t, GradSumsStep<decltype(A)::value>>(r0, r1, s.C, dY, X, R, k.mean, k.rstd, k.gamma,
+                                                           k.beta, acc_t(slope), cdz, cdzx);
+    });
+  });
+  for (int64_t c = 0; c < s.C; ++c) {
+    double a = 0, b = 0;
+    for (int64_t i = 0; i < rc.count; ++i) {
+      a += double(pdz[i * s.C + c]);
+      b += double(pdzx[i * s.C + c]);
+    }
+    sum_dz[c] = acc_t(a);
+    sum_dzx[c] = acc_t(b);
+  }
+}
+
+// dX = a·dz + b·x̂ + c and dR = dz with per-channel coefficients; either output may be null.
+template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+void batch_grad_input(const scalar_t* dY, const scalar_t* X, const scalar_t* R, const ChannelShape& s,
+                      const ChannelCoefs<acc_t>& k, const GradCoefs<acc_t>& gc, int64_t act, double slope,
+                      scalar_t* dX, scalar_t* dR) {
+  if (!s.channels_last) {
+    channel_grad_input(dY, X, R, s, k, gc, act, slope, dX, dR);
+    return;
+  }
+  dispatch_activation(act, [&](auto A) {
+    parallel_rows(s.HxW, s.C, [&](int64_t r0, int64_t r1) {
+      for_rows<scalar_t, GradInputStep<decltype(A)::value>>(r0, r1, s.C, dY, X, R, k.mean, k.rstd, k.gamma,
+                                                            k.beta, gc.a, gc.b, gc.c, acc_t(slope), dX, dR);
+    });
+  });
+}
+
+// running = (1 - momentum) * running + momentum * stat, computed in stat's (accumulation) type and
+// written back in the running statistic's dtype and strides.
+void update_running_stat(const c10::optional<Tensor>& running, const Tensor& stat, double momentum) {
+  if (!running.has_value() || !running->defined()) return;
+  running->copy_(running->to(stat.scalar_type()).mul(1.0 - momentum).add_(stat, momentum));
+}
+
+// The running-stat update from merged per-channel moments over `count` values: the mean and the
+// unbiased variance M2 / (count - 1). An empty batch leaves the running statistics alone.
+void update_running_stats(const c10::optional<Tensor>& running_mean, const c10::optional<Tensor>& running_var,
+                          const Tensor& mean, const Tensor& m2, double count, double momentum) {
+  if (count == 0) return;
+  update_running_stat(running_mean, mean, momentum);
+  update_running_stat(running_var, m2 / (count - 1), momentum);
+}
+
+std::tuple<Tensor, Tensor, Tensor> batch_norm_fwd_cpu(
+    const Tensor& X_in, const c10::optional<Tensor>& gamma, const c10::optional<Tensor>& beta,
+    const c10::optional<Tensor>& residual, const c10::optional<Tensor>& running_mean,
+    const c10::optional<Tensor>& running_var, double momentum, double eps, int64_t act, double slope) {
+  constexpr const char* op = "batch_norm_fwd";
+  const auto a = check_channel_norm(X_in, gamma, beta, residual, act, op);
+  const int64_t C = a.dims.C;
+  check_running_stats(running_mean, running_var, a.X, C, op);
+  Tensor Y = at::empty_like(a.X);
+  const auto acc_opts = a.X.options().dtype(acc_dtype(a.X));
+  Tensor mean = at::empty({C}, acc_opts);
+  Tensor rstd = at::empty({C}, acc_opts);
+  if (a.X.numel() == 0) {
+    mean.fill_(std::nan(""));
+    rstd.fill_(std::nan(""));
+    return {Y, mean, rstd};
+  }
+  const double count = double(a.X.numel() / C);
+  Tensor m2 = at::empty({C}, acc_opts);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.X.scalar_type(), "batch_norm_fwd_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const ChannelShape s = bn_shape(a);
+    const scalar_t* X = a.X.const_data_ptr<scalar_t>();
+    acc_t* mean_p = mean.data_ptr<acc_t>();
+    acc_t* m2_p = m2.data_ptr<acc_t>();
+    acc_t* rstd_p = rstd.data_ptr<acc_t>();
+    batch_moments(X, s, mean_p, m2_p);
+    for (int64_t c = 0; c < C; ++c) rstd_p[c] = acc_t(1) / std::sqrt(m2_p[c] / acc_t(count) + acc_t(eps));
+    std::vector<acc_t> ones, zeros;
+    const ChannelCoefs<acc_t> k{mean_p, rstd_p, 0, param_or(a.gamma, ones, C, acc_t(1)),
+                                param_or(a.beta, zeros, C, acc_t(0))};
+    const scalar_t* R = a.residual ? a.residual->const_data_ptr<scalar_t>() : nullptr;
+    batch_apply(X, R, Y.data_ptr<scalar_t>(), s, k, act, slope);
+  });
+  update_running_stats(running_mean, running_var, mean, m2, count, momentum);
+  return {Y, mean, rstd};
+}
+
+std::tuple<Tensor, Tensor> batch_norm_stats_cpu(const Tensor& X_in) {
+  const auto a =
+      check_channel_norm(X_in, c10::nullopt, c10::nullopt, c10::nullopt, kIdentity, "batch_norm_stats");
+  const auto acc_opts = a.X.options().dtype(acc_dtype(a.X));
+  Tensor mean = at::zeros({a.dims.C}, acc_opts);
+  Tensor m2 = at::zeros({a.dims.C}, acc_opts);
+  if (a.X.numel() == 0) return {mean, m2};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.X.scalar_type(), "batch_norm_stats_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    batch_moments(a.X.const_data_ptr<scalar_t>(), bn_shape(a), mean.data_ptr<acc_t>(), m2.data_ptr<acc_t>());
+  });
+  return {mean, m2};
+}
+
+std::tuple<Tensor, Tensor> batch_norm_merge_cpu(const Tensor& counts_in, const Tensor& means_in,
+                                                const Tensor& m2s_in,
+                                                const c10::optional<Tensor>& running_mean,
+                                                const c10::optional<Tensor>& running_var, double momentum,
+                                                double eps) {
+  constexpr const char* op = "batch_norm_merge";
+  TORCH_CHECK(means_in.dim() == 2 && m2s_in.sizes() == means_in.sizes(), op,
+              ": expected means and m2s of the same shape (K, C), got ", means_in.sizes(), " and ",
+              m2s_in.sizes());
+  const int64_t K = means_in.size(0), C = means_in.size(1);
+  TORCH_CHECK(means_in.scalar_type() == at::kFloat || means_in.scalar_type() == at::kDouble, op,
+              ": expected float32 or float64 statistics, got ", means_in.scalar_type());
+  const Tensor means = check_stats(means_in, means_in, K * C, "means", op);
+  const Tensor m2s = check_stats(m2s_in, means_in, K * C, "m2s", op);
+  const Tensor counts = check_stats(counts_in, means_in, K, "counts", op);
+  check_running_stats(running_mean, running_var, means, C, op);
+  Tensor mean = at::empty({C}, means.options());
+  Tensor m2 = at::empty({C}, means.options());
+  double total = 0;
+  AT_DISPATCH_FLOATING_TYPES(means.scalar_type(), "batch_norm_merge_cpu", [&] {
+    const scalar_t* n_p = counts.const_data_ptr<scalar_t>();
+    const scalar_t* m_p = means.const_data_ptr<scalar_t>();
+    const scalar_t* q_p = m2s.const_data_ptr<scalar_t>();
+    for (int64_t k = 0; k < K; ++k) total += double(n_p[k]);
+    for (int64_t c = 0; c < C; ++c) {
+      Moments w{0.0, 0.0, 0.0};
+      for (int64_t k = 0; k < K; ++k) {
+        w = welford_merge(w, Moments{double(m_p[k * C + c]), double(q_p[k * C + c]), double(n_p[k])});
+      }
+      mean.data_ptr<scalar_t>()[c] = scalar_t(w.mean);
+      m2.data_ptr<scalar_t>()[c] = scalar_t(w.m2);
+    }
+  });
+  update_running_stats(running_mean, running_var, mean, m2, total, momentum);
+  return {mean, m2 / total};
+}
+
+Tensor batch_norm_apply_cpu(const Tensor& X_in, const Tensor& mean_in, const Tensor& var_in,
+                            const c10::optional<Tensor>& gamma, const c10::optional<Tensor>& beta,
+                            const c10::optional<Tensor>& residual, double eps, int64_t act, double slope) {
+  constexpr const char* op = "batch_norm_apply";
+  const auto a = check_channel_norm(X_in, gamma, beta, residual, act, op);
+  const int64_t C = a.dims.C;
+  const Tensor mean = *check_param(mean_in, a.X, C, "mean", op);
+  const Tensor rstd = (*check_param(var_in, a.X, C, "var", op) + eps).rsqrt();
+  Tensor Y = at::empty_like(a.X);
+  if (a.X.numel() == 0) return Y;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.X.scalar_type(), "batch_norm_apply_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    std::vector<acc_t> ones, zeros;
+    const ChannelCoefs<acc_t> k{mean.const_data_ptr<acc_t>(), rstd.const_data_ptr<acc_t>(), 0,
+                                param_or(a.gamma, ones, C, acc_t(1)), param_or(a.beta, zeros, C, acc_t(0))};
+    const scalar_t* R = a.residual ? a.residual->const_data_ptr<scalar_t>() : nullptr;
+    batch_apply(a.X.const_data_ptr<scalar_t>(), R, Y.data_ptr<scalar_t>(), bn_shape(a), k, act, slope);
+  });
+  return Y;
+}
+
+std::tuple<Tensor, Tensor> batch_norm_bwd_reduce_cpu(const Tensor& dY_in, const Tensor& X_in,
+                                                     const c10::optional<Tensor>& residual,
+                                                     const Tensor& mean_in, const Tensor& rstd_in,
+                                                     const c10::optional<Tensor>& gamma,
+                                                     const c10::optional<Tensor>& beta, int64_t act,
+                                                     double slope) {
+  constexpr const char* op = "batch_norm_bwd_reduce";
+  const auto a = check_channel_norm(X_in, gamma, beta, residual, act, op);
+  const int64_t C = a.dims.C;
+  const Tensor dY = *check_like(dY_in, a.X, a.layout, "grad_output", op);
+  const Tensor mean = check_stats(mean_in, a.X, C, "mean", op);
+  const Tensor rstd = check_stats(rstd_in, a.X, C, "rstd", op);
+  const auto acc_opts = a.X.options().dtype(acc_dtype(a.X));
+  Tensor sum_dz = at::zeros({C}, acc_opts);
+  Tensor sum_dzx = at::zeros({C}, acc_opts);
+  if (a.X.numel() == 0) return {sum_dz, sum_dzx};
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, a.X.scalar_type(), "batch_norm_bwd_reduce_cpu", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        const ChannelShape s = bn_shape(a);
+        std::vector<acc_t> ones, zeros;
+        const ChannelCoefs<acc_t> k{mean.const_data_ptr<acc_t>(), rstd.const_data_ptr<acc_t>(), 0,
+                                    param_or(a.gamma, ones, C, acc_t(1)),
+                                    param_or(a.beta, zeros, C, acc_t(0))};
+        const scalar_t* R = a.residual ? a.residual->const_data_ptr<scalar_t>() : nullptr;
+        batch_grad_sums(dY.const_data_ptr<scalar_t>(), a.X.const_data_ptr<scalar_t>(), R, s, k, act, slope,
+                        sum_dz.data_ptr<acc_t>(), sum_dzx.data_ptr<acc_t>());
+      });
+  return {sum_dz, sum_dzx};
+}
+
+std::tuple<Tensor, Tensor> batch_norm_bwd_elemt_cpu(
+    const Tensor& dY_in, const Tensor& X_in, const c10::optional<Tensor>& residual, const Tensor& mean_in,
+    const Tensor& rstd_in, const c10::optional<Tensor>& gamma, const c10::optional<Tensor>& beta,
+    const c10::optional<Tensor>& sum_dz_in, const c10::optional<Tensor>& sum_dzx_in, double inv_count,
+    int64_t act, double slope, std::array<bool, 2> mask) {
+  constexpr const char* op = "batch_norm_bwd_elemt";
+  const auto a = check_channel_norm(X_in, gamma, beta, residual, act, op);
+  const int64_t C = a.dims.C;
+  const Tensor dY = *check_like(dY_in, a.X, a.layout, "grad_output", op);
+  const Tensor mean = check_stats(mean_in, a.X, C, "mean", op);
+  const Tensor rstd = check_stats(rstd_in, a.X, C, "rstd", op);
+  const bool has_sums = sum_dz_in.has_value() && sum_dz_in->defined();
+  TORCH_CHECK(has_sums == (sum_dzx_in.has_value() && sum_dzx_in->defined()), op,
+              ": sum_dz and sum_dzxhat must be given together");
+  const Tensor sum_dz = has_sums ? check_stats(*sum_dz_in, a.X, C, "sum_dz", op) : Tensor();
+  const Tensor sum_dzx = has_sums ? check_stats(*sum_dzx_in, a.X, C, "sum_dzxhat", op) : Tensor();
+  Tensor dX = mask[0] ? at::empty_like(a.X) : at::empty({0}, a.X.options());
+  Tensor dR = mask[1] ? at::empty_like(a.X) : at::empty({0}, a.X.options());
+  if (a.X.numel() == 0 || (!mask[0] && !mask[1])) return {dX, dR};
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, a.X.scalar_type(), "batch_norm_bwd_elemt_cpu", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        std::vector<acc_t> ones, zeros;
+        const acc_t* gamma_p = param_or(a.gamma, ones, C, acc_t(1));
+        const acc_t* rstd_p = rstd.const_data_ptr<acc_t>();
+        const ChannelCoefs<acc_t> k{mean.const_data_ptr<acc_t>(), rstd_p, 0, gamma_p,
+                                    param_or(a.beta, zeros, C, acc_t(0))};
+        std::vector<acc_t> ca(C), cb(C, acc_t(0)), cc(C, acc_t(0));
+        for (int64_t c = 0; c < C; ++c) {
+          ca[c] = gamma_p[c] * rstd_p[c];
+          if (has_sums) {
+            cb[c] = -ca[c] * sum_dzx.const_data_ptr<acc_t>()[c] * acc_t(inv_count);
+            cc[c] = -ca[c] * sum_dz.const_data_ptr<acc_t>()[c] * acc_t(inv_count);
+          }
+        }
+        const scalar_t* R = a.residual ? a.residual->const_data_ptr<scalar_t>() : nullptr;
+        batch_grad_input(dY.const_data_ptr<scalar_t>(), a.X.const_data_ptr<scalar_t>(), R, bn_shape(a), k,
+                         GradCoefs<acc_t>{ca.data(), cb.data(), cc.data()}, act, slope,
+                         mask[0] ? dX.data_ptr<scalar_t>() : nullptr,
+                         mask[1] ? dR.data_ptr<scalar_t>() : nullptr);
+      });
+  return {dX, dR};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(normext, CPU, m) {
+  m.impl("batch_norm_fwd", &batch_norm_fwd_cpu);
+  m.impl("batch_norm_stats", &batch_norm_stats_cpu);
+  m.impl("batch_norm_merge", &batch_norm_merge_cpu);
+  m.impl("batch_norm_apply", &batch_norm_apply_cpu);
+  m.impl("batch_norm_bwd_reduce", &batch_norm_bwd_reduce_cpu);
+  m.impl("batch_norm_bwd_elemt", &batch_norm_bwd_elemt_cpu);
+}
+
+}  // namespace normext::cpu

@@ -1,0 +1,826 @@
+// BatchNorm on CUDA: the batch_norm_* ops registered at the CUDA key. Per-channel statistics are a
+// column reduction: a partial kernel reduces (channel block x partition) tiles to Welford partials
+// (or backward sums), a finalize kernel merges each channel's partials in a fixed order into
+// mean/rstd and the running statistics (no atomics: deterministic), and apply / the backward
+// elementwise pass are one kernel each. Two views of X (ChannelNormArgs::rows): rows of C
+// channels (channels-last, or no spatial extent) and N·C planes of HxW (channels-first).
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <initializer_list>
+
+#include "common.cuh"
+#include "normext/checks.h"
+#include "normext/math.h"
+
+namespace normext::cuda {
+namespace {
+
+using at::Tensor;
+
+constexpr int kBlock = 256;
+// Rows view: a block is kCols vector columns (VEC channels each) x kRows thread rows.
+constexpr int kCols = kWarpSize;
+constexpr int kRows = kBlock / kCols;
+// Loads in flight per thread: the reduction loops do one Welford step or two sums per value; the
+// elementwise loops carry VEC-wide per-channel constants, so they keep fewer.
+constexpr int kReduceUnroll = 4;
+constexpr int kApplyUnroll = 2;
+// Blocks to aim for. Constants rather than the device's SM count: the partition fixes the
+// reduction order, which must depend on the shape only.
+constexpr int64_t kReduceBlocks = 1024;
+constexpr int64_t kApplyBlocks = 4096;
+constexpr int64_t kMinPerThread = 4;  // rows / tiles per thread row that make a partition worth a block
+
+// a / b and a % b for non-negative a, b: 32-bit division when both fit (64-bit division is a long
+// instruction sequence), else 64-bit.
+__device__ __forceinline__ int64_t div_idx(int64_t a, int64_t b) {
+  if (a <= UINT32_MAX && b <= UINT32_MAX) return static_cast<uint32_t>(a) / static_cast<uint32_t>(b);
+  return a / b;
+}
+
+// Per-channel statistics and parameters, float and contiguous. `second` holds rstd, or the variance
+// (then rstd = 1/sqrt(var + eps)) when second_is_var. gamma/beta may be null (1 and 0).
+struct Channels {
+  const float* mean;
+  const float* second;
+  bool second_is_var;
+  float eps;
+  const float* gamma;
+  const float* beta;
+
+  __device__ __forceinline__ void at(int64_t c, float& m, float& rstd, float& g, float& b) const {
+    m = mean[c];
+    rstd = second_is_var ? 1.f / sqrtf(second[c] + eps) : second[c];
+    g = gamma != nullptr ? gamma[c] : 1.f;
+    b = beta != nullptr ? beta[c] : 0.f;
+  }
+};
+
+// The backward elementwise pass: dX = a·dz + b·x̂ + c with a = gamma·rstd, b = -a·Σdz·x̂·inv,
+// c = -a·Σdz·inv; without sums (null) b = c = 0.
+struct GradSums {
+  const float* sum_dz;
+  const float* sum_dzx;
+  float inv_count;
+
+  __device__ __forceinline__ void coefs(int64_t c, float g, float rstd, float& a, float& b, float& k) const {
+    a = g * rstd;
+    b = sum_dzx != nullptr ? -a * sum_dzx[c] * inv_count : 0.f;
+    k = sum_dz != nullptr ? -a * sum_dz[c] * inv_count : 0.f;
+  }
+};
+
+// dz = dy·act'(z) at the recomputed pre-activation z = x̂·gamma + beta + res.
+__device__ __forceinline__ float grad_pre_act(float dy, float xhat, float g, float b, float res, int64_t act,
+                                              float slope) {
+  return act == kIdentity ? dy : dy * act_grad<float, float>(xhat * g + b + res, act, slope);
+}
+
+// ------------------------------------------------------------------------------ rows view kernels
+// X is rows x C, row-major. Thread (x, y) = (threadIdx.x % kCols, threadIdx.x / kCols) owns the VEC
+// channels starting at c = (blockIdx.x * kCols + x) * VEC (VEC > 1 only when C % VEC == 0 and every
+// pointer is VEC-aligned, so a vector never straddles rows) and walks rows y, y + kRows, ...
+
+// Partial moments of partition p = blockIdx.y, rows [p * rows_per_part, ...) (never empty). Each lane
+// runs Welford on x - K, K the partition's first row, so float rounding scales with the spread and
+// not with the magnitude; column_reduce merges the kRows states of each channel. Writes the partial
+// (mean, M2) at [p * C + c] and its count at counts[p].
+template <typename scalar_t, int VEC>
+__global__ void __launch_bounds__(kBlock)
+    rows_moments_kernel(const scalar_t* __restrict__ X, int64_t rows, int64_t C, int64_t rows_per_part,
+                        float* __restrict__ means, float* __restrict__ m2s, float* __restrict__ counts) {
+  __shared__ WelfordF buf[kBlock * VEC];
+  const int x = threadIdx.x % kCols, y = threadIdx.x / kCols;
+  const int64_t c = (int64_t(blockIdx.x) * kCols + x) * VEC;
+  const int64_t r0 = int64_t(blockIdx.y) * rows_per_part;
+  const int64_t r1 = std::min(rows, r0 + rows_per_part);
+  const bool active = c < C;
+  Lanes<VEC> shift(0.f);
+  WelfordLanes<VEC> w = welford_lanes_zero<VEC>();
+  if (active) {
+    shift = to_lanes(load_vec<VEC>(X, r0 * C + c));
+    for (int64_t r = r0 + y; r < r1; r += kReduceUnroll * kRows) {
+      AlignedVector<scalar_t, VEC> v[kReduceUnroll];
+#pragma unroll
+      for (int u = 0; u < kReduceUnroll; ++u) {
+        if (r + u * kRows < r1) v[u] = load_vec<VEC>(X, (r + u * kRows) * C + c);
+      }
+#pragma unroll
+      for (int u = 0; u < kReduceUnroll; ++u) {
+        if (r + u * kRows < r1) welford_push(w, to_lanes(v[u]) - shift);
+      }
+    }
+  }
+  WelfordF lanes[VEC];
+#pragma unroll
+  for (int e = 0; e < VEC; ++e) lanes[e] = welford_lane(w, e);
+  column_reduce<VEC>(lanes, buf, y, x, kRows, kCols, WelfordOp{});
+  if (y != 0 || !active) return;
+#pragma unroll
+  for (int e = 0; e < VEC; ++e) {
+    const WelfordF t = buf[x * VEC + e];
+    means[blockIdx.y * C + c + e] = shift.v[e] + t.mean;
+    m2s[blockIdx.y * C + c + e] = t.m2;
+    if (c + e == 0) counts[blockIdx.y] = t.n;
+  }
+}
+
+// Partial backward sums Σdz and Σdz·x̂ of partition p = blockIdx.y, merged over the thread rows by
+// column_reduce; written at [p * C + c].
+template <typename scalar_t, int VEC>
+__global__ void __launch_bounds__(kBlock)
+    rows_grad_sums_kernel(const scalar_t* __restrict__ dY, const scalar_t* __restrict__ X,
+                          const scalar_t* __restrict__ R, int64_t rows, int64_t C, int64_t rows_per_part,
+                          Channels ch, int64_t act, float slope, Sum2* __restrict__ partial) {
+  __shared__ Sum2 buf[kBlock * VEC];
+  const int x = threadIdx.x % kCols, y = threadIdx.x / kCols;
+  const int64_t c = (int64_t(blockIdx.x) * kCols + x) * VEC;
+  const int64_t r0 = int64_t(blockIdx.y) * rows_per_part;
+  const int64_t r1 = std::min(rows, r0 + rows_per_part);
+  const bool active = c < C;
+  float mean[VEC], rstd[VEC], g[VEC], b[VEC];
+  Sum2 acc[VEC];
+#pragma unroll
+  for (int e = 0; e < VEC; ++e) {
+    acc[e] = Sum2{0.f, 0.f};
+    if (active) ch.at(c + e, mean[e], rstd[e], g[e], b[e]);
+  }
+  if (active) {
+    for (int64_t r = r0 + y; r < r1; r += kReduceUnroll * kRows) {
+      AlignedVector<scalar_t, VEC> xv[kReduceUnroll], dv[kReduceUnroll], rv[kReduceUnroll];
+#pragma unroll
+      for (int u = 0; u < kReduceUnroll; ++u) {
+        if (r + u * kRows < r1) {
+          const int64_t o = (r + u * kRows) * C + c;
+          xv[u] = load_vec<VEC>(X, o);
+          dv[u] = load_vec<VEC>(dY, o);
+          rv[u] = load_vec_or_zero<VEC>(R, o);
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < kReduceUnroll; ++u) {
+        if (r + u * kRows >= r1) continue;
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) {
+          const float xhat = (static_cast<float>(xv[u].val[e]) - mean[e]) * rstd[e];
+          const float dz = grad_pre_act(static_cast<float>(dv[u].val[e]), xhat, g[e], b[e],
+                                        static_cast<float>(rv[u].val[e]), act, slope);
+          acc[e].a += dz;
+          acc[e].b += dz * xhat;
+        }
+      }
+    }
+  }
+  column_reduce<VEC>(acc, buf, y, x, kRows, kCols, SumOp{});
+  if (y != 0 || !active) return;
+#pragma unroll
+  for (int e = 0; e < VEC; ++e) partial[blockIdx.y * C + c + e] = buf[x * VEC + e];
+}
+
+// Y = act((x - mean)·(gamma·rstd) + beta + R); rows blockIdx.y·kRows + y, grid-strided.
+template <typename scalar_t, int VEC>
+__global__ void __launch_bounds__(kBlock)
+    rows_apply_kernel(const scalar_t* __restrict__ X, const scalar_t* __restrict__ R,
+                      scalar_t* __restrict__ Y, int64_t rows, int64_t C, Channels ch, int64_t act,
+                      float slope) {
+  const int x = threadIdx.x % kCols, y = threadIdx.x / kCols;
+  const int64_t c = (int64_t(blockIdx.x) * kCols + x) * VEC;
+  if (c >= C) return;
+  float mean[VEC], scale[VEC], beta[VEC];
+#pragma unroll
+  for (int e = 0; e < VEC; ++e) {
+    float rstd, g;
+    ch.at(c + e, mean[e], rstd, g, beta[e]);
+    scale[e] = g * rstd;
+  }
+  const int64_t step = int64_t(gridDim.y) * kRows;
+  for (int64_t r = int64_t(blockIdx.y) * kRows + y; r < rows; r += kApplyUnroll * step) {
+    AlignedVector<scalar_t, VEC> xv[kApplyUnroll], rv[kApplyUnroll];
+#pragma unroll
+    for (int u = 0; u < kApplyUnroll; ++u) {
+      if (r + u * step < rows) {
+        xv[u] = load_vec<VEC>(X, (r + u * step) * C + c);
+        rv[u] = load_vec_or_zero<VEC>(R, (r + u * step) * C + c);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kApplyUnroll; ++u) {
+      if (r + u * step >= rows) continue;
+      float out[VEC];
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) {
+        const float z = (static_cast<float>(xv[u].val[e]) - mean[e]) * scale[e] + beta[e] +
+                        static_cast<float>(rv[u].val[e]);
+        out[e] = act_forward<float, float>(z, act, slope);
+      }
+      store_float<VEC>(Y, (r + u * step) * C + c, out);
+    }
+  }
+}
+
+// dX = a·dz + b·x̂ + c and dR = dz (either may be null), rows as in rows_apply_kernel.
+template <typename scalar_t, int VEC>
+__global__ void __launch_bounds__(kBlock)
+    rows_grad_input_kernel(const scalar_t* __restrict__ dY, const scalar_t* __restrict__ X,
+                           const scalar_t* __restrict__ R, int64_t rows, int64_t C, Channels ch, GradSums gs,
+                           int64_t act, float slope, scalar_t* __restrict__ dX, scalar_t* __restrict__ dR) {
+  const int x = threadIdx.x % kCols, y = threadIdx.x / kCols;
+  const int64_t c = (int64_t(blockIdx.x) * kCols + x) * VEC;
+  if (c >= C) return;
+  float mean[VEC], rstd[VEC], g[VEC], b[VEC], ka[VEC], kb[VEC], kc[VEC];
+#pragma unroll
+  for (int e = 0; e < VEC; ++e) {
+    ch.at(c + e, mean[e], rstd[e], g[e], b[e]);
+    gs.coefs(c + e, g[e], rstd[e], ka[e], kb[e], kc[e]);
+  }
+  const int64_t step = int64_t(gridDim.y) * kRows;
+  for (int64_t r = int64_t(blockIdx.y) * kRows + y; r < rows; r += kApplyUnroll * step) {
+    AlignedVector<scalar_t, VEC> xv[kApplyUnroll], dv[kApplyUnroll], rv[kApplyUnroll];
+#pragma unroll
+    for (int u = 0; u < kApplyUnroll; ++u) {
+      if (r + u * step < rows) {
+        const int64_t o = (r + u * step) * C + c;
+        xv[u] = load_vec<VEC>(X, o);
+        dv[u] = load_vec<VEC>(dY, o);
+        rv[u] = load_vec_or_zero<VEC>(R, o);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kApplyUnroll; ++u) {
+      if (r + u * step >= rows) continue;
+      float dz[VEC], dx[VEC];
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) {
+        const float xhat = (static_cast<float>(xv[u].val[e]) - mean[e]) * rstd[e];
+        dz[e] = grad_pre_act(static_cast<float>(dv[u].val[e]), xhat, g[e], b[e],
+                             static_cast<float>(rv[u].val[e]), act, slope);
+        dx[e] = ka[e] * dz[e] + kb[e] * xhat + kc[e];
+      }
+      const int64_t o = (r + u * step) * C + c;
+      if (dR != nullptr) store_float<VEC>(dR, o, dz);
+      if (dX != nullptr) store_float<VEC>(dX, o, dx);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------- planes view kernels
+// X is N x C x HxW. Each (n, c) plane is cut into S tiles of tx * VEC elements (VEC > 1 only when
+// HxW % VEC == 0 and every pointer is VEC-aligned); thread (threadIdx.x % tx, threadIdx.x / tx)
+// reads the VEC elements at (threadIdx.x % tx) * VEC of every (kBlock / tx)-th tile. tx is a power
+// of two dividing kBlock.
+
+// Partial moments of channel c = blockIdx.x over its partition p = blockIdx.y of tiles t = n * S + s,
+// [p * tiles_per_part, ...) (never empty). Welford on x - K (K the partition's first element),
+// lanes merged in order, then the block by block_allreduce; writes [p * C + c] and counts[p].
+template <typename scalar_t, int VEC>
+__global__ void __launch_bounds__(kBlock)
+    planes_moments_kernel(const scalar_t* __restrict__ X, int64_t C, int64_t HxW, int tx, int64_t S,
+                          int64_t tiles, int64_t tiles_per_part, float* __restrict__ means,
+                          float* __restrict__ m2s, float* __restrict__ counts) {
+  __shared__ WelfordF red[kBlock / kWarpSize];
+  const int ty = kBlock / tx;
+  const int64_t c = blockIdx.x;
+  const int64_t tile_len = int64_t(tx) * VEC, lane = int64_t(threadIdx.x % tx) * VEC;
+  const int64_t t0 = int64_t(blockIdx.y) * tiles_per_part;
+  const int64_t t1 = std::min(tiles, t0 + tiles_per_part);
+  const int64_t n0 = t0 / S;
+  const Lanes<VEC> shift(static_cast<float>(X[(n0 * C + c) * HxW + (t0 - n0 * S) * tile_len]));
+  WelfordLanes<VEC> w = welford_lanes_zero<VEC>();
+  ChannelCursor cur(t0 + threadIdx.x / tx, ty, S);  // (n, s) of tile t
+  for (int64_t t = t0 + threadIdx.x / tx; t < t1; t += kReduceUnroll * ty) {
+    AlignedVector<scalar_t, VEC> v[kReduceUnroll];
+    bool ok[kReduceUnroll];
+#pragma unroll
+    for (int u = 0; u < kReduceUnroll; ++u) {
+      const int64_t hw = cur.rem * tile_len + lane;
+      ok[u] = t + u * ty < t1 && hw < HxW;
+      if (ok[u]) v[u] = load_vec<VEC>(X, (cur.c * C + c) * HxW + hw);
+      cur.advance(S);
+    }
+#pragma unroll
+    for (int u = 0; u < kReduceUnroll; ++u) {
+      if (ok[u]) welford_push(w, to_lanes(v[u]) - shift);
+    }
+  }
+  const WelfordF total = block_allreduce(welford_merge_lanes(w), WelfordOp{}, red, kBlock / kWarpSize);
+  if (threadIdx.x == 0) {
+    means[blockIdx.y * C + c] = shift.v[0] + total.mean;
+    m2s[blockIdx.y * C + c] = total.m2;
+    if (c == 0) counts[blockIdx.y] = total.n;
+  }
+}
+
+// Partial backward sums Σdz and Σdz·x̂ of channel c = blockIdx.x over partition p = blockIdx.y.
+template <typename scalar_t, int VEC>
+__global__ void __launch_bounds__(kBlock)
+    planes_grad_sums_kernel(const scalar_t* __restrict__ dY, const scalar_t* __restrict__ X,
+                            const scalar_t* __restrict__ R, int64_t C, int64_t HxW, int tx, int64_t S,
+                            int64_t tiles, int64_t tiles_per_part, Channels ch, int64_t act, float slope,
+                            Sum2* __restrict__ partial) {
+  __shared__ Sum2 red[kBlock / kWarpSize];
+  const int ty = kBlock / tx;
+  const int64_t c = blockIdx.x;
+  const int64_t tile_len = int64_t(tx) * VEC, lane = int64_t(threadIdx.x % tx) * VEC;
+  const int64_t t0 = int64_t(blockIdx.y) * tiles_per_part;
+  const int64_t t1 = std::min(tiles, t0 + tiles_per_part);
+  float mean, rstd, g, b;
+  ch.at(c, mean, rstd, g, b);
+  Sum2 acc{0.f, 0.f};
+  ChannelCursor cur(t0 + threadIdx.x / tx, ty, S);
+  for (int64_t t = t0 + threadIdx.x / tx; t < t1; t += kReduceUnroll * ty) {
+    AlignedVector<scalar_t, VEC> xv[kReduceUnroll], dv[kReduceUnroll], rv[kReduceUnroll];
+    bool ok[kReduceUnroll];
+#pragma unroll
+    for (int u = 0; u < kReduceUnroll; ++u) {
+      const int64_t hw = cur.rem * tile_len + lane;
+      ok[u] = t + u * ty < t1 && hw < HxW;
+      if (ok[u]) {
+        const int64_t o = (cur.c * C + c) * HxW + hw;
+        xv[u] = load_vec<VEC>(X, o);
+        dv[u] = load_vec<VEC>(dY, o);
+        rv[u] = load_vec_or_zero<VEC>(R, o);
+      }
+      cur.advance(S);
+    }
+#pragma unroll
+    for (int u = 0; u < kReduceUnroll; ++u) {
+      if (!ok[u]) continue;
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) {
+        const float xhat = (static_cast<float>(xv[u].val[e]) - mean) * rstd;
+        const float dz = grad_pre_act(static_cast<float>(dv[u].val[e]), xhat, g, b,
+                                      static_cast<float>(rv[u].val[e]), act, slope);
+        acc.a += dz;
+        acc.b += dz * xhat;
+      }
+    }
+  }
+  acc = block_allreduce(acc, SumOp{}, red, kBlock / kWarpSize);
+  if (threadIdx.x == 0) partial[blockIdx.y * C + c] = acc;
+}
+
+// Elementwise over all N·C·S tiles t (plane nc = t / S, channel nc % C), grid-strided:
+// Y = act((x - mean)·(gamma·rstd) + beta + R).
+template <typename scalar_t, int VEC>
+__global__ void __launch_bounds__(kBlock)
+    planes_apply_kernel(const scalar_t* __restrict__ X, const scalar_t* __restrict__ R,
+                        scalar_t* __restrict__ Y, int64_t C, int64_t HxW, int tx, int64_t S, int64_t tiles,
+                        Channels ch, int64_t act, float slope) {
+  const int ty = kBlock / tx;
+  const int64_t tile_len = int64_t(tx) * VEC, lane = int64_t(threadIdx.x % tx) * VEC;
+  for (int64_t t = int64_t(blockIdx.x) * ty + threadIdx.x / tx; t < tiles; t += int64_t(gridDim.x) * ty) {
+    const int64_t nc = div_idx(t, S);
+    const int64_t hw = (t - nc * S) * tile_len + lane;
+    if (hw >= HxW) continue;
+    float mean, rstd, g, b;
+    ch.at(nc - div_idx(nc, C) * C, mean, rstd, g, b);
+    const float scale = g * rstd;
+    const int64_t o = nc * HxW + hw;
+    float xv[VEC], rv[VEC], out[VEC];
+    load_float<VEC>(X, o, xv);
+    if (R != nullptr) load_float<VEC>(R, o, rv);
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) {
+      const float z = (xv[e] - mean) * scale + b + (R != nullptr ? rv[e] : 0.f);
+      out[e] = act_forward<float, float>(z, act, slope);
+    }
+    store_float<VEC>(Y, o, out);
+  }
+}
+
+// dX = a·dz + b·x̂ + c and dR = dz over all tiles, as planes_apply_kernel.
+template <typename scalar_t, int VEC>
+__global__ void __launch_bounds__(kBlock)
+    planes_grad_input_kernel(const scalar_t* __restrict__ dY, const scalar_t* __restrict__ X,
+                             const scalar_t* __restrict__ R, int64_t C, int64_t HxW, int tx, int64_t S,
+                             int64_t tiles, Channels ch, GradSums gs, int64_t act, float slope,
+                             scalar_t* __restrict__ dX, scalar_t* __restrict__ dR) {
+  const int ty = kBlock / tx;
+  const int64_t tile_len = int64_t(tx) * VEC, lane = int64_t(threadIdx.x % tx) * VEC;
+  for (int64_t t = int64_t(blockIdx.x) * ty + threadIdx.x / tx; t < tiles; t += int64_t(gridDim.x) * ty) {
+    const int64_t nc = div_idx(t, S);
+    const int64_t hw = (t - nc * S) * tile_len + lane;
+    if (hw >= HxW) continue;
+    const int64_t c = nc - div_idx(nc, C) * C;
+    float mean, rstd, g, b, ka, kb, kc;
+    ch.at(c, mean, rstd, g, b);
+    gs.coefs(c, g, rstd, ka, kb, kc);
+    const int64_t o = nc * HxW + hw;
+    float xv[VEC], dv[VEC], rv[VEC], dz[VEC], dx[VEC];
+    load_float<VEC>(X, o, xv);
+    load_float<VEC>(dY, o, dv);
+    if (R != nullptr) load_float<VEC>(R, o, rv);
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) {
+      const float xhat = (xv[e] - mean) * rstd;
+      dz[e] = grad_pre_act(dv[e], xhat, g, b, R != nullptr ? rv[e] : 0.f, act, slope);
+      dx[e] = ka * dz[e] + kb * xhat + kc;
+    }
+    if (dR != nullptr) store_float<VEC>(dR, o, dz);
+    if (dX != nullptr) store_float<VEC>(dX, o, dx);
+  }
+}
+
+// ------------------------------------------------------------------------------ finalize kernels
+// One warp per channel c = blockIdx.x * (kBlock / 32) + warp, merging the channel's K parts with
+// warp_reduce_range (fixed order).
+
+enum FinalizeMode : int { kOutRstd = 0, kOutVar = 1, kOutM2 = 2 };
+
+// Merges K partial moments (counts[k], means/m2s[k * C + c]) in double (the parts' means can be far
+// apart relative to the spread; this is K·C work, not numel) into out_mean and, by mode, rstd =
+// 1/sqrt(var + eps), the biased variance, or M2. Moves the running statistics (any strides) toward
+// the mean and the unbiased variance unless the total count is 0.
+template <typename R>
+__global__ void __launch_bounds__(kBlock)
+    finalize_moments_kernel(const float* __restrict__ counts, const float* __restrict__ means,
+                            const float* __restrict__ m2s, int64_t K, int64_t C, int mode, double eps,
+                            double momentum, float* __restrict__ out_mean, float* __restrict__ out_second,
+                            R* running_mean, int64_t rm_stride, R* running_var, int64_t rv_stride) {
+  const int64_t c = int64_t(blockIdx.x) * (kBlock / kWarpSize) + threadIdx.x / kWarpSize;
+  if (c >= C) return;  // warp-uniform: all lanes of a warp share c
+  const WelfordD w = warp_reduce_range(
+      K, WelfordD{0.0, 0.0, 0.0},
+      [&](int64_t k) {
+        return WelfordD{double(means[k * C + c]), double(m2s[k * C + c]), double(counts[k])};
+      },
+      WelfordDOp{});
+  if (threadIdx.x % kWarpSize != 0) return;
+  const double var = w.m2 / w.n;
+  out_mean[c] = float(w.mean);
+  out_second[c] = float(mode == kOutRstd ? 1.0 / sqrt(var + eps) : mode == kOutVar ? var : w.m2);
+  if (w.n == 0.0) return;
+  if (running_mean != nullptr) {
+    R& r = running_mean[c * rm_stride];
+    r = R((1.0 - momentum) * double(r) + momentum * w.mean);
+  }
+  if (running_var != nullptr) {
+    R& r = running_var[c * rv_stride];
+    r = R((1.0 - momentum) * double(r) + momentum * (w.m2 / (w.n - 1.0)));
+  }
+}
+
+// Sums K partial backward sums per channel into sum_dz / sum_dzx.
+__global__ void __launch_bounds__(kBlock)
+    finalize_sums_kernel(const Sum2* __restrict__ partial, int64_t K, int64_t C, float* __restrict__ sum_dz,
+                         float* __restrict__ sum_dzx) {
+  const int64_t c = int64_t(blockIdx.x) * (kBlock / kWarpSize) + threadIdx.x / kWarpSize;
+  if (c >= C) return;
+  const Sum2 s = warp_reduce_range(K, Sum2{0.f, 0.f}, [&](int64_t k) { return partial[k * C + c]; }, SumOp{});
+  if (threadIdx.x % kWarpSize == 0) {
+    sum_dz[c] = s.a;
+    sum_dzx[c] = s.b;
+  }
+}
+
+// ----------------------------------------------------------------------------------- host side
+
+// Launch geometry over a BatchNorm input for vector width vec.
+struct Plan {
+  bool rows_view;
+  int64_t N, C, HxW, rows;  // rows = N * HxW (rows view)
+  int vec;
+  int64_t blocks_x;  // rows view: channel blocks
+  int tx;            // planes view: threads per tile
+  int64_t S;         // planes view: tiles per plane
+  // Reductions: `parts` partitions of rows_per_part rows (rows view) or tiles_per_part of the N·S
+  // tiles of a channel (planes view).
+  int64_t parts, rows_per_part, tiles_per_part;
+};
+
+Plan make_plan(const ChannelNormArgs& a, int vec) {
+  Plan p{};
+  p.rows_view = a.rows;
+  p.N = a.dims.N;
+  p.C = a.dims.C;
+  p.HxW = a.dims.HxW;
+  p.rows = p.N * p.HxW;
+  p.vec = vec;
+  if (p.rows_view) {
+    p.blocks_x = ceil_div<int64_t>(p.C, int64_t(kCols) * vec);
+    const int64_t parts = std::clamp<int64_t>(ceil_div(kReduceBlocks, p.blocks_x), 1,
+                                              ceil_div<int64_t>(p.rows, kRows * kMinPerThread));
+    p.rows_per_part = ceil_div(p.rows, parts);
+    p.parts = ceil_div(p.rows, p.rows_per_part);  // no empty partition
+  } else {
+    int64_t tx = 1;
+    while (tx < kBlock && tx * vec < p.HxW) tx *= 2;
+    p.tx = int(tx);
+    p.S = ceil_div<int64_t>(p.HxW, tx * vec);
+    const int64_t tiles = p.N * p.S;
+    const int64_t parts = std::clamp<int64_t>(ceil_div(kReduceBlocks, p.C), 1,
+                                              ceil_div<int64_t>(tiles, (kBlock / tx) * kMinPerThread));
+    p.tiles_per_part = ceil_div(tiles, parts);
+    p.parts = ceil_div(tiles, p.tiles_per_part);
+  }
+  return p;
+}
+
+// kMaxVec when every pointer is aligned to it and the contiguous extent (C for rows, HxW for planes)
+// is a multiple of it; else 1.
+template <typename scalar_t>
+int vec_for(const ChannelNormArgs& a, std::initializer_list<const scalar_t*> ptrs) {
+  constexpr int v = kMaxVec<scalar_t>;
+  if ((a.rows ? a.dims.C : a.dims.HxW) % v != 0) return 1;
+  for (const scalar_t* p : ptrs) {
+    if (p != nullptr && !vec_aligned(p, v)) return 1;
+  }
+  return v;
+}
+
+// Calls f(std::integral_constant<int, VEC>) for the plan's vector width.
+template <typename scalar_t, typename F>
+void with_vec(const Plan& p, const F& f) {
+  if (p.vec > 1) {
+    f(std::integral_constant<int, kMaxVec<scalar_t>>{});
+  } else {
+    f(std::integral_constant<int, 1>{});
+  }
+}
+
+Channels channels_of(const Tensor& mean, const Tensor& second, bool second_is_var, double eps,
+                     const c10::optional<Tensor>& gamma, const c10::optional<Tensor>& beta) {
+  return Channels{mean.const_data_ptr<float>(),
+                  second.const_data_ptr<float>(),
+                  second_is_var,
+                  float(eps),
+                  gamma ? gamma->const_data_ptr<float>() : nullptr,
+                  beta ? beta->const_data_ptr<float>() : nullptr};
+}
+
+template <typename scalar_t>
+const scalar_t* ptr_or_null(const c10::optional<Tensor>& t) {
+  return t ? t->const_data_ptr<scalar_t>() : nullptr;
+}
+
+// Partial moments of X into means/m2s (parts x C) and counts (parts,).
+template <typename scalar_t>
+void launch_moments(const ChannelNormArgs& a, const Plan& p, float* means, float* m2s, float* counts) {
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const scalar_t* X = a.X.const_data_ptr<scalar_t>();
+  with_vec<scalar_t>(p, [&](auto vec) {
+    constexpr int VEC = decltype(vec)::value;
+    if (p.rows_view) {
+      rows_moments_kernel<scalar_t, VEC>
+          <<<dim3(unsigned(p.blocks_x), unsigned(p.parts)), kBlock, 0, stream>>>(
+              X, p.rows, p.C, p.rows_per_part, means, m2s, counts);
+    } else {
+      planes_moments_kernel<scalar_t, VEC><<<dim3(unsigned(p.C), unsigned(p.parts)), kBlock, 0, stream>>>(
+          X, p.C, p.HxW, p.tx, p.S, p.N * p.S, p.tiles_per_part, means, m2s, counts);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+// Merges K partial moments into (mean, second) by mode, updating the running statistics.
+void launch_finalize(const float* counts, const float* means, const float* m2s, int64_t K, int64_t C,
+                     int mode, double eps, double momentum, Tensor& mean, Tensor& second,
+                     const c10::optional<Tensor>& running_mean, const c10::optional<Tensor>& running_var) {
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const auto rtype =
+      running_mean ? running_mean->scalar_type() : (running_var ? running_var->scalar_type() : at::kFloat);
+  const unsigned blocks = unsigned(ceil_div<int64_t>(C, kBlock / kWarpSize));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rtype, "batch_norm_finalize", [&] {
+    scalar_t* rm = running_mean ? running_mean->data_ptr<scalar_t>() : nullptr;
+    scalar_t* rv = running_var ? running_var->data_ptr<scalar_t>() : nullptr;
+    finalize_moments_kernel<scalar_t><<<blocks, kBlock, 0, stream>>>(
+        counts, means, m2s, K, C, mode, eps, momentum, mean.data_ptr<float>(), second.data_ptr<float>(), rm,
+        running_mean ? running_mean->stride(0) : 0, rv, running_var ? running_var->stride(0) : 0);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+template <typename scalar_t>
+void launch_apply(const ChannelNormArgs& a, const Channels& ch, int64_t act, double slope, Tensor& Y) {
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const scalar_t* X = a.X.const_data_ptr<scalar_t>();
+  const scalar_t* R = ptr_or_null<scalar_t>(a.residual);
+  scalar_t* out = Y.data_ptr<scalar_t>();
+  const Plan p = make_plan(a, vec_for<scalar_t>(a, {X, R, out}));
+  with_vec<scalar_t>(p, [&](auto vec) {
+    constexpr int VEC = decltype(vec)::value;
+    if (p.rows_view) {
+      const int64_t by = std::clamp<int64_t>(ceil_div(kApplyBlocks, p.blocks_x), 1,
+                                             std::min<int64_t>(65535, ceil_div<int64_t>(p.rows, kRows)));
+      rows_apply_kernel<scalar_t, VEC><<<dim3(unsigned(p.blocks_x), unsigned(by)), kBlock, 0, stream>>>(
+          X, R, out, p.rows, p.C, ch, act, float(slope));
+    } else {
+      const int64_t tiles = p.N * p.C * p.S;
+      const int64_t bx = std::clamp<int64_t>(ceil_div<int64_t>(tiles, kBlock / p.tx), 1, kApplyBlocks * 8);
+      planes_apply_kernel<scalar_t, VEC><<<unsigned(bx), kBlock, 0, stream>>>(
+          X, R, out, p.C, p.HxW, p.tx, p.S, tiles, ch, act, float(slope));
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+std::tuple<Tensor, Tensor, Tensor> batch_norm_fwd_cuda(
+    const Tensor& X_in, const c10::optional<Tensor>& gamma, const c10::optional<Tensor>& beta,
+    const c10::optional<Tensor>& residual, const c10::optional<Tensor>& running_mean,
+    const c10::optional<Tensor>& running_var, double momentum, double eps, int64_t act, double slope) {
+  constexpr const char* op = "batch_norm_fwd";
+  const c10::cuda::CUDAGuard guard(X_in.device());
+  const auto a = check_channel_norm(X_in, gamma, beta, residual, act, op);
+  const int64_t C = a.dims.C;
+  check_running_stats(running_mean, running_var, a.X, C, op);
+  Tensor Y = at::empty_like(a.X);
+  const auto f32 = a.X.options().dtype(at::kFloat);
+  Tensor mean = at::empty({C}, f32);
+  Tensor rstd = at::empty({C}, f32);
+  if (a.X.numel() == 0) {
+    mean.fill_(std::nan(""));
+    rstd.fill_(std::nan(""));
+    return {Y, mean, rstd};
+  }
+  NORMEXT_DISPATCH_CUDA_TYPES(a.X.scalar_type(), "batch_norm_fwd_cuda", [&] {
+    const Plan p = make_plan(a, vec_for<scalar_t>(a, {a.X.const_data_ptr<scalar_t>()}));
+    Tensor work = at::empty({p.parts * (2 * C + 1)}, f32);
+    float* means = work.data_ptr<float>();
+    float* m2s = means + p.parts * C;
+    float* counts = m2s + p.parts * C;
+    launch_moments<scalar_t>(a, p, means, m2s, counts);
+    launch_finalize(counts, means, m2s, p.parts, C, kOutRstd, eps, momentum, mean, rstd, running_mean,
+                    running_var);
+    launch_apply<scalar_t>(a, channels_of(mean, rstd, false, eps, a.gamma, a.beta), act, slope, Y);
+  });
+  return {Y, mean, rstd};
+}
+
+std::tuple<Tensor, Tensor> batch_norm_stats_cuda(const Tensor& X_in) {
+  const c10::cuda::CUDAGuard guard(X_in.device());
+  const auto a =
+      check_channel_norm(X_in, c10::nullopt, c10::nullopt, c10::nullopt, kIdentity, "batch_norm_stats");
+  const int64_t C = a.dims.C;
+  const auto f32 = a.X.options().dtype(at::kFloat);
+  if (a.X.numel() == 0) return {at::zeros({C}, f32), at::zeros({C}, f32)};
+  Tensor mean = at::empty({C}, f32);
+  Tensor m2 = at::empty({C}, f32);
+  NORMEXT_DISPATCH_CUDA_TYPES(a.X.scalar_type(), "batch_norm_stats_cuda", [&] {
+    const Plan p = make_plan(a, vec_for<scalar_t>(a, {a.X.const_data_ptr<scalar_t>()}));
+    Tensor work = at::empty({p.parts * (2 * C + 1)}, f32);
+    float* means = work.data_ptr<float>();
+    float* m2s = means + p.parts * C;
+    float* counts = m2s + p.parts * C;
+    launch_moments<scalar_t>(a, p, means, m2s, counts);
+    launch_finalize(counts, means, m2s, p.parts, C, kOutM2, 0.0, 0.0, mean, m2, c10::nullopt, c10::nullopt);
+  });
+  return {mean, m2};
+}
+
+std::tuple<Tensor, Tensor> batch_norm_merge_cuda(const Tensor& counts_in, const Tensor& means_in,
+                                                 const Tensor& m2s_in,
+                                                 const c10::optional<Tensor>& running_mean,
+                                                 const c10::optional<Tensor>& running_var, double momentum,
+                                                 double eps) {
+  constexpr const char* op = "batch_norm_merge";
+  const c10::cuda::CUDAGuard guard(means_in.device());
+  TORCH_CHECK(means_in.dim() == 2 && m2s_in.sizes() == means_in.sizes(), op,
+              ": expected means and m2s of the same shape (K, C), got ", means_in.sizes(), " and ",
+              m2s_in.sizes());
+  TORCH_CHECK(means_in.scalar_type() == at::kFloat, op, ": expected float32 statistics on CUDA, got ",
+              means_in.scalar_type());
+  const int64_t K = means_in.size(0), C = means_in.size(1);
+  const Tensor means = check_stats(means_in, means_in, K * C, "means", op);
+  const Tensor m2s = check_stats(m2s_in, means_in, K * C, "m2s", op);
+  const Tensor counts = check_stats(counts_in, means_in, K, "counts", op);
+  check_running_stats(running_mean, running_var, means, C, op);
+  Tensor mean = at::empty({C}, means.options());
+  Tensor var = at::empty({C}, means.options());
+  if (C == 0) return {mean, var};
+  launch_finalize(counts.const_data_ptr<float>(), means.const_data_ptr<float>(), m2s.const_data_ptr<float>(),
+                  K, C, kOutVar, eps, momentum, mean, var, running_mean, running_var);
+  return {mean, var};
+}
+
+Tensor batch_norm_apply_cuda(const Tensor& X_in, const Tensor& mean_in, const Tensor& var_in,
+                             const c10::optional<Tensor>& gamma, const c10::optional<Tensor>& beta,
+                             const c10::optional<Tensor>& residual, double eps, int64_t act, double slope) {
+  constexpr const char* op = "batch_norm_apply";
+  const c10::cuda::CUDAGuard guard(X_in.device());
+  const auto a = check_channel_norm(X_in, gamma, beta, residual, act, op);
+  const int64_t C = a.dims.C;
+  const Tensor mean = *check_param(mean_in, a.X, C, "mean", op);
+  const Tensor var = *check_param(var_in, a.X, C, "var", op);
+  Tensor Y = at::empty_like(a.X);
+  if (a.X.numel() == 0) return Y;
+  NORMEXT_DISPATCH_CUDA_TYPES(a.X.scalar_type(), "batch_norm_apply_cuda", [&] {
+    launch_apply<scalar_t>(a, channels_of(mean, var, true, eps, a.gamma, a.beta), act, slope, Y);
+  });
+  return Y;
+}
+
+std::tuple<Tensor, Tensor> batch_norm_bwd_reduce_cuda(const Tensor& dY_in, const Tensor& X_in,
+                                                      const c10::optional<Tensor>& residual,
+                                                      const Tensor& mean_in, const Tensor& rstd_in,
+                                                      const c10::optional<Tensor>& gamma,
+                                                      const c10::optional<Tensor>& beta, int64_t act,
+                                                      double slope) {
+  constexpr const char* op = "batch_norm_bwd_reduce";
+  const c10::cuda::CUDAGuard guard(X_in.device());
+  const auto a = check_channel_norm(X_in, gamma, beta, residual, act, op);
+  const int64_t C = a.dims.C;
+  const Tensor dY = *check_like(dY_in, a.X, a.layout, "grad_output", op);
+  const Tensor mean = check_stats(mean_in, a.X, C, "mean", op);
+  const Tensor rstd = check_stats(rstd_in, a.X, C, "rstd", op);
+  const auto f32 = a.X.options().dtype(at::kFloat);
+  if (a.X.numel() == 0) return {at::zeros({C}, f32), at::zeros({C}, f32)};
+  Tensor sum_dz = at::empty({C}, f32);
+  Tensor sum_dzx = at::empty({C}, f32);
+  NORMEXT_DISPATCH_CUDA_TYPES(a.X.scalar_type(), "batch_norm_bwd_reduce_cuda", [&] {
+    const auto stream = c10::cuda::getCurrentCUDAStream();
+    const scalar_t* X = a.X.const_data_ptr<scalar_t>();
+    const scalar_t* dy = dY.const_data_ptr<scalar_t>();
+    const scalar_t* R = ptr_or_null<scalar_t>(a.residual);
+    const Plan p = make_plan(a, vec_for<scalar_t>(a, {X, dy, R}));
+    static_assert(sizeof(Sum2) == 2 * sizeof(float));
+    Tensor work = at::empty({2 * p.parts * C}, f32);
+    Sum2* partial = reinterpret_cast<Sum2*>(work.data_ptr<float>());
+    const Channels ch = channels_of(mean, rstd, false, 0.0, a.gamma, a.beta);
+    with_vec<scalar_t>(p, [&](auto vec) {
+      constexpr int VEC = decltype(vec)::value;
+      if (p.rows_view) {
+        rows_grad_sums_kernel<scalar_t, VEC>
+            <<<dim3(unsigned(p.blocks_x), unsigned(p.parts)), kBlock, 0, stream>>>(
+                dy, X, R, p.rows, C, p.rows_per_part, ch, act, float(slope), partial);
+      } else {
+        planes_grad_sums_kernel<scalar_t, VEC><<<dim3(unsigned(C), unsigned(p.parts)), kBlock, 0, stream>>>(
+            dy, X, R, C, p.HxW, p.tx, p.S, p.N * p.S, p.tiles_per_part, ch, act, float(slope), partial);
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+    finalize_sums_kernel<<<unsigned(ceil_div<int64_t>(C, kBlock / kWarpSize)), kBlock, 0, stream>>>(
+        partial, p.parts, C, sum_dz.data_ptr<float>(), sum_dzx.data_ptr<float>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {sum_dz, sum_dzx};
+}
+
+std::tuple<Tensor, Tensor> batch_norm_bwd_elemt_cuda(
+    const Tensor& dY_in, const Tensor& X_in, const c10::optional<Tensor>& residual, const Tensor& mean_in,
+    const Tensor& rstd_in, const c10::optional<Tensor>& gamma, const c10::optional<Tensor>& beta,
+    const c10::optional<Tensor>& sum_dz_in, const c10::optional<Tensor>& sum_dzx_in, double inv_count,
+    int64_t act, double slope, std::array<bool, 2> mask) {
+  constexpr const char* op = "batch_norm_bwd_elemt";
+  const c10::cuda::CUDAGuard guard(X_in.device());
+  const auto a = check_channel_norm(X_in, gamma, beta, residual, act, op);
+  const int64_t C = a.dims.C;
+  const Tensor dY = *check_like(dY_in, a.X, a.layout, "grad_output", op);
+  const Tensor mean = check_stats(mean_in, a.X, C, "mean", op);
+  const Tensor rstd = check_stats(rstd_in, a.X, C, "rstd", op);
+  const bool has_sums = sum_dz_in.has_value() && sum_dz_in->defined();
+  TORCH_CHECK(has_sums == (sum_dzx_in.has_value() && sum_dzx_in->defined()), op,
+              ": sum_dz and sum_dzxhat must be given together");
+  const Tensor sum_dz = has_sums ? check_stats(*sum_dz_in, a.X, C, "sum_dz", op) : Tensor();
+  const Tensor sum_dzx = has_sums ? check_stats(*sum_dzx_in, a.X, C, "sum_dzxhat", op) : Tensor();
+  Tensor dX = mask[0] ? at::empty_like(a.X) : at::empty({0}, a.X.options());
+  Tensor dR = mask[1] ? at::empty_like(a.X) : at::empty({0}, a.X.options());
+  if (a.X.numel() == 0 || (!mask[0] && !mask[1])) return {dX, dR};
+  NORMEXT_DISPATCH_CUDA_TYPES(a.X.scalar_type(), "batch_norm_bwd_elemt_cuda", [&] {
+    const auto stream = c10::cuda::getCurrentCUDAStream();
+    const scalar_t* X = a.X.const_data_ptr<scalar_t>();
+    const scalar_t* dy = dY.const_data_ptr<scalar_t>();
+    const scalar_t* R = ptr_or_null<scalar_t>(a.residual);
+    scalar_t* dx = mask[0] ? dX.data_ptr<scalar_t>() : nullptr;
+    scalar_t* dr = mask[1] ? dR.data_ptr<scalar_t>() : nullptr;
+    const Plan p = make_plan(a, vec_for<scalar_t>(a, {X, dy, R, dx, dr}));
+    const Channels ch = channels_of(mean, rstd, false, 0.0, a.gamma, a.beta);
+    const GradSums gs{has_sums ? sum_dz.const_data_ptr<float>() : nullptr,
+                      has_sums ? sum_dzx.const_data_ptr<float>() : nullptr, float(inv_count)};
+    with_vec<scalar_t>(p, [&](auto vec) {
+      constexpr int VEC = decltype(vec)::value;
+      if (p.rows_view) {
+        const int64_t by = std::clamp<int64_t>(ceil_div(kApplyBlocks, p.blocks_x), 1,
+                                               std::min<int64_t>(65535, ceil_div<int64_t>(p.rows, kRows)));
+        rows_grad_input_kernel<scalar_t, VEC>
+            <<<dim3(unsigned(p.blocks_x), unsigned(by)), kBlock, 0, stream>>>(dy, X, R, p.rows, C, ch, gs,
+                                                                              act, float(slope), dx, dr);
+      } else {
+        const int64_t tiles = p.N * C * p.S;
+        const int64_t bx = std::clamp<int64_t>(ceil_div<int64_t>(tiles, kBlock / p.tx), 1, kApplyBlocks * 8);
+        planes_grad_input_kernel<scalar_t, VEC><<<unsigned(bx), kBlock, 0, stream>>>(
+            dy, X, R, C, p.HxW, p.tx, p.S, tiles, ch, gs, act, float(slope), dx, dr);
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return {dX, dR};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(normext, CUDA, m) {
+  m.impl("batch_norm_fwd", &batch_norm_fwd_cuda);
+  m.impl("batch_norm_stats", &batch_norm_stats_cuda);
+  m.impl("batch_norm_merge", &batch_norm_merge_cuda);
+  m.impl("batch_norm_apply", &batch_norm_apply_cuda);
+  m.impl("batch_norm_bwd_reduce", &batch_norm_bwd_reduce_cuda);
+  m.impl("batch_norm_bwd_elemt", &batch_norm_bwd_elemt_cuda);
+}
+
+}  // namespace normext::cuda

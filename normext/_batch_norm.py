@@ -1,0 +1,468 @@
+"""BatchNorm, SyncBatchNorm and FrozenBatchNorm2d: fake impls of the normext::batch_norm_* ops, their
+autograd (register_autograd for the functional apply op; autograd.Functions for the training op, which
+updates the running statistics in place, and for SyncBatchNorm's collectives), the functional and the
+modules."""
+
+import torch
+import torch.distributed as dist
+
+from normext._ops import IDENTITY, FusedActivation, activation_code, empty_in_native_layout, stat_dtype
+
+_ops = torch.ops.normext
+
+
+def _stat(X):
+    return X.new_empty((X.shape[1],), dtype=stat_dtype(X))
+
+
+@torch.library.register_fake("normext::batch_norm_fwd")
+def _batch_norm_fwd_fake(X, gamma, beta, residual, running_mean, running_var, momentum, eps, act, slope):
+    return empty_in_native_layout(X), _stat(X), _stat(X)
+
+
+@torch.library.register_fake("normext::batch_norm_stats")
+def _batch_norm_stats_fake(X):
+    return _stat(X), _stat(X)
+
+
+@torch.library.register_fake("normext::batch_norm_merge")
+def _batch_norm_merge_fake(counts, means, m2s, running_mean, running_var, momentum, eps):
+    C = means.shape[1]
+    return means.new_empty((C,)), means.new_empty((C,))
+
+
+@torch.library.register_fake("normext::batch_norm_apply")
+def _batch_norm_apply_fake(X, mean, var, gamma, beta, residual, eps, act, slope):
+    return empty_in_native_layout(X)
+
+
+@torch.library.register_fake("normext::batch_norm_bwd_reduce")
+def _batch_norm_bwd_reduce_fake(dY, X, residual, mean, rstd, gamma, beta, act, slope):
+    return _stat(X), _stat(X)
+
+
+@torch.library.register_fake("normext::batch_norm_bwd_elemt")
+def _batch_norm_bwd_elemt_fake(
+    dY, X, residual, mean, rstd, gamma, beta, sum_dz, sum_dzxhat, inv_count, act, slope, output_mask
+):
+    empty = X.new_empty((0,))
+    return (
+        empty_in_native_layout(X) if output_mask[0] else empty,
+        empty_in_native_layout(X) if output_mask[1] else empty,
+    )
+
+
+def _grads(dY, X, residual, mean, rstd, gamma, beta, act, slope, needs, reduced=None):
+    """(dX, dgamma, dbeta, dresidual) from the backward ops, each None unless `needs` asks for it.
+    `reduced(sum_dz, sum_dzxhat)` returns the sums dX is built from and the 1 / count to scale them by
+    (SyncBatchNorm all-reduces them there). Without `reduced` the statistics are constants (eval,
+    frozen) and dX = gamma * rstd * dz."""
+    need_x, need_w, need_b, need_r = needs
+    need_w, need_b = need_w and gamma is not None, need_b and beta is not None
+    dgamma = dbeta = dX = dres = None
+    sums = (None, None, 1.0)
+    if need_w or need_b or (need_x and reduced is not None):
+        sum_dz, sum_dzx = _ops.batch_norm_bwd_reduce(dY, X, residual, mean, rstd, gamma, beta, act, slope)
+        dgamma = sum_dzx.to(gamma.dtype) if need_w else None
+        dbeta = sum_dz.to(beta.dtype) if need_b else None
+        if need_x and reduced is not None:
+            sums = reduced(sum_dz, sum_dzx)
+    mask = [need_x, need_r and act != IDENTITY]
+    if any(mask):
+        dX, dres = _ops.batch_norm_bwd_elemt(
+            dY, X, residual, mean, rstd, gamma, beta, *sums, act, slope, mask
+        )
+    if need_r and act == IDENTITY:
+        dres = dY
+    return dX if need_x else None, dgamma, dbeta, dres if need_r else None
+
+
+# ------------------------------------------------------------------ apply with given statistics
+
+
+def _apply_setup_context(ctx, inputs, output):
+    X, mean, var, gamma, beta, residual, eps, act, slope = inputs
+    ctx.save_for_backward(X, mean, var, gamma, beta, residual if act != IDENTITY else None)
+    ctx.eps, ctx.act, ctx.slope = eps, act, slope
+
+
+def _apply_backward(ctx, dY):
+    X, mean, var, gamma, beta, residual = ctx.saved_tensors
+    need_x, _, _, need_w, need_b, need_r = ctx.needs_input_grad[:6]
+    mean = mean.to(stat_dtype(X))
+    rstd = torch.rsqrt(var.to(stat_dtype(X)) + ctx.eps)
+    dX, dgamma, dbeta, dres = _grads(
+        dY, X, residual, mean, rstd, gamma, beta, ctx.act, ctx.slope, (need_x, need_w, need_b, need_r)
+    )
+    return dX, None, None, dgamma, dbeta, dres, None, None, None
+
+
+torch.library.register_autograd(
+    "normext::batch_norm_apply", _apply_backward, setup_context=_apply_setup_context
+)
+
+
+def normalize_with_stats(input, mean, var, weight, bias, eps, act, slope, residual):
+    """y = act((x - mean) * rsqrt(var + eps) * weight + bias + residual) with given per-channel statistics
+    (constants for autograd); shared by eval BatchNorm, FrozenBatchNorm2d and InstanceNorm."""
+    return _ops.batch_norm_apply(input, mean, var, weight, bias, residual, eps, act, slope)
+
+
+# ------------------------------------------------------------------------------------- training
+
+
+class _BatchNormTrain(torch.autograd.Function):
+    """Batch statistics with the in-place running-stat update (a mutating op, hence an autograd.Function
+    rather than register_autograd)."""
+
+    @staticmethod
+    def forward(ctx, X, gamma, beta, residual, running_mean, running_var, momentum, eps, act, slope):
+        Y, mean, rstd = _ops.batch_norm_fwd(
+            X, gamma, beta, residual, running_mean, running_var, momentum, eps, act, slope
+        )
+        ctx.save_for_backward(X, gamma, beta, residual if act != IDENTITY else None, mean, rstd)
+        ctx.act, ctx.slope = act, slope
+        ctx.inv_count = 1.0 / max(1, X.numel() // max(1, X.shape[1]))
+        return Y
+
+    @staticmethod
+    def backward(ctx, dY):
+        X, gamma, beta, residual, mean, rstd = ctx.saved_tensors
+
+        def local(sum_dz, sum_dzx):
+            return sum_dz, sum_dzx, ctx.inv_count
+
+        grads = _grads(
+            dY, X, residual, mean, rstd, gamma, beta, ctx.act, ctx.slope, ctx.needs_input_grad[:4], local
+        )
+        return (*grads, None, None, None, None, None, None)
+
+
+def _verify_batch_size(size):
+    values = size[0]
+    for s in size[2:]:
+        values *= s
+    if values == 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {size}")
+
+
+def batch_norm(
+    input,
+    running_mean,
+    running_var,
+    weight=None,
+    bias=None,
+    training=False,
+    momentum=0.1,
+    eps=1e-5,
+    activation=None,
+    negative_slope=0.01,
+    residual=None,
+):
+    """torch.nn.functional.batch_norm, with y = act(batch_norm(x) + residual) fused. In training the running
+    statistics (when given) are updated in place with the unbiased batch variance."""
+    act = activation_code(activation)
+    if input.dim() < 2:
+        raise ValueError(f"batch_norm: expected an input of shape (N, C, *), got {tuple(input.shape)}")
+    if training:
+        _verify_batch_size(input.size())
+        if eps <= 0.0:
+            raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+        return _BatchNormTrain.apply(
+            input, weight, bias, residual, running_mean, running_var, momentum, eps, act, negative_slope
+        )
+    if eps < 0.0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+    if running_mean is None or running_var is None:
+        raise ValueError("batch_norm: running_mean and running_var must be defined in evaluation mode")
+    return normalize_with_stats(
+        input, running_mean, running_var, weight, bias, eps, act, negative_slope, residual
+    )
+
+
+# -------------------------------------------------------------------------------------- modules
+
+
+class _BatchNormMixin(FusedActivation):
+    def __init__(
+        self,
+        num_features,
+        eps=1e-5,
+        momentum=0.1,
+        affine=True,
+        track_running_stats=True,
+        activation=None,
+        negative_slope=0.01,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
+        self._init_activation(activation, negative_slope)
+
+    def _momentum_factor(self):
+        """torch's update rule: count the batch, then momentum, or 1 / num_batches_tracked for None."""
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                factor = 1.0 / float(self.num_batches_tracked)
+        return factor
+
+    def _uses_batch_stats(self):
+        return self.training or (self.running_mean is None and self.running_var is None)
+
+    def _running_stats(self):
+        """The buffers to update (training) or normalize with (eval); None when they are not tracked."""
+        if self.training and not self.track_running_stats:
+            return None, None
+        return self.running_mean, self.running_var
+
+    def forward(self, input, residual=None):
+        self._check_input_dim(input)
+        factor = self._momentum_factor()
+        running_mean, running_var = self._running_stats()
+        return batch_norm(
+            input,
+            running_mean,
+            running_var,
+            self.weight,
+            self.bias,
+            self._uses_batch_stats(),
+            factor,
+            self.eps,
+            self.activation,
+            self.negative_slope,
+            residual,
+        )
+
+    def extra_repr(self):
+        return super().extra_repr() + self._activation_repr()
+
+
+class BatchNorm1d(_BatchNormMixin, torch.nn.BatchNorm1d):
+    pass
+
+
+class BatchNorm2d(_BatchNormMixin, torch.nn.BatchNorm2d):
+    pass
+
+
+class BatchNorm3d(_BatchNormMixin, torch.nn.BatchNorm3d):
+    pass
+
+
+# -------------------------------------------------------------------------------- SyncBatchNorm
+
+
+# torch 2.14 renamed all_gather_into_tensor (same semantics; gloo wants the flat output form).
+_all_gather_single = getattr(dist, "all_gather_single", None) or getattr(dist, "all_gather_into_tensor", None)
+
+
+class _SyncBatchNorm(torch.autograd.Function):
+    """BatchNorm over the union of every rank's batch. Forward all-gathers each rank's (count, mean, M2)
+    and merges them with Chan's formula in rank order (exact for unequal and empty batches); backward
+    all-reduces sum(dz) and sum(dz * xhat). Parameter gradients stay local, as in torch.nn.SyncBatchNorm
+    (data-parallel training sums them)."""
+
+    @staticmethod
+    def forward(ctx, X, gamma, beta, residual, running_mean, running_var, momentum, eps, act, slope, group):
+        C = X.shape[1]
+        mean, m2 = _ops.batch_norm_stats(X)
+        local = torch.cat([mean.new_full((1,), X.numel() // C), mean, m2])
+        world = dist.get_world_size(group)
+        gathered = local.new_empty((world * (2 * C + 1),))
+        _all_gather_single(gathered, local, group=group)
+        gathered = gathered.view(world, 2 * C + 1)
+        counts = gathered[:, 0]
+        mean, var = _ops.batch_norm_merge(
+            counts, gathered[:, 1 : C + 1], gathered[:, C + 1 :], running_mean, running_var, momentum, eps
+        )
+        Y = _ops.batch_norm_apply(X, mean, var, gamma, beta, residual, eps, act, slope)
+        ctx.save_for_backward(
+            X, gamma, beta, residual if act != IDENTITY else None, mean, torch.rsqrt(var + eps), counts.sum()
+        )
+        ctx.act, ctx.slope, ctx.group = act, slope, group
+        return Y
+
+    @staticmethod
+    def backward(ctx, dY):
+        X, gamma, beta, residual, mean, rstd, count = ctx.saved_tensors
+        C = X.shape[1]
+
+        def all_reduced(sum_dz, sum_dzx):
+            sums = torch.cat([sum_dz, sum_dzx])
+            dist.all_reduce(sums, group=ctx.group)
+            sums = sums / count
+            return sums[:C], sums[C:], 1.0
+
+        # As in torch.nn.SyncBatchNorm the all-reduce runs when the input needs a gradient, which is the
+        # same on every rank of a data-parallel model.
+        grads = _grads(
+            dY,
+            X,
+            residual,
+            mean,
+            rstd,
+            gamma,
+            beta,
+            ctx.act,
+            ctx.slope,
+            ctx.needs_input_grad[:4],
+            all_reduced,
+        )
+        return (*grads, *([None] * 7))
+
+
+class SyncBatchNorm(_BatchNormMixin, torch.nn.SyncBatchNorm):
+    """BatchNorm whose training statistics are those of the batch concatenated over the ranks of
+    process_group (torch.distributed: NCCL on GPU, gloo on CPU). Outside a distributed run, with one
+    rank, or in eval it is plain BatchNorm."""
+
+    def __init__(
+        self,
+        num_features,
+        eps=1e-5,
+        momentum=0.1,
+        affine=True,
+        track_running_stats=True,
+        process_group=None,
+        activation=None,
+        negative_slope=0.01,
+        device=None,
+        dtype=None,
+    ):
+        torch.nn.SyncBatchNorm.__init__(
+            self,
+            num_features,
+            eps,
+            momentum,
+            affine,
+            track_running_stats,
+            process_group,
+            device=device,
+            dtype=dtype,
+        )
+        self._init_activation(activation, negative_slope)
+
+    def _sync_group(self):
+        """The process group to synchronize over, or None when plain BatchNorm is what to run."""
+        if not (self._uses_batch_stats() and self.training):
+            return None
+        if not (dist.is_available() and dist.is_initialized()):
+            return None
+        group = self.process_group if self.process_group is not None else dist.group.WORLD
+        return group if dist.get_world_size(group) > 1 else None
+
+    def forward(self, input, residual=None):
+        self._check_input_dim(input)
+        self._check_non_zero_input_channels(input)
+        factor = self._momentum_factor()
+        running_mean, running_var = self._running_stats()
+        group = self._sync_group()
+        if group is None:
+            return batch_norm(
+                input,
+                running_mean,
+                running_var,
+                self.weight,
+                self.bias,
+                self._uses_batch_stats(),
+                factor,
+                self.eps,
+                self.activation,
+                self.negative_slope,
+                residual,
+            )
+        if self.eps <= 0.0:
+            raise ValueError(f"batch_norm eps must be positive during training, but got {self.eps}")
+        act = activation_code(self.activation)
+        return _SyncBatchNorm.apply(
+            input,
+            self.weight,
+            self.bias,
+            residual,
+            running_mean,
+            running_var,
+            factor,
+            self.eps,
+            act,
+            self.negative_slope,
+            group,
+        )
+
+    @classmethod
+    def convert_sync_batchnorm(cls, module, process_group=None):
+        """Replaces every BatchNorm (torch.nn's or normext's, any dimensionality) in `module` by a
+        normext.SyncBatchNorm sharing its parameters and buffers (and its fused activation, if any); returns
+        the converted module, or a new SyncBatchNorm when `module` itself is a BatchNorm."""
+        out = module
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            out = cls(
+                module.num_features,
+                module.eps,
+                module.momentum,
+                module.affine,
+                module.track_running_stats,
+                process_group,
+                activation=getattr(module, "activation", None),
+                negative_slope=getattr(module, "negative_slope", 0.01),
+            )
+            if module.affine:
+                with torch.no_grad():
+                    out.weight = module.weight
+                    out.bias = module.bias
+            out.running_mean = module.running_mean
+            out.running_var = module.running_var
+            out.num_batches_tracked = module.num_batches_tracked
+            out.training = module.training
+            if hasattr(module, "qconfig"):
+                out.qconfig = module.qconfig
+        for name, child in module.named_children():
+            out.add_module(name, cls.convert_sync_batchnorm(child, process_group))
+        return out
+
+
+# ---------------------------------------------------------------------------- FrozenBatchNorm2d
+
+
+class FrozenBatchNorm2d(FusedActivation, torch.nn.Module):
+    """BatchNorm2d with fixed statistics and affine parameters (all buffers, as in torchvision), folded
+    into one apply kernel with the activation and residual; gradients flow to the input only. Loads
+    torchvision.ops.FrozenBatchNorm2d and torch.nn.BatchNorm2d state_dicts (num_batches_tracked ignored)."""
+
+    def __init__(self, num_features, eps=1e-5, activation=None, negative_slope=0.01):
+        super().__init__()
+        self.num_features = num_features
+        self.eps = eps
+        self._init_activation(activation, negative_slope)
+        self.register_buffer("weight", torch.ones(num_features))
+        self.register_buffer("bias", torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        state_dict.pop(prefix + "num_batches_tracked", None)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+    def forward(self, input, residual=None):
+        if input.dim() != 4:
+            raise ValueError(f"expected 4D input (got {input.dim()}D input)")
+        act = activation_code(self.activation)
+        return normalize_with_stats(
+            input,
+            self.running_mean,
+            self.running_var,
+            self.weight,
+            self.bias,
+            self.eps,
+            act,
+            self.negative_slope,
+            residual,
+        )
+
+    def extra_repr(self):
+        return f"{self.num_features}, eps={self.eps}" + self._activation_repr()
