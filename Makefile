@@ -11,6 +11,11 @@ TEST_DEPS := ruff
 # Optional, for `make bench` only (the PNG chart): the bench runs without them, so an install that fails
 # (no network) costs the chart, not the run.
 BENCH_DEPS := matplotlib
+# Test-only, for the real models of tests/test_models.py: torchvision (the release built for the installed
+# torch, 0.<minor + 15>.<patch>) and timm, installed without dependencies (pip would otherwise try to change
+# torch), plus the small ones they import. Where they cannot be installed those tests skip, saying why.
+TIMM_VERSION ?= 1.0.31
+MODEL_DEPS := pillow pyyaml
 ifndef CUDA_HOME
 ifneq ($(wildcard /usr/local/cuda/include/cuda_runtime.h),)
 export CUDA_HOME := /usr/local/cuda
@@ -34,10 +39,19 @@ $(VENV)/.ready:
 
 venv: $(VENV)/.ready
 
+$(VENV)/.models: $(VENV)/.ready
+	@if $(PY) -c "import torchvision, timm" 2>/dev/null; then touch $@; else \
+		tv=$$($(PY) -c "import re, torch; v = re.match(r'(\d+)\.(\d+)\.(\d+)', torch.__version__).groups(); \
+			print(f'0.{int(v[1]) + 15}.{v[2]}')"); \
+		if $(PY) -m pip install -q $(MODEL_DEPS) && \
+			$(PY) -m pip install -q --no-deps "torchvision==$$tv" "timm==$(TIMM_VERSION)"; then touch $@; \
+		else echo "WARNING: torchvision==$$tv / timm could not be installed; the real-model tests will skip"; fi; \
+	fi
+
 build: venv
 	$(PY) setup.py -q build_ext --inplace
 
-test: build
+test: build $(VENV)/.models
 	$(PY) -m normext.info
 	$(PY) -m pytest tests -q -ra
 

@@ -1,7 +1,8 @@
 """normext: fused, layout-native normalization layers for PyTorch (CUDA and CPU kernels)."""
 
-from normext import functional
+from normext import functional, integrations
 from normext._ops import ACTIVATIONS
+from normext.convert import convert_model
 from normext.modules import (
     BatchNorm1d,
     BatchNorm2d,
@@ -29,5 +30,7 @@ __all__ = [
     "LayerNorm",
     "LayerNorm2d",
     "SyncBatchNorm",
+    "convert_model",
     "functional",
+    "integrations",
 ]

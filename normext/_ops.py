@@ -1,5 +1,6 @@
 """Loads the compiled operators (torch.ops.normext.*) and holds what every norm's Python side
-shares: activation codes and the layout rule the C++ entry points apply to their inputs."""
+shares: activation codes, the layout rule the C++ entry points apply to their inputs, and the one
+autocast rule every op follows."""
 
 import torch
 
@@ -60,3 +61,43 @@ class FusedActivation:
         if self.activation == "leaky_relu":
             return f", activation=leaky_relu, negative_slope={self.negative_slope}"
         return f", activation={self.activation}"
+
+
+# Autocast policy, for every op at once. The norms run in the dtype of the activations they are given:
+# autocast hands them the float16/bfloat16 outputs of the convs and linears before them, parameters and
+# running statistics stay float32, statistics are accumulated in float32 and the output has the input's
+# dtype (torch instead runs group_norm/layer_norm in float32 under CUDA autocast, which doubles the bytes
+# moved). A float32 input is not cast down. The one cast: a `residual` of another dtype (e.g. a float32
+# skip connection added to a bfloat16 branch) is cast to the input's dtype, so that fused residuals work
+# inside autocast regions; outside autocast a dtype mismatch stays an error.
+_autocast_lib = torch.library.Library("normext", "IMPL")
+
+
+def _register_autocast(qualname, device_type):
+    op = torch._library.utils.lookup_op(qualname)
+    names = [a.name for a in op._schema.arguments]
+    if "residual" not in names or "X" not in names:
+        return
+    i_res, i_x = names.index("residual"), names.index("X")
+    key = getattr(torch._C.DispatchKey, "Autocast" + torch._C._dispatch_key_for_device(device_type))
+
+    # Registered twice, as torch.library.register_autocast does: py_impl is what the Python dispatcher
+    # (torch.compile's tracing) calls, the library kernel what eager dispatch calls.
+    @op.py_impl(key)
+    def cast_residual_and_run(*args):
+        residual, x = args[i_res], args[i_x]
+        if residual is not None and residual.dtype != x.dtype:
+            args = (*args[:i_res], residual.to(x.dtype), *args[i_res + 1 :])
+        with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(key)):
+            return op(*args)
+
+    def kernel(_keyset, *args):
+        return cast_residual_and_run(*args)
+
+    _autocast_lib.impl(qualname.split("::")[1], kernel, key.name, with_keyset=True)
+
+
+for _name in torch._C._dispatch_get_all_op_names():
+    if _name.startswith("normext::"):
+        for _device_type in ("cpu", "cuda"):
+            _register_autocast(_name, _device_type)

@@ -204,3 +204,45 @@ def permute_layer_norm_2d(x, weight=None, bias=None, eps=1e-6):
     perm = [0, *range(2, x.dim()), 1]
     inv = [perm.index(i) for i in range(x.dim())]
     return F.layer_norm(x.permute(perm), (x.shape[1],), weight, bias, eps).permute(inv)
+
+
+def batch_norm_ref(
+    x,
+    running_mean=None,
+    running_var=None,
+    weight=None,
+    bias=None,
+    training=False,
+    momentum=0.1,
+    eps=1e-5,
+    activation=None,
+    slope=0.01,
+    residual=None,
+):
+    """BatchNorm in float64 from the formula: statistics per channel over N and every spatial position.
+    Training normalizes with the biased batch variance; eval with the running statistics. Returns
+    (y, new_running_mean, new_running_var), the running stats updated (not in place) with the batch mean and
+    unbiased variance: new = (1 - momentum) * old + momentum * batch statistic."""
+    x64 = to64(x)
+    C = x64.shape[1]
+    dims = [0, *range(2, x64.dim())]
+    new_rm, new_rv = to64(running_mean), to64(running_var)
+    if training:
+        mean = x64.mean(dims, keepdim=True)
+        var = ((x64 - mean) ** 2).mean(dims, keepdim=True)
+        z = (x64 - mean) / torch.sqrt(var + eps)
+        count = x64.numel() // C
+        if running_mean is not None and count > 0:
+            new_rm = (1 - momentum) * new_rm + momentum * mean.detach().reshape(C)
+            new_rv = (1 - momentum) * new_rv + momentum * var.detach().reshape(C) * count / (count - 1)
+    else:
+        rm = _channel_view(to64(running_mean), x64.dim())
+        rv = _channel_view(to64(running_var), x64.dim())
+        z = (x64 - rm) / torch.sqrt(rv + eps)
+    if weight is not None:
+        z = z * _channel_view(to64(weight), z.dim())
+    if bias is not None:
+        z = z + _channel_view(to64(bias), z.dim())
+    if residual is not None:
+        z = z + to64(residual)
+    return act_ref(z, activation, slope), new_rm, new_rv

@@ -262,7 +262,6 @@ RowChunks reduce_channels_last(const ChannelShape& s, std::vector<acc_t>& out0, 
 // run (channels-first), or chunk_moments per fixed chunk of rows merged in chunk order (channels-last).
 template <typename scalar_t>
 void channel_moments(const scalar_t* X, const ChannelShape& s, double* mean, double* m2) {
-  using acc_t = at::opmath_type<scalar_t>;
   if (!s.channels_last) {
     at::parallel_for(0, s.N * s.C, grain_for(s.HxW), [&](int64_t begin, int64_t end) {
       for (int64_t nc = begin; nc < end; ++nc) {

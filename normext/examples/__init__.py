@@ -1,0 +1,1 @@
+"""Runnable examples: `python -m normext.examples.train_seg`."""
