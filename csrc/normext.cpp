@@ -4,6 +4,12 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#ifdef NORMEXT_CUDA_EMU
+namespace normext::emu {
+void bind_python(pybind11::module_& m);  // csrc/cuda/emu/runtime.cpp
+}
+#endif
+
 #ifndef NORMEXT_CUDA_ARCHS
 #define NORMEXT_CUDA_ARCHS ""
 #endif
@@ -84,4 +90,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("cuda_built") = false;
 #endif
   m.attr("cuda_archs") = NORMEXT_CUDA_ARCHS;
+#ifdef NORMEXT_CUDA_EMU
+  normext::emu::bind_python(m);
+#else
+  m.attr("cuda_emulated") = false;
+#endif
 }

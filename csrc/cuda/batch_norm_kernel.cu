@@ -4,9 +4,6 @@
 // mean/rstd and the running statistics (no atomics: deterministic), and apply / the backward
 // elementwise pass are one kernel each. Two views of X (ChannelNormArgs::rows): rows of C
 // channels (channels-last, or no spatial extent) and N·C planes of HxW (channels-first).
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -95,7 +92,7 @@ template <typename scalar_t, int VEC>
 __global__ void __launch_bounds__(kBlock)
     rows_moments_kernel(const scalar_t* __restrict__ X, int64_t rows, int64_t C, int64_t rows_per_part,
                         float* __restrict__ means, float* __restrict__ m2s, float* __restrict__ counts) {
-  __shared__ WelfordF buf[kBlock * VEC];
+  NORMEXT_SHARED(WelfordF, buf, kBlock * VEC);
   const int x = threadIdx.x % kCols, y = threadIdx.x / kCols;
   const int64_t c = (int64_t(blockIdx.x) * kCols + x) * VEC;
   const int64_t r0 = int64_t(blockIdx.y) * rows_per_part;
@@ -138,7 +135,7 @@ __global__ void __launch_bounds__(kBlock)
     rows_grad_sums_kernel(const scalar_t* __restrict__ dY, const scalar_t* __restrict__ X,
                           const scalar_t* __restrict__ R, int64_t rows, int64_t C, int64_t rows_per_part,
                           Channels ch, int64_t act, float slope, Sum2* __restrict__ partial) {
-  __shared__ Sum2 buf[kBlock * VEC];
+  NORMEXT_SHARED(Sum2, buf, kBlock * VEC);
   const int x = threadIdx.x % kCols, y = threadIdx.x / kCols;
   const int64_t c = (int64_t(blockIdx.x) * kCols + x) * VEC;
   const int64_t r0 = int64_t(blockIdx.y) * rows_per_part;
@@ -283,7 +280,7 @@ __global__ void __launch_bounds__(kBlock)
     planes_moments_kernel(const scalar_t* __restrict__ X, int64_t C, int64_t HxW, int tx, int64_t S,
                           int64_t tiles, int64_t tiles_per_part, float* __restrict__ means,
                           float* __restrict__ m2s, float* __restrict__ counts) {
-  __shared__ WelfordF red[kBlock / kWarpSize];
+  NORMEXT_SHARED(WelfordF, red, kBlock / kWarpSize);
   const int ty = kBlock / tx;
   const int64_t c = blockIdx.x;
   const int64_t tile_len = int64_t(tx) * VEC, lane = int64_t(threadIdx.x % tx) * VEC;
@@ -323,7 +320,7 @@ __global__ void __launch_bounds__(kBlock)
                             const scalar_t* __restrict__ R, int64_t C, int64_t HxW, int tx, int64_t S,
                             int64_t tiles, int64_t tiles_per_part, Channels ch, int64_t act, float slope,
                             Sum2* __restrict__ partial) {
-  __shared__ Sum2 red[kBlock / kWarpSize];
+  NORMEXT_SHARED(Sum2, red, kBlock / kWarpSize);
   const int ty = kBlock / tx;
   const int64_t c = blockIdx.x;
   const int64_t tile_len = int64_t(tx) * VEC, lane = int64_t(threadIdx.x % tx) * VEC;
@@ -562,17 +559,14 @@ const scalar_t* ptr_or_null(const c10::optional<Tensor>& t) {
 // Partial moments of X into means/m2s (parts x C) and counts (parts,).
 template <typename scalar_t>
 void launch_moments(const ChannelNormArgs& a, const Plan& p, float* means, float* m2s, float* counts) {
-  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const auto stream = current_stream();
   const scalar_t* X = a.X.const_data_ptr<scalar_t>();
   with_vec<scalar_t>(p, [&](auto vec) {
     constexpr int VEC = decltype(vec)::value;
     if (p.rows_view) {
-      rows_moments_kernel<scalar_t, VEC>
-          <<<dim3(unsigned(p.blocks_x), unsigned(p.parts)), kBlock, 0, stream>>>(
-              X, p.rows, p.C, p.rows_per_part, means, m2s, counts);
+      NORMEXT_LAUNCH((rows_moments_kernel<scalar_t, VEC>), dim3(unsigned(p.blocks_x), unsigned(p.parts)), kBlock, 0, stream, X, p.rows, p.C, p.rows_per_part, means, m2s, counts);
     } else {
-      planes_moments_kernel<scalar_t, VEC><<<dim3(unsigned(p.C), unsigned(p.parts)), kBlock, 0, stream>>>(
-          X, p.C, p.HxW, p.tx, p.S, p.N * p.S, p.tiles_per_part, means, m2s, counts);
+      NORMEXT_LAUNCH((planes_moments_kernel<scalar_t, VEC>), dim3(unsigned(p.C), unsigned(p.parts)), kBlock, 0, stream, X, p.C, p.HxW, p.tx, p.S, p.N * p.S, p.tiles_per_part, means, m2s, counts);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -582,15 +576,14 @@ void launch_moments(const ChannelNormArgs& a, const Plan& p, float* means, float
 void launch_finalize(const float* counts, const float* means, const float* m2s, int64_t K, int64_t C,
                      int mode, double eps, double momentum, Tensor& mean, Tensor& second,
                      const c10::optional<Tensor>& running_mean, const c10::optional<Tensor>& running_var) {
-  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const auto stream = current_stream();
   const auto rtype =
       running_mean ? running_mean->scalar_type() : (running_var ? running_var->scalar_type() : at::kFloat);
   const unsigned blocks = unsigned(ceil_div<int64_t>(C, kBlock / kWarpSize));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rtype, "batch_norm_finalize", [&] {
     scalar_t* rm = running_mean ? running_mean->data_ptr<scalar_t>() : nullptr;
     scalar_t* rv = running_var ? running_var->data_ptr<scalar_t>() : nullptr;
-    finalize_moments_kernel<scalar_t><<<blocks, kBlock, 0, stream>>>(
-        counts, means, m2s, K, C, mode, eps, momentum, mean.data_ptr<float>(), second.data_ptr<float>(), rm,
+    NORMEXT_LAUNCH(finalize_moments_kernel<scalar_t>, blocks, kBlock, 0, stream, counts, means, m2s, K, C, mode, eps, momentum, mean.data_ptr<float>(), second.data_ptr<float>(), rm,
         running_mean ? running_mean->stride(0) : 0, rv, running_var ? running_var->stride(0) : 0);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -598,7 +591,7 @@ void launch_finalize(const float* counts, const float* means, const float* m2s, 
 
 template <typename scalar_t>
 void launch_apply(const ChannelNormArgs& a, const Channels& ch, int64_t act, double slope, Tensor& Y) {
-  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const auto stream = current_stream();
   const scalar_t* X = a.X.const_data_ptr<scalar_t>();
   const scalar_t* R = ptr_or_null<scalar_t>(a.residual);
   scalar_t* out = Y.data_ptr<scalar_t>();
@@ -608,13 +601,11 @@ void launch_apply(const ChannelNormArgs& a, const Channels& ch, int64_t act, dou
     if (p.rows_view) {
       const int64_t by = std::clamp<int64_t>(ceil_div(kApplyBlocks, p.blocks_x), 1,
                                              std::min<int64_t>(65535, ceil_div<int64_t>(p.rows, kRows)));
-      rows_apply_kernel<scalar_t, VEC><<<dim3(unsigned(p.blocks_x), unsigned(by)), kBlock, 0, stream>>>(
-          X, R, out, p.rows, p.C, ch, act, float(slope));
+      NORMEXT_LAUNCH((rows_apply_kernel<scalar_t, VEC>), dim3(unsigned(p.blocks_x), unsigned(by)), kBlock, 0, stream, X, R, out, p.rows, p.C, ch, act, float(slope));
     } else {
       const int64_t tiles = p.N * p.C * p.S;
       const int64_t bx = std::clamp<int64_t>(ceil_div<int64_t>(tiles, kBlock / p.tx), 1, kApplyBlocks * 8);
-      planes_apply_kernel<scalar_t, VEC><<<unsigned(bx), kBlock, 0, stream>>>(
-          X, R, out, p.C, p.HxW, p.tx, p.S, tiles, ch, act, float(slope));
+      NORMEXT_LAUNCH((planes_apply_kernel<scalar_t, VEC>), unsigned(bx), kBlock, 0, stream, X, R, out, p.C, p.HxW, p.tx, p.S, tiles, ch, act, float(slope));
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -625,7 +616,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_fwd_cuda(
     const c10::optional<Tensor>& residual, const c10::optional<Tensor>& running_mean,
     const c10::optional<Tensor>& running_var, double momentum, double eps, int64_t act, double slope) {
   constexpr const char* op = "batch_norm_fwd";
-  const c10::cuda::CUDAGuard guard(X_in.device());
+  const DeviceGuard guard(X_in.device());
   const auto a = check_channel_norm(X_in, gamma, beta, residual, act, op);
   const int64_t C = a.dims.C;
   check_running_stats(running_mean, running_var, a.X, C, op);
@@ -653,7 +644,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_fwd_cuda(
 }
 
 std::tuple<Tensor, Tensor> batch_norm_stats_cuda(const Tensor& X_in) {
-  const c10::cuda::CUDAGuard guard(X_in.device());
+  const DeviceGuard guard(X_in.device());
   const auto a =
       check_channel_norm(X_in, c10::nullopt, c10::nullopt, c10::nullopt, kIdentity, "batch_norm_stats");
   const int64_t C = a.dims.C;
@@ -679,7 +670,7 @@ std::tuple<Tensor, Tensor> batch_norm_merge_cuda(const Tensor& counts_in, const 
                                                  const c10::optional<Tensor>& running_var, double momentum,
                                                  double eps) {
   constexpr const char* op = "batch_norm_merge";
-  const c10::cuda::CUDAGuard guard(means_in.device());
+  const DeviceGuard guard(means_in.device());
   TORCH_CHECK(means_in.dim() == 2 && m2s_in.sizes() == means_in.sizes(), op,
               ": expected means and m2s of the same shape (K, C), got ", means_in.sizes(), " and ",
               m2s_in.sizes());
@@ -702,7 +693,7 @@ Tensor batch_norm_apply_cuda(const Tensor& X_in, const Tensor& mean_in, const Te
                              const c10::optional<Tensor>& gamma, const c10::optional<Tensor>& beta,
                              const c10::optional<Tensor>& residual, double eps, int64_t act, double slope) {
   constexpr const char* op = "batch_norm_apply";
-  const c10::cuda::CUDAGuard guard(X_in.device());
+  const DeviceGuard guard(X_in.device());
   const auto a = check_channel_norm(X_in, gamma, beta, residual, act, op);
   const int64_t C = a.dims.C;
   const Tensor mean = *check_param(mean_in, a.X, C, "mean", op);
@@ -722,7 +713,7 @@ std::tuple<Tensor, Tensor> batch_norm_bwd_reduce_cuda(const Tensor& dY_in, const
                                                       const c10::optional<Tensor>& beta, int64_t act,
                                                       double slope) {
   constexpr const char* op = "batch_norm_bwd_reduce";
-  const c10::cuda::CUDAGuard guard(X_in.device());
+  const DeviceGuard guard(X_in.device());
   const auto a = check_channel_norm(X_in, gamma, beta, residual, act, op);
   const int64_t C = a.dims.C;
   const Tensor dY = *check_like(dY_in, a.X, a.layout, "grad_output", op);
@@ -733,7 +724,7 @@ std::tuple<Tensor, Tensor> batch_norm_bwd_reduce_cuda(const Tensor& dY_in, const
   Tensor sum_dz = at::empty({C}, f32);
   Tensor sum_dzx = at::empty({C}, f32);
   NORMEXT_DISPATCH_CUDA_TYPES(a.X.scalar_type(), "batch_norm_bwd_reduce_cuda", [&] {
-    const auto stream = c10::cuda::getCurrentCUDAStream();
+    const auto stream = current_stream();
     const scalar_t* X = a.X.const_data_ptr<scalar_t>();
     const scalar_t* dy = dY.const_data_ptr<scalar_t>();
     const scalar_t* R = ptr_or_null<scalar_t>(a.residual);
@@ -745,17 +736,13 @@ std::tuple<Tensor, Tensor> batch_norm_bwd_reduce_cuda(const Tensor& dY_in, const
     with_vec<scalar_t>(p, [&](auto vec) {
       constexpr int VEC = decltype(vec)::value;
       if (p.rows_view) {
-        rows_grad_sums_kernel<scalar_t, VEC>
-            <<<dim3(unsigned(p.blocks_x), unsigned(p.parts)), kBlock, 0, stream>>>(
-                dy, X, R, p.rows, C, p.rows_per_part, ch, act, float(slope), partial);
+        NORMEXT_LAUNCH((rows_grad_sums_kernel<scalar_t, VEC>), dim3(unsigned(p.blocks_x), unsigned(p.parts)), kBlock, 0, stream, dy, X, R, p.rows, C, p.rows_per_part, ch, act, float(slope), partial);
       } else {
-        planes_grad_sums_kernel<scalar_t, VEC><<<dim3(unsigned(C), unsigned(p.parts)), kBlock, 0, stream>>>(
-            dy, X, R, C, p.HxW, p.tx, p.S, p.N * p.S, p.tiles_per_part, ch, act, float(slope), partial);
+        NORMEXT_LAUNCH((planes_grad_sums_kernel<scalar_t, VEC>), dim3(unsigned(C), unsigned(p.parts)), kBlock, 0, stream, dy, X, R, C, p.HxW, p.tx, p.S, p.N * p.S, p.tiles_per_part, ch, act, float(slope), partial);
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
-    finalize_sums_kernel<<<unsigned(ceil_div<int64_t>(C, kBlock / kWarpSize)), kBlock, 0, stream>>>(
-        partial, p.parts, C, sum_dz.data_ptr<float>(), sum_dzx.data_ptr<float>());
+    NORMEXT_LAUNCH(finalize_sums_kernel, unsigned(ceil_div<int64_t>(C, kBlock / kWarpSize)), kBlock, 0, stream, partial, p.parts, C, sum_dz.data_ptr<float>(), sum_dzx.data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {sum_dz, sum_dzx};
@@ -767,7 +754,7 @@ std::tuple<Tensor, Tensor> batch_norm_bwd_elemt_cuda(
     const c10::optional<Tensor>& sum_dz_in, const c10::optional<Tensor>& sum_dzx_in, double inv_count,
     int64_t act, double slope, std::array<bool, 2> mask) {
   constexpr const char* op = "batch_norm_bwd_elemt";
-  const c10::cuda::CUDAGuard guard(X_in.device());
+  const DeviceGuard guard(X_in.device());
   const auto a = check_channel_norm(X_in, gamma, beta, residual, act, op);
   const int64_t C = a.dims.C;
   const Tensor dY = *check_like(dY_in, a.X, a.layout, "grad_output", op);
@@ -782,7 +769,7 @@ std::tuple<Tensor, Tensor> batch_norm_bwd_elemt_cuda(
   Tensor dR = mask[1] ? at::empty_like(a.X) : at::empty({0}, a.X.options());
   if (a.X.numel() == 0 || (!mask[0] && !mask[1])) return {dX, dR};
   NORMEXT_DISPATCH_CUDA_TYPES(a.X.scalar_type(), "batch_norm_bwd_elemt_cuda", [&] {
-    const auto stream = c10::cuda::getCurrentCUDAStream();
+    const auto stream = current_stream();
     const scalar_t* X = a.X.const_data_ptr<scalar_t>();
     const scalar_t* dy = dY.const_data_ptr<scalar_t>();
     const scalar_t* R = ptr_or_null<scalar_t>(a.residual);
@@ -797,14 +784,12 @@ std::tuple<Tensor, Tensor> batch_norm_bwd_elemt_cuda(
       if (p.rows_view) {
         const int64_t by = std::clamp<int64_t>(ceil_div(kApplyBlocks, p.blocks_x), 1,
                                                std::min<int64_t>(65535, ceil_div<int64_t>(p.rows, kRows)));
-        rows_grad_input_kernel<scalar_t, VEC>
-            <<<dim3(unsigned(p.blocks_x), unsigned(by)), kBlock, 0, stream>>>(dy, X, R, p.rows, C, ch, gs,
+        NORMEXT_LAUNCH((rows_grad_input_kernel<scalar_t, VEC>), dim3(unsigned(p.blocks_x), unsigned(by)), kBlock, 0, stream, dy, X, R, p.rows, C, ch, gs,
                                                                               act, float(slope), dx, dr);
       } else {
         const int64_t tiles = p.N * C * p.S;
         const int64_t bx = std::clamp<int64_t>(ceil_div<int64_t>(tiles, kBlock / p.tx), 1, kApplyBlocks * 8);
-        planes_grad_input_kernel<scalar_t, VEC><<<unsigned(bx), kBlock, 0, stream>>>(
-            dy, X, R, C, p.HxW, p.tx, p.S, tiles, ch, gs, act, float(slope), dx, dr);
+        NORMEXT_LAUNCH((planes_grad_input_kernel<scalar_t, VEC>), unsigned(bx), kBlock, 0, stream, dy, X, R, C, p.HxW, p.tx, p.S, tiles, ch, gs, act, float(slope), dx, dr);
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
@@ -814,7 +799,7 @@ std::tuple<Tensor, Tensor> batch_norm_bwd_elemt_cuda(
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(normext, CUDA, m) {
+TORCH_LIBRARY_IMPL(normext, NORMEXT_CUDA_DISPATCH_KEY, m) {
   m.impl("batch_norm_fwd", &batch_norm_fwd_cuda);
   m.impl("batch_norm_stats", &batch_norm_stats_cuda);
   m.impl("batch_norm_merge", &batch_norm_merge_cuda);

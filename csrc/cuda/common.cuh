@@ -9,6 +9,7 @@
 #include <cstdint>
 
 #include "normext/math.h"
+#include "runtime.cuh"
 
 // float32 / float16 / bfloat16: float64 is rejected on CUDA, so instantiating it would only cost
 // build time.
@@ -57,6 +58,7 @@ struct alignas(sizeof(scalar_t) * VEC) AlignedVector {
 // flight; convert with static_cast<float>(v.val[j]) when consuming them.
 template <int VEC, typename scalar_t>
 __device__ __forceinline__ AlignedVector<scalar_t, VEC> load_vec(const scalar_t* __restrict__ p, int64_t i) {
+  check_vector_access(p + i, sizeof(AlignedVector<scalar_t, VEC>));
   return *reinterpret_cast<const AlignedVector<scalar_t, VEC>*>(p + i);
 }
 
@@ -83,6 +85,7 @@ __device__ __forceinline__ void store_float(scalar_t* __restrict__ p, int64_t i,
   AlignedVector<scalar_t, VEC> v;
 #pragma unroll
   for (int j = 0; j < VEC; ++j) v.val[j] = static_cast<scalar_t>(in[j]);
+  check_vector_access(p + i, sizeof(v));
   *reinterpret_cast<AlignedVector<scalar_t, VEC>*>(p + i) = v;
 }
 

@@ -2,9 +2,6 @@
 // input, with fused residual + activation; registered as the CUDA kernels of
 // torch.ops.normext.group_norm_fwd / group_norm_bwd.
 #include <ATen/ATen.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -143,7 +140,7 @@ __device__ __forceinline__ float rstd_of(const WelfordF& w, float eps) {
 template <typename scalar_t, int VEC>
 __global__ void __launch_bounds__(kMaxBlock) gn_fwd_fused_nchw_kernel(FwdParams<scalar_t> p, int tpg) {
   constexpr int kSlots = kFwdRegs / VEC;
-  __shared__ float red[kMaxBlock / kWarpSize];
+  NORMEXT_SHARED(float, red, kMaxBlock / kWarpSize);
   const int r = threadIdx.x % tpg;
   const int64_t j = int64_t(blockIdx.x) * (blockDim.x / tpg) + threadIdx.x / tpg;
   const int L = static_cast<int>(p.L);
@@ -211,7 +208,7 @@ template <typename scalar_t, int VEC>
 __global__ void __launch_bounds__(kMaxBlock)
     gn_fwd_fused_nhwc_kernel(FwdParams<scalar_t> p, int64_t gpb, int64_t chunks, int bdx, int bdy) {
   constexpr int kRows = fwd_nhwc_rows(VEC);
-  extern __shared__ __align__(16) unsigned char smem[];
+  unsigned char* smem = dynamic_smem();
   float* cols = reinterpret_cast<float*>(smem);  // bdy x bdx*VEC
   float* gmean = cols + bdy * bdx * VEC;         // gpb
   float* grstd = gmean + gpb;                    // gpb
@@ -297,7 +294,7 @@ __global__ void __launch_bounds__(kMaxBlock)
 template <typename scalar_t, int VEC>
 __global__ void __launch_bounds__(kBlock)
     gn_moments_nchw_kernel(FwdParams<scalar_t> p, int64_t tile, int64_t T, WelfordF* __restrict__ partial) {
-  __shared__ WelfordF red[kBlock / kWarpSize];
+  NORMEXT_SHARED(WelfordF, red, kBlock / kWarpSize);
   const int64_t j = blockIdx.x / T, t = blockIdx.x % T;
   const int64_t M = p.D * p.L;
   const int64_t end = std::min(M, (t + 1) * tile);
@@ -326,7 +323,7 @@ __global__ void __launch_bounds__(kBlock)
 template <typename scalar_t, int VEC>
 __global__ void __launch_bounds__(kBlock) gn_apply_nchw_kernel(FwdParams<scalar_t> p, int64_t tile, int64_t T,
                                                                const WelfordF* __restrict__ partial) {
-  __shared__ float stat[2];
+  NORMEXT_SHARED(float, stat, 2);
   const int64_t j = blockIdx.x / T, t = blockIdx.x % T;
   if (threadIdx.x < kWarpSize) {
     const WelfordF w = warp_reduce_range(
@@ -384,7 +381,7 @@ template <typename scalar_t, int VEC>
 __global__ void __launch_bounds__(kBlock)
     gn_moments_nhwc_kernel(FwdParams<scalar_t> p, ChunkPlan plan, int64_t rows_per_tile, int64_t T,
                            WelfordF* __restrict__ partial) {
-  extern __shared__ __align__(16) unsigned char smem[];
+  unsigned char* smem = dynamic_smem();
   WelfordF* cols = reinterpret_cast<WelfordF*>(smem);  // bdy x bdx*VEC
   const int64_t ci = blockIdx.x % plan.count, nt = blockIdx.x / plan.count;
   const int64_t t = nt % T, n = nt / T;
@@ -431,7 +428,7 @@ template <typename scalar_t, int VEC>
 __global__ void __launch_bounds__(kBlock)
     gn_apply_nhwc_kernel(FwdParams<scalar_t> p, ChunkPlan plan, int64_t rows_per_tile, int64_t T,
                          const WelfordF* __restrict__ partial, int64_t S) {
-  extern __shared__ __align__(16) unsigned char smem[];
+  unsigned char* smem = dynamic_smem();
   float* gmean = reinterpret_cast<float*>(smem);  // gpb
   float* grstd = gmean + plan.gpb;                // gpb
   const int64_t ci = blockIdx.x % plan.count, nt = blockIdx.x / plan.count;
@@ -507,9 +504,9 @@ __global__ void __launch_bounds__(kMaxBlock)
     gn_bwd_fused_nchw_kernel(BwdParams<scalar_t> p, int S, Sum2* __restrict__ sums) {
   constexpr int kSlots = kBwdRegs / VEC;
   constexpr int kMaxUnits = kMaxBlock / kWarpSize * kSlots;
-  __shared__ Sum2 unit_sums[kMaxUnits];
-  __shared__ Sum2 chan[kMaxUnits];  // gamma-weighted channel sums; D <= units
-  __shared__ Sum2 pq;
+  NORMEXT_SHARED(Sum2, unit_sums, kMaxUnits);
+  NORMEXT_SHARED(Sum2, chan, kMaxUnits);  // gamma-weighted channel sums; D <= units
+  NORMEXT_SHARED_SCALAR(Sum2, pq);
   const int64_t j = blockIdx.x, g = j % p.G;
   const int lane = threadIdx.x % kWarpSize, w = threadIdx.x / kWarpSize;
   const int W = blockDim.x / kWarpSize;
@@ -589,7 +586,7 @@ __global__ void __launch_bounds__(kMaxBlock)
     gn_bwd_fused_nhwc_kernel(BwdParams<scalar_t> p, int64_t gpb, int64_t chunks, int bdx, int bdy,
                              Sum2* __restrict__ sums) {
   constexpr int kRows = kBwdRegs / VEC;
-  extern __shared__ __align__(16) unsigned char smem[];
+  unsigned char* smem = dynamic_smem();
   Sum2* cols = reinterpret_cast<Sum2*>(smem);  // bdy x bdx*VEC
   Sum2* gpq = cols + bdy * bdx * VEC;          // gpb
   const int x = threadIdx.x % bdx, y = threadIdx.x / bdx;
@@ -721,7 +718,7 @@ template <typename scalar_t, int VEC>
 __global__ void __launch_bounds__(kBlock)
     gn_bwd_sums_nhwc_kernel(BwdParams<scalar_t> p, int bdx, int bdy, int64_t chunks, int64_t rows_per_tile,
                             int64_t T, Sum2* __restrict__ sums) {
-  extern __shared__ __align__(16) unsigned char smem[];
+  unsigned char* smem = dynamic_smem();
   Sum2* cols = reinterpret_cast<Sum2*>(smem);  // bdy x bdx*VEC
   const int64_t ci = blockIdx.x % chunks, nt = blockIdx.x / chunks;
   const int64_t t = nt % T, n = nt / T;
@@ -781,7 +778,7 @@ __global__ void __launch_bounds__(kBlock)
     gn_bwd_combine_kernel(const Sum2* __restrict__ sums, const float* __restrict__ gamma,
                           Sum2* __restrict__ pq, float* __restrict__ dgamma, float* __restrict__ dbeta,
                           int64_t N, int64_t C, int64_t G, int64_t T, int64_t pq_blocks) {
-  __shared__ Sum2 red[kBlock];
+  NORMEXT_SHARED(Sum2, red, kBlock);
   if (blockIdx.x < pq_blocks) {
     const int64_t j = blockIdx.x, D = C / G, c0 = (j % G) * D;
     const Sum2* s = sums + j * D * T;  // (n*C + g*D) == j*D: the group's entries are contiguous
@@ -989,17 +986,16 @@ void fwd_nchw(const FwdParams<scalar_t>& p, const at::Tensor& X, cudaStream_t st
     int tpg = kWarpSize;
     while (tpg < kMaxBlock && int64_t(tpg) * (kSlots / 2) < M / VEC) tpg *= 2;
     const int block = std::max(tpg, 128);
-    gn_fwd_fused_nchw_kernel<scalar_t, VEC>
-        <<<grid_of(ceil_div(NG, int64_t(block / tpg))), block, 0, stream>>>(p, tpg);
+    NORMEXT_LAUNCH((gn_fwd_fused_nchw_kernel<scalar_t, VEC>), grid_of(ceil_div(NG, int64_t(block / tpg))), block, 0, stream, p, tpg);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return;
   }
   const auto [tile, T] = flat_tiles(M, NG, VEC);
   at::Tensor partial = at::empty({NG * T * 3}, X.options().dtype(at::kFloat));
   auto* part = reinterpret_cast<WelfordF*>(partial.data_ptr<float>());
-  gn_moments_nchw_kernel<scalar_t, VEC><<<grid_of(NG * T), kBlock, 0, stream>>>(p, tile, T, part);
+  NORMEXT_LAUNCH((gn_moments_nchw_kernel<scalar_t, VEC>), grid_of(NG * T), kBlock, 0, stream, p, tile, T, part);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  gn_apply_nchw_kernel<scalar_t, VEC><<<grid_of(NG * T), kBlock, 0, stream>>>(p, tile, T, part);
+  NORMEXT_LAUNCH((gn_apply_nchw_kernel<scalar_t, VEC>), grid_of(NG * T), kBlock, 0, stream, p, tile, T, part);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -1015,9 +1011,7 @@ bool fwd_nhwc(const FwdParams<scalar_t>& p, const at::Tensor& X, cudaStream_t st
     if (plan_whole_groups(p.D, p.G, VEC, max_bdx, std::min<int64_t>(max_bdx, kWarpSize), plan)) {
       plan.bdy = static_cast<int>(std::min<int64_t>(kMaxBlock / plan.bdx, p.L));
       const size_t smem = (size_t(plan.bdy) * plan.bdx * VEC + 2 * plan.gpb) * sizeof(float);
-      gn_fwd_fused_nhwc_kernel<scalar_t, VEC>
-          <<<grid_of(p.N * plan.count), threads_for(plan.bdx, plan.bdy), smem, stream>>>(
-              p, plan.gpb, plan.count, plan.bdx, plan.bdy);
+      NORMEXT_LAUNCH((gn_fwd_fused_nhwc_kernel<scalar_t, VEC>), grid_of(p.N * plan.count), threads_for(plan.bdx, plan.bdy), smem, stream, p, plan.gpb, plan.count, plan.bdx, plan.bdy);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       return true;
     }
@@ -1050,13 +1044,11 @@ bool fwd_nhwc(const FwdParams<scalar_t>& p, const at::Tensor& X, cudaStream_t st
   at::Tensor partial = at::empty({p.N * p.G * S * 3}, X.options().dtype(at::kFloat));
   auto* part = reinterpret_cast<WelfordF*>(partial.data_ptr<float>());
   const size_t smem_m = size_t(pm.bdy) * pm.bdx * VEC * sizeof(WelfordF);
-  gn_moments_nhwc_kernel<scalar_t, VEC>
-      <<<grid_of(p.N * Tm * pm.count), threads_for(pm.bdx, pm.bdy), smem_m, stream>>>(p, pm, rows_m, Tm,
+  NORMEXT_LAUNCH((gn_moments_nhwc_kernel<scalar_t, VEC>), grid_of(p.N * Tm * pm.count), threads_for(pm.bdx, pm.bdy), smem_m, stream, p, pm, rows_m, Tm,
                                                                                       part);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   const size_t smem_a = 2 * pa.gpb * sizeof(float);
-  gn_apply_nhwc_kernel<scalar_t, VEC>
-      <<<grid_of(p.N * Ta * pa.count), threads_for(pa.bdx, pa.bdy), smem_a, stream>>>(p, pa, rows_a, Ta, part,
+  NORMEXT_LAUNCH((gn_apply_nhwc_kernel<scalar_t, VEC>), grid_of(p.N * Ta * pa.count), threads_for(pa.bdx, pa.bdy), smem_a, stream, p, pa, rows_a, Ta, part,
                                                                                       S);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return true;
@@ -1067,7 +1059,7 @@ void launch_combine(const Sum2* sums, const float* gamma, Sum2* pq, float* dgamm
   const int64_t pq_blocks = pq ? N * G : 0;
   const int64_t dg_blocks = (dgamma || dbeta) ? ceil_div(C, int64_t(kWarpSize)) : 0;
   if (pq_blocks + dg_blocks == 0) return;
-  gn_bwd_combine_kernel<<<grid_of(pq_blocks + dg_blocks), kBlock, 0, stream>>>(sums, gamma, pq, dgamma, dbeta,
+  NORMEXT_LAUNCH(gn_bwd_combine_kernel, grid_of(pq_blocks + dg_blocks), kBlock, 0, stream, sums, gamma, pq, dgamma, dbeta,
                                                                                N, C, G, T, pq_blocks);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -1098,8 +1090,7 @@ bool bwd_fused_nchw(const BwdParams<scalar_t>& p, BwdOut out, const at::Tensor& 
   const bool want_sums = out.dgamma || out.dbeta;
   at::Tensor ws = want_sums ? sums_workspace(X, p.N * p.C) : at::Tensor();
   Sum2* sums = want_sums ? as_sum2(ws) : nullptr;
-  gn_bwd_fused_nchw_kernel<scalar_t, VEC>
-      <<<grid_of(p.N * p.G), warps * kWarpSize, 0, stream>>>(p, static_cast<int>(S), sums);
+  NORMEXT_LAUNCH((gn_bwd_fused_nchw_kernel<scalar_t, VEC>), grid_of(p.N * p.G), warps * kWarpSize, 0, stream, p, static_cast<int>(S), sums);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   launch_combine(sums, p.gamma, nullptr, out.dgamma, out.dbeta, p.N, p.C, p.G, 1, stream);
   return true;
@@ -1134,9 +1125,9 @@ void bwd_nchw(const BwdParams<scalar_t>& p, BwdOut out, const at::Tensor& X, cud
     const int64_t warps_per_block = kBlock / kWarpSize;
     const dim3 grid = grid_of(ceil_div(p.N * p.C * T, warps_per_block));
     if (row_vec) {
-      gn_bwd_sums_nchw_kernel<scalar_t, kVec><<<grid, kBlock, 0, stream>>>(p, tile_v, T, sums);
+      NORMEXT_LAUNCH((gn_bwd_sums_nchw_kernel<scalar_t, kVec>), grid, kBlock, 0, stream, p, tile_v, T, sums);
     } else {
-      gn_bwd_sums_nchw_kernel<scalar_t, 1><<<grid, kBlock, 0, stream>>>(p, tile_v, T, sums);
+      NORMEXT_LAUNCH((gn_bwd_sums_nchw_kernel<scalar_t, 1>), grid, kBlock, 0, stream, p, tile_v, T, sums);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (want_pq) {
@@ -1150,9 +1141,9 @@ void bwd_nchw(const BwdParams<scalar_t>& p, BwdOut out, const at::Tensor& X, cud
   const bool flat_vec = aligned && M % kVec == 0;
   const auto [tile, Tx] = flat_tiles(M, NG, flat_vec ? kVec : 1);
   if (flat_vec) {
-    gn_bwd_dx_nchw_kernel<scalar_t, kVec><<<grid_of(NG * Tx), kBlock, 0, stream>>>(p, tile, Tx, pq);
+    NORMEXT_LAUNCH((gn_bwd_dx_nchw_kernel<scalar_t, kVec>), grid_of(NG * Tx), kBlock, 0, stream, p, tile, Tx, pq);
   } else {
-    gn_bwd_dx_nchw_kernel<scalar_t, 1><<<grid_of(NG * Tx), kBlock, 0, stream>>>(p, tile, Tx, pq);
+    NORMEXT_LAUNCH((gn_bwd_dx_nchw_kernel<scalar_t, 1>), grid_of(NG * Tx), kBlock, 0, stream, p, tile, Tx, pq);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -1169,9 +1160,7 @@ void bwd_nhwc(const BwdParams<scalar_t>& p, BwdOut out, const at::Tensor& X, cud
     at::Tensor ws = want_sums_c ? sums_workspace(X, p.N * p.C) : at::Tensor();
     Sum2* sums = want_sums_c ? as_sum2(ws) : nullptr;
     const size_t smem = (size_t(plan.bdy) * plan.bdx * VEC + plan.gpb) * sizeof(Sum2);
-    gn_bwd_fused_nhwc_kernel<scalar_t, VEC>
-        <<<grid_of(p.N * plan.count), threads_for(plan.bdx, plan.bdy), smem, stream>>>(
-            p, plan.gpb, plan.count, plan.bdx, plan.bdy, sums);
+    NORMEXT_LAUNCH((gn_bwd_fused_nhwc_kernel<scalar_t, VEC>), grid_of(p.N * plan.count), threads_for(plan.bdx, plan.bdy), smem, stream, p, plan.gpb, plan.count, plan.bdx, plan.bdy, sums);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     launch_combine(sums, p.gamma, nullptr, out.dgamma, out.dbeta, p.N, p.C, p.G, 1, stream);
     return;
@@ -1193,8 +1182,7 @@ void bwd_nhwc(const BwdParams<scalar_t>& p, BwdOut out, const at::Tensor& X, cud
       pq = as_sum2(pq_ws);
     }
     const size_t smem = size_t(bdy) * bdx * VEC * sizeof(Sum2);
-    gn_bwd_sums_nhwc_kernel<scalar_t, VEC>
-        <<<grid_of(p.N * T * chunks), threads_for(bdx, bdy), smem, stream>>>(p, bdx, bdy, chunks, rows, T,
+    NORMEXT_LAUNCH((gn_bwd_sums_nhwc_kernel<scalar_t, VEC>), grid_of(p.N * T * chunks), threads_for(bdx, bdy), smem, stream, p, bdx, bdy, chunks, rows, T,
                                                                              sums);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     launch_combine(sums, p.gamma, pq, out.dgamma, out.dbeta, p.N, p.C, p.G, T, stream);
@@ -1205,8 +1193,7 @@ void bwd_nhwc(const BwdParams<scalar_t>& p, BwdOut out, const at::Tensor& X, cud
   const int64_t chunks = ceil_div(cv, int64_t(bdx));
   const int64_t rows = std::min<int64_t>(p.L, int64_t(bdy) * kUnroll<VEC> * 2);
   const int64_t T = ceil_div(p.L, rows);
-  gn_bwd_dx_nhwc_kernel<scalar_t, VEC>
-      <<<grid_of(p.N * T * chunks), threads_for(bdx, bdy), 0, stream>>>(p, bdx, bdy, chunks, rows, T, pq);
+  NORMEXT_LAUNCH((gn_bwd_dx_nhwc_kernel<scalar_t, VEC>), grid_of(p.N * T * chunks), threads_for(bdx, bdy), 0, stream, p, bdx, bdy, chunks, rows, T, pq);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -1219,7 +1206,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_fwd_cuda(
     const at::Tensor& X_in, const std::optional<at::Tensor>& gamma, const std::optional<at::Tensor>& beta,
     const std::optional<at::Tensor>& residual, int64_t G, double eps, int64_t act, double slope) {
   const auto a = check_group_norm(X_in, gamma, beta, residual, G, act, "group_norm_fwd");
-  const c10::cuda::CUDAGuard guard(a.X.device());
+  const DeviceGuard guard(a.X.device());
   const at::Tensor& X = a.X;
   at::Tensor Y = at::empty_like(X);
   at::Tensor mean = at::empty({a.dims.N, G}, X.options().dtype(at::kFloat));
@@ -1232,7 +1219,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_fwd_cuda(
     }
     return {Y, mean, rstd};
   }
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = current_stream();
   NORMEXT_DISPATCH_CUDA_TYPES(X.scalar_type(), "group_norm_fwd_cuda", [&] {
     constexpr int kVec = kMaxVec<scalar_t>;
     const FwdParams<scalar_t> p{X.const_data_ptr<scalar_t>(),
@@ -1272,7 +1259,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_norm_bwd_cuda(
   constexpr const char* op = "group_norm_bwd";
   TORCH_CHECK(dY_in.defined(), op, ": grad_output is undefined");
   const auto a = check_group_norm(X_in, gamma, beta, residual, G, act, op);
-  const c10::cuda::CUDAGuard guard(a.X.device());
+  const DeviceGuard guard(a.X.device());
   const at::Tensor& X = a.X;
   const int64_t N = a.dims.N, C = a.dims.C;
   const at::Tensor dY = *check_like(dY_in, X, a.layout, "grad_output", op);
@@ -1292,7 +1279,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_norm_bwd_cuda(
   if (!output_mask[0] && !output_mask[1] && !output_mask[2] && !output_mask[3]) {
     return {dX, dgamma, dbeta, dR};
   }
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = current_stream();
   const BwdOut out{output_mask[1] ? dgamma.data_ptr<float>() : nullptr,
                    output_mask[2] ? dbeta.data_ptr<float>() : nullptr};
   NORMEXT_DISPATCH_CUDA_TYPES(X.scalar_type(), "group_norm_bwd_cuda", [&] {
@@ -1331,7 +1318,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_norm_bwd_cuda(
 }  // namespace
 }  // namespace normext::cuda
 
-TORCH_LIBRARY_IMPL(normext, CUDA, m) {
+TORCH_LIBRARY_IMPL(normext, NORMEXT_CUDA_DISPATCH_KEY, m) {
   m.impl("group_norm_fwd", &normext::cuda::group_norm_fwd_cuda);
   m.impl("group_norm_bwd", &normext::cuda::group_norm_bwd_cuda);
 }

@@ -5,11 +5,6 @@
 // LayerNorm2d in NCHW reduces over C with threads along the contiguous positions. dgamma/dbeta are
 // per-block partial rows summed by a second kernel in a fixed order (no atomics: deterministic).
 #include <ATen/Dispatch.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAFunctions.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <cuda_runtime.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -45,20 +40,12 @@ int pow2_at_least(int64_t v) {
   return p;
 }
 
-int sm_count() {
-  int n = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, c10::cuda::current_device()));
-  return n;
-}
-
 // Blocks of `kernel` that fit on the GPU at once (at least one per SM): the grid of the persistent
 // backward kernels, so that each partial row covers an equal share of the rows in a single wave. A
 // function of the device and the build only, so the reduction order is the same on every run.
 template <typename Kernel>
 int64_t resident_blocks(Kernel kernel, int threads) {
-  int per_sm = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, 0));
-  return static_cast<int64_t>(sm_count()) * std::max(per_sm, 1);
+  return static_cast<int64_t>(sm_count()) * std::max(max_active_blocks_per_sm(kernel, threads, 0), 1);
 }
 
 // ------------------------------------------------------------------------------------ device helpers
@@ -113,7 +100,7 @@ __global__ void __launch_bounds__(kMaxFwdRowThreads)
                        float* __restrict__ rstd_out, int64_t M, int D, int W, float eps, int act,
                        float slope) {
   constexpr int kIters = kCap / VEC;
-  __shared__ float red[kWarpSize];
+  NORMEXT_SHARED(float, red, kWarpSize);
   const int lane = kBlock ? threadIdx.x : threadIdx.x % W;
   const int groups = kBlock ? 1 : blockDim.x / W;
   const int group = kBlock ? 0 : threadIdx.x / W;
@@ -177,7 +164,7 @@ __global__ void __launch_bounds__(kLongRowThreads)
                        scalar_t* __restrict__ Y, const float* __restrict__ gamma,
                        const float* __restrict__ beta, float* __restrict__ mean_out,
                        float* __restrict__ rstd_out, int64_t M, int D, float eps, int act, float slope) {
-  __shared__ WelfordF red[kWarpSize];
+  NORMEXT_SHARED(WelfordF, red, kWarpSize);
   const int nvec = D / VEC;
   for (int64_t row = blockIdx.x; row < M; row += gridDim.x) {
     const int64_t off = row * D;
@@ -239,7 +226,7 @@ __global__ void __launch_bounds__(kMaxBwdRowThreads)
                        float* __restrict__ part_g, float* __restrict__ part_b, int64_t M, int D, int W,
                        int act, float slope) {
   constexpr int kIters = kCap / VEC;
-  __shared__ Sum2 red[kWarpSize];
+  NORMEXT_SHARED(Sum2, red, kWarpSize);
   const int lane = kBlock ? threadIdx.x : threadIdx.x % W;
   const int groups = kBlock ? 1 : blockDim.x / W;
   const int group = kBlock ? 0 : threadIdx.x / W;
@@ -317,7 +304,7 @@ __global__ void __launch_bounds__(kMaxBwdRowThreads)
     }
   } else {
     // groups·D ≤ (kGroupThreads / W)·(W·kCap) = kGroupThreads·kCap.
-    __shared__ float buf[kGroupThreads * kCap];
+    NORMEXT_SHARED(float, buf, kGroupThreads * kCap);
     for (int which = 0; which < 2; ++which) {
       float* out = which == 0 ? part_g : part_b;
       if (out == nullptr) continue;
@@ -350,7 +337,7 @@ __global__ void __launch_bounds__(kLongRowThreads)
                        const float* __restrict__ rstd_in, const float* __restrict__ gamma,
                        const float* __restrict__ beta, scalar_t* __restrict__ dX, scalar_t* __restrict__ dR,
                        int64_t M, int D, int act, float slope) {
-  __shared__ Sum2 red[kWarpSize];
+  NORMEXT_SHARED(Sum2, red, kWarpSize);
   const int nvec = D / VEC;
   const float inv_d = 1.f / static_cast<float>(D);
   // One vector's x̂, dz and gamma.
@@ -411,7 +398,7 @@ __global__ void __launch_bounds__(32 * kColsTY)
                               const float* __restrict__ beta, float* __restrict__ part_g,
                               float* __restrict__ part_b, int64_t M, int D, int64_t rows_per_chunk, int act,
                               float slope) {
-  __shared__ Sum2 red[kColsTY * kWarpSize];
+  NORMEXT_SHARED(Sum2, red, kColsTY * kWarpSize);
   const int64_t j = static_cast<int64_t>(blockIdx.x) * kWarpSize + threadIdx.x;
   const int64_t r0 = static_cast<int64_t>(blockIdx.y) * rows_per_chunk;
   const int64_t r1 = std::min(M, r0 + rows_per_chunk);
@@ -445,7 +432,7 @@ constexpr int kSumTY = 16;
 // combined by column_reduce. blockIdx.y selects the (part, out) pair: 0 = dgamma, 1 = dbeta.
 __global__ void __launch_bounds__(32 * kSumTY)
     sum_partials_kernel(const float* part0, float* out0, const float* part1, float* out1, int64_t P, int D) {
-  __shared__ float red[kSumTY * kWarpSize];
+  NORMEXT_SHARED(float, red, kSumTY * kWarpSize);
   const float* part = blockIdx.y == 0 ? part0 : part1;
   float* out = blockIdx.y == 0 ? out0 : out1;
   const int64_t j = static_cast<int64_t>(blockIdx.x) * kWarpSize + threadIdx.x;
@@ -495,7 +482,7 @@ __global__ void __launch_bounds__(k2dThreads)
                          const float* __restrict__ beta, float* __restrict__ mean_out,
                          float* __restrict__ rstd_out, int C, int64_t HxW, int64_t blocks_per_n, float eps,
                          int act, float slope) {
-  __shared__ WelfordF st[k2dThreads * VEC];
+  NORMEXT_SHARED(WelfordF, st, k2dThreads * VEC);
   const Tile2d t = tile_2d<VEC>(C, HxW, blocks_per_n);
   const int64_t base = t.n * C * HxW + t.p;
   Lanes<VEC> shift(0.f);
@@ -551,7 +538,7 @@ __global__ void __launch_bounds__(k2dThreads)
                          const float* __restrict__ beta, scalar_t* __restrict__ dX, scalar_t* __restrict__ dR,
                          float* __restrict__ part_g, float* __restrict__ part_b, int C, int64_t HxW,
                          int64_t blocks_per_n, int act, float slope) {
-  __shared__ Sum2 sums[k2dThreads * VEC];
+  NORMEXT_SHARED(Sum2, sums, k2dThreads * VEC);
   const Tile2d t = tile_2d<VEC>(C, HxW, blocks_per_n);
   const int64_t base = t.n * C * HxW + t.p;
   float mean[VEC] = {}, rstd[VEC] = {};
@@ -671,20 +658,17 @@ RowPlan row_plan(int nvec, int vec, int max_block_threads) {
 
 template <typename scalar_t>
 void rows_forward(const Ptrs<scalar_t>& p, int64_t M, int D, float eps, int act, float slope) {
-  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const auto stream = current_stream();
   with_vec(p, D, [&](auto vec) {
     constexpr int VEC = decltype(vec)::value;
     const RowPlan plan = row_plan(D / VEC, VEC, kMaxFwdRowThreads);
     if (plan.fits && !plan.block) {
       const int64_t blocks = std::min(ceil_div<int64_t>(M, kGroupThreads / plan.threads), kMaxGrid);
-      ln_fwd_rows_kernel<scalar_t, VEC, false><<<blocks, kGroupThreads, 0, stream>>>(
-          p.X, p.R, p.out, p.gamma, p.beta, p.mean, p.rstd, M, D, plan.threads, eps, act, slope);
+      NORMEXT_LAUNCH((ln_fwd_rows_kernel<scalar_t, VEC, false>), blocks, kGroupThreads, 0, stream, p.X, p.R, p.out, p.gamma, p.beta, p.mean, p.rstd, M, D, plan.threads, eps, act, slope);
     } else if (plan.fits) {
-      ln_fwd_rows_kernel<scalar_t, VEC, true><<<std::min(M, kMaxGrid), plan.threads, 0, stream>>>(
-          p.X, p.R, p.out, p.gamma, p.beta, p.mean, p.rstd, M, D, plan.threads, eps, act, slope);
+      NORMEXT_LAUNCH((ln_fwd_rows_kernel<scalar_t, VEC, true>), std::min(M, kMaxGrid), plan.threads, 0, stream, p.X, p.R, p.out, p.gamma, p.beta, p.mean, p.rstd, M, D, plan.threads, eps, act, slope);
     } else {
-      ln_fwd_long_kernel<scalar_t, VEC><<<std::min(M, kMaxGrid), kLongRowThreads, 0, stream>>>(
-          p.X, p.R, p.out, p.gamma, p.beta, p.mean, p.rstd, M, D, eps, act, slope);
+      NORMEXT_LAUNCH((ln_fwd_long_kernel<scalar_t, VEC>), std::min(M, kMaxGrid), kLongRowThreads, 0, stream, p.X, p.R, p.out, p.gamma, p.beta, p.mean, p.rstd, M, D, eps, act, slope);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -707,15 +691,14 @@ void finish_params(const Tensor& part, int64_t P, int D, float* dgamma, float* d
   }
   if (count == 0) return;
   const dim3 grid(ceil_div<int64_t>(D, kWarpSize), count);
-  sum_partials_kernel<<<grid, dim3(kWarpSize, kSumTY), 0, c10::cuda::getCurrentCUDAStream()>>>(
-      parts[0], outs[0], parts[count - 1], outs[count - 1], P, D);
+  NORMEXT_LAUNCH(sum_partials_kernel, grid, dim3(kWarpSize, kSumTY), 0, current_stream(), parts[0], outs[0], parts[count - 1], outs[count - 1], P, D);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename scalar_t>
 void rows_backward(const Ptrs<scalar_t>& p, int64_t M, int D, int act, float slope, float* dgamma,
                    float* dbeta) {
-  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const auto stream = current_stream();
   const bool params = dgamma != nullptr || dbeta != nullptr;
   with_vec(p, D, [&](auto vec) {
     constexpr int VEC = decltype(vec)::value;
@@ -734,29 +717,24 @@ void rows_backward(const Ptrs<scalar_t>& p, int64_t M, int D, int act, float slo
     const int64_t rows_per_chunk = ceil_div<int64_t>(M, std::min<int64_t>(M, 256));
     const int64_t P = plan.fits ? blocks : ceil_div<int64_t>(M, rows_per_chunk);
     Tensor part =
-        params ? at::empty({2, P, D}, at::TensorOptions().dtype(at::kFloat).device(at::kCUDA)) : Tensor();
+        params ? at::empty({2, P, D}, at::TensorOptions().dtype(at::kFloat).device(current_device())) : Tensor();
     float* pg = dgamma != nullptr ? part.data_ptr<float>() : nullptr;
     float* pb = dbeta != nullptr ? part.data_ptr<float>() + P * D : nullptr;
     if (plan.fits && !plan.block) {
-      ln_bwd_rows_kernel<scalar_t, VEC, false>
-          <<<blocks, kGroupThreads, 0, stream>>>(p.dY, p.X, p.R, p.mean, p.rstd, p.gamma, p.beta, p.out, p.dR,
+      NORMEXT_LAUNCH((ln_bwd_rows_kernel<scalar_t, VEC, false>), blocks, kGroupThreads, 0, stream, p.dY, p.X, p.R, p.mean, p.rstd, p.gamma, p.beta, p.out, p.dR,
                                                  pg, pb, M, D, plan.threads, act, slope);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     } else if (plan.fits) {
-      ln_bwd_rows_kernel<scalar_t, VEC, true>
-          <<<blocks, plan.threads, 0, stream>>>(p.dY, p.X, p.R, p.mean, p.rstd, p.gamma, p.beta, p.out, p.dR,
+      NORMEXT_LAUNCH((ln_bwd_rows_kernel<scalar_t, VEC, true>), blocks, plan.threads, 0, stream, p.dY, p.X, p.R, p.mean, p.rstd, p.gamma, p.beta, p.out, p.dR,
                                                 pg, pb, M, D, plan.threads, act, slope);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     } else {
       if (p.out != nullptr || p.dR != nullptr) {
-        ln_bwd_long_kernel<scalar_t, VEC><<<blocks, kLongRowThreads, 0, stream>>>(
-            p.dY, p.X, p.R, p.mean, p.rstd, p.gamma, p.beta, p.out, p.dR, M, D, act, slope);
+        NORMEXT_LAUNCH((ln_bwd_long_kernel<scalar_t, VEC>), blocks, kLongRowThreads, 0, stream, p.dY, p.X, p.R, p.mean, p.rstd, p.gamma, p.beta, p.out, p.dR, M, D, act, slope);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
       if (params) {
-        ln_bwd_long_params_kernel<scalar_t>
-            <<<dim3(ceil_div<int64_t>(D, kWarpSize), P), dim3(kWarpSize, kColsTY), 0, stream>>>(
-                p.dY, p.X, p.R, p.mean, p.rstd, p.gamma, p.beta, pg, pb, M, D, rows_per_chunk, act, slope);
+        NORMEXT_LAUNCH(ln_bwd_long_params_kernel<scalar_t>, dim3(ceil_div<int64_t>(D, kWarpSize), P), dim3(kWarpSize, kColsTY), 0, stream, p.dY, p.X, p.R, p.mean, p.rstd, p.gamma, p.beta, pg, pb, M, D, rows_per_chunk, act, slope);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
     }
@@ -782,12 +760,11 @@ Plan2d plan_2d(int64_t N, int C, int64_t HxW, int vec) {
 
 template <typename scalar_t>
 void nchw_forward(const Ptrs<scalar_t>& p, const ChannelDims& d, float eps, int act, float slope) {
-  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const auto stream = current_stream();
   with_vec(p, d.HxW, [&](auto vec) {
     constexpr int VEC = decltype(vec)::value;
     const Plan2d plan = plan_2d(d.N, d.C, d.HxW, VEC);
-    ln2d_nchw_fwd_kernel<scalar_t, VEC><<<d.N * plan.blocks_per_n, dim3(plan.TX, plan.TY), 0, stream>>>(
-        p.X, p.R, p.out, p.gamma, p.beta, p.mean, p.rstd, d.C, d.HxW, plan.blocks_per_n, eps, act, slope);
+    NORMEXT_LAUNCH((ln2d_nchw_fwd_kernel<scalar_t, VEC>), d.N * plan.blocks_per_n, dim3(plan.TX, plan.TY), 0, stream, p.X, p.R, p.out, p.gamma, p.beta, p.mean, p.rstd, d.C, d.HxW, plan.blocks_per_n, eps, act, slope);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
@@ -795,18 +772,17 @@ void nchw_forward(const Ptrs<scalar_t>& p, const ChannelDims& d, float eps, int 
 template <typename scalar_t>
 void nchw_backward(const Ptrs<scalar_t>& p, const ChannelDims& d, int act, float slope, float* dgamma,
                    float* dbeta) {
-  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const auto stream = current_stream();
   with_vec(p, d.HxW, [&](auto vec) {
     constexpr int VEC = decltype(vec)::value;
     const Plan2d plan = plan_2d(d.N, d.C, d.HxW, VEC);
     const int64_t P = d.N * plan.blocks_per_n;
     const bool params = dgamma != nullptr || dbeta != nullptr;
     Tensor part =
-        params ? at::empty({2, P, d.C}, at::TensorOptions().dtype(at::kFloat).device(at::kCUDA)) : Tensor();
+        params ? at::empty({2, P, d.C}, at::TensorOptions().dtype(at::kFloat).device(current_device())) : Tensor();
     float* pg = dgamma != nullptr ? part.data_ptr<float>() : nullptr;
     float* pb = dbeta != nullptr ? part.data_ptr<float>() + P * d.C : nullptr;
-    ln2d_nchw_bwd_kernel<scalar_t, VEC>
-        <<<P, dim3(plan.TX, plan.TY), 0, stream>>>(p.dY, p.X, p.R, p.mean, p.rstd, p.gamma, p.beta, p.out,
+    NORMEXT_LAUNCH((ln2d_nchw_bwd_kernel<scalar_t, VEC>), P, dim3(plan.TX, plan.TY), 0, stream, p.dY, p.X, p.R, p.mean, p.rstd, p.gamma, p.beta, p.out,
                                                    p.dR, pg, pb, d.C, d.HxW, plan.blocks_per_n, act, slope);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (params) finish_params(part, P, d.C, dgamma, dbeta);
@@ -849,7 +825,7 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_fwd_cuda(const Tensor& X_in, const
                                                        int64_t act, double slope) {
   constexpr const char* op = "layer_norm_fwd";
   auto a = check_layer_norm(X_in, normalized_shape, gamma, beta, residual, act, op);
-  const c10::cuda::CUDAGuard guard(a.X.device());
+  const DeviceGuard guard(a.X.device());
   check_int_extent(a.D, "a normalized row", op);
   Tensor Y = at::empty_like(a.X);
   Tensor mean = at::empty(a.stat_shape, a.X.options().dtype(at::kFloat));
@@ -899,7 +875,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_norm_bwd_cuda(
     at::IntArrayRef normalized_shape, int64_t act, double slope, std::array<bool, 4> mask) {
   constexpr const char* op = "layer_norm_bwd";
   auto a = check_layer_norm(X_in, normalized_shape, gamma, beta, residual, act, op);
-  const c10::cuda::CUDAGuard guard(a.X.device());
+  const DeviceGuard guard(a.X.device());
   check_int_extent(a.D, "a normalized row", op);
   const Tensor dY = *check_like(dY_in, a.X, Layout::kChannelsFirst, "grad_output", op);
   const Tensor mean = check_stats(mean_in, a.X, a.M, "mean", op);
@@ -922,7 +898,7 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_2d_fwd_cuda(const Tensor& X_in,
                                                           int64_t act, double slope) {
   constexpr const char* op = "layer_norm_2d_fwd";
   auto a = check_channel_norm(X_in, gamma, beta, residual, act, op);
-  const c10::cuda::CUDAGuard guard(a.X.device());
+  const DeviceGuard guard(a.X.device());
   const auto [N, C, HxW] = a.dims;
   check_int_extent(C, "a channel dimension", op);
   Tensor Y = at::empty_like(a.X);
@@ -953,7 +929,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_norm_2d_bwd_cuda(
     double slope, std::array<bool, 4> mask) {
   constexpr const char* op = "layer_norm_2d_bwd";
   auto a = check_channel_norm(X_in, gamma, beta, residual, act, op);
-  const c10::cuda::CUDAGuard guard(a.X.device());
+  const DeviceGuard guard(a.X.device());
   const auto [N, C, HxW] = a.dims;
   check_int_extent(C, "a channel dimension", op);
   const Tensor dY = *check_like(dY_in, a.X, a.layout, "grad_output", op);
@@ -978,7 +954,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_norm_2d_bwd_cuda(
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(normext, CUDA, m) {
+TORCH_LIBRARY_IMPL(normext, NORMEXT_CUDA_DISPATCH_KEY, m) {
   m.impl("layer_norm_fwd", &layer_norm_fwd_cuda);
   m.impl("layer_norm_bwd", &layer_norm_bwd_cuda);
   m.impl("layer_norm_2d_fwd", &layer_norm_2d_fwd_cuda);
