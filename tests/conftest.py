@@ -1,15 +1,32 @@
 # Shared fixtures and helpers for the normext tests: the device list, per-test seeding, inputs in a given
 # memory format (also as views with a storage offset or non-contiguous), allocator poisoning, tolerances.
+import importlib.util
+import json
 import os
+import sys
 import zlib
 
 import pytest
 import torch
-from reference import group_norm_pre_ref, rel_err
 
-HAS_CUDA = torch.cuda.is_available()
+# Emulated CUDA (`make test-emu`): NORMEXT_CUDA_EMU names the emulated build's _C.so (csrc/cuda/emu/build.py),
+# which holds the CUDA kernels and host code compiled for the CPU and registered for CPU tensors. It stands
+# in for normext._C, so the suite's CUDA cases run the CUDA code on CPU tensors; the rest is deselected.
+EMU_LIB = os.environ.get("NORMEXT_CUDA_EMU")
+EMU = bool(EMU_LIB)
+if EMU:
+    _spec = importlib.util.spec_from_file_location("normext._C", EMU_LIB)
+    _emu = importlib.util.module_from_spec(_spec)
+    sys.modules["normext._C"] = _emu
+    _spec.loader.exec_module(_emu)
+
+from reference import group_norm_pre_ref, rel_err  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available() and not EMU
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU visible")
-DEVICES = ["cpu", pytest.param("cuda", marks=requires_cuda)]
+# Under emulation the one device is the CPU running the CUDA kernels; the test ids still say "cuda".
+DEVICES = [pytest.param("cpu", id="cuda")] if EMU else ["cpu", pytest.param("cuda", marks=requires_cuda)]
+requires_emu = pytest.mark.skipif(not EMU, reason="runs in the emulated CUDA build only (make test-emu)")
 FORMATS = ["contiguous", "channels_last"]
 
 DTYPES = {
@@ -35,6 +52,31 @@ def pytest_configure(config):
     config.addinivalue_line(
         "markers", "compile: torch.compile tests (slower; deselect with -m 'not compile')"
     )
+    config.addinivalue_line("markers", "emu: tests of the emulated CUDA build itself (make test-emu)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under emulation only the CUDA cases (device id "cuda", which DEVICES then maps to the emulated build)
+    and the emulation's own tests are kept."""
+    if not EMU:
+        return
+    keep, drop = [], []
+    for item in items:
+        spec = getattr(item, "callspec", None)
+        cuda_case = spec is not None and "device" in spec.params and "cuda" in spec.id.split("-")
+        (keep if cuda_case or item.get_closest_marker("emu") else drop).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Under emulation, the launches per kernel of the whole run go to NORMEXT_EMU_LAUNCHES (a JSON file),
+    for the coverage report of csrc/cuda/emu/coverage.py."""
+    path = os.environ.get("NORMEXT_EMU_LAUNCHES")
+    if EMU and path:
+        with open(path, "w") as f:
+            json.dump(_emu.emu_launch_counts(), f, indent=1, sort_keys=True)
 
 
 @pytest.fixture(autouse=True)
@@ -53,8 +95,13 @@ def parse_dtype(name):
     return dtype, (torch.float32 if mixed else dtype)
 
 
+def runs_cuda_kernels(device):
+    """Whether ops on this device run the CUDA kernels (on a GPU, or emulated on the CPU)."""
+    return device == "cuda" or EMU
+
+
 def skip_if_unsupported(device, dtype):
-    if device == "cuda" and dtype == torch.float64:
+    if runs_cuda_kernels(device) and dtype == torch.float64:
         pytest.skip("float64 is a CPU-only (gradcheck) dtype")
 
 

@@ -20,6 +20,7 @@ from conftest import (
     parse_dtype,
     poison_allocator,
     requires_cuda,
+    skip_if_unsupported,
     sliced_batch,
     to_format,
     with_storage_offset,
@@ -145,8 +146,7 @@ def test_functional_running_stats(device, dtype_name, fmt, use_input_stats):
     """use_input_stats=True updates running_mean/var in place (unbiased var, momentum 0.3) like
     F.instance_norm; use_input_stats=False normalizes with them and leaves them alone."""
     dtype, pdtype = parse_dtype(dtype_name)
-    if device == "cuda" and dtype == torch.float64:
-        pytest.skip("float64 is a CPU-only dtype")
+    skip_if_unsupported(device, dtype)
     shape = SHAPES[2]
     x = make_input(shape, dtype, device, fmt, mean=0.5, std=2.0)
     res = make_input(shape, dtype, device, fmt)

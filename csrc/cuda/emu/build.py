@@ -27,7 +27,9 @@ def build(sanitize=False, verbose=False):
     out = os.path.join(ROOT, "build", "emu-asan" if sanitize else "emu")
     src = os.path.join(out, "src")
     os.makedirs(src, exist_ok=True)
-    sources = [os.path.join(ROOT, "csrc", "normext.cpp"), os.path.join(ROOT, "csrc", "cuda", "emu", "runtime.cpp")]
+    emu = os.path.join(ROOT, "csrc", "cuda", "emu")
+    sources = [os.path.join(ROOT, "csrc", "normext.cpp")]
+    sources += [os.path.join(emu, name) for name in ("runtime.cpp", "selftest.cpp")]
     for cu in sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu"))):
         # The same file nvcc builds, compiled as C++ (a .cu source would be handed to nvcc).
         wrapper = os.path.join(src, os.path.basename(cu)[:-3] + ".cpp")

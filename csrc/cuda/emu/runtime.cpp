@@ -563,9 +563,12 @@ void allow_dynamic_smem(const void* kernel, size_t bytes) {
   g_smem_optin[kernel] = bytes;
 }
 
+void bind_selftests(pybind11::module_& m);  // selftest.cpp
+
 void bind_python(pybind11::module_& m) {
   namespace py = pybind11;
   m.attr("cuda_emulated") = true;
+  bind_selftests(m);
   m.def(
       "emu_launch_counts",
       [] {

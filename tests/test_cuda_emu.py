@@ -1,0 +1,221 @@
+# The emulated CUDA build itself (make test-emu): each of its checks fires on a kernel that breaks the rule,
+# shuffles follow PTX's lane rules, results do not depend on the thread / block order or the device profile,
+# and every op makes the number of launches its plan says.
+import math
+
+import pytest
+import torch
+from conftest import EMU, make_input, make_params
+
+import normext.functional as nxF
+
+if EMU:
+    from normext import _C
+
+pytestmark = [pytest.mark.emu, pytest.mark.skipif(not EMU, reason="runs in the emulated CUDA build (make test-emu)")]
+
+
+@pytest.fixture(autouse=True)
+def _default_schedule():
+    yield
+    if EMU:
+        _C.emu_set_schedule("cycle", 0)
+        _C.emu_set_device("H100")
+
+
+# ------------------------------------------------------------------------------------------ the checks
+
+
+@pytest.mark.parametrize("order", ["forward", "reverse", "shuffle"])
+def test_missing_barrier_reads_poison(order):
+    """Without the barrier a thread reads its neighbour's slot before (forward) or after (reverse) it is
+    written, depending on the order: some slot reads the NaN poison. With it, every slot is right."""
+    _C.emu_set_schedule(order, 7)
+    n = 64
+    bad = _C.emu_selftest("neighbour", n)[:n]
+    assert bad.isnan().any(), "a read before the neighbour's write must see poisoned shared memory"
+    good = _C.emu_selftest("neighbour_synced", n)[:n]
+    assert torch.equal(good, ((torch.arange(n) + 1) % n).float())
+
+
+def test_unwritten_shared_memory_is_nan():
+    assert _C.emu_selftest("read_unwritten", 32)[:32].isnan().all()
+
+
+def test_barrier_after_early_exit_is_an_error():
+    with pytest.raises(RuntimeError, match=r"early_exit_barrier_kernel.*__syncthreads\(\) is reached by 40 threads"):
+        _C.emu_selftest("early_exit_barrier", 64)
+
+
+def test_full_mask_shuffle_in_partial_warp_is_an_error():
+    with pytest.raises(RuntimeError, match=r"shuffle_kernel.*mask 0xffffffff names lanes 4\.\.31, which do not exist"):
+        _C.emu_selftest("shuffle", 100, arg=0xFFFFFFFF, width=32)
+
+
+def test_shuffle_with_absent_lane_is_an_error():
+    # Lanes 16..31 skip the full-mask shuffle that lanes 0..15 wait in.
+    with pytest.raises(RuntimeError, match=r"waits in __shfl_down_sync with mask 0xffffffff.*has exited"):
+        _C.emu_selftest("shuffle", 32, arg=0xFFFFFFFF, width=16)
+
+
+def test_shuffle_mask_without_own_lane_is_an_error():
+    with pytest.raises(RuntimeError, match="does not include its own lane"):
+        _C.emu_selftest("shuffle", 32, arg=0x0000FFFF, width=32)
+
+
+def test_shuffle_from_lane_outside_mask_is_an_error():
+    # Lanes 0..15 shuffle down by one with mask 0xffff: lane 15's source, lane 16, takes no part.
+    with pytest.raises(RuntimeError, match=r"reads lane 16 in __shfl_down_sync, which is not in the mask 0xffff"):
+        _C.emu_selftest("shuffle", 32, arg=0x0000FFFF, width=16)
+
+
+@pytest.mark.parametrize("width", [32, 16, 8, 4, 2, 1])
+@pytest.mark.parametrize("arg", [0, 1, 3, 5, 31])
+def test_shuffle_lane_rules(width, arg):
+    """__shfl_sync / _up / _down / _xor against the CUDA programming guide's definition, per lane."""
+    out = _C.emu_selftest("shuffle_table", 64, arg=arg, width=width).view(4, 64)
+    for t in range(64):
+        warp_base = t - t % 32
+        lane = t % 32
+        seg = lane - lane % width
+        idx = seg + arg % width
+        up = lane - arg if lane - arg >= seg else lane
+        down = lane + arg if lane + arg < seg + width else lane
+        # An xor partner in an earlier segment is read; one in a later segment is not (CUDA guide).
+        xor = lane ^ arg if (lane ^ arg) < seg + width else lane
+        expected = [idx, up, down, xor]
+        for k in range(4):
+            assert out[k, t].item() == warp_base + expected[k], (k, t)
+
+
+@pytest.mark.parametrize("offset", [1, 2, 3])
+def test_misaligned_vector_load_is_an_error(offset):
+    with pytest.raises(RuntimeError, match="vector access of 16 bytes .* not 16-byte aligned"):
+        _C.emu_selftest("vector_load", 32, arg=offset)
+    assert _C.emu_selftest("vector_load", 32, arg=4)[0].item() == 4 + 5 + 6 + 7
+
+
+def test_launch_limits():
+    with pytest.raises(RuntimeError, match="invalid block size"):
+        _C.emu_selftest("read_unwritten", 2048)
+    with pytest.raises(RuntimeError, match="invalid grid"):
+        _C.emu_selftest("grid_y", 32, arg=65536)
+    with pytest.raises(RuntimeError, match="need allow_dynamic_smem"):
+        _C.emu_selftest("dynamic_smem", 128, arg=64 << 10)
+    assert _C.emu_selftest("dynamic_smem", 128, arg=48 << 10)[0].item() == 1.0
+    assert _C.emu_selftest("dynamic_smem_opted_in", 128, arg=100 << 10)[0].item() == 1.0
+
+
+# --------------------------------------------------------------------------------- order independence
+
+
+def _gn_case():
+    x = make_input((3, 64, 7, 9), torch.float32, "cpu", "channels_last", mean=0.5, std=2.0)
+    w, b = make_params(64, torch.float32, "cpu")
+    return x, w, b
+
+
+def _run_all_ops():
+    """Forward and backward of every family, returning every output and gradient."""
+    outs = []
+    x, w, b = _gn_case()
+    for fmt_x in (x, x.contiguous()):
+        for fn in (
+            lambda t, w_, b_: nxF.group_norm(t, 8, w_, b_, activation="silu"),
+            lambda t, w_, b_: nxF.layer_norm_2d(t, w_, b_),
+            lambda t, w_, b_: nxF.batch_norm(t, None, None, w_, b_, training=True),
+        ):
+            leaves = [t.detach().requires_grad_() for t in (fmt_x, w, b)]
+            y = fn(*leaves)
+            y.backward(torch.ones_like(y) + torch.arange(y.numel()).view_as(y).float().sin())
+            outs += [y.detach(), *(t.grad for t in leaves)]
+    rows = torch.randn(300, 777)
+    wl, bl = torch.randn(777), torch.randn(777)
+    leaves = [t.requires_grad_() for t in (rows, wl, bl)]
+    y = nxF.layer_norm(leaves[0], (777,), leaves[1], leaves[2])
+    y.backward(torch.cos(y.detach()))
+    outs += [y.detach(), *(t.grad for t in leaves)]
+    return outs
+
+
+def test_results_do_not_depend_on_thread_or_block_order():
+    results = {}
+    for order in ("forward", "reverse", "shuffle"):
+        _C.emu_set_schedule(order, 11)
+        torch.manual_seed(0)
+        results[order] = _run_all_ops()
+    for order in ("reverse", "shuffle"):
+        for a, b in zip(results["forward"], results[order], strict=True):
+            assert torch.equal(a, b), f"{order} order changed a result"
+
+
+# ------------------------------------------------------------------------------------------ launch counts
+
+
+def _launches(fn):
+    _C.emu_reset_launch_counts()
+    fn()
+    return sum(_C.emu_launch_counts().values())
+
+
+def _fwd_bwd_launches(fn, x, *params):
+    leaves = [t.detach().requires_grad_() for t in (x, *params)]
+    _C.emu_reset_launch_counts()
+    y = fn(*leaves)
+    fwd = sum(_C.emu_launch_counts().values())
+    _C.emu_reset_launch_counts()
+    y.backward(torch.ones_like(y))
+    return fwd, sum(_C.emu_launch_counts().values())
+
+
+# (op, shape, layout) -> (forward launches, backward launches) as the host planning code lays them out:
+# small groups / rows are one fused launch each way (plus the dgamma/dbeta combine); large ones take the
+# two-kernel paths.
+LAUNCH_PLANS = {
+    ("group_norm", (2, 64, 8, 8), "contiguous"): (1, 2),
+    ("group_norm", (2, 64, 8, 8), "channels_last"): (1, 2),
+    ("group_norm", (1, 32, 128, 128), "contiguous"): (2, 3),
+    ("group_norm", (1, 32, 128, 128), "channels_last"): (2, 3),
+    ("layer_norm", (64, 256), None): (1, 2),
+    ("layer_norm", (8, 20000), None): (1, 3),
+    ("layer_norm_2d", (2, 32, 8, 8), "contiguous"): (1, 2),
+    ("layer_norm_2d", (2, 32, 8, 8), "channels_last"): (1, 2),
+    ("batch_norm", (4, 32, 8, 8), "contiguous"): (3, 3),
+    ("batch_norm", (4, 32, 8, 8), "channels_last"): (3, 3),
+}
+
+
+@pytest.mark.parametrize("case", list(LAUNCH_PLANS), ids=lambda c: f"{c[0]}-{'x'.join(map(str, c[1]))}-{c[2]}")
+def test_launch_counts(case):
+    op, shape, fmt = case
+    if op == "layer_norm":
+        x = torch.randn(shape)
+        w, b = torch.randn(shape[-1]), torch.randn(shape[-1])
+        counts = _fwd_bwd_launches(lambda t, w_, b_: nxF.layer_norm(t, shape[-1:], w_, b_), x, w, b)
+    else:
+        x = make_input(shape, torch.float32, "cpu", fmt)
+        w, b = make_params(shape[1], torch.float32, "cpu")
+        fn = {
+            "group_norm": lambda t, w_, b_: nxF.group_norm(t, 8, w_, b_),
+            "layer_norm_2d": lambda t, w_, b_: nxF.layer_norm_2d(t, w_, b_),
+            "batch_norm": lambda t, w_, b_: nxF.batch_norm(t, None, None, w_, b_, training=True),
+        }[op]
+        counts = _fwd_bwd_launches(fn, x, w, b)
+    assert counts == LAUNCH_PLANS[case]
+
+
+def test_profile_changes_device_queries_only():
+    """The device profile is what the planning code sees (SM count, occupancy); outputs stay within float32
+    rounding of each other whichever GPU the emulation answers for."""
+    x = torch.randn(4096, 96)
+    w, b = torch.randn(96), torch.randn(96)
+    grads = {}
+    for device in ("H100", "A100"):
+        _C.emu_set_device(device)
+        assert _C.emu_device() == device
+        leaves = [t.detach().requires_grad_() for t in (x, w, b)]
+        y = nxF.layer_norm(leaves[0], (96,), leaves[1], leaves[2])
+        y.backward(torch.ones_like(y))
+        grads[device] = [t.grad for t in leaves]
+    for a, b_ in zip(grads["H100"], grads["A100"], strict=True):
+        assert torch.allclose(a, b_, rtol=1e-5, atol=1e-5 * math.sqrt(4096))
