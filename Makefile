@@ -22,7 +22,7 @@ export CUDA_HOME := /usr/local/cuda
 endif
 endif
 
-.PHONY: all venv build test bench lint clean
+.PHONY: all venv build test bench lint clean build-emu test-emu
 
 all: build
 
@@ -54,6 +54,27 @@ build: venv
 test: build $(VENV)/.models
 	$(PY) -m normext.info
 	$(PY) -m pytest tests -q -ra
+	$(MAKE) --no-print-directory test-emu
+
+# The CUDA kernels run on the CPU (csrc/cuda/emu): the emulated build runs the suite's CUDA cases, a
+# sanitizer build (AddressSanitizer + UndefinedBehaviorSanitizer; libasan is preloaded before libstdc++ so that
+# it intercepts C++ throws) a reduced set of them, and the last line
+# is the kernel coverage of the first run. Needs only the host compiler, so it runs with or without nvcc.
+EMU := build/emu/_C.so
+EMU_ASAN := build/emu-asan/_C.so
+# Small shapes of every kernel path: fused and two-kernel, vector and scalar, both layouts, views.
+EMU_ASAN_TESTS := -m "not compile" -k "emu or odd_shapes or storage_offset or noncontiguous or row_lengths or activation"
+
+build-emu: venv
+	$(PY) csrc/cuda/emu/build.py
+	$(PY) csrc/cuda/emu/build.py --sanitize
+
+test-emu: build-emu
+	NORMEXT_CUDA_EMU=$(EMU) NORMEXT_EMU_LAUNCHES=build/emu/launches.json $(PY) -m pytest tests -q -ra -p no:cacheprovider
+	LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libstdc++.so)" ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
+		UBSAN_OPTIONS=print_stacktrace=1 NORMEXT_CUDA_EMU=$(EMU_ASAN) \
+		$(PY) -m pytest tests -q -p no:cacheprovider $(EMU_ASAN_TESTS)
+	@$(PY) csrc/cuda/emu/kernel_coverage.py build/emu/launches.json
 
 bench: build
 	@for m in $(BENCH_DEPS); do $(PY) -c "import $$m" 2>/dev/null || \

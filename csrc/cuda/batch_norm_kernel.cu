@@ -564,9 +564,11 @@ void launch_moments(const ChannelNormArgs& a, const Plan& p, float* means, float
   with_vec<scalar_t>(p, [&](auto vec) {
     constexpr int VEC = decltype(vec)::value;
     if (p.rows_view) {
-      NORMEXT_LAUNCH((rows_moments_kernel<scalar_t, VEC>), dim3(unsigned(p.blocks_x), unsigned(p.parts)), kBlock, 0, stream, X, p.rows, p.C, p.rows_per_part, means, m2s, counts);
+      NORMEXT_LAUNCH((rows_moments_kernel<scalar_t, VEC>), dim3(unsigned(p.blocks_x), unsigned(p.parts)),
+                     kBlock, 0, stream, X, p.rows, p.C, p.rows_per_part, means, m2s, counts);
     } else {
-      NORMEXT_LAUNCH((planes_moments_kernel<scalar_t, VEC>), dim3(unsigned(p.C), unsigned(p.parts)), kBlock, 0, stream, X, p.C, p.HxW, p.tx, p.S, p.N * p.S, p.tiles_per_part, means, m2s, counts);
+      NORMEXT_LAUNCH((planes_moments_kernel<scalar_t, VEC>), dim3(unsigned(p.C), unsigned(p.parts)), kBlock,
+                     0, stream, X, p.C, p.HxW, p.tx, p.S, p.N * p.S, p.tiles_per_part, means, m2s, counts);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -583,8 +585,9 @@ void launch_finalize(const float* counts, const float* means, const float* m2s, 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rtype, "batch_norm_finalize", [&] {
     scalar_t* rm = running_mean ? running_mean->data_ptr<scalar_t>() : nullptr;
     scalar_t* rv = running_var ? running_var->data_ptr<scalar_t>() : nullptr;
-    NORMEXT_LAUNCH(finalize_moments_kernel<scalar_t>, blocks, kBlock, 0, stream, counts, means, m2s, K, C, mode, eps, momentum, mean.data_ptr<float>(), second.data_ptr<float>(), rm,
-        running_mean ? running_mean->stride(0) : 0, rv, running_var ? running_var->stride(0) : 0);
+    NORMEXT_LAUNCH(finalize_moments_kernel<scalar_t>, blocks, kBlock, 0, stream, counts, means, m2s, K, C,
+                   mode, eps, momentum, mean.data_ptr<float>(), second.data_ptr<float>(), rm,
+                   running_mean ? running_mean->stride(0) : 0, rv, running_var ? running_var->stride(0) : 0);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
@@ -601,11 +604,13 @@ void launch_apply(const ChannelNormArgs& a, const Channels& ch, int64_t act, dou
     if (p.rows_view) {
       const int64_t by = std::clamp<int64_t>(ceil_div(kApplyBlocks, p.blocks_x), 1,
                                              std::min<int64_t>(65535, ceil_div<int64_t>(p.rows, kRows)));
-      NORMEXT_LAUNCH((rows_apply_kernel<scalar_t, VEC>), dim3(unsigned(p.blocks_x), unsigned(by)), kBlock, 0, stream, X, R, out, p.rows, p.C, ch, act, float(slope));
+      NORMEXT_LAUNCH((rows_apply_kernel<scalar_t, VEC>), dim3(unsigned(p.blocks_x), unsigned(by)), kBlock, 0,
+                     stream, X, R, out, p.rows, p.C, ch, act, float(slope));
     } else {
       const int64_t tiles = p.N * p.C * p.S;
       const int64_t bx = std::clamp<int64_t>(ceil_div<int64_t>(tiles, kBlock / p.tx), 1, kApplyBlocks * 8);
-      NORMEXT_LAUNCH((planes_apply_kernel<scalar_t, VEC>), unsigned(bx), kBlock, 0, stream, X, R, out, p.C, p.HxW, p.tx, p.S, tiles, ch, act, float(slope));
+      NORMEXT_LAUNCH((planes_apply_kernel<scalar_t, VEC>), unsigned(bx), kBlock, 0, stream, X, R, out, p.C,
+                     p.HxW, p.tx, p.S, tiles, ch, act, float(slope));
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -736,13 +741,18 @@ std::tuple<Tensor, Tensor> batch_norm_bwd_reduce_cuda(const Tensor& dY_in, const
     with_vec<scalar_t>(p, [&](auto vec) {
       constexpr int VEC = decltype(vec)::value;
       if (p.rows_view) {
-        NORMEXT_LAUNCH((rows_grad_sums_kernel<scalar_t, VEC>), dim3(unsigned(p.blocks_x), unsigned(p.parts)), kBlock, 0, stream, dy, X, R, p.rows, C, p.rows_per_part, ch, act, float(slope), partial);
+        NORMEXT_LAUNCH((rows_grad_sums_kernel<scalar_t, VEC>), dim3(unsigned(p.blocks_x), unsigned(p.parts)),
+                       kBlock, 0, stream, dy, X, R, p.rows, C, p.rows_per_part, ch, act, float(slope),
+                       partial);
       } else {
-        NORMEXT_LAUNCH((planes_grad_sums_kernel<scalar_t, VEC>), dim3(unsigned(C), unsigned(p.parts)), kBlock, 0, stream, dy, X, R, C, p.HxW, p.tx, p.S, p.N * p.S, p.tiles_per_part, ch, act, float(slope), partial);
+        NORMEXT_LAUNCH((planes_grad_sums_kernel<scalar_t, VEC>), dim3(unsigned(C), unsigned(p.parts)), kBlock,
+                       0, stream, dy, X, R, C, p.HxW, p.tx, p.S, p.N * p.S, p.tiles_per_part, ch, act,
+                       float(slope), partial);
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
-    NORMEXT_LAUNCH(finalize_sums_kernel, unsigned(ceil_div<int64_t>(C, kBlock / kWarpSize)), kBlock, 0, stream, partial, p.parts, C, sum_dz.data_ptr<float>(), sum_dzx.data_ptr<float>());
+    NORMEXT_LAUNCH(finalize_sums_kernel, unsigned(ceil_div<int64_t>(C, kBlock / kWarpSize)), kBlock, 0,
+                   stream, partial, p.parts, C, sum_dz.data_ptr<float>(), sum_dzx.data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {sum_dz, sum_dzx};
@@ -784,12 +794,13 @@ std::tuple<Tensor, Tensor> batch_norm_bwd_elemt_cuda(
       if (p.rows_view) {
         const int64_t by = std::clamp<int64_t>(ceil_div(kApplyBlocks, p.blocks_x), 1,
                                                std::min<int64_t>(65535, ceil_div<int64_t>(p.rows, kRows)));
-        NORMEXT_LAUNCH((rows_grad_input_kernel<scalar_t, VEC>), dim3(unsigned(p.blocks_x), unsigned(by)), kBlock, 0, stream, dy, X, R, p.rows, C, ch, gs,
-                                                                              act, float(slope), dx, dr);
+        NORMEXT_LAUNCH((rows_grad_input_kernel<scalar_t, VEC>), dim3(unsigned(p.blocks_x), unsigned(by)),
+                       kBlock, 0, stream, dy, X, R, p.rows, C, ch, gs, act, float(slope), dx, dr);
       } else {
         const int64_t tiles = p.N * C * p.S;
         const int64_t bx = std::clamp<int64_t>(ceil_div<int64_t>(tiles, kBlock / p.tx), 1, kApplyBlocks * 8);
-        NORMEXT_LAUNCH((planes_grad_input_kernel<scalar_t, VEC>), unsigned(bx), kBlock, 0, stream, dy, X, R, C, p.HxW, p.tx, p.S, tiles, ch, gs, act, float(slope), dx, dr);
+        NORMEXT_LAUNCH((planes_grad_input_kernel<scalar_t, VEC>), unsigned(bx), kBlock, 0, stream, dy, X, R,
+                       C, p.HxW, p.tx, p.S, tiles, ch, gs, act, float(slope), dx, dr);
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });

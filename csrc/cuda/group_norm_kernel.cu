@@ -126,6 +126,19 @@ __device__ __forceinline__ float grad_pre_act(float dy, float xh, float gam, flo
   return dy * normext::act_grad<float, float>(xh * gam + bet + r, act, slope);
 }
 
+// The first element of group j = n*G + g (NCHW) or of group g of sample n (channels-last): the shift
+// every moments pass accumulates about, mean = K + Σ(x − K)/M, so that a mean far from zero relative
+// to the spread (off-centre data) keeps its low bits instead of rounding at every partial sum.
+template <typename scalar_t>
+__device__ __forceinline__ float group_shift_nchw(const FwdParams<scalar_t>& p, int64_t j) {
+  return static_cast<float>(p.X[j * p.D * p.L]);
+}
+
+template <typename scalar_t>
+__device__ __forceinline__ float group_shift_nhwc(const FwdParams<scalar_t>& p, int64_t n, int64_t g) {
+  return static_cast<float>(p.X[n * p.L * p.C + g * p.D]);
+}
+
 __device__ __forceinline__ float rstd_of(const WelfordF& w, float eps) {
   return 1.f / sqrtf(w.m2 / w.n + eps);
 }
@@ -148,6 +161,7 @@ __global__ void __launch_bounds__(kMaxBlock) gn_fwd_fused_nchw_kernel(FwdParams<
   const int nvec = j < p.N * p.G ? M / VEC : 0;  // threads past the last group hold nothing
   const int64_t base = j * M;
 
+  const float K = nvec > 0 ? group_shift_nchw(p, j) : 0.f;
   float x[kSlots][VEC];
   float sum = 0.f;
 #pragma unroll
@@ -156,11 +170,11 @@ __global__ void __launch_bounds__(kMaxBlock) gn_fwd_fused_nchw_kernel(FwdParams<
     if (v < nvec) {
       load_float<VEC>(p.X, base + int64_t(v) * VEC, x[k]);
 #pragma unroll
-      for (int e = 0; e < VEC; ++e) sum += x[k][e];
+      for (int e = 0; e < VEC; ++e) sum += x[k][e] - K;
     }
   }
   const int seg_warps = tpg / kWarpSize;
-  const float mu = block_allreduce(sum, SumOp{}, red, seg_warps) / static_cast<float>(M);
+  const float mu = K + block_allreduce(sum, SumOp{}, red, seg_warps) / static_cast<float>(M);
   float m2 = 0.f;
 #pragma unroll
   for (int k = 0; k < kSlots; ++k) {
@@ -221,20 +235,23 @@ __global__ void __launch_bounds__(kMaxBlock)
   const int64_t c = g0 * D + x * VEC;
   const float M = static_cast<float>(D * L);
 
-  float v[kRows][VEC];
+  float v[kRows][VEC], K[VEC];
   float s[VEC] = {};
+#pragma unroll
+  for (int e = 0; e < VEC; ++e) K[e] = active ? group_shift_nhwc(p, n, (c + e) / D) : 0.f;
 #pragma unroll
   for (int k = 0; k < kRows; ++k) {
     const int row = y + k * bdy;
     if (active && row < L) {
       load_float<VEC>(p.X, (n * L + row) * p.C + c, v[k]);
 #pragma unroll
-      for (int e = 0; e < VEC; ++e) s[e] += v[k][e];
+      for (int e = 0; e < VEC; ++e) s[e] += v[k][e] - K[e];
     }
   }
   const auto col_sum = [&](int64_t g, int64_t i) { return cols[g * D + i]; };
   column_reduce<VEC>(s, cols, y, x, bdy, bdx, SumOp{});
-  warp_per_segment(ng, D, 0.f, col_sum, SumOp{}, [&](int64_t g, float t) { gmean[g] = t / M; });
+  warp_per_segment(ng, D, 0.f, col_sum, SumOp{},
+                   [&](int64_t g, float t) { gmean[g] = group_shift_nhwc(p, n, g0 + g) + t / M; });
   __syncthreads();
 
   float mu[VEC], q[VEC] = {};
@@ -300,6 +317,7 @@ __global__ void __launch_bounds__(kBlock)
   const int64_t end = std::min(M, (t + 1) * tile);
   const int64_t stride = int64_t(blockDim.x) * VEC;
   const scalar_t* X = p.X + j * M;
+  const Lanes<VEC> K(group_shift_nchw(p, j));
   WelfordLanes<VEC> w = welford_lanes_zero<VEC>();
   for (int64_t i = t * tile + int64_t(threadIdx.x) * VEC; i < end; i += kMomentsUnroll * stride) {
     AlignedVector<scalar_t, VEC> v[kMomentsUnroll];
@@ -309,7 +327,7 @@ __global__ void __launch_bounds__(kBlock)
     }
 #pragma unroll
     for (int u = 0; u < kMomentsUnroll; ++u) {
-      if (i + u * stride < end) normext::welford_push(w, to_lanes(v[u]));
+      if (i + u * stride < end) normext::welford_push(w, to_lanes(v[u]) - K);
     }
   }
   const WelfordF acc = block_allreduce(welford_merge_lanes(w), WelfordOp{}, red, blockDim.x / kWarpSize);
@@ -329,11 +347,11 @@ __global__ void __launch_bounds__(kBlock) gn_apply_nchw_kernel(FwdParams<scalar_
     const WelfordF w = warp_reduce_range(
         T, WelfordF{0.f, 0.f, 0.f}, [&](int64_t i) { return partial[j * T + i]; }, WelfordOp{});
     if (threadIdx.x == 0) {
-      const float rs = rstd_of(w, p.eps);
-      stat[0] = w.mean;
+      const float rs = rstd_of(w, p.eps), mean = group_shift_nchw(p, j) + w.mean;
+      stat[0] = mean;
       stat[1] = rs;
       if (t == 0) {
-        p.mean[j] = w.mean;
+        p.mean[j] = mean;
         p.rstd[j] = rs;
       }
     }
@@ -391,6 +409,9 @@ __global__ void __launch_bounds__(kBlock)
   const int64_t c = ch.c0 + x * VEC;
   const int64_t end = std::min(p.L, (t + 1) * rows_per_tile);
   const int64_t stride = plan.bdy;
+  Lanes<VEC> K(0.f);
+#pragma unroll
+  for (int e = 0; e < VEC; ++e) K.v[e] = active ? group_shift_nhwc(p, n, (c + e) / p.D) : 0.f;
   WelfordLanes<VEC> w = welford_lanes_zero<VEC>();
   if (active) {
     for (int64_t row = t * rows_per_tile + y; row < end; row += kMomentsUnroll * stride) {
@@ -402,7 +423,7 @@ __global__ void __launch_bounds__(kBlock)
       }
 #pragma unroll
       for (int u = 0; u < kMomentsUnroll; ++u) {
-        if (row + u * stride < end) normext::welford_push(w, to_lanes(v[u]));
+        if (row + u * stride < end) normext::welford_push(w, to_lanes(v[u]) - K);
       }
     }
   }
@@ -438,11 +459,11 @@ __global__ void __launch_bounds__(kBlock)
       ch.segs, S, WelfordF{0.f, 0.f, 0.f},
       [&](int64_t s, int64_t i) { return partial[(n * p.G + ch.g0 + s) * S + i]; }, WelfordOp{},
       [&](int64_t s, const WelfordF& w) {
-        const float rs = rstd_of(w, p.eps);
-        gmean[s] = w.mean;
+        const float rs = rstd_of(w, p.eps), mean = group_shift_nhwc(p, n, ch.g0 + s) + w.mean;
+        gmean[s] = mean;
         grstd[s] = rs;
         if (t == 0 && ch.part == 0) {
-          p.mean[n * p.G + ch.g0 + s] = w.mean;
+          p.mean[n * p.G + ch.g0 + s] = mean;
           p.rstd[n * p.G + ch.g0 + s] = rs;
         }
       });
@@ -986,14 +1007,16 @@ void fwd_nchw(const FwdParams<scalar_t>& p, const at::Tensor& X, cudaStream_t st
     int tpg = kWarpSize;
     while (tpg < kMaxBlock && int64_t(tpg) * (kSlots / 2) < M / VEC) tpg *= 2;
     const int block = std::max(tpg, 128);
-    NORMEXT_LAUNCH((gn_fwd_fused_nchw_kernel<scalar_t, VEC>), grid_of(ceil_div(NG, int64_t(block / tpg))), block, 0, stream, p, tpg);
+    NORMEXT_LAUNCH((gn_fwd_fused_nchw_kernel<scalar_t, VEC>), grid_of(ceil_div(NG, int64_t(block / tpg))),
+                   block, 0, stream, p, tpg);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return;
   }
   const auto [tile, T] = flat_tiles(M, NG, VEC);
   at::Tensor partial = at::empty({NG * T * 3}, X.options().dtype(at::kFloat));
   auto* part = reinterpret_cast<WelfordF*>(partial.data_ptr<float>());
-  NORMEXT_LAUNCH((gn_moments_nchw_kernel<scalar_t, VEC>), grid_of(NG * T), kBlock, 0, stream, p, tile, T, part);
+  NORMEXT_LAUNCH((gn_moments_nchw_kernel<scalar_t, VEC>), grid_of(NG * T), kBlock, 0, stream, p, tile, T,
+                 part);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   NORMEXT_LAUNCH((gn_apply_nchw_kernel<scalar_t, VEC>), grid_of(NG * T), kBlock, 0, stream, p, tile, T, part);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -1011,7 +1034,9 @@ bool fwd_nhwc(const FwdParams<scalar_t>& p, const at::Tensor& X, cudaStream_t st
     if (plan_whole_groups(p.D, p.G, VEC, max_bdx, std::min<int64_t>(max_bdx, kWarpSize), plan)) {
       plan.bdy = static_cast<int>(std::min<int64_t>(kMaxBlock / plan.bdx, p.L));
       const size_t smem = (size_t(plan.bdy) * plan.bdx * VEC + 2 * plan.gpb) * sizeof(float);
-      NORMEXT_LAUNCH((gn_fwd_fused_nhwc_kernel<scalar_t, VEC>), grid_of(p.N * plan.count), threads_for(plan.bdx, plan.bdy), smem, stream, p, plan.gpb, plan.count, plan.bdx, plan.bdy);
+      NORMEXT_LAUNCH((gn_fwd_fused_nhwc_kernel<scalar_t, VEC>), grid_of(p.N * plan.count),
+                     threads_for(plan.bdx, plan.bdy), smem, stream, p, plan.gpb, plan.count, plan.bdx,
+                     plan.bdy);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       return true;
     }
@@ -1044,12 +1069,12 @@ bool fwd_nhwc(const FwdParams<scalar_t>& p, const at::Tensor& X, cudaStream_t st
   at::Tensor partial = at::empty({p.N * p.G * S * 3}, X.options().dtype(at::kFloat));
   auto* part = reinterpret_cast<WelfordF*>(partial.data_ptr<float>());
   const size_t smem_m = size_t(pm.bdy) * pm.bdx * VEC * sizeof(WelfordF);
-  NORMEXT_LAUNCH((gn_moments_nhwc_kernel<scalar_t, VEC>), grid_of(p.N * Tm * pm.count), threads_for(pm.bdx, pm.bdy), smem_m, stream, p, pm, rows_m, Tm,
-                                                                                      part);
+  NORMEXT_LAUNCH((gn_moments_nhwc_kernel<scalar_t, VEC>), grid_of(p.N * Tm * pm.count),
+                 threads_for(pm.bdx, pm.bdy), smem_m, stream, p, pm, rows_m, Tm, part);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   const size_t smem_a = 2 * pa.gpb * sizeof(float);
-  NORMEXT_LAUNCH((gn_apply_nhwc_kernel<scalar_t, VEC>), grid_of(p.N * Ta * pa.count), threads_for(pa.bdx, pa.bdy), smem_a, stream, p, pa, rows_a, Ta, part,
-                                                                                      S);
+  NORMEXT_LAUNCH((gn_apply_nhwc_kernel<scalar_t, VEC>), grid_of(p.N * Ta * pa.count),
+                 threads_for(pa.bdx, pa.bdy), smem_a, stream, p, pa, rows_a, Ta, part, S);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return true;
 }
@@ -1059,8 +1084,8 @@ void launch_combine(const Sum2* sums, const float* gamma, Sum2* pq, float* dgamm
   const int64_t pq_blocks = pq ? N * G : 0;
   const int64_t dg_blocks = (dgamma || dbeta) ? ceil_div(C, int64_t(kWarpSize)) : 0;
   if (pq_blocks + dg_blocks == 0) return;
-  NORMEXT_LAUNCH(gn_bwd_combine_kernel, grid_of(pq_blocks + dg_blocks), kBlock, 0, stream, sums, gamma, pq, dgamma, dbeta,
-                                                                               N, C, G, T, pq_blocks);
+  NORMEXT_LAUNCH(gn_bwd_combine_kernel, grid_of(pq_blocks + dg_blocks), kBlock, 0, stream, sums, gamma, pq,
+                 dgamma, dbeta, N, C, G, T, pq_blocks);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -1090,7 +1115,8 @@ bool bwd_fused_nchw(const BwdParams<scalar_t>& p, BwdOut out, const at::Tensor& 
   const bool want_sums = out.dgamma || out.dbeta;
   at::Tensor ws = want_sums ? sums_workspace(X, p.N * p.C) : at::Tensor();
   Sum2* sums = want_sums ? as_sum2(ws) : nullptr;
-  NORMEXT_LAUNCH((gn_bwd_fused_nchw_kernel<scalar_t, VEC>), grid_of(p.N * p.G), warps * kWarpSize, 0, stream, p, static_cast<int>(S), sums);
+  NORMEXT_LAUNCH((gn_bwd_fused_nchw_kernel<scalar_t, VEC>), grid_of(p.N * p.G), warps * kWarpSize, 0, stream,
+                 p, static_cast<int>(S), sums);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   launch_combine(sums, p.gamma, nullptr, out.dgamma, out.dbeta, p.N, p.C, p.G, 1, stream);
   return true;
@@ -1141,9 +1167,11 @@ void bwd_nchw(const BwdParams<scalar_t>& p, BwdOut out, const at::Tensor& X, cud
   const bool flat_vec = aligned && M % kVec == 0;
   const auto [tile, Tx] = flat_tiles(M, NG, flat_vec ? kVec : 1);
   if (flat_vec) {
-    NORMEXT_LAUNCH((gn_bwd_dx_nchw_kernel<scalar_t, kVec>), grid_of(NG * Tx), kBlock, 0, stream, p, tile, Tx, pq);
+    NORMEXT_LAUNCH((gn_bwd_dx_nchw_kernel<scalar_t, kVec>), grid_of(NG * Tx), kBlock, 0, stream, p, tile, Tx,
+                   pq);
   } else {
-    NORMEXT_LAUNCH((gn_bwd_dx_nchw_kernel<scalar_t, 1>), grid_of(NG * Tx), kBlock, 0, stream, p, tile, Tx, pq);
+    NORMEXT_LAUNCH((gn_bwd_dx_nchw_kernel<scalar_t, 1>), grid_of(NG * Tx), kBlock, 0, stream, p, tile, Tx,
+                   pq);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -1160,7 +1188,9 @@ void bwd_nhwc(const BwdParams<scalar_t>& p, BwdOut out, const at::Tensor& X, cud
     at::Tensor ws = want_sums_c ? sums_workspace(X, p.N * p.C) : at::Tensor();
     Sum2* sums = want_sums_c ? as_sum2(ws) : nullptr;
     const size_t smem = (size_t(plan.bdy) * plan.bdx * VEC + plan.gpb) * sizeof(Sum2);
-    NORMEXT_LAUNCH((gn_bwd_fused_nhwc_kernel<scalar_t, VEC>), grid_of(p.N * plan.count), threads_for(plan.bdx, plan.bdy), smem, stream, p, plan.gpb, plan.count, plan.bdx, plan.bdy, sums);
+    NORMEXT_LAUNCH((gn_bwd_fused_nhwc_kernel<scalar_t, VEC>), grid_of(p.N * plan.count),
+                   threads_for(plan.bdx, plan.bdy), smem, stream, p, plan.gpb, plan.count, plan.bdx, plan.bdy,
+                   sums);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     launch_combine(sums, p.gamma, nullptr, out.dgamma, out.dbeta, p.N, p.C, p.G, 1, stream);
     return;
@@ -1182,8 +1212,8 @@ void bwd_nhwc(const BwdParams<scalar_t>& p, BwdOut out, const at::Tensor& X, cud
       pq = as_sum2(pq_ws);
     }
     const size_t smem = size_t(bdy) * bdx * VEC * sizeof(Sum2);
-    NORMEXT_LAUNCH((gn_bwd_sums_nhwc_kernel<scalar_t, VEC>), grid_of(p.N * T * chunks), threads_for(bdx, bdy), smem, stream, p, bdx, bdy, chunks, rows, T,
-                                                                             sums);
+    NORMEXT_LAUNCH((gn_bwd_sums_nhwc_kernel<scalar_t, VEC>), grid_of(p.N * T * chunks), threads_for(bdx, bdy),
+                   smem, stream, p, bdx, bdy, chunks, rows, T, sums);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     launch_combine(sums, p.gamma, pq, out.dgamma, out.dbeta, p.N, p.C, p.G, T, stream);
   }
@@ -1193,7 +1223,8 @@ void bwd_nhwc(const BwdParams<scalar_t>& p, BwdOut out, const at::Tensor& X, cud
   const int64_t chunks = ceil_div(cv, int64_t(bdx));
   const int64_t rows = std::min<int64_t>(p.L, int64_t(bdy) * kUnroll<VEC> * 2);
   const int64_t T = ceil_div(p.L, rows);
-  NORMEXT_LAUNCH((gn_bwd_dx_nhwc_kernel<scalar_t, VEC>), grid_of(p.N * T * chunks), threads_for(bdx, bdy), 0, stream, p, bdx, bdy, chunks, rows, T, pq);
+  NORMEXT_LAUNCH((gn_bwd_dx_nhwc_kernel<scalar_t, VEC>), grid_of(p.N * T * chunks), threads_for(bdx, bdy), 0,
+                 stream, p, bdx, bdy, chunks, rows, T, pq);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

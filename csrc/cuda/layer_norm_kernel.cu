@@ -304,7 +304,7 @@ __global__ void __launch_bounds__(kMaxBwdRowThreads)
     }
   } else {
     // groups·D ≤ (kGroupThreads / W)·(W·kCap) = kGroupThreads·kCap.
-    NORMEXT_SHARED(float, buf, kGroupThreads * kCap);
+    NORMEXT_SHARED(float, buf, kGroupThreads* kCap);
     for (int which = 0; which < 2; ++which) {
       float* out = which == 0 ? part_g : part_b;
       if (out == nullptr) continue;
@@ -432,7 +432,7 @@ constexpr int kSumTY = 16;
 // combined by column_reduce. blockIdx.y selects the (part, out) pair: 0 = dgamma, 1 = dbeta.
 __global__ void __launch_bounds__(32 * kSumTY)
     sum_partials_kernel(const float* part0, float* out0, const float* part1, float* out1, int64_t P, int D) {
-  NORMEXT_SHARED(float, red, kSumTY * kWarpSize);
+  NORMEXT_SHARED(float, red, kSumTY* kWarpSize);
   const float* part = blockIdx.y == 0 ? part0 : part1;
   float* out = blockIdx.y == 0 ? out0 : out1;
   const int64_t j = static_cast<int64_t>(blockIdx.x) * kWarpSize + threadIdx.x;
@@ -664,11 +664,15 @@ void rows_forward(const Ptrs<scalar_t>& p, int64_t M, int D, float eps, int act,
     const RowPlan plan = row_plan(D / VEC, VEC, kMaxFwdRowThreads);
     if (plan.fits && !plan.block) {
       const int64_t blocks = std::min(ceil_div<int64_t>(M, kGroupThreads / plan.threads), kMaxGrid);
-      NORMEXT_LAUNCH((ln_fwd_rows_kernel<scalar_t, VEC, false>), blocks, kGroupThreads, 0, stream, p.X, p.R, p.out, p.gamma, p.beta, p.mean, p.rstd, M, D, plan.threads, eps, act, slope);
+      NORMEXT_LAUNCH((ln_fwd_rows_kernel<scalar_t, VEC, false>), blocks, kGroupThreads, 0, stream, p.X, p.R,
+                     p.out, p.gamma, p.beta, p.mean, p.rstd, M, D, plan.threads, eps, act, slope);
     } else if (plan.fits) {
-      NORMEXT_LAUNCH((ln_fwd_rows_kernel<scalar_t, VEC, true>), std::min(M, kMaxGrid), plan.threads, 0, stream, p.X, p.R, p.out, p.gamma, p.beta, p.mean, p.rstd, M, D, plan.threads, eps, act, slope);
+      NORMEXT_LAUNCH((ln_fwd_rows_kernel<scalar_t, VEC, true>), std::min(M, kMaxGrid), plan.threads, 0,
+                     stream, p.X, p.R, p.out, p.gamma, p.beta, p.mean, p.rstd, M, D, plan.threads, eps, act,
+                     slope);
     } else {
-      NORMEXT_LAUNCH((ln_fwd_long_kernel<scalar_t, VEC>), std::min(M, kMaxGrid), kLongRowThreads, 0, stream, p.X, p.R, p.out, p.gamma, p.beta, p.mean, p.rstd, M, D, eps, act, slope);
+      NORMEXT_LAUNCH((ln_fwd_long_kernel<scalar_t, VEC>), std::min(M, kMaxGrid), kLongRowThreads, 0, stream,
+                     p.X, p.R, p.out, p.gamma, p.beta, p.mean, p.rstd, M, D, eps, act, slope);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -691,7 +695,8 @@ void finish_params(const Tensor& part, int64_t P, int D, float* dgamma, float* d
   }
   if (count == 0) return;
   const dim3 grid(ceil_div<int64_t>(D, kWarpSize), count);
-  NORMEXT_LAUNCH(sum_partials_kernel, grid, dim3(kWarpSize, kSumTY), 0, current_stream(), parts[0], outs[0], parts[count - 1], outs[count - 1], P, D);
+  NORMEXT_LAUNCH(sum_partials_kernel, grid, dim3(kWarpSize, kSumTY), 0, current_stream(), parts[0], outs[0],
+                 parts[count - 1], outs[count - 1], P, D);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -716,25 +721,31 @@ void rows_backward(const Ptrs<scalar_t>& p, int64_t M, int D, int act, float slo
     }
     const int64_t rows_per_chunk = ceil_div<int64_t>(M, std::min<int64_t>(M, 256));
     const int64_t P = plan.fits ? blocks : ceil_div<int64_t>(M, rows_per_chunk);
-    Tensor part =
-        params ? at::empty({2, P, D}, at::TensorOptions().dtype(at::kFloat).device(current_device())) : Tensor();
+    Tensor part = params
+                      ? at::empty({2, P, D}, at::TensorOptions().dtype(at::kFloat).device(current_device()))
+                      : Tensor();
     float* pg = dgamma != nullptr ? part.data_ptr<float>() : nullptr;
     float* pb = dbeta != nullptr ? part.data_ptr<float>() + P * D : nullptr;
     if (plan.fits && !plan.block) {
-      NORMEXT_LAUNCH((ln_bwd_rows_kernel<scalar_t, VEC, false>), blocks, kGroupThreads, 0, stream, p.dY, p.X, p.R, p.mean, p.rstd, p.gamma, p.beta, p.out, p.dR,
-                                                 pg, pb, M, D, plan.threads, act, slope);
+      NORMEXT_LAUNCH((ln_bwd_rows_kernel<scalar_t, VEC, false>), blocks, kGroupThreads, 0, stream, p.dY, p.X,
+                     p.R, p.mean, p.rstd, p.gamma, p.beta, p.out, p.dR, pg, pb, M, D, plan.threads, act,
+                     slope);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     } else if (plan.fits) {
-      NORMEXT_LAUNCH((ln_bwd_rows_kernel<scalar_t, VEC, true>), blocks, plan.threads, 0, stream, p.dY, p.X, p.R, p.mean, p.rstd, p.gamma, p.beta, p.out, p.dR,
-                                                pg, pb, M, D, plan.threads, act, slope);
+      NORMEXT_LAUNCH((ln_bwd_rows_kernel<scalar_t, VEC, true>), blocks, plan.threads, 0, stream, p.dY, p.X,
+                     p.R, p.mean, p.rstd, p.gamma, p.beta, p.out, p.dR, pg, pb, M, D, plan.threads, act,
+                     slope);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     } else {
       if (p.out != nullptr || p.dR != nullptr) {
-        NORMEXT_LAUNCH((ln_bwd_long_kernel<scalar_t, VEC>), blocks, kLongRowThreads, 0, stream, p.dY, p.X, p.R, p.mean, p.rstd, p.gamma, p.beta, p.out, p.dR, M, D, act, slope);
+        NORMEXT_LAUNCH((ln_bwd_long_kernel<scalar_t, VEC>), blocks, kLongRowThreads, 0, stream, p.dY, p.X,
+                       p.R, p.mean, p.rstd, p.gamma, p.beta, p.out, p.dR, M, D, act, slope);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
       if (params) {
-        NORMEXT_LAUNCH(ln_bwd_long_params_kernel<scalar_t>, dim3(ceil_div<int64_t>(D, kWarpSize), P), dim3(kWarpSize, kColsTY), 0, stream, p.dY, p.X, p.R, p.mean, p.rstd, p.gamma, p.beta, pg, pb, M, D, rows_per_chunk, act, slope);
+        NORMEXT_LAUNCH(ln_bwd_long_params_kernel<scalar_t>, dim3(ceil_div<int64_t>(D, kWarpSize), P),
+                       dim3(kWarpSize, kColsTY), 0, stream, p.dY, p.X, p.R, p.mean, p.rstd, p.gamma, p.beta,
+                       pg, pb, M, D, rows_per_chunk, act, slope);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
     }
@@ -764,7 +775,9 @@ void nchw_forward(const Ptrs<scalar_t>& p, const ChannelDims& d, float eps, int 
   with_vec(p, d.HxW, [&](auto vec) {
     constexpr int VEC = decltype(vec)::value;
     const Plan2d plan = plan_2d(d.N, d.C, d.HxW, VEC);
-    NORMEXT_LAUNCH((ln2d_nchw_fwd_kernel<scalar_t, VEC>), d.N * plan.blocks_per_n, dim3(plan.TX, plan.TY), 0, stream, p.X, p.R, p.out, p.gamma, p.beta, p.mean, p.rstd, d.C, d.HxW, plan.blocks_per_n, eps, act, slope);
+    NORMEXT_LAUNCH((ln2d_nchw_fwd_kernel<scalar_t, VEC>), d.N * plan.blocks_per_n, dim3(plan.TX, plan.TY), 0,
+                   stream, p.X, p.R, p.out, p.gamma, p.beta, p.mean, p.rstd, d.C, d.HxW, plan.blocks_per_n,
+                   eps, act, slope);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
@@ -778,12 +791,14 @@ void nchw_backward(const Ptrs<scalar_t>& p, const ChannelDims& d, int act, float
     const Plan2d plan = plan_2d(d.N, d.C, d.HxW, VEC);
     const int64_t P = d.N * plan.blocks_per_n;
     const bool params = dgamma != nullptr || dbeta != nullptr;
-    Tensor part =
-        params ? at::empty({2, P, d.C}, at::TensorOptions().dtype(at::kFloat).device(current_device())) : Tensor();
+    Tensor part = params
+                      ? at::empty({2, P, d.C}, at::TensorOptions().dtype(at::kFloat).device(current_device()))
+                      : Tensor();
     float* pg = dgamma != nullptr ? part.data_ptr<float>() : nullptr;
     float* pb = dbeta != nullptr ? part.data_ptr<float>() + P * d.C : nullptr;
-    NORMEXT_LAUNCH((ln2d_nchw_bwd_kernel<scalar_t, VEC>), P, dim3(plan.TX, plan.TY), 0, stream, p.dY, p.X, p.R, p.mean, p.rstd, p.gamma, p.beta, p.out,
-                                                   p.dR, pg, pb, d.C, d.HxW, plan.blocks_per_n, act, slope);
+    NORMEXT_LAUNCH((ln2d_nchw_bwd_kernel<scalar_t, VEC>), P, dim3(plan.TX, plan.TY), 0, stream, p.dY, p.X,
+                   p.R, p.mean, p.rstd, p.gamma, p.beta, p.out, p.dR, pg, pb, d.C, d.HxW, plan.blocks_per_n,
+                   act, slope);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (params) finish_params(part, P, d.C, dgamma, dbeta);
   });

@@ -32,7 +32,7 @@ namespace normext::cuda {
 template <typename... KArgs, typename... Args>
 inline void launch_kernel(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
                           Args&&... args) {
-  kernel<<<grid, block, smem, stream>>>(std::forward<Args>(args)...);
+  kernel<<<grid, block, smem, stream> > >(std::forward<Args>(args)...);
 }
 
 inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream(); }
@@ -58,7 +58,8 @@ int max_active_blocks_per_sm(void (*kernel)(KArgs...), int threads, size_t smem)
 // Dynamic shared memory above 48 KiB needs this opt-in before the launch.
 template <typename... KArgs>
 void allow_dynamic_smem(void (*kernel)(KArgs...), size_t bytes) {
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+  C10_CUDA_CHECK(
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
 }
 
 // The block's dynamic shared memory (the launch's smem bytes), 16-byte aligned.

@@ -19,6 +19,8 @@ FLAGS = [
 ]
 # Out-of-bounds and misaligned access in the kernels, their shared memory and the tensors they touch.
 SANITIZE = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer"]
+# -O1, the usual level for sanitizer builds: precise reports and a shorter compile than -O2.
+SANITIZE_CFLAGS = ["-O1", *SANITIZE]
 
 
 def build(sanitize=False, verbose=False):
@@ -38,7 +40,7 @@ def build(sanitize=False, verbose=False):
             with open(wrapper, "w") as f:
                 f.write(text)
         sources.append(wrapper)
-    flags = FLAGS + (SANITIZE if sanitize else [])
+    flags = FLAGS + (SANITIZE_CFLAGS if sanitize else [])
     load(
         name="_C",
         sources=sources,

@@ -174,8 +174,8 @@ std::string where() {
 
 char* new_stack() {
   const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
-  void* p = mmap(nullptr, kStackBytes + page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
-                 -1, 0);
+  void* p = mmap(nullptr, kStackBytes + page, PROT_READ | PROT_WRITE,
+                 MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
   TORCH_CHECK(p != MAP_FAILED, "cuda-emu: cannot map a fiber stack");
   // A guard page below the stack turns an overflow into a fault instead of silent corruption.
   TORCH_CHECK(mprotect(p, page, PROT_NONE) == 0, "cuda-emu: cannot protect a fiber stack");
@@ -251,12 +251,18 @@ std::string hex(unsigned v) {
 
 const char* op_name(WarpOp op) {
   switch (op) {
-    case WarpOp::kShflIdx: return "__shfl_sync";
-    case WarpOp::kShflUp: return "__shfl_up_sync";
-    case WarpOp::kShflDown: return "__shfl_down_sync";
-    case WarpOp::kShflXor: return "__shfl_xor_sync";
-    case WarpOp::kSync: return "__syncwarp";
-    case WarpOp::kBallot: return "__ballot_sync";
+    case WarpOp::kShflIdx:
+      return "__shfl_sync";
+    case WarpOp::kShflUp:
+      return "__shfl_up_sync";
+    case WarpOp::kShflDown:
+      return "__shfl_down_sync";
+    case WarpOp::kShflXor:
+      return "__shfl_xor_sync";
+    case WarpOp::kSync:
+      return "__syncwarp";
+    case WarpOp::kBallot:
+      return "__ballot_sync";
   }
   return "?";
 }
@@ -268,11 +274,20 @@ int shuffle_source(WarpOp op, int lane, int arg, int width) {
   const int seg = lane & ~(width - 1), last = seg + width - 1;
   int j = lane;
   switch (op) {
-    case WarpOp::kShflIdx: j = seg + (arg & (width - 1)); break;
-    case WarpOp::kShflUp: j = lane - arg; return j >= seg ? j : lane;
-    case WarpOp::kShflDown: j = lane + arg; break;
-    case WarpOp::kShflXor: j = lane ^ arg; break;
-    default: return lane;
+    case WarpOp::kShflIdx:
+      j = seg + (arg & (width - 1));
+      break;
+    case WarpOp::kShflUp:
+      j = lane - arg;
+      return j >= seg ? j : lane;
+    case WarpOp::kShflDown:
+      j = lane + arg;
+      break;
+    case WarpOp::kShflXor:
+      j = lane ^ arg;
+      break;
+    default:
+      return lane;
   }
   return j <= last ? j : lane;
 }
@@ -392,7 +407,8 @@ void check_launch(const Launch& L) {
     host_fail("invalid grid: gridDim.x in [1, 2^31 - 1], gridDim.y and gridDim.z in [1, 65535]");
   }
   if (L.smem > L.smem_limit) {
-    host_fail(std::to_string(L.smem) + " bytes of dynamic shared memory need allow_dynamic_smem (the limit is " +
+    host_fail(std::to_string(L.smem) +
+              " bytes of dynamic shared memory need allow_dynamic_smem (the limit is " +
               std::to_string(L.smem_limit) + " bytes" +
               (L.smem_limit == kDefaultSmem ? " without the opt-in" : "") + ")");
   }
@@ -408,10 +424,14 @@ Order parse_order(const std::string& s) {
 
 const char* order_name(Order o) {
   switch (o) {
-    case Order::kCycle: return "cycle";
-    case Order::kForward: return "forward";
-    case Order::kReverse: return "reverse";
-    case Order::kShuffle: return "shuffle";
+    case Order::kCycle:
+      return "cycle";
+    case Order::kForward:
+      return "forward";
+    case Order::kReverse:
+      return "reverse";
+    case Order::kShuffle:
+      return "shuffle";
   }
   return "?";
 }
@@ -510,16 +530,18 @@ uint64_t warp_collective(WarpOp op, unsigned mask, uint64_t bits, int arg, int w
   const int lane = linear % kWarp, base = linear - lane;
   const int lanes = std::min(kWarp, g_launch->nthreads - base);
   if (!((mask >> lane) & 1u)) {
-    kernel_fail(std::string(op_name(op)) + " with mask " + hex(mask) + ", which does not include its own lane " +
-                std::to_string(lane));
+    kernel_fail(std::string(op_name(op)) + " with mask " + hex(mask) +
+                ", which does not include its own lane " + std::to_string(lane));
   }
   if (lanes < kWarp && (mask >> lanes) != 0) {
-    kernel_fail(std::string(op_name(op)) + " with mask " + hex(mask) + " names lanes " + std::to_string(lanes) +
-                ".." + std::to_string(kWarp - 1) + ", which do not exist: the block has " +
-                std::to_string(g_launch->nthreads) + " threads, so its last warp has " + std::to_string(lanes));
+    kernel_fail(std::string(op_name(op)) + " with mask " + hex(mask) + " names lanes " +
+                std::to_string(lanes) + ".." + std::to_string(kWarp - 1) +
+                ", which do not exist: the block has " + std::to_string(g_launch->nthreads) +
+                " threads, so its last warp has " + std::to_string(lanes));
   }
   if (width < 1 || width > kWarp || (width & (width - 1)) != 0) {
-    kernel_fail(std::string(op_name(op)) + " with width " + std::to_string(width) + ": not a power of two <= 32");
+    kernel_fail(std::string(op_name(op)) + " with width " + std::to_string(width) +
+                ": not a power of two <= 32");
   }
   f.op = op;
   f.mask = mask;

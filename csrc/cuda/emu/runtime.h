@@ -138,15 +138,15 @@ inline int __all_sync(unsigned mask, int pred) { return __ballot_sync(mask, pred
 #define NORMEXT_LAUNCH(kernel, grid, block, smem, stream, ...) \
   ::normext::cuda::launch_kernel_named(#kernel, kernel, grid, block, smem, stream, __VA_ARGS__)
 
-#define NORMEXT_SHARED(T, name, count)                                                           \
-  static const char name##_normext_emu_tag = 0;                                                  \
-  T(&name)[count] = *static_cast<T(*)[count]>(                                                   \
+#define NORMEXT_SHARED(T, name, count)          \
+  static const char name##_normext_emu_tag = 0; \
+  T(&name)                                      \
+  [count] = *static_cast<T(*)[count]>(          \
       ::normext::emu::block_shared(&name##_normext_emu_tag, sizeof(T) * (count), alignof(T)))
 
-#define NORMEXT_SHARED_SCALAR(T, name)               \
-  static const char name##_normext_emu_tag = 0;      \
-  T& name = *static_cast<T*>(                        \
-      ::normext::emu::block_shared(&name##_normext_emu_tag, sizeof(T), alignof(T)))
+#define NORMEXT_SHARED_SCALAR(T, name)          \
+  static const char name##_normext_emu_tag = 0; \
+  T& name = *static_cast<T*>(::normext::emu::block_shared(&name##_normext_emu_tag, sizeof(T), alignof(T)))
 
 namespace normext::cuda {
 

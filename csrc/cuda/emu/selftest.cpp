@@ -79,9 +79,11 @@ at::Tensor run(const std::string& name, int64_t threads, int64_t arg, int64_t wi
   } else if (name == "early_exit_barrier") {
     NORMEXT_LAUNCH(early_exit_barrier_kernel, 1, block, 0, nullptr, o);
   } else if (name == "shuffle") {
-    NORMEXT_LAUNCH(shuffle_kernel, 1, block, 0, nullptr, o, static_cast<unsigned>(arg), static_cast<int>(width));
+    NORMEXT_LAUNCH(shuffle_kernel, 1, block, 0, nullptr, o, static_cast<unsigned>(arg),
+                   static_cast<int>(width));
   } else if (name == "shuffle_table") {
-    NORMEXT_LAUNCH(shuffle_table_kernel, 1, block, 0, nullptr, o, static_cast<int>(arg), static_cast<int>(width));
+    NORMEXT_LAUNCH(shuffle_table_kernel, 1, block, 0, nullptr, o, static_cast<int>(arg),
+                   static_cast<int>(width));
   } else if (name == "vector_load") {
     at::Tensor in = at::arange(64, at::kFloat);
     NORMEXT_LAUNCH(vector_load_kernel, 1, block, 0, nullptr, in.data_ptr<float>(), arg, o);
@@ -104,7 +106,8 @@ at::Tensor run(const std::string& name, int64_t threads, int64_t arg, int64_t wi
 
 void bind_selftests(pybind11::module_& m) {
   m.def("emu_selftest", &run, pybind11::arg("name"), pybind11::arg("threads"), pybind11::arg("arg") = 0,
-        pybind11::arg("width") = 32, "Runs one of the emulation's rule-breaking test kernels; returns its output.");
+        pybind11::arg("width") = 32,
+        "Runs one of the emulation's rule-breaking test kernels; returns its output.");
 }
 
 }  // namespace normext::emu
