@@ -23,7 +23,7 @@ KEYWORD_KINDS = (P.POSITIONAL_OR_KEYWORD, P.KEYWORD_ONLY)
 OWN = {"activation": None, "negative_slope": 0.01, "memory_efficient": False, "residual": None}
 # torch 2.14's keyword-only bias=True of GroupNorm, InstanceNorm*d, BatchNorm*d and SyncBatchNorm, which
 # normext offers whatever torch is installed: (kind, default).
-NEWER_TORCH = {"bias": (P.KEYWORD_ONLY, True)}
+WITH_BIAS = dict(newer={"bias": (P.KEYWORD_ONLY, True)})
 
 
 def _same_default(a, b):
@@ -71,8 +71,11 @@ def signature_problems(ours, theirs, renamed=None, defaults=None, dropped=(), ne
             if not _same_default(q.default, OWN[name]):
                 problems.append(f"normext's {name!r} defaults to {q.default!r}, not {OWN[name]!r}")
         elif name in newer:
-            if (q.kind, q.default) != newer[name]:
-                problems.append(f"{name!r} is not {newer[name]} (kind, default) as in newer torch")
+            kind, default = newer[name]
+            if q.kind != kind or not _same_default(q.default, default):
+                problems.append(
+                    f"{name!r} is not {kind.description} with default {default!r} as in newer torch"
+                )
         else:
             problems.append(f"argument {name!r} is neither torch's nor normext's own")
     names = list(ours_params)
@@ -92,16 +95,16 @@ def torchvision_frozen_batch_norm():
 
 # (normext module name, its torch counterpart (or a function returning it), signature_problems options).
 MODULES = [
-    ("GroupNorm", nn.GroupNorm, {}),
-    ("InstanceNorm1d", nn.InstanceNorm1d, {}),
-    ("InstanceNorm2d", nn.InstanceNorm2d, {}),
-    ("InstanceNorm3d", nn.InstanceNorm3d, {}),
+    ("GroupNorm", nn.GroupNorm, WITH_BIAS),
+    ("InstanceNorm1d", nn.InstanceNorm1d, WITH_BIAS),
+    ("InstanceNorm2d", nn.InstanceNorm2d, WITH_BIAS),
+    ("InstanceNorm3d", nn.InstanceNorm3d, WITH_BIAS),
     ("LayerNorm", nn.LayerNorm, {}),
     ("LayerNorm2d", nn.LayerNorm, dict(renamed={"normalized_shape": "num_channels"}, defaults={"eps": 1e-6})),
-    ("BatchNorm1d", nn.BatchNorm1d, {}),
-    ("BatchNorm2d", nn.BatchNorm2d, {}),
-    ("BatchNorm3d", nn.BatchNorm3d, {}),
-    ("SyncBatchNorm", nn.SyncBatchNorm, {}),
+    ("BatchNorm1d", nn.BatchNorm1d, WITH_BIAS),
+    ("BatchNorm2d", nn.BatchNorm2d, WITH_BIAS),
+    ("BatchNorm3d", nn.BatchNorm3d, WITH_BIAS),
+    ("SyncBatchNorm", nn.SyncBatchNorm, WITH_BIAS),
     ("RMSNorm", nn.RMSNorm, {}),
     ("RMSNorm2d", nn.RMSNorm, dict(renamed={"normalized_shape": "num_channels",
                                             "elementwise_affine": "affine"}, defaults={"eps": 1e-6})),
@@ -125,7 +128,7 @@ FUNCTIONALS = [
 def test_module_constructor_signature(name, torch_cls, options):
     ours = getattr(normext, name)
     theirs = torch_cls if isinstance(torch_cls, type) else torch_cls()
-    assert signature_problems(ours, theirs, newer=NEWER_TORCH, **options) == []
+    assert signature_problems(ours, theirs, **options) == []
     params = inspect.signature(ours).parameters
     assert "activation" in params and "negative_slope" in params, "every module fuses an activation"
 
@@ -159,8 +162,8 @@ def test_convert_sync_batchnorm_signature():
 
 
 def test_memory_efficient_everywhere_or_nowhere():
-    """design.md §2: every module and functional with a backward takes memory_efficient (FrozenBatchNorm2d's
-    backward never needs its input, so it is not held to it)."""
+    """design.md §2: every module and functional with a backward takes memory_efficient (FrozenBatchNorm2d,
+    whose statistics are constants, is not held to it here: §2 does not settle whether it is one)."""
     objs = [getattr(normext, m[0]) for m in MODULES if hasattr(normext, m[0]) and m[0] != "FrozenBatchNorm2d"]
     objs += [getattr(nxF, f[0]) for f in FUNCTIONALS if hasattr(nxF, f[0])]
     has = {obj.__name__: "memory_efficient" in inspect.signature(obj).parameters for obj in objs}
@@ -256,10 +259,24 @@ def test_checker_sees_a_newer_torch_argument():
     ]
 
 
+def test_checker_on_a_torch_without_the_bias_keyword():
+    """torch 2.11's GroupNorm: normext's bias is allowed as torch 2.14's, and only as that."""
+
+    def older_group_norm(num_groups, num_channels, eps=1e-5, affine=True, device=None, dtype=None):
+        pass
+
+    assert signature_problems(normext.GroupNorm, older_group_norm, **WITH_BIAS) == []
+    assert signature_problems(normext.GroupNorm, older_group_norm) == [
+        "argument 'bias' is neither torch's nor normext's own"
+    ]
+    problems = signature_problems(normext.GroupNorm, older_group_norm, newer={"bias": (P.KEYWORD_ONLY, 1)})
+    assert problems == ["'bias' is not keyword-only with default 1 as in newer torch"]
+
+
 # ------------------------------------------------------------------------------- bias=False behaviour
 
 # (class name, positional args, kwargs, input shape); affine everywhere, so bias=False leaves a weight.
-BIASLESS = [
+BIASLESS_SPECS = [
     ("GroupNorm", (4, 8), {}, (2, 8, 5, 3)),
     ("InstanceNorm1d", (6,), dict(affine=True), (2, 6, 9)),
     ("InstanceNorm2d", (6,), dict(affine=True, track_running_stats=True, momentum=0.3), (2, 6, 4, 5)),
@@ -269,7 +286,23 @@ BIASLESS = [
     ("BatchNorm3d", (4,), dict(eps=1e-3), (2, 4, 3, 3, 3)),
     ("SyncBatchNorm", (6,), {}, (3, 6, 4, 4)),
 ]
-BIASLESS_IDS = [c[0] for c in BIASLESS]
+BIASLESS = [pytest.param(*c, id=c[0]) for c in BIASLESS_SPECS]
+
+
+def torch_takes_bias(name):
+    return _optional_bias.takes_bias(getattr(nn, name))
+
+
+# The comparisons with torch's own bias-less modules; on a torch without the keyword the
+# torch_without_bias_keyword tests below are what runs.
+AGAINST_TORCH = [
+    pytest.param(
+        *c,
+        id=c[0],
+        marks=pytest.mark.skipif(not torch_takes_bias(c[0]), reason=f"this torch's nn.{c[0]} has no bias"),
+    )
+    for c in BIASLESS_SPECS
+]
 
 
 def _randomize_state(*modules):
@@ -306,7 +339,7 @@ def _reference(name, m, x, weight, training, activation, residual):
 
 @pytest.mark.parametrize("fused", [False, True], ids=["plain", "silu-residual"])
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("name, args, kwargs, shape", BIASLESS, ids=BIASLESS_IDS)
+@pytest.mark.parametrize("name, args, kwargs, shape", AGAINST_TORCH)
 @pytest.mark.parametrize("device", DEVICES)
 def test_biasless_forward_backward(device, name, args, kwargs, shape, train, fused):
     """normext(bias=False) against torch.nn's module(bias=False) on the same input and against the float64
@@ -345,7 +378,7 @@ def test_biasless_forward_backward(device, name, args, kwargs, shape, train, fus
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("name, args, kwargs, shape", BIASLESS, ids=BIASLESS_IDS)
+@pytest.mark.parametrize("name, args, kwargs, shape", AGAINST_TORCH)
 def test_biasless_parameters_state_dict_and_repr(name, args, kwargs, shape):
     ours = getattr(normext, name)(*args, **kwargs, bias=False)
     theirs = getattr(nn, name)(*args, **kwargs, bias=False)
@@ -370,7 +403,7 @@ def test_biasless_parameters_state_dict_and_repr(name, args, kwargs, shape):
     assert torch.equal(ours.weight, torch.ones_like(ours.weight)) and ours.bias is None
 
 
-@pytest.mark.parametrize("name, args, kwargs, shape", BIASLESS, ids=BIASLESS_IDS)
+@pytest.mark.parametrize("name, args, kwargs, shape", BIASLESS)
 def test_bias_keyword_is_keyword_only_and_defaults_true(name, args, kwargs, shape):
     cls = getattr(normext, name)
     assert cls(*args, **kwargs).bias is not None
@@ -384,7 +417,7 @@ def test_bias_keyword_is_keyword_only_and_defaults_true(name, args, kwargs, shap
     assert without.weight is None and without.bias is None
 
 
-@pytest.mark.parametrize("name, args, kwargs, shape", BIASLESS, ids=BIASLESS_IDS)
+@pytest.mark.parametrize("name, args, kwargs, shape", AGAINST_TORCH)
 def test_convert_model_biasless_torch_module(name, args, kwargs, shape):
     model = nn.Sequential(getattr(nn, name)(*args, **kwargs, bias=False))
     _randomize_state(model[0])
@@ -408,6 +441,7 @@ def test_convert_model_biasless_torch_module(name, args, kwargs, shape):
     ref.load_state_dict(model.state_dict(), strict=True)
 
 
+@pytest.mark.skipif(not torch_takes_bias("GroupNorm"), reason="this torch's nn.GroupNorm has no bias")
 def test_convert_model_rebuilds_biasless_look_alike():
     """A norm matched by class name (here a stand-in for timm's GroupNorm) is rebuilt with bias=False."""
     look_alike = type("GroupNorm", (nn.GroupNorm,), {"__module__": "timm.layers.norm"})
@@ -422,6 +456,7 @@ def test_convert_model_rebuilds_biasless_look_alike():
     model.load_state_dict(ref.state_dict(), strict=True)
 
 
+@pytest.mark.skipif(not torch_takes_bias("SyncBatchNorm"), reason="this torch's nn.SyncBatchNorm has no bias")
 @pytest.mark.parametrize("source", [nn.BatchNorm2d, normext.BatchNorm3d], ids=["torch", "normext"])
 def test_convert_sync_batchnorm_keeps_biasless(source):
     bn = source(6, bias=False, momentum=0.2)
@@ -484,7 +519,7 @@ def torch_without_bias_keyword(monkeypatch):
     monkeypatch.setattr(norm_base, "extra_repr", _old_norm_base_repr)
 
 
-@pytest.mark.parametrize("name, args, kwargs, shape", BIASLESS, ids=BIASLESS_IDS)
+@pytest.mark.parametrize("name, args, kwargs, shape", BIASLESS)
 def test_biasless_on_torch_without_the_keyword(torch_without_bias_keyword, name, args, kwargs, shape):
     cls = getattr(normext, name)
     ours = cls(*args, **kwargs, bias=False)
