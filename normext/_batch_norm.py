@@ -7,6 +7,7 @@ import torch
 import torch.distributed as dist
 
 from normext._ops import IDENTITY, FusedActivation, activation_code, empty_in_native_layout, stat_dtype
+from normext._optional_bias import OptionalBias
 
 _ops = torch.ops.normext
 
@@ -183,7 +184,7 @@ def batch_norm(
 # -------------------------------------------------------------------------------------- modules
 
 
-class _BatchNormMixin(FusedActivation):
+class _BatchNormMixin(FusedActivation, OptionalBias):
     def __init__(
         self,
         num_features,
@@ -195,8 +196,19 @@ class _BatchNormMixin(FusedActivation):
         negative_slope=0.01,
         device=None,
         dtype=None,
+        *,
+        bias=True,
     ):
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
+        self._init_torch_norm(
+            num_features,
+            eps,
+            momentum,
+            affine,
+            track_running_stats,
+            device=device,
+            dtype=dtype,
+            bias=bias,
+        )
         self._init_activation(activation, negative_slope)
 
     def _momentum_factor(self):
@@ -330,9 +342,11 @@ class SyncBatchNorm(_BatchNormMixin, torch.nn.SyncBatchNorm):
         negative_slope=0.01,
         device=None,
         dtype=None,
+        *,
+        bias=True,
     ):
-        torch.nn.SyncBatchNorm.__init__(
-            self,
+        # Not _BatchNormMixin.__init__, which has no process_group.
+        self._init_torch_norm(
             num_features,
             eps,
             momentum,
@@ -341,6 +355,7 @@ class SyncBatchNorm(_BatchNormMixin, torch.nn.SyncBatchNorm):
             process_group,
             device=device,
             dtype=dtype,
+            bias=bias,
         )
         self._init_activation(activation, negative_slope)
 
@@ -406,6 +421,7 @@ class SyncBatchNorm(_BatchNormMixin, torch.nn.SyncBatchNorm):
                 process_group,
                 activation=getattr(module, "activation", None),
                 negative_slope=getattr(module, "negative_slope", 0.01),
+                bias=module.bias is not None,
             )
             if module.affine:
                 with torch.no_grad():
@@ -428,7 +444,8 @@ class SyncBatchNorm(_BatchNormMixin, torch.nn.SyncBatchNorm):
 class FrozenBatchNorm2d(FusedActivation, torch.nn.Module):
     """BatchNorm2d with fixed statistics and affine parameters (all buffers, as in torchvision), folded
     into one apply kernel with the activation and residual; gradients flow to the input only. Loads
-    torchvision.ops.FrozenBatchNorm2d and torch.nn.BatchNorm2d state_dicts (num_batches_tracked ignored)."""
+    torchvision.ops.FrozenBatchNorm2d and torch.nn.BatchNorm2d state_dicts (num_batches_tracked ignored;
+    the weight of ones and bias of zeros of a BatchNorm2d with affine=False or bias=False filled in)."""
 
     def __init__(self, num_features, eps=1e-5, activation=None, negative_slope=0.01):
         super().__init__()
@@ -443,7 +460,13 @@ class FrozenBatchNorm2d(FusedActivation, torch.nn.Module):
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ):
-        state_dict.pop(prefix + "num_batches_tracked", None)
+        if state_dict.pop(prefix + "num_batches_tracked", None) is not None:
+            # A torch.nn.BatchNorm2d state_dict: one without weight or bias comes from affine=False or
+            # bias=False, which normalize as a weight of ones and a bias of zeros.
+            mean = state_dict.get(prefix + "running_mean")
+            if mean is not None:
+                state_dict.setdefault(prefix + "weight", torch.ones_like(mean))
+                state_dict.setdefault(prefix + "bias", torch.zeros_like(mean))
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )

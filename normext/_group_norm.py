@@ -7,6 +7,7 @@ import torch
 
 from normext._batch_norm import normalize_with_stats
 from normext._ops import IDENTITY, FusedActivation, activation_code, empty_in_native_layout, stat_dtype
+from normext._optional_bias import OptionalBias
 
 
 @torch.library.register_fake("normext::group_norm_fwd")
@@ -115,7 +116,7 @@ def instance_norm(
     return Y
 
 
-class GroupNorm(FusedActivation, torch.nn.GroupNorm):
+class GroupNorm(FusedActivation, OptionalBias, torch.nn.GroupNorm):
     def __init__(
         self,
         num_groups,
@@ -126,8 +127,10 @@ class GroupNorm(FusedActivation, torch.nn.GroupNorm):
         negative_slope=0.01,
         device=None,
         dtype=None,
+        *,
+        bias=True,
     ):
-        super().__init__(num_groups, num_channels, eps, affine, device=device, dtype=dtype)
+        self._init_torch_norm(num_groups, num_channels, eps, affine, device=device, dtype=dtype, bias=bias)
         self._init_activation(activation, negative_slope)
 
     def forward(self, input, residual=None):
@@ -151,7 +154,7 @@ class GroupNorm(FusedActivation, torch.nn.GroupNorm):
         return super().extra_repr() + self._activation_repr()
 
 
-class _InstanceNormMixin(FusedActivation):
+class _InstanceNormMixin(FusedActivation, OptionalBias):
     def __init__(
         self,
         num_features,
@@ -163,8 +166,19 @@ class _InstanceNormMixin(FusedActivation):
         negative_slope=0.01,
         device=None,
         dtype=None,
+        *,
+        bias=True,
     ):
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
+        self._init_torch_norm(
+            num_features,
+            eps,
+            momentum,
+            affine,
+            track_running_stats,
+            device=device,
+            dtype=dtype,
+            bias=bias,
+        )
         self._init_activation(activation, negative_slope)
 
     def forward(self, input, residual=None):

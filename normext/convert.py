@@ -12,7 +12,13 @@ from normext._ops import FusedActivation
 
 
 def _group_norm_args(m):
-    return dict(num_groups=m.num_groups, num_channels=m.num_channels, eps=m.eps, affine=m.affine)
+    return dict(
+        num_groups=m.num_groups,
+        num_channels=m.num_channels,
+        eps=m.eps,
+        affine=m.affine,
+        bias=m.bias is not None,
+    )
 
 
 def _running_norm_args(m):
@@ -23,6 +29,7 @@ def _running_norm_args(m):
         momentum=m.momentum,
         affine=m.affine,
         track_running_stats=m.track_running_stats,
+        bias=m.bias is not None,
     )
 
 

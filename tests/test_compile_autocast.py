@@ -62,6 +62,7 @@ def module_case(cls_name, kwargs, shape, fmt="contiguous", residual=False, train
         return Case(m, args, [b for b in m.buffers() if b.is_floating_point()], updates_state)
 
     ident = f"{cls_name}-{'train' if train else 'eval'}-{fmt}" + ("-residual" if residual else "")
+    ident += "-nobias" if kwargs.get("bias") is False else ""
     return pytest.param(make, id=ident, marks=needs(cls_name))
 
 
@@ -144,12 +145,16 @@ CASES = [
     module_case("GroupNorm", dict(num_groups=4, num_channels=16, activation="silu"), (2, 16, 5, 5),
                 "channels_last", residual=True),
     module_case("GroupNorm", dict(num_groups=3, num_channels=6, affine=False), (3, 6, 7)),
+    module_case("GroupNorm", dict(num_groups=2, num_channels=6, bias=False, activation="relu"), (2, 6, 4, 3),
+                "channels_last", residual=True),
     module_case("InstanceNorm1d", dict(num_features=6, affine=True, track_running_stats=True,
                 activation="leaky_relu", negative_slope=0.2), (2, 6, 9), updates_state=True),
     module_case("InstanceNorm2d", dict(num_features=5, track_running_stats=True, activation="gelu"),
                 (2, 5, 4, 4), train=False),
     module_case("InstanceNorm3d", dict(num_features=4, affine=True, activation="relu"), (2, 4, 3, 3, 3),
                 "channels_last", residual=True),
+    module_case("InstanceNorm2d", dict(num_features=5, affine=True, bias=False, track_running_stats=True),
+                (2, 5, 4, 3), updates_state=True),
     module_case("LayerNorm", dict(normalized_shape=8, activation="gelu_tanh"), (2, 5, 8), residual=True),
     module_case("LayerNorm", dict(normalized_shape=(4, 6), bias=False), (3, 4, 6)),
     module_case("LayerNorm2d", dict(num_channels=8, activation="silu"), (2, 8, 4, 4), "channels_last",
@@ -159,6 +164,9 @@ CASES = [
                 residual=True, updates_state=True),
     module_case("BatchNorm2d", dict(num_features=8, momentum=None), (2, 8, 5, 5), train=False),
     module_case("BatchNorm3d", dict(num_features=4, affine=False), (2, 4, 3, 3, 3), updates_state=True),
+    module_case("BatchNorm2d", dict(num_features=6, bias=False, activation="silu"), (3, 6, 3, 3),
+                "channels_last", residual=True, updates_state=True),
+    module_case("BatchNorm1d", dict(num_features=6, bias=False), (5, 6), train=False),
     module_case("SyncBatchNorm", dict(num_features=8, activation="relu"), (2, 8, 4, 4), updates_state=True),
     module_case("FrozenBatchNorm2d", dict(num_features=8, activation="leaky_relu"), (2, 8, 5, 5),
                 "channels_last"),

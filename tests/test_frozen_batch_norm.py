@@ -1,6 +1,8 @@
 # FrozenBatchNorm2d tests: the fixed-statistics apply against the float64 formula and torchvision's module,
 # state_dicts from torchvision.ops.FrozenBatchNorm2d and torch.nn.BatchNorm2d, buffers only, gradients to the
 # input (and residual) only, activation/residual fusion, layouts and dtypes.
+import inspect
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -114,6 +116,47 @@ def test_load_batchnorm2d_state_dict():
     frozen_nested = torch.nn.Sequential(normext.FrozenBatchNorm2d(6))
     frozen_nested.load_state_dict(nested.state_dict(), strict=True)
     torch.testing.assert_close(frozen_nested(x), bn(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        pytest.param(
+            dict(bias=False),
+            id="bias=False",
+            marks=pytest.mark.skipif(
+                "bias" not in inspect.signature(torch.nn.BatchNorm2d).parameters,
+                reason="this torch's BatchNorm2d has no bias keyword",
+            ),
+        ),
+        pytest.param(dict(affine=False), id="affine=False"),
+    ],
+)
+def test_load_weightless_batchnorm2d_state_dict(kwargs):
+    """A BatchNorm2d without bias (torch 2.14's bias=False) or without affine parameters freezes with a
+    weight of ones and a bias of zeros for what it lacks: strict=True loads it, the output is BatchNorm2d's
+    in eval."""
+    bn = torch.nn.BatchNorm2d(6, **kwargs)
+    if bn.weight is not None:
+        with torch.no_grad():
+            bn.weight.copy_(torch.rand(6) + 0.5)
+    bn.train()
+    for _ in range(2):
+        bn(torch.randn(4, 6, 5, 5) * 3 + 1)
+    bn.eval()
+    m = normext.FrozenBatchNorm2d(6)
+    with torch.no_grad():
+        m.weight.fill_(7.0)
+        m.bias.fill_(7.0)
+    m.load_state_dict(bn.state_dict(), strict=True)
+    expected_weight = torch.ones(6) if bn.weight is None else bn.weight.detach()
+    assert torch.equal(m.weight, expected_weight) and torch.equal(m.bias, torch.zeros(6))
+    x = make_input((2, 6, 4, 4), torch.float32, "cpu", "channels_last")
+    torch.testing.assert_close(m(x), bn(x), rtol=1e-5, atol=1e-5)
+    # Without num_batches_tracked the dict is not a BatchNorm's: a missing bias stays an error.
+    sd = {k: v for k, v in bn.state_dict().items() if k != "num_batches_tracked"}
+    with pytest.raises(RuntimeError, match="Missing key"):
+        normext.FrozenBatchNorm2d(6).load_state_dict(sd, strict=True)
 
 
 def test_load_torchvision_style_state_dict():

@@ -141,6 +141,30 @@ def run_scenario(scenario, rank, world):
         assert ours.num_batches_tracked.item() == ref.num_batches_tracked.item(), where
 
 
+def biasless_through_collectives(rank, world):
+    """bias=False (torch 2.14's weight without a bias) on the all-gather / all-reduce path: output, input
+    gradient and summed weight gradient of F.batch_norm on the concatenated batch."""
+    m = normext.SyncBatchNorm(3, bias=False, activation="leaky_relu", negative_slope=0.2, dtype=torch.float64)
+    with torch.no_grad():
+        m.weight.copy_(torch.tensor([0.5, 2.0, -1.0]))
+    torch.manual_seed(11 + world)
+    x = torch.randn(2 * world, 3, 5, dtype=torch.float64) * 2 + 1
+    dy = torch.randn_like(x)
+    lo, hi = 2 * rank, 2 * rank + 2
+    xl = x[lo:hi].clone().requires_grad_()
+    y = m(xl)
+    y.backward(dy[lo:hi])
+    X, w = x.clone().requires_grad_(), m.weight.detach().clone().requires_grad_()
+    Y = F.leaky_relu(F.batch_norm(X, None, None, w, None, training=True), 0.2)
+    Y.backward(dy)
+    where = f"bias=False rank {rank}/{world}"
+    close(y, Y[lo:hi].detach(), torch.float64, f"{where} output")
+    close(xl.grad, X.grad[lo:hi], torch.float64, f"{where} input grad")
+    dist.all_reduce(m.weight.grad)
+    close(m.weight.grad, w.grad, torch.float64, f"{where} summed weight grad")
+    assert m.bias is None, where
+
+
 def worker(rank, world, port, errors):
     try:
         torch.set_num_threads(1)
@@ -153,6 +177,7 @@ def worker(rank, world, port, errors):
         )
         for scenario in SCENARIOS:
             run_scenario(scenario, rank, world)
+        biasless_through_collectives(rank, world)
         # A process group of a subset of ranks: ranks outside it run plain BatchNorm.
         sub = dist.new_group([0, 1])
         m = normext.SyncBatchNorm(3, process_group=sub, dtype=torch.float64)
