@@ -58,7 +58,7 @@ test: build $(VENV)/.models
 
 # The CUDA kernels run on the CPU (csrc/cuda/emu): the emulated build runs the suite's CUDA cases, a
 # sanitizer build (AddressSanitizer + UndefinedBehaviorSanitizer; libasan is preloaded before libstdc++ so that
-# it intercepts C++ throws) a reduced set of them, and the last line
+# it intercepts C++ throws; --capture=sys keeps its reports on stderr) a reduced set of them, and the last line
 # is the kernel coverage of the first run. Needs only the host compiler, so it runs with or without nvcc.
 EMU := build/emu/_C.so
 EMU_ASAN := build/emu-asan/_C.so
@@ -73,7 +73,7 @@ test-emu: build-emu
 	NORMEXT_CUDA_EMU=$(EMU) NORMEXT_EMU_LAUNCHES=build/emu/launches.json $(PY) -m pytest tests -q -ra -p no:cacheprovider
 	LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libstdc++.so)" ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
 		UBSAN_OPTIONS=print_stacktrace=1 NORMEXT_CUDA_EMU=$(EMU_ASAN) \
-		$(PY) -m pytest tests -q -p no:cacheprovider $(EMU_ASAN_TESTS)
+		$(PY) -m pytest tests -q -p no:cacheprovider --capture=sys $(EMU_ASAN_TESTS)
 	@$(PY) csrc/cuda/emu/kernel_coverage.py build/emu/launches.json
 
 bench: build

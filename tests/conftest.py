@@ -76,7 +76,7 @@ def pytest_sessionfinish(session, exitstatus):
     path = os.environ.get("NORMEXT_EMU_LAUNCHES")
     if EMU and path:
         with open(path, "w") as f:
-            json.dump(_emu.emu_launch_counts(), f, indent=1, sort_keys=True)
+            json.dump(_emu.emu_total_launch_counts(), f, indent=1, sort_keys=True)
 
 
 @pytest.fixture(autouse=True)

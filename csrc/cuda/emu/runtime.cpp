@@ -21,6 +21,7 @@
 #include <vector>
 
 #if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
 #include <sanitizer/common_interface_defs.h>
 #define NORMEXT_EMU_ASAN 1
 #endif
@@ -145,7 +146,7 @@ Launch* g_launch = nullptr;
 Fiber* g_cur = nullptr;
 std::vector<char*> g_stacks;
 std::vector<Fiber> g_fibers;
-std::map<std::string, uint64_t> g_counts;
+std::map<std::string, uint64_t> g_counts, g_totals;  // since the last reset / since load
 std::map<const void*, size_t> g_smem_optin;
 const Profile* g_profile = &kProfiles[0];
 Order g_order = Order::kCycle;
@@ -209,6 +210,10 @@ void switch_to_scheduler(bool dying) {
 // A fresh context on f's stack that starts in fiber_entry: the frame normext_emu_switch pops (control
 // words, six registers, the return address) with the stack 16-byte aligned at entry as after a call.
 void init_context(Fiber& f) {
+#ifdef NORMEXT_EMU_ASAN
+  // A fiber abandoned by a failed launch leaves its frames' redzones poisoned on the stack it reuses.
+  ASAN_UNPOISON_MEMORY_REGION(f.stack, kStackBytes);
+#endif
   const uintptr_t top = (reinterpret_cast<uintptr_t>(f.stack) + kStackBytes) & ~uintptr_t(15);
   auto* s = reinterpret_cast<uint64_t*>(top - 80);
   std::memset(s, 0, 80);
@@ -471,6 +476,7 @@ void run_grid(const char* name, const void* kernel, dim3 grid, dim3 block, size_
     }
   } reset;
   ++g_counts[L.name];
+  ++g_totals[L.name];
   check_launch(L);
   L.nthreads = static_cast<int>(block.x * block.y * block.z);
   while (g_stacks.size() < static_cast<size_t>(L.nthreads)) g_stacks.push_back(new_stack());
@@ -597,7 +603,14 @@ void bind_python(pybind11::module_& m) {
         std::lock_guard<std::mutex> lock(g_mutex);
         return g_counts;
       },
-      "Launches per kernel (template instantiations counted under one name) since load or the last reset.");
+      "Launches per kernel (template instantiations counted under one name) since the last reset.");
+  m.def(
+      "emu_total_launch_counts",
+      [] {
+        std::lock_guard<std::mutex> lock(g_mutex);
+        return g_totals;
+      },
+      "Launches per kernel since the library was loaded (what a coverage report counts).");
   m.def("emu_reset_launch_counts", [] {
     std::lock_guard<std::mutex> lock(g_mutex);
     g_counts.clear();
