@@ -82,7 +82,7 @@ bench: build
 	$(PY) -m normext.bench $(BENCH_ARGS)
 
 lint: venv
-	$(PY) -m ruff check normext tests bench setup.py
+	$(PY) -m ruff check normext tests bench setup.py csrc/cuda/emu tools
 
 clean:
 	rm -rf build normext/_C*.so *.egg-info

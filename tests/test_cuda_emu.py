@@ -12,7 +12,10 @@ import normext.functional as nxF
 if EMU:
     from normext import _C
 
-pytestmark = [pytest.mark.emu, pytest.mark.skipif(not EMU, reason="runs in the emulated CUDA build (make test-emu)")]
+pytestmark = [
+    pytest.mark.emu,
+    pytest.mark.skipif(not EMU, reason="runs in the emulated CUDA build (make test-emu)"),
+]
 
 
 @pytest.fixture(autouse=True)
@@ -43,12 +46,16 @@ def test_unwritten_shared_memory_is_nan():
 
 
 def test_barrier_after_early_exit_is_an_error():
-    with pytest.raises(RuntimeError, match=r"early_exit_barrier_kernel.*__syncthreads\(\) is reached by 40 threads"):
+    with pytest.raises(
+        RuntimeError, match=r"early_exit_barrier_kernel.*__syncthreads\(\) is reached by 40 threads"
+    ):
         _C.emu_selftest("early_exit_barrier", 64)
 
 
 def test_full_mask_shuffle_in_partial_warp_is_an_error():
-    with pytest.raises(RuntimeError, match=r"shuffle_kernel.*mask 0xffffffff names lanes 4\.\.31, which do not exist"):
+    with pytest.raises(
+        RuntimeError, match=r"shuffle_kernel.*mask 0xffffffff names lanes 4\.\.31, which do not exist"
+    ):
         _C.emu_selftest("shuffle", 100, arg=0xFFFFFFFF, width=32)
 
 
@@ -65,7 +72,9 @@ def test_shuffle_mask_without_own_lane_is_an_error():
 
 def test_shuffle_from_lane_outside_mask_is_an_error():
     # Lanes 0..15 shuffle down by one with mask 0xffff: lane 15's source, lane 16, takes no part.
-    with pytest.raises(RuntimeError, match=r"reads lane 16 in __shfl_down_sync, which is not in the mask 0xffff"):
+    with pytest.raises(
+        RuntimeError, match=r"reads lane 16 in __shfl_down_sync, which is not in the mask 0xffff"
+    ):
         _C.emu_selftest("shuffle", 32, arg=0x0000FFFF, width=16)
 
 
@@ -185,7 +194,9 @@ LAUNCH_PLANS = {
 }
 
 
-@pytest.mark.parametrize("case", list(LAUNCH_PLANS), ids=lambda c: f"{c[0]}-{'x'.join(map(str, c[1]))}-{c[2]}")
+@pytest.mark.parametrize(
+    "case", list(LAUNCH_PLANS), ids=lambda c: f"{c[0]}-{'x'.join(map(str, c[1]))}-{c[2]}"
+)
 def test_launch_counts(case):
     op, shape, fmt = case
     if op == "layer_norm":

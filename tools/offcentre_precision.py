@@ -24,7 +24,10 @@ def ln2d_torch(x, w, b, eps=1e-6):
 
 
 OPS = {
-    "GroupNorm G=32": (lambda x, w, b: nxF.group_norm(x, 32, w, b), lambda x, w, b: F.group_norm(x, 32, w, b)),
+    "GroupNorm G=32": (
+        lambda x, w, b: nxF.group_norm(x, 32, w, b),
+        lambda x, w, b: F.group_norm(x, 32, w, b),
+    ),
     "InstanceNorm": (
         lambda x, w, b: nxF.instance_norm(x, weight=w, bias=b),
         lambda x, w, b: F.instance_norm(x, weight=w, bias=b),
@@ -64,10 +67,15 @@ def main():
             for name, (ours, theirs) in OPS.items():
                 ref = grads(theirs, x64, w64, b64, dy64)
                 for who, fn in (("normext", ours), ("torch", theirs)):
-                    errs = [rel(o, r) for o, r in zip(grads(fn, x, w64.float(), b64.float(), dy), ref, strict=True)]
+                    errs = [
+                        rel(o, r)
+                        for o, r in zip(grads(fn, x, w64.float(), b64.float(), dy), ref, strict=True)
+                    ]
                     layout = "NCHW" if fmt == torch.contiguous_format else "channels_last"
-                    print(f"{name:18} {'x'.join(map(str, shape)):14} {layout:13} {who:8} "
-                          + " ".join(f"{e:9.2e}" for e in errs))
+                    print(
+                        f"{name:18} {'x'.join(map(str, shape)):14} {layout:13} {who:8} "
+                        + " ".join(f"{e:9.2e}" for e in errs)
+                    )
 
 
 if __name__ == "__main__":

@@ -57,7 +57,9 @@ def build(sanitize=False, verbose=False):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--sanitize", action="store_true", help="AddressSanitizer + UndefinedBehaviorSanitizer")
+    parser.add_argument(
+        "--sanitize", action="store_true", help="AddressSanitizer + UndefinedBehaviorSanitizer"
+    )
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args()
     print(build(args.sanitize, args.verbose))
