@@ -191,6 +191,10 @@ LAUNCH_PLANS = {
     ("layer_norm_2d", (2, 32, 8, 8), "channels_last"): (1, 2),
     ("batch_norm", (4, 32, 8, 8), "contiguous"): (3, 3),
     ("batch_norm", (4, 32, 8, 8), "channels_last"): (3, 3),
+    ("batch_norm", (8, 64, 48, 48), "contiguous"): (3, 3),
+    ("batch_norm", (8, 64, 48, 48), "channels_last"): (3, 3),
+    ("layer_norm_2d", (2, 64, 48, 48), "contiguous"): (1, 2),
+    ("layer_norm_2d", (2, 64, 48, 48), "channels_last"): (1, 2),
 }
 
 
