@@ -4,7 +4,6 @@ built (double backward, create_graph=True), autograd.grad through the family's t
 
 import torch
 import torch.nn.functional as F
-from torch._library import autograd as _library_autograd
 
 from normext._ops import IDENTITY, stat_dtype
 
@@ -53,16 +52,42 @@ def register_norm_autograd(qualname, fused_grads, reference, stats_args=()):
             out[i] = g
         return tuple(out)
 
-    if torch._library.utils.is_functional_schema(op._schema):
-        torch.library.register_autograd(qualname, backward, setup_context=setup_context)
-    else:
-        # register_autograd refuses an op that mutates an argument (batch_norm_fwd's running statistics).
-        # Those never take a gradient, so torch's generated autograd kernel is right for it as well, and it
-        # keeps every norm on this one path: Dynamo traces it as an op, where an autograd.Function breaks the
-        # graph when one tensor is passed twice (residual=x).
-        info = _library_autograd.Info(backward, setup_context)
-        kernel = _library_autograd.make_autograd_impl(op, info)
-        _lib.impl(qualname.split("::")[1], kernel, "Autograd", with_keyset=True)
+    _lib.impl(
+        qualname.split("::")[1], _autograd_kernel(op, setup_context, backward), "Autograd", with_keyset=True
+    )
+
+
+def _autograd_kernel(op, setup_context, backward):
+    """The op's Autograd-key kernel: what torch.library.register_autograd registers, for a mutating op as
+    well (it refuses batch_norm_fwd, whose running statistics never take a gradient), so every norm is on
+    one path that Dynamo traces as an op (an autograd.Function breaks the graph when one tensor is passed
+    twice, residual=x). Without register_autograd's per-call re-reading of the schema (tens of us)."""
+    below = torch._C._after_autograd_keyset
+
+    def forward(ctx, *args):
+        *args, keyset = args
+        with torch._C._AutoDispatchBelowAutograd():
+            output = op.redispatch(keyset & below, *args)
+        setup_context(ctx, args, output)
+        return output
+
+    def backward_with_keyset(ctx, *grads):
+        return (*backward(ctx, *grads), None)  # and none for the keyset, the last input
+
+    # Built with type() so that the grad_fn is named after the op (normext_group_norm_fwdBackward).
+    Function = type(
+        f"normext_{op._opname}",
+        (torch.autograd.Function,),
+        {"forward": staticmethod(forward), "backward": staticmethod(backward_with_keyset)},
+    )
+
+    def kernel(keyset, *args):
+        if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
+            return Function.apply(*args, keyset)
+        with torch._C._AutoDispatchBelowAutograd():
+            return op.redispatch(keyset & below, *args)
+
+    return kernel
 
 
 def norm_backward(fused_grads, reference, dY, X, gamma, beta, residual, stats, args, need):

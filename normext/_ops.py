@@ -43,8 +43,8 @@ _USER_NAMES = {"X": "input", "gamma": "weight", "beta": "bias", "dY": "grad_outp
 
 
 def register_fake(qualname):
-    """torch.library.register_fake, with check_devices on every tensor argument against X (the op's first
-    tensor argument where it has no X)."""
+    """torch.library.register_fake, with check_devices on every tensor argument against the input X (for
+    an op without one, against its first tensor argument)."""
     schema = torch._library.utils.lookup_op(qualname)._schema
     names = [_USER_NAMES.get(a.name, a.name) for a in schema.arguments]
     op = qualname.split("::")[1]

@@ -388,6 +388,31 @@ def test_backward_runs_fused_kernels_unless_building_a_graph(name):
         assert all(g.requires_grad == create_graph for g in grads)
 
 
+@pytest.mark.compile
+@pytest.mark.parametrize("ident", ["GroupNorm", "LayerNorm", "BatchNorm2d-train", "FrozenBatchNorm2d"])
+def test_compiled_backward_runs_fused_kernels(ident):
+    """The graph-building test of the backward does not fire while AOT autograd traces it: the compiled
+    backward is the fused ops, not the torch-ops path."""
+    from functorch.compile import make_boxed_func
+    from torch._functorch.aot_autograd import aot_module_simplified
+
+    torch._dynamo.reset()
+    graphs = []
+
+    def keep(gm, _inputs):
+        graphs.append(gm)
+        return make_boxed_func(gm.forward)
+
+    def backend(gm, inputs):
+        return aot_module_simplified(gm, inputs, fw_compiler=keep, bw_compiler=keep)
+
+    m = dict(_aliased_cases())[ident]
+    x = make_input((2, C, 3, 5)).requires_grad_()
+    torch.compile(lambda t: m(t, residual=t), backend=backend, fullgraph=True)(x).sum().backward()
+    bwd = {str(n.target) for n in graphs[-1].graph.nodes if n.op == "call_function"}
+    assert any("normext" in t and "bwd" in t for t in bwd), f"no fused backward op in {sorted(bwd)}"
+
+
 def test_differentiating_a_backward_op_is_an_error():
     """torch's default for an op without autograd is a one-time warning and a gradient that silently drops
     terms; the backward ops instead refuse to be differentiated."""
