@@ -1,6 +1,7 @@
 // The normext._C extension module: every operator schema (one place), and build facts for Python.
 // Kernels register themselves per device with TORCH_LIBRARY_IMPL in csrc/cpu and csrc/cuda; fake
 // impls and autograd live in normext/_ops.py and the per-norm Python modules.
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/extension.h>
 #include <torch/library.h>
 
@@ -80,6 +81,17 @@ TORCH_LIBRARY(normext, m) {
       "batch_norm_bwd_elemt(Tensor dY, Tensor X, Tensor? residual, Tensor mean, Tensor rstd, Tensor? gamma, "
       "Tensor? beta, Tensor? sum_dz, Tensor? sum_dzxhat, float inv_count, int act, float slope, "
       "bool[2] output_mask) -> (Tensor dX, Tensor dresidual)");
+}
+
+// The ops autograd never differentiates: the backward kernels (a backward whose graph is being built runs
+// torch ops instead, normext/_autograd.py) and SyncBatchNorm's statistics (inside an autograd.Function).
+// Differentiating one is an error here; torch's default for an op without autograd is a one-time warning
+// and a silently wrong gradient. The forward ops get their autograd in Python (register_norm_autograd).
+TORCH_LIBRARY_IMPL(normext, Autograd, m) {
+  for (const char* op : {"group_norm_bwd", "layer_norm_bwd", "layer_norm_2d_bwd", "batch_norm_stats",
+                         "batch_norm_merge", "batch_norm_bwd_reduce", "batch_norm_bwd_elemt"}) {
+    m.impl(op, torch::autograd::autogradNotImplementedFallback());
+  }
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -1,12 +1,28 @@
 """BatchNorm, SyncBatchNorm and FrozenBatchNorm2d: fake impls of the normext::batch_norm_* ops, their
-autograd (register_autograd for the functional apply op; autograd.Functions for the training op, which
-updates the running statistics in place, and for SyncBatchNorm's collectives), the functional and the
-modules."""
+autograd (normext._autograd.register_norm_autograd for the training and the apply op; an autograd.Function
+for SyncBatchNorm's collectives), the functional and the modules."""
 
 import torch
 import torch.distributed as dist
 
-from normext._ops import IDENTITY, FusedActivation, activation_code, empty_in_native_layout, stat_dtype
+from normext._autograd import (
+    affine_act,
+    channel_view,
+    inv_std,
+    norm_backward,
+    normalize,
+    register_norm_autograd,
+)
+from normext._ops import (
+    IDENTITY,
+    FusedActivation,
+    activation_code,
+    check_devices,
+    check_running_stats,
+    empty_in_native_layout,
+    register_fake,
+    stat_dtype,
+)
 from normext._optional_bias import OptionalBias
 
 _ops = torch.ops.normext
@@ -16,33 +32,33 @@ def _stat(X):
     return X.new_empty((X.shape[1],), dtype=stat_dtype(X))
 
 
-@torch.library.register_fake("normext::batch_norm_fwd")
+@register_fake("normext::batch_norm_fwd")
 def _batch_norm_fwd_fake(X, gamma, beta, residual, running_mean, running_var, momentum, eps, act, slope):
     return empty_in_native_layout(X), _stat(X), _stat(X)
 
 
-@torch.library.register_fake("normext::batch_norm_stats")
+@register_fake("normext::batch_norm_stats")
 def _batch_norm_stats_fake(X):
     return _stat(X), _stat(X)
 
 
-@torch.library.register_fake("normext::batch_norm_merge")
+@register_fake("normext::batch_norm_merge")
 def _batch_norm_merge_fake(counts, means, m2s, running_mean, running_var, momentum, eps):
     C = means.shape[1]
     return means.new_empty((C,)), means.new_empty((C,))
 
 
-@torch.library.register_fake("normext::batch_norm_apply")
+@register_fake("normext::batch_norm_apply")
 def _batch_norm_apply_fake(X, mean, var, gamma, beta, residual, eps, act, slope):
     return empty_in_native_layout(X)
 
 
-@torch.library.register_fake("normext::batch_norm_bwd_reduce")
+@register_fake("normext::batch_norm_bwd_reduce")
 def _batch_norm_bwd_reduce_fake(dY, X, residual, mean, rstd, gamma, beta, act, slope):
     return _stat(X), _stat(X)
 
 
-@torch.library.register_fake("normext::batch_norm_bwd_elemt")
+@register_fake("normext::batch_norm_bwd_elemt")
 def _batch_norm_bwd_elemt_fake(
     dY, X, residual, mean, rstd, gamma, beta, sum_dz, sum_dzxhat, inv_count, act, slope, output_mask
 ):
@@ -53,53 +69,47 @@ def _batch_norm_bwd_elemt_fake(
     )
 
 
-def _grads(dY, X, residual, mean, rstd, gamma, beta, act, slope, needs, reduced=None):
-    """(dX, dgamma, dbeta, dresidual) from the backward ops, each None unless `needs` asks for it.
+def _grads(dY, X, residual, mean, rstd, gamma, beta, act, slope, mask, reduced=None):
+    """(dX, dgamma, dbeta, dresidual) from the backward ops as normext._autograd's fused_grads returns them.
     `reduced(sum_dz, sum_dzxhat)` returns the sums dX is built from and the 1 / count to scale them by
     (SyncBatchNorm all-reduces them there). Without `reduced` the statistics are constants (eval,
     frozen) and dX = gamma * rstd * dz."""
-    need_x, need_w, need_b, need_r = needs
-    need_w, need_b = need_w and gamma is not None, need_b and beta is not None
+    need_x, need_w, need_b, need_r = mask
     dgamma = dbeta = dX = dres = None
     sums = (None, None, 1.0)
     if need_w or need_b or (need_x and reduced is not None):
-        sum_dz, sum_dzx = _ops.batch_norm_bwd_reduce(dY, X, residual, mean, rstd, gamma, beta, act, slope)
-        dgamma = sum_dzx.to(gamma.dtype) if need_w else None
-        dbeta = sum_dz.to(beta.dtype) if need_b else None
+        dbeta, dgamma = _ops.batch_norm_bwd_reduce(dY, X, residual, mean, rstd, gamma, beta, act, slope)
         if need_x and reduced is not None:
-            sums = reduced(sum_dz, sum_dzx)
-    mask = [need_x, need_r and act != IDENTITY]
-    if any(mask):
+            sums = reduced(dbeta, dgamma)
+    if need_x or need_r:
         dX, dres = _ops.batch_norm_bwd_elemt(
-            dY, X, residual, mean, rstd, gamma, beta, *sums, act, slope, mask
+            dY, X, residual, mean, rstd, gamma, beta, *sums, act, slope, [need_x, need_r]
         )
-    if need_r and act == IDENTITY:
-        dres = dY
-    return dX if need_x else None, dgamma, dbeta, dres if need_r else None
+    return dX, dgamma, dbeta, dres
+
+
+def _channel_dims(X):
+    return (0, *range(2, X.dim()))
 
 
 # ------------------------------------------------------------------ apply with given statistics
 
 
-def _apply_setup_context(ctx, inputs, output):
-    X, mean, var, gamma, beta, residual, eps, act, slope = inputs
-    ctx.save_for_backward(X, mean, var, gamma, beta, residual if act != IDENTITY else None)
-    ctx.eps, ctx.act, ctx.slope = eps, act, slope
+def _apply_grads(dY, X, residual, stats, gamma, beta, args, mask):
+    mean, var = (s.to(stat_dtype(X)) for s in stats)
+    rstd = torch.rsqrt(var + args["eps"])
+    return _grads(dY, X, residual, mean, rstd, gamma, beta, args["act"], args["slope"], mask)
 
 
-def _apply_backward(ctx, dY):
-    X, mean, var, gamma, beta, residual = ctx.saved_tensors
-    need_x, _, _, need_w, need_b, need_r = ctx.needs_input_grad[:6]
-    mean = mean.to(stat_dtype(X))
-    rstd = torch.rsqrt(var.to(stat_dtype(X)) + ctx.eps)
-    dX, dgamma, dbeta, dres = _grads(
-        dY, X, residual, mean, rstd, gamma, beta, ctx.act, ctx.slope, (need_x, need_w, need_b, need_r)
-    )
-    return dX, None, None, dgamma, dbeta, dres, None, None, None
+def _apply_reference(X, gamma, beta, residual, stats, args):
+    """BatchNorm with given statistics (constants) in differentiable torch ops (double backward)."""
+    mean, var = (channel_view(s.detach().to(stat_dtype(X)), X.dim()) for s in stats)
+    xhat = (X.to(stat_dtype(X)) - mean) * inv_std(var, args["eps"])
+    return affine_act(xhat, gamma, beta, residual, args, X.dtype)
 
 
-torch.library.register_autograd(
-    "normext::batch_norm_apply", _apply_backward, setup_context=_apply_setup_context
+register_norm_autograd(
+    "normext::batch_norm_apply", _apply_grads, _apply_reference, stats_args=("mean", "var")
 )
 
 
@@ -112,31 +122,22 @@ def normalize_with_stats(input, mean, var, weight, bias, eps, act, slope, residu
 # ------------------------------------------------------------------------------------- training
 
 
-class _BatchNormTrain(torch.autograd.Function):
-    """Batch statistics with the in-place running-stat update (a mutating op, hence an autograd.Function
-    rather than register_autograd)."""
+def _train_grads(dY, X, residual, stats, gamma, beta, args, mask):
+    inv_count = 1.0 / max(1, X.numel() // max(1, X.shape[1]))
 
-    @staticmethod
-    def forward(ctx, X, gamma, beta, residual, running_mean, running_var, momentum, eps, act, slope):
-        Y, mean, rstd = _ops.batch_norm_fwd(
-            X, gamma, beta, residual, running_mean, running_var, momentum, eps, act, slope
-        )
-        ctx.save_for_backward(X, gamma, beta, residual if act != IDENTITY else None, mean, rstd)
-        ctx.act, ctx.slope = act, slope
-        ctx.inv_count = 1.0 / max(1, X.numel() // max(1, X.shape[1]))
-        return Y
+    def local(sum_dz, sum_dzx):
+        return sum_dz, sum_dzx, inv_count
 
-    @staticmethod
-    def backward(ctx, dY):
-        X, gamma, beta, residual, mean, rstd = ctx.saved_tensors
+    return _grads(dY, X, residual, *stats, gamma, beta, args["act"], args["slope"], mask, local)
 
-        def local(sum_dz, sum_dzx):
-            return sum_dz, sum_dzx, ctx.inv_count
 
-        grads = _grads(
-            dY, X, residual, mean, rstd, gamma, beta, ctx.act, ctx.slope, ctx.needs_input_grad[:4], local
-        )
-        return (*grads, None, None, None, None, None, None)
+def _train_reference(X, gamma, beta, residual, stats, args):
+    """BatchNorm with batch statistics in differentiable torch ops (double backward)."""
+    return affine_act(normalize(X, _channel_dims(X), args["eps"]), gamma, beta, residual, args, X.dtype)
+
+
+# Batch statistics with the in-place running-stat update, through the same autograd path as every norm.
+register_norm_autograd("normext::batch_norm_fwd", _train_grads, _train_reference)
 
 
 def _verify_batch_size(size):
@@ -165,13 +166,15 @@ def batch_norm(
     act = activation_code(activation)
     if input.dim() < 2:
         raise ValueError(f"batch_norm: expected an input of shape (N, C, *), got {tuple(input.shape)}")
+    # The ops check them too, but eval passes them to batch_norm_apply as plain mean / var.
+    check_running_stats("batch_norm", input.shape[1], running_mean, running_var)
     if training:
         _verify_batch_size(input.size())
         if eps <= 0.0:
             raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
-        return _BatchNormTrain.apply(
+        return _ops.batch_norm_fwd(
             input, weight, bias, residual, running_mean, running_var, momentum, eps, act, negative_slope
-        )
+        )[0]
     if eps < 0.0:
         raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
     if running_mean is None or running_var is None:
@@ -211,14 +214,20 @@ class _BatchNormMixin(FusedActivation, OptionalBias):
         )
         self._init_activation(activation, negative_slope)
 
+    def _counts_batches(self):
+        return self.training and self.track_running_stats and self.num_batches_tracked is not None
+
     def _momentum_factor(self):
-        """torch's update rule: count the batch, then momentum, or 1 / num_batches_tracked for None."""
-        factor = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+        """torch's update rule: momentum, or 1 / num_batches_tracked (this batch counted) for None."""
+        if self.momentum is not None:
+            return self.momentum
+        return 1.0 / (float(self.num_batches_tracked) + 1) if self._counts_batches() else 0.0
+
+    def _count_batch(self, out):
+        """Counts the batch once the op has taken it (a rejected input changes no state); returns out."""
+        if self._counts_batches():
             self.num_batches_tracked.add_(1)
-            if self.momentum is None:
-                factor = 1.0 / float(self.num_batches_tracked)
-        return factor
+        return out
 
     def _uses_batch_stats(self):
         return self.training or (self.running_mean is None and self.running_var is None)
@@ -231,21 +240,21 @@ class _BatchNormMixin(FusedActivation, OptionalBias):
 
     def forward(self, input, residual=None):
         self._check_input_dim(input)
-        factor = self._momentum_factor()
         running_mean, running_var = self._running_stats()
-        return batch_norm(
+        out = batch_norm(
             input,
             running_mean,
             running_var,
             self.weight,
             self.bias,
             self._uses_batch_stats(),
-            factor,
+            self._momentum_factor(),
             self.eps,
             self.activation,
             self.negative_slope,
             residual,
         )
+        return self._count_batch(out)
 
     def extra_repr(self):
         return super().extra_repr() + self._activation_repr()
@@ -293,7 +302,7 @@ class _SyncBatchNorm(torch.autograd.Function):
         ctx.save_for_backward(
             X, gamma, beta, residual if act != IDENTITY else None, mean, torch.rsqrt(var + eps), counts.sum()
         )
-        ctx.act, ctx.slope, ctx.group = act, slope, group
+        ctx.args, ctx.group = dict(act=act, slope=slope), group
         return Y
 
     @staticmethod
@@ -309,20 +318,20 @@ class _SyncBatchNorm(torch.autograd.Function):
 
         # As in torch.nn.SyncBatchNorm the all-reduce runs when the input needs a gradient, which is the
         # same on every rank of a data-parallel model.
-        grads = _grads(
-            dY,
-            X,
-            residual,
-            mean,
-            rstd,
-            gamma,
-            beta,
-            ctx.act,
-            ctx.slope,
-            ctx.needs_input_grad[:4],
-            all_reduced,
-        )
+        def fused(dY, X, residual, stats, gamma, beta, args, mask):
+            return _grads(dY, X, residual, *stats, gamma, beta, args["act"], args["slope"], mask, all_reduced)
+
+        need = ctx.needs_input_grad[:4]
+        stats = (mean, rstd)
+        grads = norm_backward(fused, _no_sync_reference, dY, X, gamma, beta, residual, stats, ctx.args, need)
         return (*grads, *([None] * 7))
+
+
+def _no_sync_reference(*_):
+    raise RuntimeError(
+        "SyncBatchNorm: double backward (create_graph=True) across ranks is not supported (nor by "
+        "torch.nn.SyncBatchNorm); with one rank, or outside a distributed run, it is BatchNorm's"
+    )
 
 
 class SyncBatchNorm(_BatchNormMixin, torch.nn.SyncBatchNorm):
@@ -375,7 +384,7 @@ class SyncBatchNorm(_BatchNormMixin, torch.nn.SyncBatchNorm):
         running_mean, running_var = self._running_stats()
         group = self._sync_group()
         if group is None:
-            return batch_norm(
+            out = batch_norm(
                 input,
                 running_mean,
                 running_var,
@@ -388,10 +397,22 @@ class SyncBatchNorm(_BatchNormMixin, torch.nn.SyncBatchNorm):
                 self.negative_slope,
                 residual,
             )
+            return self._count_batch(out)
         if self.eps <= 0.0:
             raise ValueError(f"batch_norm eps must be positive during training, but got {self.eps}")
+        # Checked before the collectives, so that a rank with a bad argument fails before the others wait.
+        check_devices(
+            "sync_batch_norm",
+            input,
+            weight=self.weight,
+            bias=self.bias,
+            residual=residual,
+            running_mean=running_mean,
+            running_var=running_var,
+        )
+        check_running_stats("sync_batch_norm", input.shape[1], running_mean, running_var)
         act = activation_code(self.activation)
-        return _SyncBatchNorm.apply(
+        out = _SyncBatchNorm.apply(
             input,
             self.weight,
             self.bias,
@@ -404,6 +425,7 @@ class SyncBatchNorm(_BatchNormMixin, torch.nn.SyncBatchNorm):
             self.negative_slope,
             group,
         )
+        return self._count_batch(out)
 
     @classmethod
     def convert_sync_batchnorm(cls, module, process_group=None):

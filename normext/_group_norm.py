@@ -1,23 +1,34 @@
-"""GroupNorm and InstanceNorm: fake impls of the ops for torch.compile/FakeTensor, the one autograd
-path (torch.library.register_autograd over normext::group_norm_fwd), the functionals and the modules."""
+"""GroupNorm and InstanceNorm: fake impls of the ops for torch.compile/FakeTensor, their autograd (the fused
+backward and the torch-ops forward that normext._autograd.register_norm_autograd wires up), the functionals
+and the modules."""
 
+import math
 import warnings
 
 import torch
 
+from normext._autograd import affine_act, normalize, register_norm_autograd
 from normext._batch_norm import normalize_with_stats
-from normext._ops import IDENTITY, FusedActivation, activation_code, empty_in_native_layout, stat_dtype
+from normext._ops import (
+    FusedActivation,
+    activation_code,
+    check_devices,
+    check_running_stats,
+    empty_in_native_layout,
+    register_fake,
+    stat_dtype,
+)
 from normext._optional_bias import OptionalBias
 
 
-@torch.library.register_fake("normext::group_norm_fwd")
+@register_fake("normext::group_norm_fwd")
 def _group_norm_fwd_fake(X, gamma, beta, residual, G, eps, act, slope):
     N = X.shape[0]
     stats = X.new_empty((N, G), dtype=stat_dtype(X))
     return empty_in_native_layout(X), stats, torch.empty_like(stats)
 
 
-@torch.library.register_fake("normext::group_norm_bwd")
+@register_fake("normext::group_norm_bwd")
 def _group_norm_bwd_fake(dY, X, residual, mean, rstd, gamma, beta, G, act, slope, output_mask):
     C = X.shape[1]
     acc = stat_dtype(X)
@@ -30,38 +41,22 @@ def _group_norm_bwd_fake(dY, X, residual, mean, rstd, gamma, beta, G, act, slope
     )
 
 
-def _setup_context(ctx, inputs, output):
-    X, gamma, beta, residual, G, eps, act, slope = inputs
-    _, mean, rstd = output
-    # The residual is only needed to recompute the pre-activation for a non-identity activation.
-    ctx.save_for_backward(X, gamma, beta, residual if act != IDENTITY else None, mean, rstd)
-    ctx.G, ctx.act, ctx.slope = G, act, slope
-    ctx.param_dtypes = (None if gamma is None else gamma.dtype, None if beta is None else beta.dtype)
-    ctx.mark_non_differentiable(mean, rstd)
-
-
-def _backward(ctx, dY, _dmean, _drstd):
-    X, gamma, beta, residual, mean, rstd = ctx.saved_tensors
-    need_x, need_w, need_b, need_r = ctx.needs_input_grad[:4]
-    mask = [need_x, gamma is not None and need_w, beta is not None and need_b, need_r and ctx.act != IDENTITY]
-    dX, dgamma, dbeta, dres = torch.ops.normext.group_norm_bwd(
-        dY, X, residual, mean, rstd, gamma, beta, ctx.G, ctx.act, ctx.slope, mask
-    )
-    if need_r and ctx.act == IDENTITY:
-        dres = dY
-    return (
-        dX if mask[0] else None,
-        dgamma.to(ctx.param_dtypes[0]) if mask[1] else None,
-        dbeta.to(ctx.param_dtypes[1]) if mask[2] else None,
-        dres if need_r else None,
-        None,
-        None,
-        None,
-        None,
+def _fused_grads(dY, X, residual, stats, gamma, beta, args, mask):
+    mean, rstd = stats
+    return torch.ops.normext.group_norm_bwd(
+        dY, X, residual, mean, rstd, gamma, beta, args["G"], args["act"], args["slope"], mask
     )
 
 
-torch.library.register_autograd("normext::group_norm_fwd", _backward, setup_context=_setup_context)
+def _reference(X, gamma, beta, residual, stats, args):
+    """GroupNorm in differentiable torch ops (double backward; InstanceNorm with eps = 0)."""
+    N, C, G = X.shape[0], X.shape[1], args["G"]
+    groups = X.reshape(N, G, C // G * math.prod(X.shape[2:]))
+    xhat = normalize(groups, -1, args["eps"]).reshape(X.shape)
+    return affine_act(xhat, gamma, beta, residual, args, X.dtype)
+
+
+register_norm_autograd("normext::group_norm_fwd", _fused_grads, _reference)
 
 
 def group_norm(
@@ -91,22 +86,35 @@ def instance_norm(
     act = activation_code(activation)
     if input.dim() < 2:
         raise ValueError(f"instance_norm: expected an input of shape (N, C, *), got {tuple(input.shape)}")
+    C = input.shape[1]
+    # Checked here, before the in-place update below (the op never sees the running statistics).
+    check_devices("instance_norm", input, running_mean=running_mean, running_var=running_var)
+    check_running_stats("instance_norm", C, running_mean, running_var)
     if not use_input_stats:
         if running_mean is None or running_var is None:
             raise ValueError("instance_norm: use_input_stats=False needs running_mean and running_var")
         return normalize_with_stats(
             input, running_mean, running_var, weight, bias, eps, act, negative_slope, residual
         )
-    spatial = input[0, 0].numel() if input.shape[0] * input.shape[1] > 0 else 0
+    spatial = input[0, 0].numel() if input.shape[0] * C > 0 else 0
     if spatial == 1:
         raise ValueError(
             f"Expected more than 1 spatial element when training, got input size {list(input.shape)}"
         )
-    C = input.shape[1]
-    Y, mean, rstd = torch.ops.normext.group_norm_fwd(
-        input, weight, bias, residual, C, eps, act, negative_slope
-    )
-    if running_mean is not None or running_var is not None:
+    # C = 0 gives an empty output, as in torch: one group of no channels passes the ops' num_groups check.
+    G = max(C, 1)
+    op_args = (input, weight, bias, residual, G, eps, act, negative_slope)
+    if eps == 0.0:
+        # torch normalizes a constant instance (var + eps == 0) to its bias, where the kernels' 1/sqrt(0)
+        # gives NaN. eps = 0 is rare, so it runs in torch ops, which follow torch's rule; the op still checks
+        # the arguments and gives the statistics.
+        with torch.no_grad():
+            _, mean, rstd = torch.ops.normext.group_norm_fwd(*op_args)
+        Y = _reference(input, weight, bias, residual, (), dict(G=G, eps=eps, act=act, slope=negative_slope))
+    else:
+        Y, mean, rstd = torch.ops.normext.group_norm_fwd(*op_args)
+    # An empty input leaves the running statistics alone, as BatchNorm does (torch writes NaN into them).
+    if (running_mean is not None or running_var is not None) and input.numel() > 0:
         with torch.no_grad():
             if running_mean is not None:
                 running_mean.mul_(1 - momentum).add_(mean.mean(0).to(running_mean.dtype), alpha=momentum)

@@ -1,5 +1,5 @@
-"""LayerNorm and channel LayerNorm2d: fake impls of the ops for torch.compile/FakeTensor, the one autograd
-path of each (torch.library.register_autograd over normext::layer_norm_fwd / layer_norm_2d_fwd), the
+"""LayerNorm and channel LayerNorm2d: fake impls of the ops for torch.compile/FakeTensor, their autograd (the
+fused backward and the torch-ops forward that normext._autograd.register_norm_autograd wires up), the
 functionals and the modules."""
 
 import math
@@ -7,16 +7,17 @@ import numbers
 
 import torch
 
-from normext._ops import IDENTITY, FusedActivation, activation_code, empty_in_native_layout, stat_dtype
+from normext._autograd import affine_act, normalize, register_norm_autograd
+from normext._ops import FusedActivation, activation_code, empty_in_native_layout, register_fake, stat_dtype
 
 
-@torch.library.register_fake("normext::layer_norm_fwd")
+@register_fake("normext::layer_norm_fwd")
 def _layer_norm_fwd_fake(X, gamma, beta, residual, normalized_shape, eps, act, slope):
     stats = X.new_empty(X.shape[: X.dim() - len(normalized_shape)], dtype=stat_dtype(X))
     return X.new_empty(X.shape), stats, torch.empty_like(stats)
 
 
-@torch.library.register_fake("normext::layer_norm_2d_fwd")
+@register_fake("normext::layer_norm_2d_fwd")
 def _layer_norm_2d_fwd_fake(X, gamma, beta, residual, eps, act, slope):
     stats = X.new_empty((X.shape[0], math.prod(X.shape[2:])), dtype=stat_dtype(X))
     return empty_in_native_layout(X), stats, torch.empty_like(stats)
@@ -33,57 +34,42 @@ def _grads_fake(X, param_shape, output_mask, like):
     )
 
 
-@torch.library.register_fake("normext::layer_norm_bwd")
+@register_fake("normext::layer_norm_bwd")
 def _layer_norm_bwd_fake(dY, X, residual, mean, rstd, gamma, beta, normalized_shape, act, slope, output_mask):
     return _grads_fake(X, tuple(normalized_shape), output_mask, lambda t: t.new_empty(t.shape))
 
 
-@torch.library.register_fake("normext::layer_norm_2d_bwd")
+@register_fake("normext::layer_norm_2d_bwd")
 def _layer_norm_2d_bwd_fake(dY, X, residual, mean, rstd, gamma, beta, act, slope, output_mask):
     return _grads_fake(X, (X.shape[1],), output_mask, empty_in_native_layout)
 
 
-def _register_autograd(fwd_name, bwd_op):
-    """Autograd for a forward op whose inputs are (X, gamma, beta, residual, *shape_args, eps, act, slope)
-    and whose backward op takes (dY, X, residual, mean, rstd, gamma, beta, *shape_args, act, slope, mask)."""
-
-    def setup_context(ctx, inputs, output):
-        X, gamma, beta, residual, *config = inputs
-        *shape_args, _eps, act, slope = config
-        _, mean, rstd = output
-        # The residual is only needed to recompute the pre-activation for a non-identity activation.
-        ctx.save_for_backward(X, gamma, beta, residual if act != IDENTITY else None, mean, rstd)
-        ctx.shape_args, ctx.act, ctx.slope, ctx.num_inputs = shape_args, act, slope, len(inputs)
-        ctx.param_dtypes = (None if gamma is None else gamma.dtype, None if beta is None else beta.dtype)
-        ctx.mark_non_differentiable(mean, rstd)
-
-    def backward(ctx, dY, _dmean, _drstd):
-        X, gamma, beta, residual, mean, rstd = ctx.saved_tensors
-        need_x, need_w, need_b, need_r = ctx.needs_input_grad[:4]
-        mask = [
-            need_x,
-            gamma is not None and need_w,
-            beta is not None and need_b,
-            need_r and ctx.act != IDENTITY,
-        ]
-        dX, dgamma, dbeta, dres = bwd_op(
-            dY, X, residual, mean, rstd, gamma, beta, *ctx.shape_args, ctx.act, ctx.slope, mask
-        )
-        if need_r and ctx.act == IDENTITY:
-            dres = dY
-        return (
-            dX if mask[0] else None,
-            dgamma.to(ctx.param_dtypes[0]) if mask[1] else None,
-            dbeta.to(ctx.param_dtypes[1]) if mask[2] else None,
-            dres if need_r else None,
-            *([None] * (ctx.num_inputs - 4)),
-        )
-
-    torch.library.register_autograd(fwd_name, backward, setup_context=setup_context)
+def _layer_norm_grads(dY, X, residual, stats, gamma, beta, args, mask):
+    return torch.ops.normext.layer_norm_bwd(
+        dY, X, residual, *stats, gamma, beta, args["normalized_shape"], args["act"], args["slope"], mask
+    )
 
 
-_register_autograd("normext::layer_norm_fwd", torch.ops.normext.layer_norm_bwd)
-_register_autograd("normext::layer_norm_2d_fwd", torch.ops.normext.layer_norm_2d_bwd)
+def _layer_norm_reference(X, gamma, beta, residual, stats, args):
+    """LayerNorm in differentiable torch ops (double backward)."""
+    dims = tuple(range(-len(args["normalized_shape"]), 0))
+    xhat = normalize(X, dims, args["eps"])
+    return affine_act(xhat, gamma, beta, residual, args, X.dtype, per_channel=False)
+
+
+def _layer_norm_2d_grads(dY, X, residual, stats, gamma, beta, args, mask):
+    return torch.ops.normext.layer_norm_2d_bwd(
+        dY, X, residual, *stats, gamma, beta, args["act"], args["slope"], mask
+    )
+
+
+def _layer_norm_2d_reference(X, gamma, beta, residual, stats, args):
+    """LayerNorm2d in differentiable torch ops (double backward)."""
+    return affine_act(normalize(X, 1, args["eps"]), gamma, beta, residual, args, X.dtype)
+
+
+register_norm_autograd("normext::layer_norm_fwd", _layer_norm_grads, _layer_norm_reference)
+register_norm_autograd("normext::layer_norm_2d_fwd", _layer_norm_2d_grads, _layer_norm_2d_reference)
 
 
 def layer_norm(

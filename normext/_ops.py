@@ -1,6 +1,7 @@
 """Loads the compiled operators (torch.ops.normext.*) and holds what every norm's Python side
-shares: activation codes, the layout rule the C++ entry points apply to their inputs, and the one
-autocast rule every op follows."""
+shares: activation codes, the layout rule the C++ entry points apply to their inputs, the argument checks
+that Python must make itself (fake impls, Python-side running-stat updates), and the one autocast rule
+every op follows."""
 
 import torch
 
@@ -18,6 +19,47 @@ def activation_code(activation):
     except (KeyError, TypeError):
         names = ", ".join(repr(k) for k in ACTIVATIONS)
         raise ValueError(f"unknown activation {activation!r}; expected one of {names}") from None
+
+
+def check_devices(op, input, **tensors):
+    """Every tensor argument on the input's device, each named in the error. The C++ entry points check
+    this too, but a meta tensor among the arguments makes the Meta key win dispatch, so only the fake impls
+    (and Python code that updates tensors itself) can see that case."""
+    for name, t in tensors.items():
+        if t is not None and t.device != input.device:
+            raise RuntimeError(f"{op}: {name} is on {t.device} but the input is on {input.device}")
+
+
+def check_running_stats(op, num_features, running_mean, running_var):
+    """Running statistics of num_features elements, checked before anything updates them in place (with
+    torch's message)."""
+    for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+        if t is not None and t.numel() != num_features:
+            raise RuntimeError(f"{op}: {name} should contain {num_features} elements not {t.numel()}")
+
+
+# Schema argument names as the C++ checks and the Python signatures call them.
+_USER_NAMES = {"X": "input", "gamma": "weight", "beta": "bias", "dY": "grad_output"}
+
+
+def register_fake(qualname):
+    """torch.library.register_fake, with check_devices on every tensor argument against the input X (for
+    an op without one, against its first tensor argument)."""
+    schema = torch._library.utils.lookup_op(qualname)._schema
+    names = [_USER_NAMES.get(a.name, a.name) for a in schema.arguments]
+    op = qualname.split("::")[1]
+
+    def register(fake):
+        def checked(*args):
+            tensors = {n: a for n, a in zip(names, args, strict=True) if isinstance(a, torch.Tensor)}
+            ref = "input" if "input" in tensors else next(iter(tensors))
+            check_devices(op, tensors[ref], **{n: t for n, t in tensors.items() if n != ref})
+            return fake(*args)
+
+        torch.library.register_fake(qualname)(checked)
+        return fake
+
+    return register
 
 
 def stat_dtype(x):
@@ -48,7 +90,15 @@ def empty_in_native_layout(x):
 
 
 class FusedActivation:
-    """Mixin for modules with a fused activation: validates the name and adds it to the repr."""
+    """Mixin of every normext module: validates the fused activation's name, adds it to the repr, and turns
+    torch.jit.script away with one clear error."""
+
+    def __prepare_scriptable__(self):
+        # torch.jit.script calls this on every module it is given (and their submodules) before compiling.
+        raise RuntimeError(
+            f"{type(self).__name__}: normext modules cannot be compiled by torch.jit.script (their ops are "
+            "torch.ops.normext.* custom operators called from Python); use torch.compile, or torch.jit.trace"
+        )
 
     def _init_activation(self, activation, negative_slope):
         activation_code(activation)
@@ -67,9 +117,10 @@ class FusedActivation:
 # autocast hands them the float16/bfloat16 outputs of the convs and linears before them, parameters and
 # running statistics stay float32, statistics are accumulated in float32 and the output has the input's
 # dtype (torch instead runs group_norm/layer_norm in float32 under CUDA autocast, which doubles the bytes
-# moved). A float32 input is not cast down. The one cast: a `residual` of another dtype (e.g. a float32
-# skip connection added to a bfloat16 branch) is cast to the input's dtype, so that fused residuals work
-# inside autocast regions; outside autocast a dtype mismatch stays an error.
+# moved). A float32 input is not cast down. The one cast: a floating-point `residual` of another dtype (e.g.
+# a float32 skip connection added to a bfloat16 branch) is cast to the input's dtype, so that fused
+# residuals work inside autocast regions; outside autocast a dtype mismatch stays an error, and so does an
+# integer residual inside (autocast casts floating-point tensors only).
 _autocast_lib = torch.library.Library("normext", "IMPL")
 
 
@@ -86,7 +137,7 @@ def _register_autocast(qualname, device_type):
     @op.py_impl(key)
     def cast_residual_and_run(*args):
         residual, x = args[i_res], args[i_x]
-        if residual is not None and residual.dtype != x.dtype:
+        if residual is not None and residual.is_floating_point() and residual.dtype != x.dtype:
             args = (*args[:i_res], residual.to(x.dtype), *args[i_res + 1 :])
         with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(key)):
             return op(*args)

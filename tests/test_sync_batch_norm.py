@@ -188,6 +188,16 @@ def worker(rank, world, port, errors):
         expected = F.batch_norm(x[:4] if rank < 2 else x[:2], None, None, training=True)
         expected = expected[2 * rank : 2 * rank + 2] if rank < 2 else expected
         torch.testing.assert_close(y, expected, msg=lambda s: f"subgroup rank {rank}: {s}")
+        # Double backward across ranks is an error on every rank (not a gradient short of its second-order
+        # terms), raised before the backward's all-reduce so that no rank waits.
+        m = normext.SyncBatchNorm(3, dtype=torch.float64)
+        x = torch.randn(4, 3, 5, dtype=torch.float64, requires_grad=True)
+        try:
+            torch.autograd.grad(m(x).square().sum(), x, create_graph=True)
+        except RuntimeError as e:
+            assert "double backward" in str(e), e
+        else:
+            raise AssertionError("SyncBatchNorm double backward across ranks did not raise")
         dist.barrier()
         dist.destroy_process_group()
     except BaseException:

@@ -621,10 +621,10 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_fwd_cuda(
     const c10::optional<Tensor>& residual, const c10::optional<Tensor>& running_mean,
     const c10::optional<Tensor>& running_var, double momentum, double eps, int64_t act, double slope) {
   constexpr const char* op = "batch_norm_fwd";
-  const DeviceGuard guard(X_in.device());
   const auto a = check_channel_norm(X_in, gamma, beta, residual, act, op);
   const int64_t C = a.dims.C;
   check_running_stats(running_mean, running_var, a.X, C, op);
+  const DeviceGuard guard(a.X.device());
   Tensor Y = at::empty_like(a.X);
   const auto f32 = a.X.options().dtype(at::kFloat);
   Tensor mean = at::empty({C}, f32);
@@ -649,9 +649,9 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_fwd_cuda(
 }
 
 std::tuple<Tensor, Tensor> batch_norm_stats_cuda(const Tensor& X_in) {
-  const DeviceGuard guard(X_in.device());
   const auto a =
       check_channel_norm(X_in, c10::nullopt, c10::nullopt, c10::nullopt, kIdentity, "batch_norm_stats");
+  const DeviceGuard guard(a.X.device());
   const int64_t C = a.dims.C;
   const auto f32 = a.X.options().dtype(at::kFloat);
   if (a.X.numel() == 0) return {at::zeros({C}, f32), at::zeros({C}, f32)};
@@ -675,7 +675,6 @@ std::tuple<Tensor, Tensor> batch_norm_merge_cuda(const Tensor& counts_in, const 
                                                  const c10::optional<Tensor>& running_var, double momentum,
                                                  double eps) {
   constexpr const char* op = "batch_norm_merge";
-  const DeviceGuard guard(means_in.device());
   TORCH_CHECK(means_in.dim() == 2 && m2s_in.sizes() == means_in.sizes(), op,
               ": expected means and m2s of the same shape (K, C), got ", means_in.sizes(), " and ",
               m2s_in.sizes());
@@ -686,6 +685,7 @@ std::tuple<Tensor, Tensor> batch_norm_merge_cuda(const Tensor& counts_in, const 
   const Tensor m2s = check_stats(m2s_in, means_in, K * C, "m2s", op);
   const Tensor counts = check_stats(counts_in, means_in, K, "counts", op);
   check_running_stats(running_mean, running_var, means, C, op);
+  const DeviceGuard guard(means.device());
   Tensor mean = at::empty({C}, means.options());
   Tensor var = at::empty({C}, means.options());
   if (C == 0) return {mean, var};
@@ -698,11 +698,11 @@ Tensor batch_norm_apply_cuda(const Tensor& X_in, const Tensor& mean_in, const Te
                              const c10::optional<Tensor>& gamma, const c10::optional<Tensor>& beta,
                              const c10::optional<Tensor>& residual, double eps, int64_t act, double slope) {
   constexpr const char* op = "batch_norm_apply";
-  const DeviceGuard guard(X_in.device());
   const auto a = check_channel_norm(X_in, gamma, beta, residual, act, op);
   const int64_t C = a.dims.C;
   const Tensor mean = *check_param(mean_in, a.X, C, "mean", op);
   const Tensor var = *check_param(var_in, a.X, C, "var", op);
+  const DeviceGuard guard(a.X.device());
   Tensor Y = at::empty_like(a.X);
   if (a.X.numel() == 0) return Y;
   NORMEXT_DISPATCH_CUDA_TYPES(a.X.scalar_type(), "batch_norm_apply_cuda", [&] {
@@ -718,12 +718,12 @@ std::tuple<Tensor, Tensor> batch_norm_bwd_reduce_cuda(const Tensor& dY_in, const
                                                       const c10::optional<Tensor>& beta, int64_t act,
                                                       double slope) {
   constexpr const char* op = "batch_norm_bwd_reduce";
-  const DeviceGuard guard(X_in.device());
   const auto a = check_channel_norm(X_in, gamma, beta, residual, act, op);
   const int64_t C = a.dims.C;
   const Tensor dY = *check_like(dY_in, a.X, a.layout, "grad_output", op);
   const Tensor mean = check_stats(mean_in, a.X, C, "mean", op);
   const Tensor rstd = check_stats(rstd_in, a.X, C, "rstd", op);
+  const DeviceGuard guard(a.X.device());
   const auto f32 = a.X.options().dtype(at::kFloat);
   if (a.X.numel() == 0) return {at::zeros({C}, f32), at::zeros({C}, f32)};
   Tensor sum_dz = at::empty({C}, f32);
@@ -764,7 +764,6 @@ std::tuple<Tensor, Tensor> batch_norm_bwd_elemt_cuda(
     const c10::optional<Tensor>& sum_dz_in, const c10::optional<Tensor>& sum_dzx_in, double inv_count,
     int64_t act, double slope, std::array<bool, 2> mask) {
   constexpr const char* op = "batch_norm_bwd_elemt";
-  const DeviceGuard guard(X_in.device());
   const auto a = check_channel_norm(X_in, gamma, beta, residual, act, op);
   const int64_t C = a.dims.C;
   const Tensor dY = *check_like(dY_in, a.X, a.layout, "grad_output", op);
@@ -775,6 +774,7 @@ std::tuple<Tensor, Tensor> batch_norm_bwd_elemt_cuda(
               ": sum_dz and sum_dzxhat must be given together");
   const Tensor sum_dz = has_sums ? check_stats(*sum_dz_in, a.X, C, "sum_dz", op) : Tensor();
   const Tensor sum_dzx = has_sums ? check_stats(*sum_dzx_in, a.X, C, "sum_dzxhat", op) : Tensor();
+  const DeviceGuard guard(a.X.device());
   Tensor dX = mask[0] ? at::empty_like(a.X) : at::empty({0}, a.X.options());
   Tensor dR = mask[1] ? at::empty_like(a.X) : at::empty({0}, a.X.options());
   if (a.X.numel() == 0 || (!mask[0] && !mask[1])) return {dX, dR};

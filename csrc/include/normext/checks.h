@@ -106,8 +106,10 @@ inline c10::optional<at::Tensor> check_like(const c10::optional<at::Tensor>& t, 
 // float64 for float64 input, so gradcheck sees exact statistics), on X's device.
 inline at::Tensor check_stats(const at::Tensor& s, const at::Tensor& X, int64_t numel, const char* name,
                               const char* op) {
-  TORCH_CHECK(s.device() == X.device() && s.scalar_type() == acc_dtype(X) && s.numel() == numel, op, ": ",
-              name, " must be a ", acc_dtype(X), " tensor of ", numel, " elements on ", X.device());
+  TORCH_CHECK(s.device() == X.device(), op, ": ", name, " is on ", s.device(), " but the input is on ",
+              X.device());
+  TORCH_CHECK(s.scalar_type() == acc_dtype(X) && s.numel() == numel, op, ": ", name, " must be a ",
+              acc_dtype(X), " tensor of ", numel, " elements");
   return s.contiguous();
 }
 
@@ -226,8 +228,8 @@ inline void check_running_stats(const c10::optional<at::Tensor>& running_mean,
     const at::Tensor& t = **r;
     TORCH_CHECK(t.device() == X.device(), op, ": ", name, " is on ", t.device(), " but the input is on ",
                 X.device());
-    TORCH_CHECK(t.dim() == 1 && t.numel() == C, op, ": expected ", name, " of shape [", C, "], got ",
-                t.sizes());
+    TORCH_CHECK(t.numel() == C, op, ": ", name, " should contain ", C, " elements not ", t.numel());
+    TORCH_CHECK(t.dim() == 1, op, ": expected ", name, " of shape [", C, "], got ", t.sizes());
     const auto type = t.scalar_type();
     TORCH_CHECK(type == at::kFloat || type == at::kDouble || type == at::kHalf || type == at::kBFloat16, op,
                 ": ", name, " must be a floating-point tensor, got ", type);
