@@ -32,7 +32,10 @@ namespace normext::cuda {
 template <typename... KArgs, typename... Args>
 inline void launch_kernel(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
                           Args&&... args) {
-  kernel<<<grid, block, smem, stream> > >(std::forward<Args>(args)...);
+  // clang-format does not know .cuh is CUDA and would split the launch chevrons.
+  // clang-format off
+  kernel<<<grid, block, smem, stream>>>(std::forward<Args>(args)...);
+  // clang-format on
 }
 
 inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream(); }
