@@ -124,7 +124,7 @@ TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST, MAX_JOBS=$MAX_JOBS)"
 failed=0
 for name in make-test make-bench gpu-check; do
     [ -n "${STATUS[$name]:-}" ] || continue
-    result=$(grep -E '^=+ .*(passed|failed|error).* in ' "$LOGS/$name.log" | tail -1)
+    result=$(grep -E '[0-9]+ (passed|failed|skipped|deselected|errors?)\b.* in [0-9.]+s' "$LOGS/$name.log" | tail -1)
     printf '%-11s %-18s %4d min %02d s  %s\n' "$name" "${STATUS[$name]}" $((TIME[$name] / 60)) \
         $((TIME[$name] % 60)) "$result"
     [ "${STATUS[$name]}" == ok ] || failed=1
