@@ -93,7 +93,8 @@ bench: build
 	$(PY) -m normext.bench $(BENCH_ARGS)
 
 lint: venv
-	@if [ -n "$$($(PY) $(MISSING) $(LINT_DEPS))" ]; then $(PY) -m pip install -q $(LINT_DEPS); fi
+	@if [ -n "$$($(PY) $(MISSING) $(LINT_DEPS))" ]; then $(PY) -m pip install -q $(LINT_DEPS) || \
+		{ echo "make lint needs $(LINT_DEPS), which is not installed and could not be"; exit 1; }; fi
 	$(PY) -m ruff check normext tests bench setup.py
 
 clean:
