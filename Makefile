@@ -24,13 +24,14 @@ endif
 endif
 
 # Which Python runs everything. A PYTHON that is a virtual environment (sys.prefix != sys.base_prefix) and
-# already has torch is used as it is, with the packages beside it: `-m venv --system-site-packages` run
-# by a venv's interpreter builds on the *base* interpreter's site-packages, not the venv's, so a .venv made
-# from it has no torch; a second venv chained to it by a .pth file would need the base Python's ensurepip
-# (missing on Debian/Ubuntu without python3-venv) and still miss the programs in the env's bin/ (ninja).
-# Any other PYTHON (a system or conda Python, whose site-packages are its base's) gets a .venv: with
-# --system-site-packages when it has torch (installs then land in .venv, never in the system Python),
-# else a plain one with torch==$(TORCH_VERSION) from the index. Probed without importing torch (fast).
+# already has torch is used as it is, with the packages beside it; only what it lacks is installed into it.
+# Why not a .venv on top: `-m venv --system-site-packages` run by a venv's interpreter builds on the *base*
+# interpreter's site-packages, not the venv's, so that .venv has no torch; a second venv chained to it by a
+# .pth file would need the base Python's ensurepip (missing on Debian/Ubuntu without python3-venv) and
+# still miss the programs in the env's bin/ (ninja). Any other PYTHON (a system or conda Python, whose
+# site-packages are its base's) gets a .venv: with --system-site-packages when it has torch (installs then
+# land in .venv, never in the system Python), else a plain one with torch==$(TORCH_VERSION) from the index.
+# Probed without importing torch (fast).
 PROBE := $(shell $(PYTHON) -c 'import importlib.util as u, sys; \
 	print(int(sys.prefix != sys.base_prefix and u.find_spec("torch") is not None), sys.executable)' 2>/dev/null)
 ifeq ($(word 1,$(PROBE)),1)
