@@ -10,16 +10,14 @@ import pytest
 import torch
 import torch.nn as nn
 from conftest import make_input
+from optional_deps import optional_import, requires
 
 import normext
 from normext.convert import Conversion
 
-try:
-    import timm
-except ImportError:  # the real-model test dependencies are installed by `make test`
-    timm = None
-
-requires_timm = pytest.mark.skipif(timm is None, reason="timm is not installed")
+timm, _ = optional_import("timm")
+requires_timm = requires("timm")
+requires_torchvision = requires("torchvision")
 
 
 def needs(name):
@@ -226,6 +224,7 @@ def test_fusion_only_where_it_is_safe():
     assert type(model[1]) is nn.ReLU and model[0].activation is None
 
 
+@requires_torchvision
 def test_fuses_conv_norm_activation_blocks():
     """torchvision's Conv2dNormActivation is an nn.Sequential subclass with Sequential's forward."""
     from torchvision.ops.misc import Conv2dNormActivation
@@ -262,6 +261,7 @@ def test_converts_timm_norms(make, target, shape):
     run_and_compare(ref, model, make_input(shape), train=True)
 
 
+@requires_torchvision
 @needs("FrozenBatchNorm2d")
 def test_converts_torchvision_frozen_batch_norm():
     from torchvision.ops.misc import FrozenBatchNorm2d

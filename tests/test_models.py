@@ -13,18 +13,22 @@ import pytest
 import torch
 import torch.nn as nn
 from conftest import make_input
+from optional_deps import optional_import, requires
 from reference import rel_err
 
 import normext
 from normext.convert import _FOREIGN_CLASSES, _TORCH_CLASSES
 
-torchvision = pytest.importorskip(
-    "torchvision", reason="torchvision is a test dependency (make test installs it)"
-)
-timm = pytest.importorskip("timm", reason="timm is a test dependency (make test installs it)")
-from torchvision.models.detection import maskrcnn_resnet50_fpn, maskrcnn_resnet50_fpn_v2  # noqa: E402
-from torchvision.models.detection.backbone_utils import resnet_fpn_backbone  # noqa: E402
-from torchvision.ops.misc import FrozenBatchNorm2d  # noqa: E402
+# Test dependencies that `make test` installs where it can; each model test skips without its own (the
+# example needs neither).
+torchvision, _ = optional_import("torchvision")
+timm, _ = optional_import("timm")
+requires_torchvision = requires("torchvision")
+requires_timm = requires("timm")
+if torchvision is not None:
+    from torchvision.models.detection import maskrcnn_resnet50_fpn, maskrcnn_resnet50_fpn_v2
+    from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+    from torchvision.ops.misc import FrozenBatchNorm2d
 
 FACTOR, FLOOR = 2.0, 1e-5  # float32 against float64: output, all gradients, all buffers
 EACH_FACTOR, EACH_FLOOR = 4.0, 1e-4  # ... each gradient, each buffer
@@ -120,11 +124,13 @@ X_BN = (2, 3, 40, 40)
 # ------------------------------------------------------------------------------------------ torchvision
 
 
+@requires_torchvision
 def test_resnet18_groupnorm():
     ours = check_drop_in(torchvision.models.resnet18(norm_layer=gn32, num_classes=10), make_input(X))
     assert sum(type(m) is normext.GroupNorm for m in ours.modules()) == 20
 
 
+@requires_torchvision
 @needs("BatchNorm2d")
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 def test_resnet18_batchnorm_channels_last(train):
@@ -136,6 +142,7 @@ def test_resnet18_batchnorm_channels_last(train):
     check_drop_in(model, x, train, memory_format=torch.channels_last, float32_grads=not train)
 
 
+@requires_torchvision
 @needs("FrozenBatchNorm2d")
 def test_resnet18_frozen_batchnorm():
     model = torchvision.models.resnet18(norm_layer=FrozenBatchNorm2d, num_classes=10)
@@ -147,6 +154,7 @@ def test_resnet18_frozen_batchnorm():
     check_drop_in(model, make_input(X))
 
 
+@requires_torchvision
 @needs("BatchNorm2d")
 def test_maskrcnn_fpn_backbone_batchnorm():
     """Mask R-CNN as built for training from scratch (weights_backbone=None): BatchNorm2d backbone."""
@@ -154,6 +162,7 @@ def test_maskrcnn_fpn_backbone_batchnorm():
     check_drop_in(model.backbone, make_input(X_BN), float32_grads=False)
 
 
+@requires_torchvision
 @needs("FrozenBatchNorm2d")
 def test_maskrcnn_fpn_backbone_frozen_batchnorm():
     """The FPN backbone as built for fine-tuning: torchvision's FrozenBatchNorm2d, three trainable stages."""
@@ -161,12 +170,14 @@ def test_maskrcnn_fpn_backbone_frozen_batchnorm():
     check_drop_in(model, make_input(X))
 
 
+@requires_torchvision
 def test_maskrcnn_fpn_backbone_groupnorm():
     """The GroupNorm(32) variant of the Mask R-CNN backbone (the GN Mask R-CNN recipes)."""
     model = resnet_fpn_backbone(backbone_name="resnet50", weights=None, norm_layer=gn32, trainable_layers=5)
     check_drop_in(model, make_input(X))
 
 
+@requires_torchvision
 @needs("BatchNorm2d")
 def test_maskrcnn_v2_mask_head_fuses_batchnorm_relu():
     """Mask R-CNN v2's mask head: Conv2dNormActivation blocks, BatchNorm2d + ReLU fused."""
@@ -177,6 +188,7 @@ def test_maskrcnn_v2_mask_head_fuses_batchnorm_relu():
 # ------------------------------------------------------------------------------------------------- timm
 
 
+@requires_timm
 @needs("LayerNorm", "LayerNorm2d")
 def test_timm_convnext():
     """timm's ConvNeXt: LayerNorm2d in the stem and downsampling layers, LayerNorm in the blocks."""
@@ -185,6 +197,7 @@ def test_timm_convnext():
     assert any(type(m) is normext.LayerNorm2d for m in ours.modules())
 
 
+@requires_timm
 def test_timm_convnext_groupnorm1():
     """timm's ConvNeXt with its GroupNorm1 (conv_mlp=True), matched by class name."""
     model = timm.create_model(
@@ -193,6 +206,7 @@ def test_timm_convnext_groupnorm1():
     check_drop_in(model, make_input(X))
 
 
+@requires_torchvision
 def test_resnet18_groupnorm_under_autocast():
     """CPU bfloat16 autocast: normext's GroupNorms get bfloat16 activations and return bfloat16, and the
     model's error against float64 is no worse than torch's under the same autocast."""
