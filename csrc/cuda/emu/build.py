@@ -5,6 +5,7 @@ installed: `python csrc/cuda/emu/build.py [--sanitize]` writes build/emu[-asan]/
 import argparse
 import glob
 import os
+import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
@@ -62,7 +63,17 @@ def main():
     )
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args()
+    if args.sanitize and "libasan" not in os.environ.get("LD_PRELOAD", ""):
+        # load() imports what it built, and an ASan library must come after the ASan runtime: rerun this
+        # script with the runtime preloaded, as make test-emu runs the tests.
+        libs = [
+            subprocess.check_output(["gcc", f"-print-file-name={lib}"], text=True).strip()
+            for lib in ("libasan.so", "libstdc++.so")
+        ]
+        env = dict(os.environ, LD_PRELOAD=" ".join(libs), ASAN_OPTIONS="detect_leaks=0")
+        return subprocess.call([sys.executable, *sys.argv], env=env)
     print(build(args.sanitize, args.verbose))
+    return 0
 
 
 if __name__ == "__main__":
