@@ -11,7 +11,7 @@
 #include "channel_kernels.h"
 #include "normext/checks.h"
 
-namespace normext::cpu {
+namespace normext::cpu::CPU_CAPABILITY {
 namespace {
 
 using at::Tensor;
@@ -542,11 +542,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_norm_2d_bwd_cpu(
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(normext, CPU, m) {
+// Called by csrc/cpu/dispatch.cpp when this capability's build is the one in use.
+void register_layer_norm(torch::Library& m) {
   m.impl("layer_norm_fwd", &layer_norm_fwd_cpu);
   m.impl("layer_norm_bwd", &layer_norm_bwd_cpu);
   m.impl("layer_norm_2d_fwd", &layer_norm_2d_fwd_cpu);
   m.impl("layer_norm_2d_bwd", &layer_norm_2d_bwd_cpu);
 }
 
-}  // namespace normext::cpu
+}  // namespace normext::cpu::CPU_CAPABILITY
