@@ -1,6 +1,6 @@
 # Builds normext._C: a CUDAExtension when torch has CUDA and a toolkit is found, else CPU-only.
 # Knobs: TORCH_CUDA_ARCH_LIST (default without a visible GPU: 8.0;9.0+PTX), MAX_JOBS,
-# NORMEXT_FORCE_CUDA=1 (fail instead of building CPU-only), NORMEXT_CPU_AVX2=0 (only the portable CPU kernels).
+# NORMEXT_FORCE_CUDA=1 (fail instead of building CPU-only), NORMEXT_CPU_AVX2=0 (portable CPU kernels only).
 import glob
 import os
 import platform
