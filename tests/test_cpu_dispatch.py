@@ -1,7 +1,8 @@
 # The CPU kernels are built once per CPU capability and chosen at load time (csrc/cpu/dispatch.cpp): the
 # portable DEFAULT build, forced with ATEN_CPU_CAPABILITY=default in a subprocess, must give the results of
 # the build this process picked (AVX2 on a CPU that has it; then the two differ only by FMA contraction and
-# the SIMD exp/erf/tanh, so the tolerances are a few float32 ulps, not the float64-reference ones).
+# the SIMD exp/erf/tanh, so the tolerances are float32 rounding, measured under 2e-6 of the largest value,
+# not the float64-reference ones).
 import os
 import platform
 import subprocess
@@ -88,6 +89,9 @@ def test_default_build_matches(tmp_path):
     mine = scope["cases"]()
     assert got["out"].keys() == mine.keys()
     for name, tensors in mine.items():
+        # float32 parameter gradients of a bfloat16 input sum terms formed from bfloat16-rounded values:
+        # a few more ulps apart (measured: up to 9e-6 of the largest).
+        low = tensors[0].dtype == torch.bfloat16
         for i, (a, b) in enumerate(zip(got["out"][name], tensors, strict=True)):
             what = f"{name} tensor {i} (output, then gradients)"
             assert a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride(), what
@@ -96,4 +100,5 @@ def test_default_build_matches(tmp_path):
                 # One bfloat16 rounding apart at most (the float32 values before it differ by a few ulps).
                 torch.testing.assert_close(a, b, rtol=2**-7, atol=2**-7 * scale, msg=what)
             else:
-                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * scale, msg=what)
+                tol = 3e-5 if low else 1e-6
+                torch.testing.assert_close(a, b, rtol=10 * tol, atol=tol * scale, msg=what)
