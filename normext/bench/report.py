@@ -551,9 +551,9 @@ def chart(doc, path):
         dtype=float,
     )
     top, bottom = 1.4, 0.5  # inches of title and column labels above, margin below
-    fig = plt.figure(figsize=(15, 0.3 * len(rows) + top + bottom))
-    height = fig.get_figheight()
-    ax = fig.add_axes((0.2, bottom / height, 0.33, 1 - (top + bottom) / height))
+    fig = plt.figure(figsize=(12, 0.3 * len(rows) + top + bottom))
+    height = fig.get_figheight()  # 3 inches of row labels, 5 of cells, 4 for the slowest variants
+    ax = fig.add_axes((0.25, bottom / height, 0.42, 1 - (top + bottom) / height))
     ax.imshow(np.log2(values), cmap="RdYlGn", vmin=-2, vmax=2, aspect="auto", interpolation="nearest")
     ax.set_facecolor("0.9")  # no such baseline for the row (e.g. no fused variant: no chain)
     for i, j in np.ndindex(values.shape):
