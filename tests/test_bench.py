@@ -207,7 +207,7 @@ def test_tiny_run_writes_table_json_and_png(tmp_path, capsys):
     assert "tiny.gn.add_silu" in out and "geomean speedup" in out and "not measured" in out
     (json_path,) = tmp_path.glob("cpu-*.json")
     saved = json.loads(json_path.read_text())
-    assert saved["schema"] == "normext-bench/1" and saved == json.loads(json.dumps(doc))
+    assert saved["schema"] == "normext-bench/1" and saved == json.loads(json.dumps(doc)) and saved["complete"]
     for key in ("date", "device", "threads", "torch", "cuda", "normext", "git", "method", "load_average"):
         assert key in saved
     assert saved["device"]["type"] == "cpu" and saved["roofline"]["bytes_per_s"] > 0
@@ -302,6 +302,23 @@ def test_a_compile_that_fails_or_runs_out_of_time_keeps_its_row(
     assert f" {status} " in row and "ok" in row.split()[-1]
     assert f"torch.compile {status} (compile) in tiny.gn.silu/f32/nchw/fwd: {message}" in out
     assert doc["summary"]["group_norm"]["vs"]["compile"]["fwd"] is None
+
+
+def test_a_stopped_run_leaves_the_variants_it_measured(tmp_path, monkeypatch):
+    measure = runner.run_variant
+
+    def stopped_after_one(variant, *args):
+        if variant.backward:
+            raise KeyboardInterrupt  # what a time limit's SIGINT does
+        return measure(variant, *args)
+
+    monkeypatch.setattr(runner, "run_variant", stopped_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        _one_variant_run(tmp_path, ["--no-compile"])
+    (json_path,) = tmp_path.glob("*.json")
+    saved = json.loads(json_path.read_text())
+    assert not saved["complete"] and [r["name"] for r in saved["results"]] == ["tiny.gn.silu/f32/nchw/fwd"]
+    assert saved["summary"]["group_norm"]["variants"] == 1
 
 
 def test_no_compile_leaves_the_baseline_out_and_says_so(tmp_path, monkeypatch, capsys):

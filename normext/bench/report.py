@@ -259,7 +259,7 @@ def summary_grid(results):
     return rows
 
 
-def document(env, roofline, results, notes, seconds):
+def document(env, roofline, results, notes, seconds, complete=True):
     for r in results:
         if "bytes_per_s" in r:
             r["roofline_fraction"] = {k: v / roofline["bytes_per_s"] for k, v in r["bytes_per_s"].items()}
@@ -271,6 +271,7 @@ def document(env, roofline, results, notes, seconds):
         "summary_grid": summary_grid(results),
         "results": results,
         "wall_s": seconds,
+        "complete": complete,
         "load_average_end": os.getloadavg() if hasattr(os, "getloadavg") else None,
     }
 
@@ -514,13 +515,20 @@ def _compact_number_lists(text):
     return re.sub(r"\[\s*([-+0-9.eE,\s]+?)\s*\]", lambda m: "[" + re.sub(r"\s+", "", m.group(1)) + "]", text)
 
 
+def write_json(doc, out_dir):
+    """Writes <stem>.json (also after each variant, with "complete": false, so that a run stopped by a
+    time limit leaves what it measured); returns its path."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = (out_dir / file_stem(doc)).with_suffix(".json")
+    path.write_text(_compact_number_lists(json.dumps(doc, indent=1)) + "\n")
+    return path
+
+
 def write(doc, out_dir, stream):
     """Writes <stem>.json and <stem>.png (the PNG only when matplotlib is installed) and the table as
     <stem>.txt; returns the paths written."""
-    out_dir.mkdir(parents=True, exist_ok=True)
     stem = out_dir / file_stem(doc)
-    paths = [stem.with_suffix(".json"), stem.with_suffix(".txt")]
-    paths[0].write_text(_compact_number_lists(json.dumps(doc, indent=1)) + "\n")
+    paths = [write_json(doc, out_dir), stem.with_suffix(".txt")]
     text = table_lines(doc) + [""] + roofline_lines(doc) + [""] + case_lines(doc) + [""]
     text += compile_lines(doc) + [""] + summary_lines(doc) + memory_lines(doc)
     paths[1].write_text("\n".join(text) + "\n")

@@ -359,6 +359,11 @@ def run(
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
+        so_far = {**roofline, "bytes_per_s": roofline["before"]["bytes_per_s"]}
+        elapsed = time.perf_counter() - started
+        report.write_json(
+            report.document(env, so_far, results, notes, elapsed, complete=False), Path(out_dir)
+        )
     progress.close()
     roofline["after"] = copy_bandwidth(device, clock, copy_bytes, *effort)
     roofline["bytes_per_s"] = max(r["bytes_per_s"] for r in roofline.values())
