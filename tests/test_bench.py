@@ -421,3 +421,25 @@ def test_summaries_against_hand_computed_geometric_means():
     # the headline: the chain where there is one, else the native op
     assert gn["geomean_speedup_fwd"] == pytest.approx((2 * 3 * 1) ** (1 / 3))
     assert gn["slowest"]["speedup"] == 0.25
+
+
+def test_peak_memory_lines_include_the_compile_baseline():
+    mib = 1 << 20
+    peaks = [
+        {"normext": mib, "native": 2 * mib, "chain": 4 * mib, "compile": 3 * mib},
+        {"normext": mib, "chain": 2 * mib},
+    ]
+    doc = {
+        "device": {"type": "cuda"},
+        "results": [{"name": n, "peak_memory_bytes": p} for n, p in zip("ab", peaks)],
+    }
+    head, columns, a, b = report.memory_lines(doc)
+    assert columns.split() == ["variant", "normext", "native", "op", "chain", "compile", "saved"]
+    assert a.split() == ["a", "1.0", "2.0", "4.0", "3.0", "75%"] and b.split() == [
+        "b",
+        "1.0",
+        "-",
+        "2.0",
+        "-",
+        "50%",
+    ]

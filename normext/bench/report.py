@@ -466,13 +466,15 @@ def memory_lines(doc):
     if not rows:
         return ["peak memory of a training step: no fused variant or stack in this run"]
     lines = ["peak memory of one training step (fwd+bwd), MiB beyond the inputs:"]
-    lines.append(f"  {'variant':52s} {'normext':>9s} {'native op':>9s} {'chain':>9s} {'saved':>6s}")
+    lines.append(
+        f"  {'variant':52s} {'normext':>9s} {'native op':>9s} {'chain':>9s} {'compile':>9s} {'saved':>6s}"
+    )
     for r in rows:
         peak = r["peak_memory_bytes"]
         saved = 1 - peak["normext"] / peak["chain"] if peak.get("chain") else None
+        cells = [_fmt_bytes(peak[k]) if k in peak else "-" for k in ("normext", "native", "chain", "compile")]
         lines.append(
-            f"  {r['name']:52s} {_fmt_bytes(peak['normext']):>9s} "
-            f"{_fmt_bytes(peak['native']) if 'native' in peak else '-':>9s} {_fmt_bytes(peak['chain']):>9s} "
+            f"  {r['name']:52s} " + " ".join(f"{c:>9s}" for c in cells) + f" "
             f"{'-' if saved is None else f'{100 * saved:.0f}%':>6s}"
         )
     return lines
