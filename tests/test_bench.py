@@ -431,7 +431,7 @@ def test_peak_memory_lines_include_the_compile_baseline():
     ]
     doc = {
         "device": {"type": "cuda"},
-        "results": [{"name": n, "peak_memory_bytes": p} for n, p in zip("ab", peaks)],
+        "results": [{"name": n, "peak_memory_bytes": p} for n, p in zip("ab", peaks, strict=True)],
     }
     head, columns, a, b = report.memory_lines(doc)
     assert columns.split() == ["variant", "normext", "native", "op", "chain", "compile", "saved"]
