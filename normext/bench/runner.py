@@ -192,6 +192,9 @@ class _Deadline:
 
     def _alarm(self, signum, frame):
         self.expired = True
+        # Inductor catches some exceptions and carries on (a compile in the worker pool is retried in the
+        # process): raise again every second until one gets out.
+        signal.setitimer(signal.ITIMER_REAL, 1.0)
         raise TimeoutError(f"over the {self.seconds:g} s limit")
 
     def __enter__(self):
