@@ -1,11 +1,21 @@
 """The one autograd path of every norm op (register_norm_autograd) and the building blocks of the norms
 written in differentiable torch ops: a backward runs the fused kernels, or, while its own graph is being
-built (double backward, create_graph=True), autograd.grad through the family's torch-ops forward."""
+built (double backward, create_graph=True), autograd.grad through the family's torch-ops forward. It also
+holds memory_efficient for every family: an op called with FROM_OUTPUT in its activation code keeps its
+output y for backward instead of its input x, and the backward kernels recover x̂ from y."""
 
 import torch
 import torch.nn.functional as F
 
-from normext._ops import IDENTITY, stat_dtype
+from normext._ops import (
+    IDENTITY,
+    base_activation,
+    from_output,
+    invertible,
+    not_invertible_error,
+    sign_readable,
+    stat_dtype,
+)
 
 # The differentiable arguments every norm op has, by schema name; all others are constants for autograd.
 _GRAD_ARGS = ("X", "gamma", "beta", "residual")
@@ -18,7 +28,30 @@ def building_graph(*tensors):
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def register_norm_autograd(qualname, fused_grads, reference, stats_args=()):
+def check_recoverable(gamma):
+    """x̂ = (act⁻¹(y) − β)/γ needs 1/γ finite in float32 in every channel: a weight element of exactly 0 (or
+    so small its reciprocal overflows) makes y independent of x̂ there, so the exact gradient cannot be
+    recovered; refuse it rather than give a wrong one. A check in the backward: on CUDA it is the backward
+    that waits for it, never the forward."""
+    if gamma is not None and not bool(torch.isfinite(gamma.float().reciprocal()).all()):
+        raise RuntimeError(
+            "memory_efficient=True: the weight has an element equal to 0 (or too small to invert), so x̂ "
+            "cannot be recovered from the output and the gradients would be wrong; use "
+            "memory_efficient=False for this layer (or keep the weight away from 0)"
+        )
+
+
+def _free_of_xhat(gamma, beta, act, slope, needs_grad):
+    """Whether a backward with constant statistics needs nothing but y: no parameter needs a gradient (so no
+    x̂ is used) and act'(z) can be read off y's sign."""
+    return (
+        sign_readable(act, slope)
+        and not (gamma is not None and needs_grad[1])
+        and not (beta is not None and needs_grad[2])
+    )
+
+
+def register_norm_autograd(qualname, fused_grads, reference, stats_args=(), graph_from_output=None):
     """Autograd for a norm op with arguments X, gamma, beta, residual, eps, act, slope (by name, among others)
     that returns Y first.
 
@@ -27,7 +60,15 @@ def register_norm_autograd(qualname, fused_grads, reference, stats_args=()):
     for when the activation is not the identity: else it is dY). reference(X, gamma, beta, residual, stats,
     args) -> Y is the same norm in differentiable torch ops. args holds the op's non-tensor arguments; stats
     are the op's other outputs (mean, rstd), or the inputs named in stats_args (statistics given to the op,
-    constants for autograd)."""
+    constants for autograd).
+
+    memory_efficient: an op called with act | FROM_OUTPUT runs its forward with act and keeps Y (and the
+    residual, which x̂'s recovery subtracts) in place of X; fused_grads then gets Y as X and the flag in
+    args["act"], which the backward ops take as "X holds the output". With constant statistics (stats_args)
+    and no parameter gradient wanted, Y alone is kept whenever act'(z) can be read off y (relu included),
+    memory_efficient or not: dx = γ·rstd·dz needs no x̂. graph_from_output(dY, Y, gamma, stats, args, need)
+    gives the differentiable gradients for that case (double backward); elsewhere double backward with
+    memory_efficient is refused, as x is gone."""
     op = torch._library.utils.lookup_op(qualname)
     names = [a.name for a in op._schema.arguments]
     positions = [names.index(n) for n in _GRAD_ARGS]
@@ -36,28 +77,61 @@ def register_norm_autograd(qualname, fused_grads, reference, stats_args=()):
     def setup_context(ctx, inputs, output):
         a = dict(zip(names, inputs, strict=True))
         stats = [a[n] for n in stats_args] if stats_args else output[1:]
-        # The residual only changes the gradients through a non-identity activation.
-        residual = a["residual"] if a["act"] != IDENTITY else None
-        ctx.save_for_backward(a["X"], a["gamma"], a["beta"], residual, *stats)
+        act, slope = a["act"], a["slope"]
+        needs = [ctx.needs_input_grad[i] for i in positions]
+        free = graph_from_output is not None and _free_of_xhat(a["gamma"], a["beta"], act, slope, needs)
+        if from_output(act) and free:
+            residual, ctx.recovers_xhat = None, False
+        elif from_output(act):
+            if not invertible(act, slope):
+                raise not_invertible_error(
+                    qualname, act, slope, "with a weight or bias that needs a gradient"
+                )
+            residual, ctx.recovers_xhat = a["residual"], True
+        else:
+            # The residual only changes the gradients through a non-identity activation.
+            residual, ctx.recovers_xhat = (a["residual"] if act != IDENTITY else None), False
+        Y = output if isinstance(output, torch.Tensor) else output[0]
+        ctx.save_for_backward(Y if from_output(act) else a["X"], a["gamma"], a["beta"], residual, *stats)
         ctx.args = {n: a[n] for n in constants}
+        ctx.args["act"] = act
         if not stats_args:
             ctx.mark_non_differentiable(*output[1:])
 
     def backward(ctx, dY, *_):
         X, gamma, beta, residual, *stats = ctx.saved_tensors
         need = [ctx.needs_input_grad[i] for i in positions]
-        grads = norm_backward(fused_grads, reference, dY, X, gamma, beta, residual, stats, ctx.args, need)
+        if ctx.recovers_xhat:
+            check_recoverable(gamma)
+        graph = None
+        if ctx.recovers_xhat:
+            graph = _no_graph_from_output
+        elif from_output(ctx.args["act"]):
+            graph = graph_from_output
+        grads = norm_backward(
+            fused_grads, reference, dY, X, gamma, beta, residual, stats, ctx.args, need, graph
+        )
         out = [None] * len(names)
         for i, g in zip(positions, grads, strict=True):
             out[i] = g
         return tuple(out)
 
     _lib.impl(
-        qualname.split("::")[1], _autograd_kernel(op, setup_context, backward), "Autograd", with_keyset=True
+        qualname.split("::")[1],
+        _autograd_kernel(op, names.index("act"), setup_context, backward),
+        "Autograd",
+        with_keyset=True,
     )
 
 
-def _autograd_kernel(op, setup_context, backward):
+def _no_graph_from_output(*_):
+    raise RuntimeError(
+        "memory_efficient=True: double backward (create_graph=True) is not supported, as the input is not "
+        "kept; use memory_efficient=False for gradient penalties and Hessian-vector products"
+    )
+
+
+def _autograd_kernel(op, i_act, setup_context, backward):
     """The op's Autograd-key kernel: what torch.library.register_autograd registers, for a mutating op as
     well (it refuses batch_norm_fwd, whose running statistics never take a gradient), so every norm is on
     one path that Dynamo traces as an op (an autograd.Function breaks the graph when one tensor is passed
@@ -67,7 +141,7 @@ def _autograd_kernel(op, setup_context, backward):
     def forward(ctx, *args):
         *args, keyset = args
         with torch._C._AutoDispatchBelowAutograd():
-            output = op.redispatch(keyset & below, *args)
+            output = op.redispatch(keyset & below, *_forward_args(args, i_act))
         setup_context(ctx, args, output)
         return output
 
@@ -85,17 +159,29 @@ def _autograd_kernel(op, setup_context, backward):
         if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
             return Function.apply(*args, keyset)
         with torch._C._AutoDispatchBelowAutograd():
-            return op.redispatch(keyset & below, *args)
+            return op.redispatch(keyset & below, *_forward_args(args, i_act))
 
     return kernel
 
 
-def norm_backward(fused_grads, reference, dY, X, gamma, beta, residual, stats, args, need):
+def _forward_args(args, i_act):
+    """The op's arguments for its forward kernels: the activation without FROM_OUTPUT (what to keep for
+    backward is the autograd layer's business)."""
+    if not from_output(args[i_act]):
+        return args
+    return (*args[:i_act], base_activation(args[i_act]), *args[i_act + 1 :])
+
+
+def norm_backward(fused_grads, reference, dY, X, gamma, beta, residual, stats, args, need, graph=None):
     """[dX, dgamma, dbeta, dresidual], each None unless need (four bools) asks for it: from fused_grads, or
-    from reference while the backward's graph is being built (see register_norm_autograd)."""
-    identity = args["act"] == IDENTITY
+    from reference while the backward's graph is being built (see register_norm_autograd); for a node that
+    kept its output (memory_efficient), from graph(dY, Y, gamma, stats, args, need) then."""
+    identity = base_activation(args["act"]) == IDENTITY
     if building_graph(dY, X, gamma, beta, residual):
-        grads = _graph_grads(reference, dY, X, gamma, beta, residual, stats, args, need)
+        if graph is not None:
+            grads = graph(dY, X, gamma, stats, args, need)
+        else:
+            grads = _graph_grads(reference, dY, X, gamma, beta, residual, stats, args, need)
     else:
         mask = [need[0], need[1] and gamma is not None, need[2] and beta is not None]
         mask.append(need[3] and not identity)

@@ -8,7 +8,7 @@ import inspect
 import torch.nn as nn
 
 import normext
-from normext._ops import FusedActivation
+from normext._ops import FusedActivation, op_activation
 
 
 def _group_norm_args(m):
@@ -194,7 +194,7 @@ def _fuse(seq, prefix, uses, excluded, report_by_name):
         )
 
 
-def convert_model(module, fuse_activations=True, *, exclude=(), return_report=False):
+def convert_model(module, fuse_activations=True, *, exclude=(), return_report=False, memory_efficient=False):
     """Replaces the norm layers of `module` with normext modules and returns the converted module.
 
     Converted: torch.nn GroupNorm, InstanceNorm1d/2d/3d, LayerNorm, BatchNorm1d/2d/3d, SyncBatchNorm
@@ -210,6 +210,10 @@ def convert_model(module, fuse_activations=True, *, exclude=(), return_report=Fa
         "tanh") takes the activation into its kernel and the activation is replaced by nn.Identity.
     exclude: qualified names of submodules (as in named_modules) whose subtrees are left alone.
     return_report: also return a list of Conversion records, one per converted or fused norm.
+    memory_efficient: after the fusion, every normext norm (outside `exclude`) whose activation allows it
+        keeps its output instead of its input for backward (see the modules' memory_efficient); a layer
+        whose output is then modified in place (torchvision's `out += identity`) makes backward raise, so
+        exclude it.
 
     Returns the converted module (the same object unless `module` itself is a rebuilt norm), or
     (module, report) with return_report=True.
@@ -256,8 +260,23 @@ def convert_model(module, fuse_activations=True, *, exclude=(), return_report=Fa
             sequential = isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward
             if sequential and not excluded(name):
                 _fuse(m, name + "." if name else "", uses, excluded, report_by_name)
+    if memory_efficient:
+        for name, m in module.named_modules():
+            if isinstance(m, FusedActivation) and not excluded(name) and _allows_memory_efficient(m):
+                m.memory_efficient = True
     report = [report_by_name[k] for k in sorted(report_by_name, key=_module_order(module))]
     return (module, report) if return_report else module
+
+
+def _allows_memory_efficient(m):
+    """Whether m's activation allows memory_efficient: invertible, or, for FrozenBatchNorm2d (whose backward
+    needs no x̂), one whose derivative y gives (relu too)."""
+    try:
+        constant = isinstance(m, normext.FrozenBatchNorm2d)
+        op_activation(m.activation, m.negative_slope, True, type(m).__name__, constant_stats=constant)
+    except ValueError:
+        return False
+    return True
 
 
 def _module_order(module):

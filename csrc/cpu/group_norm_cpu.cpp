@@ -78,7 +78,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> group_norm_bwd_cpu(
     const Tensor& rstd_in, const c10::optional<Tensor>& gamma, const c10::optional<Tensor>& beta, int64_t G,
     int64_t act, double slope, std::array<bool, 4> mask) {
   constexpr const char* op = "group_norm_bwd";
-  const auto a = check_group_norm(X_in, gamma, beta, residual, G, act, op);
+  const auto a = check_group_norm(X_in, gamma, beta, residual, G, check_grad_activation(act, op), op);
   const auto [N, C, HxW] = a.dims;
   const int64_t D = a.D;
   const Tensor dY = *check_like(dY_in, a.X, a.layout, "grad_output", op);
@@ -99,10 +99,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> group_norm_bwd_cpu(
     const ChannelShape s{N, C, HxW, a.layout == Layout::kChannelsLast};
     std::vector<acc_t> ones, zeros;
     const acc_t* gamma_p = param_or(a.gamma, ones, C, acc_t(1));
+    const acc_t* beta_p = param_or(a.beta, zeros, C, acc_t(0));
     const auto mean_c = expand_groups(mean.const_data_ptr<acc_t>(), N, G, D);
     const auto rstd_c = expand_groups(rstd.const_data_ptr<acc_t>(), N, G, D);
-    const ChannelCoefs<acc_t> k{mean_c.data(), rstd_c.data(), C, gamma_p,
-                                param_or(a.beta, zeros, C, acc_t(0))};
+    std::vector<acc_t> store;
+    const auto [xm, xp] = xhat_coefs(act, mean_c.data(), rstd_c.data(), N * C, C, gamma_p, beta_p, store);
+    const ChannelCoefs<acc_t> k{xm, xp, C, gamma_p, beta_p};
     const scalar_t* X = a.X.const_data_ptr<scalar_t>();
     const scalar_t* R = a.residual ? a.residual->const_data_ptr<scalar_t>() : nullptr;
     std::vector<acc_t> sdz(N * C), sdzx(N * C);

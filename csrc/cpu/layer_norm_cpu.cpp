@@ -95,14 +95,15 @@ void backward_row(const scalar_t* dy, const scalar_t* x, const scalar_t* res, sc
                   int64_t D, acc_t mean, acc_t rstd, const acc_t* gamma, const acc_t* beta, acc_t slope,
                   acc_t* pg, acc_t* pb, acc_t* scratch) {
   using Vec = typename VecIO<scalar_t>::Vec;
-  constexpr bool kScratch = kAct != kIdentity;
+  constexpr bool kScratch = base_activation(kAct) != kIdentity;
   Vec v1(0), v2(0);
   acc_t t1 = 0, t2 = 0;
   for_simd_and_tail<scalar_t>(D, [&](auto zero, int64_t j) {
     using T = decltype(zero);
-    const T xhat = (load_as<scalar_t, T>(x + j) - T(mean)) * T(rstd);
-    const T g = coef<true, T>(gamma, j);
-    const T dz = grad_z<kAct>(dy, res, j, xhat, g, coef<true, T>(beta, j), slope);
+    const T g = coef<true, T>(gamma, j), b = coef<true, T>(beta, j);
+    // From the output x̂ = (v − β)/γ per element (xhat_source.h); else (x − mean)·rstd of the row.
+    const auto [xhat, dz] = from_output(kAct) ? xhat_dz<kAct>(dy, x, res, j, b, T(acc_t(1)) / g, g, b, slope)
+                                              : xhat_dz<kAct>(dy, x, res, j, T(mean), T(rstd), g, b, slope);
     if constexpr (kScratch) store_as<acc_t, T>(scratch + j, dz);
     if (dres != nullptr) store_as<scalar_t, T>(dres + j, dz);
     if (pg != nullptr) store_as<acc_t, T>(pg + j, coef<true, T>(pg, j) + dz * xhat);
@@ -122,7 +123,9 @@ void backward_row(const scalar_t* dy, const scalar_t* x, const scalar_t* res, sc
   const acc_t c2 = (at::vec::vec_reduce_all(add, v2) + t2) / acc_t(D);
   for_simd_and_tail<scalar_t>(D, [&](auto zero, int64_t j) {
     using T = decltype(zero);
-    const T xhat = (load_as<scalar_t, T>(x + j) - T(mean)) * T(rstd);
+    const T xhat = from_output(kAct) ? xhat_at<kAct>(x, res, j, coef<true, T>(beta, j),
+                                                     T(acc_t(1)) / coef<true, T>(gamma, j), slope)
+                                     : xhat_at<kAct>(x, res, j, T(mean), T(rstd), slope);
     T dz;
     if constexpr (kScratch) {
       dz = load_as<acc_t, T>(scratch + j);
@@ -309,7 +312,7 @@ void block_2d_backward(const NormPtrs<scalar_t>& p, const GradPtrs<scalar_t>& gp
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int64_t W = lanes_of<T, scalar_t>();
   constexpr int64_t L = max_lanes<T, scalar_t>();
-  constexpr bool kScratch = kAct != kIdentity;
+  constexpr bool kScratch = base_activation(kAct) != kIdentity;
   auto hsum = [](T v) {
     if constexpr (W == 1) {
       return v;
@@ -332,12 +335,12 @@ void block_2d_backward(const NormPtrs<scalar_t>& p, const GradPtrs<scalar_t>& gp
   const auto slope = p.slope;
   for (int64_t c = 0; c < s.C; ++c) {
     const int64_t o = base + c * s.HxW;
-    const T g(p.gamma[c]), b(p.beta[c]);
+    const T g(p.gamma[c]), b(p.beta[c]), ig(acc_t(1) / p.gamma[c]);
     T dzx(acc_t(0)), dzs(acc_t(0));
     for (int64_t l = 0; l < nl; ++l) {
       const int64_t e = o + l * W;
-      const T xhat = (load_as<scalar_t, T>(X + e) - m[l]) * rs[l];
-      const T dz = grad_z<kAct>(dY, R, e, xhat, g, b, slope);
+      const auto [xhat, dz] = from_output(kAct) ? xhat_dz<kAct>(dY, X, R, e, b, ig, g, b, slope)
+                                                : xhat_dz<kAct>(dY, X, R, e, m[l], rs[l], g, b, slope);
       if constexpr (kScratch) store_as<acc_t, T>(scratch + (c * nl + l) * W, dz);
       if (gp.dR != nullptr) store_as<scalar_t, T>(gp.dR + e, dz);
       s1[l] = s1[l] + g * dz;
@@ -356,10 +359,11 @@ void block_2d_backward(const NormPtrs<scalar_t>& p, const GradPtrs<scalar_t>& gp
   }
   for (int64_t c = 0; c < s.C; ++c) {
     const int64_t o = base + c * s.HxW;
-    const T g(p.gamma[c]);
+    const T g(p.gamma[c]), b(p.beta[c]), ig(acc_t(1) / p.gamma[c]);
     for (int64_t l = 0; l < nl; ++l) {
       const int64_t e = o + l * W;
-      const T xhat = (load_as<scalar_t, T>(X + e) - m[l]) * rs[l];
+      const T xhat = from_output(kAct) ? xhat_at<kAct>(X, R, e, b, ig, slope)
+                                       : xhat_at<kAct>(X, R, e, m[l], rs[l], slope);
       T dz;
       if constexpr (kScratch) {
         dz = load_as<acc_t, T>(scratch + (c * nl + l) * W);
@@ -376,7 +380,7 @@ template <typename scalar_t, int64_t kAct>
 void nchw_backward(const NormPtrs<scalar_t>& p, const GradPtrs<scalar_t>& gp, const Block2d& s) {
   using acc_t = at::opmath_type<scalar_t>;
   at::parallel_for(0, s.N * s.per_n, grain_for(s.C * s.block), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> scratch(kAct != kIdentity ? s.C * s.block : 0);
+    std::vector<acc_t> scratch(base_activation(kAct) != kIdentity ? s.C * s.block : 0);
     for (int64_t t = begin; t < end; ++t) {
       acc_t* pg = gp.part_dgamma != nullptr ? gp.part_dgamma + t * s.C : nullptr;
       acc_t* pb = gp.part_dbeta != nullptr ? gp.part_dbeta + t * s.C : nullptr;
@@ -437,7 +441,7 @@ void backward_impl(const Tensor& dY, const Tensor& X, const c10::optional<Tensor
   const GradPtrs<scalar_t> gp{dY.const_data_ptr<scalar_t>(), mask[0] ? dX.data_ptr<scalar_t>() : nullptr,
                               mask[3] ? dR.data_ptr<scalar_t>() : nullptr, mask[1] ? part_g.data() : nullptr,
                               mask[2] ? part_b.data() : nullptr};
-  dispatch_activation(act, [&](auto kAct) {
+  dispatch_grad_activation(act, [&](auto kAct) {
     if (nchw != nullptr) {
       nchw_backward<scalar_t, decltype(kAct)::value>(p, gp, s);
     } else {
@@ -485,7 +489,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_norm_bwd_cpu(
     const Tensor& rstd_in, const c10::optional<Tensor>& gamma, const c10::optional<Tensor>& beta,
     at::IntArrayRef normalized_shape, int64_t act, double slope, std::array<bool, 4> mask) {
   constexpr const char* op = "layer_norm_bwd";
-  const auto a = check_layer_norm(X_in, normalized_shape, gamma, beta, residual, act, op);
+  const auto a =
+      check_layer_norm(X_in, normalized_shape, gamma, beta, residual, check_grad_activation(act, op), op);
   const Tensor dY = *check_like(dY_in, a.X, Layout::kChannelsFirst, "grad_output", op);
   const Tensor mean = check_stats(mean_in, a.X, a.M, "mean", op);
   const Tensor rstd = check_stats(rstd_in, a.X, a.M, "rstd", op);
@@ -526,7 +531,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_norm_2d_bwd_cpu(
     const Tensor& rstd_in, const c10::optional<Tensor>& gamma, const c10::optional<Tensor>& beta, int64_t act,
     double slope, std::array<bool, 4> mask) {
   constexpr const char* op = "layer_norm_2d_bwd";
-  const auto a = check_channel_norm(X_in, gamma, beta, residual, act, op);
+  const auto a = check_channel_norm(X_in, gamma, beta, residual, check_grad_activation(act, op), op);
   const auto [N, C, HxW] = a.dims;
   const Tensor dY = *check_like(dY_in, a.X, a.layout, "grad_output", op);
   const Tensor mean = check_stats(mean_in, a.X, N * HxW, "mean", op);

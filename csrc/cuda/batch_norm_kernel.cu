@@ -73,11 +73,8 @@ struct GradSums {
   }
 };
 
-// dz = dy·act'(z) at the recomputed pre-activation z = x̂·gamma + beta + res.
-__device__ __forceinline__ float grad_pre_act(float dy, float xhat, float g, float b, float res, int64_t act,
-                                              float slope) {
-  return act == kIdentity ? dy : dy * act_grad<float, float>(xhat * g + b + res, act, slope);
-}
+// Backward: x̂ and dz = dy·act'(z) come from normext/xhat_source.h (from x, or from the output y with
+// kFromOutput: X then holds y); z is recomputed, never saved.
 
 // ------------------------------------------------------------------------------ rows view kernels
 // X is rows x C, row-major. Thread (x, y) = (threadIdx.x % kCols, threadIdx.x / kCols) owns the VEC
@@ -165,9 +162,10 @@ __global__ void __launch_bounds__(kBlock)
         if (r + u * kRows >= r1) continue;
 #pragma unroll
         for (int e = 0; e < VEC; ++e) {
-          const float xhat = (static_cast<float>(xv[u].val[e]) - mean[e]) * rstd[e];
-          const float dz = grad_pre_act(static_cast<float>(dv[u].val[e]), xhat, g[e], b[e],
-                                        static_cast<float>(rv[u].val[e]), act, slope);
+          const float xv_e = static_cast<float>(xv[u].val[e]), rv_e = static_cast<float>(rv[u].val[e]);
+          const float xhat = xhat_from(xv_e, rv_e, mean[e], rstd[e], g[e], b[e], act, slope);
+          const float dz =
+              grad_pre_act(static_cast<float>(dv[u].val[e]), xv_e, xhat, g[e], b[e], rv_e, act, slope);
           acc[e].a += dz;
           acc[e].b += dz * xhat;
         }
@@ -254,9 +252,9 @@ __global__ void __launch_bounds__(kBlock)
       float dz[VEC], dx[VEC];
 #pragma unroll
       for (int e = 0; e < VEC; ++e) {
-        const float xhat = (static_cast<float>(xv[u].val[e]) - mean[e]) * rstd[e];
-        dz[e] = grad_pre_act(static_cast<float>(dv[u].val[e]), xhat, g[e], b[e],
-                             static_cast<float>(rv[u].val[e]), act, slope);
+        const float xv_e = static_cast<float>(xv[u].val[e]), rv_e = static_cast<float>(rv[u].val[e]);
+        const float xhat = xhat_from(xv_e, rv_e, mean[e], rstd[e], g[e], b[e], act, slope);
+        dz[e] = grad_pre_act(static_cast<float>(dv[u].val[e]), xv_e, xhat, g[e], b[e], rv_e, act, slope);
         dx[e] = ka[e] * dz[e] + kb[e] * xhat + kc[e];
       }
       const int64_t o = (r + u * step) * C + c;
@@ -350,9 +348,9 @@ __global__ void __launch_bounds__(kBlock)
       if (!ok[u]) continue;
 #pragma unroll
       for (int e = 0; e < VEC; ++e) {
-        const float xhat = (static_cast<float>(xv[u].val[e]) - mean) * rstd;
-        const float dz = grad_pre_act(static_cast<float>(dv[u].val[e]), xhat, g, b,
-                                      static_cast<float>(rv[u].val[e]), act, slope);
+        const float xv_e = static_cast<float>(xv[u].val[e]), rv_e = static_cast<float>(rv[u].val[e]);
+        const float xhat = xhat_from(xv_e, rv_e, mean, rstd, g, b, act, slope);
+        const float dz = grad_pre_act(static_cast<float>(dv[u].val[e]), xv_e, xhat, g, b, rv_e, act, slope);
         acc.a += dz;
         acc.b += dz * xhat;
       }
@@ -415,8 +413,9 @@ __global__ void __launch_bounds__(kBlock)
     if (R != nullptr) load_float<VEC>(R, o, rv);
 #pragma unroll
     for (int e = 0; e < VEC; ++e) {
-      const float xhat = (xv[e] - mean) * rstd;
-      dz[e] = grad_pre_act(dv[e], xhat, g, b, R != nullptr ? rv[e] : 0.f, act, slope);
+      const float r = R != nullptr ? rv[e] : 0.f;
+      const float xhat = xhat_from(xv[e], r, mean, rstd, g, b, act, slope);
+      dz[e] = grad_pre_act(dv[e], xv[e], xhat, g, b, r, act, slope);
       dx[e] = ka * dz[e] + kb * xhat + kc;
     }
     if (dR != nullptr) store_float<VEC>(dR, o, dz);
@@ -718,7 +717,7 @@ std::tuple<Tensor, Tensor> batch_norm_bwd_reduce_cuda(const Tensor& dY_in, const
                                                       const c10::optional<Tensor>& beta, int64_t act,
                                                       double slope) {
   constexpr const char* op = "batch_norm_bwd_reduce";
-  const auto a = check_channel_norm(X_in, gamma, beta, residual, act, op);
+  const auto a = check_channel_norm(X_in, gamma, beta, residual, check_grad_activation(act, op), op);
   const int64_t C = a.dims.C;
   const Tensor dY = *check_like(dY_in, a.X, a.layout, "grad_output", op);
   const Tensor mean = check_stats(mean_in, a.X, C, "mean", op);
@@ -764,7 +763,9 @@ std::tuple<Tensor, Tensor> batch_norm_bwd_elemt_cuda(
     const c10::optional<Tensor>& sum_dz_in, const c10::optional<Tensor>& sum_dzx_in, double inv_count,
     int64_t act, double slope, std::array<bool, 2> mask) {
   constexpr const char* op = "batch_norm_bwd_elemt";
-  const auto a = check_channel_norm(X_in, gamma, beta, residual, act, op);
+  const auto a =
+      check_channel_norm(X_in, gamma, beta, residual,
+                         check_grad_activation(act, op, sum_dz_in.has_value() && sum_dz_in->defined()), op);
   const int64_t C = a.dims.C;
   const Tensor dY = *check_like(dY_in, a.X, a.layout, "grad_output", op);
   const Tensor mean = check_stats(mean_in, a.X, C, "mean", op);

@@ -119,12 +119,8 @@ __device__ __forceinline__ float act_fwd(float z, int act, float slope) {
   return normext::act_forward<float, float>(z, act, slope);
 }
 
-// Gradient at the pre-activation z = xhat*gamma + beta + r, recomputed from x (never saved).
-__device__ __forceinline__ float grad_pre_act(float dy, float xh, float gam, float bet, float r, int act,
-                                              float slope) {
-  if (act == kIdentity) return dy;
-  return dy * normext::act_grad<float, float>(xh * gam + bet + r, act, slope);
-}
+// Backward: x̂ and the gradient at the pre-activation z come from normext/xhat_source.h (from x, or from the
+// output y with kFromOutput: X then holds y); z is recomputed, never saved.
 
 // The first element of group j = n*G + g (NCHW) or of group g of sample n (channels-last): the shift
 // every moments pass accumulates about, mean = K + Σ(x − K)/M, so that a mean far from zero relative
@@ -552,8 +548,8 @@ __global__ void __launch_bounds__(kMaxBlock)
         load_or_zero<VEC>(p.R, off, res);
 #pragma unroll
         for (int e = 0; e < VEC; ++e) {
-          xh[k][e] = (xv[e] - mu) * rs;
-          dz[k][e] = grad_pre_act(dy[e], xh[k][e], gam, bet, res[e], p.act, p.slope);
+          xh[k][e] = xhat_from(xv[e], res[e], mu, rs, gam, bet, p.act, p.slope);
+          dz[k][e] = grad_pre_act(dy[e], xv[e], xh[k][e], gam, bet, res[e], p.act, p.slope);
           acc.a += dz[k][e];
           acc.b += dz[k][e] * xh[k][e];
         }
@@ -640,8 +636,8 @@ __global__ void __launch_bounds__(kMaxBlock)
       load_or_zero<VEC>(p.R, off, res);
 #pragma unroll
       for (int e = 0; e < VEC; ++e) {
-        xh[k][e] = (xv[e] - mu[e]) * rs[e];
-        dz[k][e] = grad_pre_act(dy[e], xh[k][e], gam[e], bet[e], res[e], p.act, p.slope);
+        xh[k][e] = xhat_from(xv[e], res[e], mu[e], rs[e], gam[e], bet[e], p.act, p.slope);
+        dz[k][e] = grad_pre_act(dy[e], xv[e], xh[k][e], gam[e], bet[e], res[e], p.act, p.slope);
         acc[e].a += dz[k][e];
         acc[e].b += dz[k][e] * xh[k][e];
       }
@@ -718,9 +714,10 @@ __global__ void __launch_bounds__(kBlock)
       if (v + u * kWarpSize < end) {
 #pragma unroll
         for (int e = 0; e < VEC; ++e) {
-          const float xh = (static_cast<float>(xv[u].val[e]) - mu) * rs;
-          const float dz = grad_pre_act(static_cast<float>(dy[u].val[e]), xh, gam, bet,
-                                        static_cast<float>(rv[u].val[e]), p.act, p.slope);
+          const float xv_e = static_cast<float>(xv[u].val[e]), rv_e = static_cast<float>(rv[u].val[e]);
+          const float xh = xhat_from(xv_e, rv_e, mu, rs, gam, bet, p.act, p.slope);
+          const float dz =
+              grad_pre_act(static_cast<float>(dy[u].val[e]), xv_e, xh, gam, bet, rv_e, p.act, p.slope);
           acc.a += dz;
           acc.b += dz * xh;
         }
@@ -777,9 +774,10 @@ __global__ void __launch_bounds__(kBlock)
         if (row + u * stride < end) {
 #pragma unroll
           for (int e = 0; e < VEC; ++e) {
-            const float xh = (static_cast<float>(xv[u].val[e]) - mu[e]) * rs[e];
-            const float dz = grad_pre_act(static_cast<float>(dy[u].val[e]), xh, gam[e], bet[e],
-                                          static_cast<float>(rv[u].val[e]), p.act, p.slope);
+            const float xv_e = static_cast<float>(xv[u].val[e]), rv_e = static_cast<float>(rv[u].val[e]);
+            const float xh = xhat_from(xv_e, rv_e, mu[e], rs[e], gam[e], bet[e], p.act, p.slope);
+            const float dz = grad_pre_act(static_cast<float>(dy[u].val[e]), xv_e, xh, gam[e], bet[e], rv_e,
+                                          p.act, p.slope);
             acc[e].a += dz;
             acc[e].b += dz * xh;
           }
@@ -865,9 +863,10 @@ __global__ void __launch_bounds__(kBlock)
         span_params<VEC>(p.gamma, p.beta, c0, cur.c, cur.rem, p.L, gam, bet);
 #pragma unroll
         for (int e = 0; e < VEC; ++e) {
-          const float xh = (static_cast<float>(xv[u].val[e]) - mu) * rs;
-          dz[e] = grad_pre_act(static_cast<float>(dy[u].val[e]), xh, gam[e], bet[e],
-                               static_cast<float>(rv[u].val[e]), p.act, p.slope);
+          const float xv_e = static_cast<float>(xv[u].val[e]), rv_e = static_cast<float>(rv[u].val[e]);
+          const float xh = xhat_from(xv_e, rv_e, mu, rs, gam[e], bet[e], p.act, p.slope);
+          dz[e] =
+              grad_pre_act(static_cast<float>(dy[u].val[e]), xv_e, xh, gam[e], bet[e], rv_e, p.act, p.slope);
           dx[e] = rs * (gam[e] * dz[e] - pm - xh * qm);
         }
         if (p.dX) store_float<VEC>(p.dX, off, dx);
@@ -925,9 +924,10 @@ __global__ void __launch_bounds__(kBlock)
         float dz[VEC], dx[VEC];
 #pragma unroll
         for (int e = 0; e < VEC; ++e) {
-          const float xh = (static_cast<float>(xv[u].val[e]) - mu[e]) * rs[e];
-          dz[e] = grad_pre_act(static_cast<float>(dy[u].val[e]), xh, gam[e], bet[e],
-                               static_cast<float>(rv[u].val[e]), p.act, p.slope);
+          const float xv_e = static_cast<float>(xv[u].val[e]), rv_e = static_cast<float>(rv[u].val[e]);
+          const float xh = xhat_from(xv_e, rv_e, mu[e], rs[e], gam[e], bet[e], p.act, p.slope);
+          dz[e] =
+              grad_pre_act(static_cast<float>(dy[u].val[e]), xv_e, xh, gam[e], bet[e], rv_e, p.act, p.slope);
           dx[e] = rs[e] * (gam[e] * dz[e] - pm[e] - xh * qm[e]);
         }
         if (p.dX) store_float<VEC>(p.dX, off, dx);
@@ -1289,7 +1289,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_norm_bwd_cuda(
     std::array<bool, 4> output_mask) {
   constexpr const char* op = "group_norm_bwd";
   TORCH_CHECK(dY_in.defined(), op, ": grad_output is undefined");
-  const auto a = check_group_norm(X_in, gamma, beta, residual, G, act, op);
+  const auto a = check_group_norm(X_in, gamma, beta, residual, G, check_grad_activation(act, op), op);
   const DeviceGuard guard(a.X.device());
   const at::Tensor& X = a.X;
   const int64_t N = a.dims.N, C = a.dims.C;

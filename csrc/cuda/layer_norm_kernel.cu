@@ -202,14 +202,16 @@ __global__ void __launch_bounds__(kLongRowThreads)
   }
 }
 
-// dz = dy·act'(z) at the recomputed pre-activation z = x̂·gamma + beta + r, for one vector (in place).
+// dz = dy·act'(z) at the recomputed pre-activation z = x̂·gamma + beta + r, for one vector (in place); u is
+// what the backward read (x, or y with kFromOutput: see normext/xhat_source.h, which also gives x̂).
 template <int VEC>
-__device__ __forceinline__ void grad_pre_activation(float (&dz)[VEC], const float (&xhat)[VEC],
-                                                    const float (&g)[VEC], const float (&b)[VEC],
-                                                    const float (&r)[VEC], int act, float slope) {
+__device__ __forceinline__ void grad_pre_activation(float (&dz)[VEC], const float (&u)[VEC],
+                                                    const float (&xhat)[VEC], const float (&g)[VEC],
+                                                    const float (&b)[VEC], const float (&r)[VEC], int act,
+                                                    float slope) {
   if (act == kIdentity) return;
 #pragma unroll
-  for (int k = 0; k < VEC; ++k) dz[k] *= act_grad(xhat[k] * g[k] + b[k] + r[k], act, slope);
+  for (int k = 0; k < VEC; ++k) dz[k] = grad_pre_act(dz[k], u[k], xhat[k], g[k], b[k], r[k], act, slope);
 }
 
 // Backward over rows held in registers, thread→data mapping as in ln_fwd_rows_kernel. Per row, x and dz
@@ -261,8 +263,8 @@ __global__ void __launch_bounds__(kMaxBwdRowThreads)
           if (R != nullptr) load_float<VEC>(R, off + j, r);
         }
 #pragma unroll
-        for (int k = 0; k < VEC; ++k) xhat[k] = (x[i][k] - mean) * rstd;
-        grad_pre_activation<VEC>(dz[i], xhat, g, b, r, act, slope);
+        for (int k = 0; k < VEC; ++k) xhat[k] = xhat_from(x[i][k], r[k], mean, rstd, g[k], b[k], act, slope);
+        grad_pre_activation<VEC>(dz[i], x[i], xhat, g, b, r, act, slope);
 #pragma unroll
         for (int k = 0; k < VEC; ++k) {
           pg[i][k] += dz[i][k] * xhat[k];
@@ -271,6 +273,8 @@ __global__ void __launch_bounds__(kMaxBwdRowThreads)
           s.b += g[k] * dz[i][k] * xhat[k];
         }
         if (dR != nullptr) store_float<VEC>(dR, off + j, dz[i]);
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) x[i][k] = xhat[k];  // x̂ from here on, for dx
       }
     }
     s = row_allsum<kBlock>(s, W, red);
@@ -284,7 +288,7 @@ __global__ void __launch_bounds__(kMaxBwdRowThreads)
         float g[VEC], dx[VEC];
         load_param<VEC>(gamma, j, g, 1.f);
 #pragma unroll
-        for (int k = 0; k < VEC; ++k) dx[k] = rstd * (g[k] * dz[i][k] - c1 - (x[i][k] - mean) * rstd * c2);
+        for (int k = 0; k < VEC; ++k) dx[k] = rstd * (g[k] * dz[i][k] - c1 - x[i][k] * c2);
         store_float<VEC>(dX, off + j, dx);
       }
     }
@@ -352,8 +356,8 @@ __global__ void __launch_bounds__(kLongRowThreads)
       if (R != nullptr) load_float<VEC>(R, off + j, r);
     }
 #pragma unroll
-    for (int k = 0; k < VEC; ++k) xhat[k] = (x[k] - mean) * rstd;
-    grad_pre_activation<VEC>(dz, xhat, g, b, r, act, slope);
+    for (int k = 0; k < VEC; ++k) xhat[k] = xhat_from(x[k], r[k], mean, rstd, g[k], b[k], act, slope);
+    grad_pre_activation<VEC>(dz, x, xhat, g, b, r, act, slope);
   };
   for (int64_t row = blockIdx.x; row < M; row += gridDim.x) {
     const int64_t off = row * D;
@@ -407,12 +411,10 @@ __global__ void __launch_bounds__(32 * kColsTY)
     const float g = gamma != nullptr ? gamma[j] : 1.f, b = beta != nullptr ? beta[j] : 0.f;
     for (int64_t row = r0 + threadIdx.y; row < r1; row += kColsTY) {
       const int64_t e = row * D + j;
-      const float xhat = (static_cast<float>(X[e]) - mean_in[row]) * rstd_in[row];
-      float dz = static_cast<float>(dY[e]);
-      if (act != kIdentity) {
-        const float r = R != nullptr ? static_cast<float>(R[e]) : 0.f;
-        dz *= act_grad(xhat * g + b + r, act, slope);
-      }
+      const float u = static_cast<float>(X[e]);
+      const float r = R != nullptr && act != kIdentity ? static_cast<float>(R[e]) : 0.f;
+      const float xhat = xhat_from(u, r, mean_in[row], rstd_in[row], g, b, act, slope);
+      const float dz = grad_pre_act(static_cast<float>(dY[e]), u, xhat, g, b, r, act, slope);
       sum[0].a += dz * xhat;
       sum[0].b += dz;
     }
@@ -561,8 +563,8 @@ __global__ void __launch_bounds__(k2dThreads)
     if (R != nullptr && act != kIdentity) load_float<VEC>(R, o, r);
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
-      xhat[k] = (x[k] - mean[k]) * rstd[k];
-      if (act != kIdentity) dz[k] *= act_grad(xhat[k] * g + b + r[k], act, slope);
+      xhat[k] = xhat_from(x[k], r[k], mean[k], rstd[k], g, b, act, slope);
+      dz[k] = grad_pre_act(dz[k], x[k], xhat[k], g, b, r[k], act, slope);
     }
     return g;
   };
@@ -889,7 +891,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_norm_bwd_cuda(
     const Tensor& rstd_in, const c10::optional<Tensor>& gamma, const c10::optional<Tensor>& beta,
     at::IntArrayRef normalized_shape, int64_t act, double slope, std::array<bool, 4> mask) {
   constexpr const char* op = "layer_norm_bwd";
-  auto a = check_layer_norm(X_in, normalized_shape, gamma, beta, residual, act, op);
+  auto a =
+      check_layer_norm(X_in, normalized_shape, gamma, beta, residual, check_grad_activation(act, op), op);
   const DeviceGuard guard(a.X.device());
   check_int_extent(a.D, "a normalized row", op);
   const Tensor dY = *check_like(dY_in, a.X, Layout::kChannelsFirst, "grad_output", op);
@@ -943,7 +946,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_norm_2d_bwd_cuda(
     const Tensor& rstd_in, const c10::optional<Tensor>& gamma, const c10::optional<Tensor>& beta, int64_t act,
     double slope, std::array<bool, 4> mask) {
   constexpr const char* op = "layer_norm_2d_bwd";
-  auto a = check_channel_norm(X_in, gamma, beta, residual, act, op);
+  auto a = check_channel_norm(X_in, gamma, beta, residual, check_grad_activation(act, op), op);
   const DeviceGuard guard(a.X.device());
   const auto [N, C, HxW] = a.dims;
   check_int_extent(C, "a channel dimension", op);

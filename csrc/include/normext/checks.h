@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "normext/math.h"
+#include "normext/xhat_source.h"
 
 namespace normext {
 
@@ -63,7 +64,23 @@ inline at::ScalarType acc_dtype(const at::Tensor& X) {
 }
 
 inline void check_activation(int64_t act, const char* op) {
+  TORCH_CHECK(!(act >= 0 && from_output(act)), op,
+              ": a backward from the output (memory_efficient) is not supported by this kernel");
   TORCH_CHECK(act >= 0 && act < kNumActivations, op, ": unknown activation code ", act);
+}
+
+// The activation code of a backward op that may work from the output (act | kFromOutput, see
+// xhat_source.h); returns the activation itself, for the argument checks. relu is allowed there only when
+// the op needs no x̂ (needs_xhat false: BatchNorm's dx with constant statistics).
+inline int64_t check_grad_activation(int64_t act, const char* op, bool needs_xhat = true) {
+  const int64_t base = act >= 0 ? base_activation(act) : act;
+  check_activation(base, op);
+  TORCH_CHECK(
+      !(act >= 0 && from_output(act)) || base == kIdentity || base == kLeakyRelu ||
+          (base == kRelu && !needs_xhat),
+      op, ": a backward from the output needs an invertible activation (identity or leaky_relu), got code ",
+      base);
+  return base;
 }
 
 // A per-channel (or per-element) parameter: 1-D of `numel` floats, on X's device. Its dtype may be
