@@ -23,6 +23,8 @@ TORCH_LIBRARY(normext, m) {
       "int act, float slope) -> (Tensor Y, Tensor mean, Tensor rstd)");
   // output_mask selects (dX, dgamma, dbeta, dresidual); unselected outputs are empty tensors.
   // dresidual is the gradient at the pre-activation, so it is only needed when act != identity.
+  // Every backward op also takes act | kFromOutput (memory_efficient, normext/xhat_source.h): X then holds
+  // the forward's output Y, from which x̂ is recovered (with the residual, when one was fused).
   m.def(
       "group_norm_bwd(Tensor dY, Tensor X, Tensor? residual, Tensor mean, Tensor rstd, "
       "Tensor? gamma, Tensor? beta, int G, int act, float slope, bool[4] output_mask) -> "

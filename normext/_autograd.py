@@ -33,12 +33,19 @@ def check_recoverable(gamma):
     so small its reciprocal overflows) makes y independent of x̂ there, so the exact gradient cannot be
     recovered; refuse it rather than give a wrong one. A check in the backward: on CUDA it is the backward
     that waits for it, never the forward."""
-    if gamma is not None and not bool(torch.isfinite(gamma.float().reciprocal()).all()):
-        raise RuntimeError(
-            "memory_efficient=True: the weight has an element equal to 0 (or too small to invert), so x̂ "
-            "cannot be recovered from the output and the gradients would be wrong; use "
-            "memory_efficient=False for this layer (or keep the weight away from 0)"
-        )
+    if gamma is None:
+        return
+    ok = torch.isfinite(gamma.float().reciprocal()).all()
+    message = (
+        "memory_efficient=True: the weight has an element equal to 0 (or too small to invert), so x̂ "
+        "cannot be recovered from the output and the gradients would be wrong; use "
+        "memory_efficient=False for this layer (or keep the weight away from 0)"
+    )
+    if torch.compiler.is_compiling():
+        # A traced backward cannot branch on data: the same check as an assertion in the graph.
+        torch._assert_async(ok, message)
+    elif not bool(ok):
+        raise RuntimeError(message)
 
 
 def _free_of_xhat(gamma, beta, act, slope, needs_grad):

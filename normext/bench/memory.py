@@ -22,3 +22,27 @@ def saved_bytes(forward):
     saved, _ = saved_storages(forward)
     storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in saved}
     return sum(storages.values())
+
+
+def stack_saved_bytes(contenders, inputs):
+    """Bytes kept for backward by one training step of each stack contender (functools.partial(_train_step,
+    model, autocast) of normext.bench.runner), and by the normext stack with memory_efficient switched on
+    wherever its activations allow ("normext_memory_efficient")."""
+    out = {name: saved_bytes(lambda fn=fn: fn(inputs)) for name, fn in contenders.items()}
+    step = contenders["normext"]
+    norms = [m for m in step.args[0].modules() if _allows_memory_efficient(m)]
+    for m in norms:
+        m.memory_efficient = True
+    try:
+        out["normext_memory_efficient"] = saved_bytes(lambda: step(inputs))
+    finally:
+        for m in norms:
+            m.memory_efficient = False
+    return out
+
+
+def _allows_memory_efficient(m):
+    from normext._ops import FusedActivation
+    from normext.convert import _allows_memory_efficient as allows
+
+    return isinstance(m, FusedActivation) and not m.memory_efficient and allows(m)

@@ -17,6 +17,7 @@ import torch
 
 from normext.bench import report
 from normext.bench.cases import DTYPES, LAYOUTS, NATIVE_ACT_MODULE, NORMS, SUITE, native_chain, select
+from normext.bench.memory import stack_saved_bytes
 from normext.bench.timing import (
     cache_bytes,
     clock_for,
@@ -175,6 +176,8 @@ def run_variant(variant, device, clock, effort, rotate_bytes, memory_cap):
     result["check"] = _check(variant, contenders, reference, sets[0])
     if device.type == "cuda" and (case.fused or case.layers) and variant.backward:
         result["peak_memory_bytes"] = {name: peak_memory(fn, sets[0]) for name, fn in contenders.items()}
+    if case.layers and variant.backward:
+        result["saved_bytes"] = stack_saved_bytes(contenders, sets[0])
 
     def rotating(fn):
         nxt = itertools.cycle(sets).__next__
