@@ -25,10 +25,12 @@ def saved_bytes(forward):
 
 
 def stack_saved_bytes(contenders, inputs):
-    """Bytes kept for backward by one training step of each stack contender (functools.partial(_train_step,
-    model, autocast) of normext.bench.runner), and by the normext stack with memory_efficient switched on
-    wherever its activations allow ("normext_memory_efficient")."""
-    out = {name: saved_bytes(lambda fn=fn: fn(inputs)) for name, fn in contenders.items()}
+    """Bytes kept for backward by one training step of each eager stack contender (functools.partial(
+    _train_step, model, autocast) of normext.bench.runner; the torch.compile ones are left out), and by the
+    normext stack with memory_efficient switched on wherever its activations allow
+    ("normext_memory_efficient")."""
+    eager = {k: fn for k, fn in contenders.items() if k in ("normext", "chain", "native")}
+    out = {name: saved_bytes(lambda fn=fn: fn(inputs)) for name, fn in eager.items()}
     step = contenders["normext"]
     norms = [m for m in step.args[0].modules() if _allows_memory_efficient(m)]
     for m in norms:
