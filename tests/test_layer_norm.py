@@ -13,6 +13,7 @@ from conftest import (
     assert_bwd_close,
     assert_fwd_close,
     assert_layout_kept,
+    check_all,
     forward_backward,
     leaf,
     make_input,
@@ -69,38 +70,6 @@ def ln2d_fns(act=None, slope=SLOPE, eps=1e-6):
         lambda x, w, b, r: layer_norm_2d_ref(x, w, b, eps, act, slope, r),
         lambda x, w, b, r: native_chain(permute_layer_norm_2d(x, w, b, eps), r, act, slope),
     )
-
-
-def check_all(fns, tensors, dtype, fmt=None, backward=True):
-    """Forward (and backward) of `ours` against the float64 reference; for half/bf16 the torch-native chain in
-    the same dtype is the baseline of the flash-attention rule (float32 gradients: see assert_bwd_close)."""
-    ours, ref, native = fns
-    x = tensors[0]
-    if not backward:
-        with torch.no_grad():
-            y = ours(*tensors)
-            y_ref = ref(*tensors)
-            y_nat = native(*tensors) if dtype in (torch.float16, torch.bfloat16) else None
-        assert y.dtype == x.dtype and y.device == x.device
-        assert_fwd_close(y, y_ref, dtype, y_nat)
-        return y
-    dy = torch.randn_like(x)
-    y, g = forward_backward(ours, tensors, dy)
-    y_ref, g_ref = forward_backward(ref, [to64(t) for t in tensors], to64(dy))
-    y_nat, g_nat = forward_backward(native, [None if t is None else t.detach().clone() for t in tensors], dy)
-    assert y.dtype == x.dtype and y.device == x.device
-    if fmt is not None:
-        assert_layout_kept(y, x, fmt)
-    assert_fwd_close(y, y_ref, dtype, y_nat if dtype in (torch.float16, torch.bfloat16) else None)
-    for name, gi, gr, gnat, t in zip(
-        ("dx", "dweight", "dbias", "dresidual"), g, g_ref, g_nat, tensors, strict=True
-    ):
-        if t is None:
-            continue
-        assert gi is not None, f"{name} is missing"
-        assert gi.shape == t.shape and gi.dtype == t.dtype, f"{name}: {gi.shape} {gi.dtype}"
-        assert_bwd_close(gi, gr, dtype, gnat, what=name)
-    return y
 
 
 def ln_inputs(shape, normalized_shape, dtype_name, device, affine=True, residual=True, mean=0.0, std=1.0):
