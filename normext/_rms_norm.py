@@ -19,8 +19,11 @@ def _as_shape(normalized_shape):
 
 
 def _eps_for(input, eps):
-    """torch.nn.RMSNorm's default: eps=None is the machine epsilon of the input's dtype."""
-    return torch.finfo(input.dtype).eps if eps is None else eps
+    """torch.nn.RMSNorm's default: eps=None is the machine epsilon of the input's dtype (an input that is
+    not floating point is left to the op's check, which names the problem)."""
+    if eps is not None or not input.is_floating_point():
+        return eps or 0.0
+    return torch.finfo(input.dtype).eps
 
 
 @register_fake("normext::rms_norm_fwd")

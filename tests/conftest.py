@@ -194,6 +194,23 @@ def make_noncontiguous(shape, dtype, device, kind):
     return x
 
 
+# The view kinds of the row-norm view tests: non-contiguous, or dense at an offset breaking 16-byte alignment.
+VIEW_KINDS = ["transposed", "strided", "flat_offset", "batch_slice"]
+
+
+def view_inputs(shape, dtype, device, kind):
+    """(x, residual) as views of one VIEW_KINDS kind (the residual strided for the non-contiguous kinds)."""
+    if kind in ("transposed", "strided"):
+        res = make_noncontiguous(shape, dtype, device, "strided")
+        return make_noncontiguous(shape, dtype, device, kind), res
+    if kind == "flat_offset":
+        return (
+            with_storage_offset(make_input(shape, dtype, device), 3),
+            with_storage_offset(make_input(shape, dtype, device), 1),
+        )
+    return sliced_batch(shape, dtype, device, "contiguous"), sliced_batch(shape, dtype, device, "contiguous")
+
+
 def poison_allocator(device, *likes):
     """Allocate NaN-filled blocks of the given tensors' sizes and free them, so the next allocations of
     those sizes (the caching allocator on CUDA, malloc's free lists on the CPU) likely get NaN memory."""

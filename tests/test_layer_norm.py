@@ -10,6 +10,7 @@ from conftest import (
     DEVICES,
     FORMATS,
     LOW_AND_FP32,
+    VIEW_KINDS,
     assert_bwd_close,
     assert_fwd_close,
     assert_layout_kept,
@@ -26,6 +27,7 @@ from conftest import (
     skip_if_unsupported,
     sliced_batch,
     to_format,
+    view_inputs,
     with_storage_offset,
 )
 from reference import (
@@ -156,22 +158,13 @@ def test_ln_float64_cpu(act):
     check_all(ln_fns((2, 13), act), tensors, dtype)
 
 
-@pytest.mark.parametrize("kind", ["transposed", "strided", "flat_offset", "batch_slice"])
+@pytest.mark.parametrize("kind", VIEW_KINDS)
 @pytest.mark.parametrize("dtype_name", ["float32", "bfloat16", "float16-mixed"])
 @pytest.mark.parametrize("device", DEVICES)
 def test_ln_views(device, dtype_name, kind):
     """Non-contiguous inputs, and dense views at an offset that breaks 16-byte alignment."""
     dtype, pdtype = parse_dtype(dtype_name)
-    shape = (2, 6, 64)
-    if kind in ("transposed", "strided"):
-        x = make_noncontiguous(shape, dtype, device, kind)
-        res = make_noncontiguous(shape, dtype, device, "strided")
-    elif kind == "flat_offset":
-        x = with_storage_offset(make_input(shape, dtype, device), 3)
-        res = with_storage_offset(make_input(shape, dtype, device), 1)
-    else:
-        x = sliced_batch(shape, dtype, device, "contiguous")
-        res = sliced_batch(shape, dtype, device, "contiguous")
+    x, res = view_inputs((2, 6, 64), dtype, device, kind)
     w, b = make_params(x.shape[-1], pdtype, device)
     w, b = with_storage_offset(w, 1), with_storage_offset(b, 5)
     check_all(ln_fns((x.shape[-1],), "gelu_tanh"), (x, w, b, res), dtype)

@@ -9,6 +9,7 @@ from conftest import (
     DEVICES,
     FORMATS,
     LOW_AND_FP32,
+    VIEW_KINDS,
     assert_bwd_close,
     assert_fwd_close,
     check_all,
@@ -19,7 +20,7 @@ from conftest import (
     make_params,
     parse_dtype,
     residual_away_from_kink,
-    sliced_batch,
+    view_inputs,
     with_storage_offset,
 )
 from reference import (
@@ -120,22 +121,13 @@ def test_rms_float64_cpu():
     check_all(rms_fns((13,), "gelu"), tensors, dtype)
 
 
-@pytest.mark.parametrize("kind", ["transposed", "strided", "flat_offset", "batch_slice"])
+@pytest.mark.parametrize("kind", VIEW_KINDS)
 @pytest.mark.parametrize("dtype_name", ["float32", "bfloat16-mixed"])
 @pytest.mark.parametrize("device", DEVICES)
 def test_rms_views(device, dtype_name, kind):
     """Non-contiguous inputs, and dense views at an offset that breaks 16-byte alignment."""
     dtype, pdtype = parse_dtype(dtype_name)
-    shape = (2, 6, 64)
-    if kind in ("transposed", "strided"):
-        x = make_noncontiguous(shape, dtype, device, kind)
-        res = make_noncontiguous(shape, dtype, device, "strided")
-    elif kind == "flat_offset":
-        x = with_storage_offset(make_input(shape, dtype, device), 3)
-        res = with_storage_offset(make_input(shape, dtype, device), 1)
-    else:
-        x = sliced_batch(shape, dtype, device, "contiguous")
-        res = sliced_batch(shape, dtype, device, "contiguous")
+    x, res = view_inputs((2, 6, 64), dtype, device, kind)
     w = with_storage_offset(make_params(x.shape[-1], pdtype, device)[0], 1)
     check_all(rms_fns((x.shape[-1],), "gelu_tanh"), (x, w, None, res), dtype)
 
