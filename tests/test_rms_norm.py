@@ -348,19 +348,18 @@ def test_add_norm_outputs_and_both_gradients(device, kind, dtypes, D):
 @pytest.mark.parametrize("kind", ["layer", "rms"])
 @pytest.mark.parametrize("device", DEVICES)
 def test_add_norm_views_and_s_exact(device, kind):
-    """Strided / offset views in, and s is exactly the float32 sum rounded once to residual_dtype; out is
-    exactly what the plain norm gives on that s (normalized from the stored s)."""
+    """Strided / offset views in; s is exactly x + r summed in float32 and rounded once to residual_dtype (a
+    residual of another dtype converted to it first), and out is the plain norm of that stored s."""
     x = make_noncontiguous((2, 6, 64), torch.bfloat16, device, "strided")
     r = with_storage_offset(make_input((2, 6, 64), torch.float32, device), 1)
     w, b = make_params(64, torch.float32, device)
     b = b if kind == "layer" else None
     for rd in (None, torch.float32):
         out, s = add_norm_call(kind, x, r, w, b, 64, rd)
-        assert torch.equal(s, (x.float() + r).to(rd or x.dtype))
+        stream = rd or x.dtype
+        assert s.dtype == stream and torch.equal(s, (x.float() + r.to(stream).float()).to(stream))
         plain = nxF.layer_norm(s, 64, w, b, 1e-5) if kind == "layer" else nxF.rms_norm(s, 64, w, 1e-6)
-        assert torch.equal(out, plain.to(out.dtype)) or rd is not None
-        if rd is None:
-            assert torch.equal(out, plain)
+        torch.testing.assert_close(out, plain.to(out.dtype))
 
 
 @pytest.mark.parametrize("kind", ["layer", "rms"])
