@@ -52,7 +52,8 @@ struct NormPtrs {
 // One row: moments (row_moments: two passes over L1-sized blocks), then the apply re-reading the row from
 // cache. Run-level functions take their pointers by value, already offset to the row, so the hot loops
 // keep them in registers. x is in_t: scalar_t, or the float32 row of add_row. mean_out null: RMSNorm.
-template <typename scalar_t, int64_t kAct, typename in_t = scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+template <typename scalar_t, int64_t kAct, typename in_t = scalar_t,
+          typename acc_t = at::opmath_type<scalar_t>>
 void forward_row(const in_t* x, const scalar_t* res, scalar_t* y, int64_t D, const acc_t* gamma,
                  const acc_t* beta, double eps, acc_t slope, acc_t* mean_out, acc_t* rstd_out) {
   const auto w = row_moments(x, D);
@@ -104,7 +105,8 @@ void rows_forward(const NormPtrs<scalar_t>& p, scalar_t* Y, int64_t M, int64_t D
         forward_row<scalar_t, kAct>(srow.data(), res, Y + o, D, p.gamma, p.beta, eps, p.slope, mean,
                                     p.rstd + row);
       } else {
-        forward_row<scalar_t, kAct>(p.X + o, res, Y + o, D, p.gamma, p.beta, eps, p.slope, mean, p.rstd + row);
+        forward_row<scalar_t, kAct>(p.X + o, res, Y + o, D, p.gamma, p.beta, eps, p.slope, mean,
+                                    p.rstd + row);
       }
     }
   });
@@ -191,11 +193,10 @@ void rows_backward(const NormPtrs<scalar_t>& p, const GradPtrs<scalar_t>& gp, in
       const int64_t r0 = chunk * rc.rows_per_chunk, r1 = std::min(M, r0 + rc.rows_per_chunk);
       for (int64_t row = r0; row < r1; ++row) {
         const int64_t o = row * D;
-        backward_row<scalar_t, kAct>(gp.dY + o, p.X + o, p.R != nullptr ? p.R + o : nullptr,
-                                     gp.dX != nullptr ? gp.dX + o : nullptr,
-                                     gp.dR != nullptr ? gp.dR + o : nullptr, D,
-                                     p.mean != nullptr ? p.mean[row] : acc_t(0), p.rstd[row],
-                                     p.mean == nullptr, p.gamma, p.beta, p.slope, pg, pb, scratch.data());
+        backward_row<scalar_t, kAct>(
+            gp.dY + o, p.X + o, p.R != nullptr ? p.R + o : nullptr, gp.dX != nullptr ? gp.dX + o : nullptr,
+            gp.dR != nullptr ? gp.dR + o : nullptr, D, p.mean != nullptr ? p.mean[row] : acc_t(0),
+            p.rstd[row], p.mean == nullptr, p.gamma, p.beta, p.slope, pg, pb, scratch.data());
       }
     }
   });
@@ -547,8 +548,9 @@ std::tuple<Tensor, Tensor> rms_norm_fwd_cpu(const Tensor& X_in, const c10::optio
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> add_layer_norm_fwd_cpu(
-    const Tensor& X_in, const Tensor& R, const c10::optional<Tensor>& gamma, const c10::optional<Tensor>& beta,
-    at::IntArrayRef normalized_shape, double eps, c10::optional<at::ScalarType> residual_dtype) {
+    const Tensor& X_in, const Tensor& R, const c10::optional<Tensor>& gamma,
+    const c10::optional<Tensor>& beta, at::IntArrayRef normalized_shape, double eps,
+    c10::optional<at::ScalarType> residual_dtype) {
   constexpr const char* op = "add_layer_norm_fwd";
   const auto a = check_layer_norm(X_in, normalized_shape, gamma, beta, c10::nullopt, kIdentity, op);
   const Tensor A = check_add_residual(R, a.X, residual_dtype, op);
@@ -580,8 +582,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> alloc_grads(const Tensor& X, at::IntA
 // Backward of checked rows; mean_in undefined: RMSNorm.
 std::tuple<Tensor, Tensor, Tensor, Tensor> rows_bwd(const Tensor& dY_in, const LayerNormArgs& a,
                                                     const Tensor& mean_in, const Tensor& rstd_in,
-                                                    at::IntArrayRef normalized_shape, int64_t act, double slope,
-                                                    std::array<bool, 4> mask, const char* op) {
+                                                    at::IntArrayRef normalized_shape, int64_t act,
+                                                    double slope, std::array<bool, 4> mask, const char* op) {
   const Tensor dY = *check_like(dY_in, a.X, Layout::kChannelsFirst, "grad_output", op);
   const Tensor mean = mean_in.defined() ? check_stats(mean_in, a.X, a.M, "mean", op) : Tensor();
   const Tensor rstd = check_stats(rstd_in, a.X, a.M, "rstd", op);
@@ -605,14 +607,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_norm_bwd_cpu(
 
 // RMSNorm's backward: output_mask selects (dX, dgamma, dresidual), as for layer_norm_bwd without dbeta.
 std::tuple<Tensor, Tensor, Tensor> rms_norm_bwd_cpu(const Tensor& dY_in, const Tensor& X_in,
-                                                    const c10::optional<Tensor>& residual, const Tensor& rstd_in,
-                                                    const c10::optional<Tensor>& gamma,
-                                                    at::IntArrayRef normalized_shape, int64_t act, double slope,
-                                                    std::array<bool, 3> mask) {
+                                                    const c10::optional<Tensor>& residual,
+                                                    const Tensor& rstd_in, const c10::optional<Tensor>& gamma,
+                                                    at::IntArrayRef normalized_shape, int64_t act,
+                                                    double slope, std::array<bool, 3> mask) {
   constexpr const char* op = "rms_norm_bwd";
   const auto a = check_layer_norm(X_in, normalized_shape, gamma, c10::nullopt, residual, act, op);
-  auto [dX, dgamma, dbeta, dR] =
-      rows_bwd(dY_in, a, Tensor(), rstd_in, normalized_shape, act, slope, {mask[0], mask[1], false, mask[2]}, op);
+  auto [dX, dgamma, dbeta, dR] = rows_bwd(dY_in, a, Tensor(), rstd_in, normalized_shape, act, slope,
+                                          {mask[0], mask[1], false, mask[2]}, op);
   return {dX, dgamma, dR};
 }
 
@@ -648,9 +650,8 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_2d_fwd_cpu(const Tensor& X_in,
 std::tuple<Tensor, Tensor> rms_norm_2d_fwd_cpu(const Tensor& X_in, const c10::optional<Tensor>& gamma,
                                                const c10::optional<Tensor>& residual, double eps, int64_t act,
                                                double slope) {
-  auto [Y, mean, rstd] =
-      fwd_2d(check_channel_norm(X_in, gamma, c10::nullopt, residual, act, "rms_norm_2d_fwd"), eps, act, slope,
-             true);
+  auto [Y, mean, rstd] = fwd_2d(
+      check_channel_norm(X_in, gamma, c10::nullopt, residual, act, "rms_norm_2d_fwd"), eps, act, slope, true);
   return {Y, rstd};
 }
 
@@ -682,8 +683,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_norm_2d_bwd_cpu(
 
 std::tuple<Tensor, Tensor, Tensor> rms_norm_2d_bwd_cpu(const Tensor& dY_in, const Tensor& X_in,
                                                        const c10::optional<Tensor>& residual,
-                                                       const Tensor& rstd_in, const c10::optional<Tensor>& gamma,
-                                                       int64_t act, double slope, std::array<bool, 3> mask) {
+                                                       const Tensor& rstd_in,
+                                                       const c10::optional<Tensor>& gamma, int64_t act,
+                                                       double slope, std::array<bool, 3> mask) {
   constexpr const char* op = "rms_norm_2d_bwd";
   auto [dX, dgamma, dbeta, dR] =
       bwd_2d(dY_in, check_channel_norm(X_in, gamma, c10::nullopt, residual, act, op), Tensor(), rstd_in, act,

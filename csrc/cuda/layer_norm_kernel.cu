@@ -119,8 +119,8 @@ __global__ void __launch_bounds__(kMaxFwdRowThreads)
     ln_fwd_rows_kernel(const scalar_t* __restrict__ X, const scalar_t* __restrict__ R,
                        scalar_t* __restrict__ Y, const float* __restrict__ gamma,
                        const float* __restrict__ beta, float* __restrict__ mean_out,
-                       float* __restrict__ rstd_out, int64_t M, int D, int W, float eps, int act,
-                       float slope, const res_t* __restrict__ A, res_t* __restrict__ S) {
+                       float* __restrict__ rstd_out, int64_t M, int D, int W, float eps, int act, float slope,
+                       const res_t* __restrict__ A, res_t* __restrict__ S) {
   constexpr int kIters = kCap / VEC;
   NORMEXT_SHARED(float, red, kWarpSize);
   const int lane = kBlock ? threadIdx.x : threadIdx.x % W;
@@ -441,7 +441,8 @@ __global__ void __launch_bounds__(32 * kColsTY)
     const float g = gamma != nullptr ? gamma[j] : 1.f, b = beta != nullptr ? beta[j] : 0.f;
     for (int64_t row = r0 + threadIdx.y; row < r1; row += kColsTY) {
       const int64_t e = row * D + j;
-      const float xhat = (static_cast<float>(X[e]) - (mean_in != nullptr ? mean_in[row] : 0.f)) * rstd_in[row];
+      const float xhat =
+          (static_cast<float>(X[e]) - (mean_in != nullptr ? mean_in[row] : 0.f)) * rstd_in[row];
       float dz = static_cast<float>(dY[e]);
       if (act != kIdentity) {
         const float r = R != nullptr ? static_cast<float>(R[e]) : 0.f;
@@ -712,15 +713,16 @@ void rows_forward(const Ptrs<scalar_t>& p, int64_t M, int D, float eps, int act,
         if (plan.fits && !plan.block) {
           const int64_t blocks = std::min(ceil_div<int64_t>(M, kGroupThreads / plan.threads), kMaxGrid);
           NORMEXT_LAUNCH((ln_fwd_rows_kernel<scalar_t, VEC, false, res_t>), blocks, kGroupThreads, 0, stream,
-                         p.X, p.R, p.out, p.gamma, p.beta, p.mean, p.rstd, M, D, plan.threads, eps, act, slope,
-                         A, S);
+                         p.X, p.R, p.out, p.gamma, p.beta, p.mean, p.rstd, M, D, plan.threads, eps, act,
+                         slope, A, S);
         } else if (plan.fits) {
-          NORMEXT_LAUNCH((ln_fwd_rows_kernel<scalar_t, VEC, true, res_t>), std::min(M, kMaxGrid), plan.threads,
-                         0, stream, p.X, p.R, p.out, p.gamma, p.beta, p.mean, p.rstd, M, D, plan.threads, eps,
-                         act, slope, A, S);
+          NORMEXT_LAUNCH((ln_fwd_rows_kernel<scalar_t, VEC, true, res_t>), std::min(M, kMaxGrid),
+                         plan.threads, 0, stream, p.X, p.R, p.out, p.gamma, p.beta, p.mean, p.rstd, M, D,
+                         plan.threads, eps, act, slope, A, S);
         } else {
-          NORMEXT_LAUNCH((ln_fwd_long_kernel<scalar_t, VEC, res_t>), std::min(M, kMaxGrid), kLongRowThreads, 0,
-                         stream, p.X, p.R, p.out, p.gamma, p.beta, p.mean, p.rstd, M, D, eps, act, slope, A, S);
+          NORMEXT_LAUNCH((ln_fwd_long_kernel<scalar_t, VEC, res_t>), std::min(M, kMaxGrid), kLongRowThreads,
+                         0, stream, p.X, p.R, p.out, p.gamma, p.beta, p.mean, p.rstd, M, D, eps, act, slope,
+                         A, S);
         }
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       },
@@ -912,7 +914,8 @@ RowsOut rows_fwd(LayerNormArgs& a, double eps, int64_t act, double slope, bool r
                    A != nullptr ? o.S.data_ptr<scalar_t>() : nullptr);
     } else {
       // A float32 residual stream beside 16-bit activations (check_add_residual allows nothing else).
-      rows_forward(p, a.M, D, e, static_cast<int>(act), sl, A->const_data_ptr<float>(), o.S.data_ptr<float>());
+      rows_forward(p, a.M, D, e, static_cast<int>(act), sl, A->const_data_ptr<float>(),
+                   o.S.data_ptr<float>());
     }
   });
   return o;
@@ -940,8 +943,9 @@ std::tuple<Tensor, Tensor> rms_norm_fwd_cuda(const Tensor& X_in, const c10::opti
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> add_layer_norm_fwd_cuda(
-    const Tensor& X_in, const Tensor& R, const c10::optional<Tensor>& gamma, const c10::optional<Tensor>& beta,
-    at::IntArrayRef normalized_shape, double eps, c10::optional<at::ScalarType> residual_dtype) {
+    const Tensor& X_in, const Tensor& R, const c10::optional<Tensor>& gamma,
+    const c10::optional<Tensor>& beta, at::IntArrayRef normalized_shape, double eps,
+    c10::optional<at::ScalarType> residual_dtype) {
   constexpr const char* op = "add_layer_norm_fwd";
   auto a = check_layer_norm(X_in, normalized_shape, gamma, beta, c10::nullopt, kIdentity, op);
   const Tensor A = check_add_residual(R, a.X, residual_dtype, op);
@@ -985,10 +989,10 @@ void set_grad_ptrs(Ptrs<scalar_t>& p, const Tensor& dY, const Tensor& dX, const 
 }
 
 // Backward of checked rows; mean_in undefined: RMSNorm.
-std::tuple<Tensor, Tensor, Tensor, Tensor> rows_bwd(const Tensor& dY_in, LayerNormArgs& a, const Tensor& mean_in,
-                                                    const Tensor& rstd_in, at::IntArrayRef normalized_shape,
-                                                    int64_t act, double slope, std::array<bool, 4> mask,
-                                                    const char* op) {
+std::tuple<Tensor, Tensor, Tensor, Tensor> rows_bwd(const Tensor& dY_in, LayerNormArgs& a,
+                                                    const Tensor& mean_in, const Tensor& rstd_in,
+                                                    at::IntArrayRef normalized_shape, int64_t act,
+                                                    double slope, std::array<bool, 4> mask, const char* op) {
   const DeviceGuard guard(a.X.device());
   check_int_extent(a.D, "a normalized row", op);
   const Tensor dY = *check_like(dY_in, a.X, Layout::kChannelsFirst, "grad_output", op);
@@ -1016,14 +1020,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_norm_bwd_cuda(
 
 // RMSNorm's backward: output_mask selects (dX, dgamma, dresidual), as for layer_norm_bwd without dbeta.
 std::tuple<Tensor, Tensor, Tensor> rms_norm_bwd_cuda(const Tensor& dY_in, const Tensor& X_in,
-                                                     const c10::optional<Tensor>& residual, const Tensor& rstd_in,
+                                                     const c10::optional<Tensor>& residual,
+                                                     const Tensor& rstd_in,
                                                      const c10::optional<Tensor>& gamma,
-                                                     at::IntArrayRef normalized_shape, int64_t act, double slope,
-                                                     std::array<bool, 3> mask) {
+                                                     at::IntArrayRef normalized_shape, int64_t act,
+                                                     double slope, std::array<bool, 3> mask) {
   constexpr const char* op = "rms_norm_bwd";
   auto a = check_layer_norm(X_in, normalized_shape, gamma, c10::nullopt, residual, act, op);
-  auto [dX, dgamma, dbeta, dR] =
-      rows_bwd(dY_in, a, Tensor(), rstd_in, normalized_shape, act, slope, {mask[0], mask[1], false, mask[2]}, op);
+  auto [dX, dgamma, dbeta, dR] = rows_bwd(dY_in, a, Tensor(), rstd_in, normalized_shape, act, slope,
+                                          {mask[0], mask[1], false, mask[2]}, op);
   return {dX, dgamma, dR};
 }
 
@@ -1066,8 +1071,8 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_2d_fwd_cuda(const Tensor& X_in,
 }
 
 std::tuple<Tensor, Tensor> rms_norm_2d_fwd_cuda(const Tensor& X_in, const c10::optional<Tensor>& gamma,
-                                                const c10::optional<Tensor>& residual, double eps, int64_t act,
-                                                double slope) {
+                                                const c10::optional<Tensor>& residual, double eps,
+                                                int64_t act, double slope) {
   constexpr const char* op = "rms_norm_2d_fwd";
   auto a = check_channel_norm(X_in, gamma, c10::nullopt, residual, act, op);
   auto [Y, mean, rstd] = fwd_2d(a, eps, act, slope, true, op);
@@ -1075,9 +1080,9 @@ std::tuple<Tensor, Tensor> rms_norm_2d_fwd_cuda(const Tensor& X_in, const c10::o
 }
 
 // Channel (2d) backward of checked input; mean_in undefined: RMSNorm2d.
-std::tuple<Tensor, Tensor, Tensor, Tensor> bwd_2d(const Tensor& dY_in, ChannelNormArgs& a, const Tensor& mean_in,
-                                                  const Tensor& rstd_in, int64_t act, double slope,
-                                                  std::array<bool, 4> mask, const char* op) {
+std::tuple<Tensor, Tensor, Tensor, Tensor> bwd_2d(const Tensor& dY_in, ChannelNormArgs& a,
+                                                  const Tensor& mean_in, const Tensor& rstd_in, int64_t act,
+                                                  double slope, std::array<bool, 4> mask, const char* op) {
   const DeviceGuard guard(a.X.device());
   const auto [N, C, HxW] = a.dims;
   check_int_extent(C, "a channel dimension", op);
@@ -1112,8 +1117,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_norm_2d_bwd_cuda(
 
 std::tuple<Tensor, Tensor, Tensor> rms_norm_2d_bwd_cuda(const Tensor& dY_in, const Tensor& X_in,
                                                         const c10::optional<Tensor>& residual,
-                                                        const Tensor& rstd_in, const c10::optional<Tensor>& gamma,
-                                                        int64_t act, double slope, std::array<bool, 3> mask) {
+                                                        const Tensor& rstd_in,
+                                                        const c10::optional<Tensor>& gamma, int64_t act,
+                                                        double slope, std::array<bool, 3> mask) {
   constexpr const char* op = "rms_norm_2d_bwd";
   auto a = check_channel_norm(X_in, gamma, c10::nullopt, residual, act, op);
   auto [dX, dgamma, dbeta, dR] =
