@@ -18,12 +18,12 @@ def _as_shape(normalized_shape):
     return list(normalized_shape)
 
 
-def _eps_for(input, eps):
-    """torch.nn.RMSNorm's default: eps=None is the machine epsilon of the input's dtype (an input that is
-    not floating point is left to the op's check, which names the problem)."""
+def _eps_for(input, eps, dtype=None):
+    """torch.nn.RMSNorm's default: eps=None is the machine epsilon of the normalized tensor's dtype (dtype,
+    default the input's; an input that is not floating point is left to the op's check, which names it)."""
     if eps is not None or not input.is_floating_point():
         return eps or 0.0
-    return torch.finfo(input.dtype).eps
+    return torch.finfo(dtype or input.dtype).eps
 
 
 @register_fake("normext::rms_norm_fwd")
@@ -136,9 +136,11 @@ def add_layer_norm(input, residual, normalized_shape, weight=None, bias=None, ep
 
 
 def add_rms_norm(input, residual, normalized_shape, weight=None, eps=None, residual_dtype=None):
-    """add_layer_norm with RMSNorm (eps=None: the machine epsilon of input's dtype, as torch.nn.RMSNorm)."""
+    """add_layer_norm with RMSNorm. eps=None: the machine epsilon of s's dtype (residual_dtype), as
+    torch.nn.RMSNorm applied to s takes it."""
+    eps = _eps_for(input, eps, residual_dtype)
     out, s, _ = torch.ops.normext.add_rms_norm_fwd(
-        input, residual, weight, _as_shape(normalized_shape), _eps_for(input, eps), residual_dtype
+        input, residual, weight, _as_shape(normalized_shape), eps, residual_dtype
     )
     return out, s
 

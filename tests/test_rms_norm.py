@@ -362,6 +362,19 @@ def test_add_norm_views_and_s_exact(device, kind):
         torch.testing.assert_close(out, plain.to(out.dtype))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_add_rms_norm_eps_none_is_that_of_s(device):
+    """eps=None takes s's dtype (a float32 stream beside bfloat16 input: float32's eps), as torch.nn.RMSNorm
+    applied to s would; on data where eps matters."""
+    x = make_input((6, 32), torch.bfloat16, device, std=2e-4)
+    r = make_input((6, 32), torch.float32, device, std=2e-4)
+    w = make_params(32, torch.float32, device)[0]
+    out, s = nxF.add_rms_norm(x, r, 32, w, residual_dtype=torch.float32)
+    ref = rms_norm_ref(s, (32,), w, torch.finfo(torch.float32).eps)
+    assert rel_err(rms_norm_ref(s, (32,), w, torch.finfo(torch.bfloat16).eps), ref) > 0.5
+    assert_fwd_close(out, ref, torch.bfloat16, F.rms_norm(s, (32,), w).to(torch.bfloat16))
+
+
 @pytest.mark.parametrize("kind", ["layer", "rms"])
 def test_add_norm_gradcheck(kind):
     x = make_input((3, 8), torch.float64, "cpu")
