@@ -307,7 +307,7 @@ ADD_DTYPES = [
 ADD_IDS = ["f32", "f16", "bf16", "bf16-f32stream", "f16-to-f32stream", "bf16-f32res-cast"]
 
 
-@pytest.mark.parametrize("D", [1, 7, 768, 4097], ids=lambda d: f"D{d}")
+@pytest.mark.parametrize("D", [1, 7, 768, 4097, 16500], ids=lambda d: f"D{d}")
 @pytest.mark.parametrize("dtypes", ADD_DTYPES, ids=ADD_IDS)
 @pytest.mark.parametrize("kind", ["layer", "rms"])
 @pytest.mark.parametrize("device", DEVICES)
