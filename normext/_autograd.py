@@ -17,7 +17,8 @@ from normext._ops import (
     stat_dtype,
 )
 
-# The differentiable arguments every norm op has, by schema name; all others are constants for autograd.
+# The differentiable arguments of the norm ops, by schema name (RMSNorm has no beta); all others are
+# constants for autograd.
 _GRAD_ARGS = ("X", "gamma", "beta", "residual")
 _lib = torch.library.Library("normext", "IMPL")
 
@@ -59,8 +60,8 @@ def _free_of_xhat(gamma, beta, act, slope, needs_grad):
 
 
 def register_norm_autograd(qualname, fused_grads, reference, stats_args=(), graph_from_output=None):
-    """Autograd for a norm op with arguments X, gamma, beta, residual, eps, act, slope (by name, among others)
-    that returns Y first.
+    """Autograd for a norm op with arguments X, gamma, beta (RMSNorm: none), residual, eps, act, slope (by
+    name, among others) that returns Y first.
 
     fused_grads(dY, X, residual, stats, gamma, beta, args, mask) -> (dX, dgamma, dbeta, dresidual) runs the
     backward kernels; mask selects the outputs as the *_bwd ops' output_mask does (dresidual is only asked
@@ -78,15 +79,15 @@ def register_norm_autograd(qualname, fused_grads, reference, stats_args=(), grap
     memory_efficient is refused, as x is gone."""
     op = torch._library.utils.lookup_op(qualname)
     names = [a.name for a in op._schema.arguments]
-    positions = [names.index(n) for n in _GRAD_ARGS]
+    positions = [names.index(n) if n in names else None for n in _GRAD_ARGS]
     constants = [a.name for a in op._schema.arguments if "Tensor" not in str(a.type)]
 
     def setup_context(ctx, inputs, output):
         a = dict(zip(names, inputs, strict=True))
         stats = [a[n] for n in stats_args] if stats_args else output[1:]
         act, slope = a["act"], a["slope"]
-        needs = [ctx.needs_input_grad[i] for i in positions]
-        free = graph_from_output is not None and _free_of_xhat(a["gamma"], a["beta"], act, slope, needs)
+        needs = [i is not None and ctx.needs_input_grad[i] for i in positions]
+        free = graph_from_output is not None and _free_of_xhat(a["gamma"], a.get("beta"), act, slope, needs)
         if from_output(act) and free:
             residual, ctx.recovers_xhat = None, False
         elif from_output(act):
@@ -99,7 +100,7 @@ def register_norm_autograd(qualname, fused_grads, reference, stats_args=(), grap
             # The residual only changes the gradients through a non-identity activation.
             residual, ctx.recovers_xhat = (a["residual"] if act != IDENTITY else None), False
         Y = output if isinstance(output, torch.Tensor) else output[0]
-        ctx.save_for_backward(Y if from_output(act) else a["X"], a["gamma"], a["beta"], residual, *stats)
+        ctx.save_for_backward(Y if from_output(act) else a["X"], a["gamma"], a.get("beta"), residual, *stats)
         ctx.args = {n: a[n] for n in constants}
         ctx.args["act"] = act
         if not stats_args:
@@ -107,7 +108,7 @@ def register_norm_autograd(qualname, fused_grads, reference, stats_args=(), grap
 
     def backward(ctx, dY, *_):
         X, gamma, beta, residual, *stats = ctx.saved_tensors
-        need = [ctx.needs_input_grad[i] for i in positions]
+        need = [i is not None and ctx.needs_input_grad[i] for i in positions]
         if ctx.recovers_xhat:
             check_recoverable(gamma)
         graph = None
@@ -120,7 +121,51 @@ def register_norm_autograd(qualname, fused_grads, reference, stats_args=(), grap
         )
         out = [None] * len(names)
         for i, g in zip(positions, grads, strict=True):
-            out[i] = g
+            if i is not None:
+                out[i] = g
+        return tuple(out)
+
+    _lib.impl(
+        qualname.split("::")[1],
+        _autograd_kernel(op, names.index("act"), setup_context, backward),
+        "Autograd",
+        with_keyset=True,
+    )
+
+
+def register_add_norm_autograd(qualname, fused_grads, reference):
+    """Autograd for a pre-norm add op (X, R, gamma[, beta], ..., eps, residual_dtype) -> (Y, S, *stats) with
+    S = X + R and Y = norm(S): the norm's gradient at S is norm_backward's (fused_grads and reference as for
+    register_norm_autograd, S the norm's input, no activation), and dX = dR = dS + that, in X's and R's
+    dtypes. A float32 S beside a 16-bit Y takes dY in float32."""
+    op = torch._library.utils.lookup_op(qualname)
+    names = [a.name for a in op._schema.arguments]
+    i_x, i_r, i_g = names.index("X"), names.index("R"), names.index("gamma")
+    i_b = names.index("beta") if "beta" in names else None
+    constants = [a.name for a in op._schema.arguments if "Tensor" not in str(a.type)]
+
+    def setup_context(ctx, inputs, output):
+        a = dict(zip(names, inputs, strict=True))
+        ctx.save_for_backward(output[1], a["gamma"], a.get("beta"), *output[2:])
+        ctx.args = {n: a[n] for n in constants} | {"act": IDENTITY, "slope": 0.0}
+        ctx.dtypes = (a["X"].dtype, a["R"].dtype)
+        ctx.mark_non_differentiable(*output[2:])
+
+    def backward(ctx, dY, dS, *_):
+        S, gamma, beta, *stats = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        need_s = need[i_x] or need[i_r]
+        wanted = [need_s, need[i_g], i_b is not None and need[i_b], False]
+        dY = dY.to(S.dtype)
+        grads = norm_backward(fused_grads, reference, dY, S, gamma, beta, None, stats, ctx.args, wanted)
+        out = [None] * len(names)
+        if need_s:
+            total = grads[0] + dS
+            out[i_x] = total.to(ctx.dtypes[0]) if need[i_x] else None
+            out[i_r] = total.to(ctx.dtypes[1]) if need[i_r] else None
+        out[i_g] = grads[1]
+        if i_b is not None:
+            out[i_b] = grads[2]
         return tuple(out)
 
     _lib.impl(
@@ -238,6 +283,12 @@ def normalize(x, dims, eps):
     mean = x.mean(dims, keepdim=True)
     centred = x - mean
     return centred * inv_std(centred.square().mean(dims, keepdim=True), eps)
+
+
+def rms_normalize(x, dims, eps):
+    """x̂ = x * rsqrt(mean(x²) + eps) over dims, in the accumulation dtype (RMSNorm, as the kernels)."""
+    x = x.to(stat_dtype(x))
+    return x * torch.rsqrt(x.square().mean(dims, keepdim=True) + eps)
 
 
 def channel_view(p, ndim):

@@ -89,7 +89,7 @@ def check_running_stats(op, num_features, running_mean, running_var):
 
 
 # Schema argument names as the C++ checks and the Python signatures call them.
-_USER_NAMES = {"X": "input", "gamma": "weight", "beta": "bias", "dY": "grad_output"}
+_USER_NAMES = {"X": "input", "R": "residual", "gamma": "weight", "beta": "bias", "dY": "grad_output"}
 
 
 def register_fake(qualname):

@@ -56,6 +56,18 @@ def _channel_layer_norm_args(m):
     )
 
 
+def _rms_norm_args(m):
+    # torch.nn.RMSNorm and timm's RmsNorm (normalized_shape, eps, weight or None).
+    return dict(
+        normalized_shape=tuple(m.normalized_shape), eps=m.eps, elementwise_affine=m.weight is not None
+    )
+
+
+def _channel_rms_norm_args(m):
+    # timm's RmsNorm2d: normalized_shape (C,), over dim 1.
+    return dict(num_channels=tuple(m.normalized_shape)[0], eps=m.eps, affine=m.weight is not None)
+
+
 def _frozen_batch_norm_args(m):
     return dict(num_features=m.running_mean.numel(), eps=m.eps)
 
@@ -69,6 +81,7 @@ _TORCH_CLASSES = {
     nn.InstanceNorm2d: ("InstanceNorm2d", _running_norm_args),
     nn.InstanceNorm3d: ("InstanceNorm3d", _running_norm_args),
     nn.LayerNorm: ("LayerNorm", _layer_norm_args),
+    nn.RMSNorm: ("RMSNorm", _rms_norm_args),
     nn.BatchNorm1d: ("BatchNorm1d", _running_norm_args),
     nn.BatchNorm2d: ("BatchNorm2d", _running_norm_args),
     nn.BatchNorm3d: ("BatchNorm3d", _running_norm_args),
@@ -85,6 +98,8 @@ _FOREIGN_CLASSES = {
     "timm.layers.norm.LayerNorm": ("LayerNorm", _layer_norm_args),
     "timm.layers.norm.GroupNorm": ("GroupNorm", _group_norm_args),
     "timm.layers.norm.GroupNorm1": ("GroupNorm", _group_norm_args),
+    "timm.layers.norm.RmsNorm": ("RMSNorm", _rms_norm_args),
+    "timm.layers.norm.RmsNorm2d": ("RMSNorm2d", _channel_rms_norm_args),
     "timm.models.layers.norm.LayerNorm2d": ("LayerNorm2d", _channel_layer_norm_args),
     "timm.models.layers.norm.LayerNorm": ("LayerNorm", _layer_norm_args),
     "timm.models.layers.norm.GroupNorm": ("GroupNorm", _group_norm_args),
@@ -197,13 +212,13 @@ def _fuse(seq, prefix, uses, excluded, report_by_name):
 def convert_model(module, fuse_activations=True, *, exclude=(), return_report=False, memory_efficient=False):
     """Replaces the norm layers of `module` with normext modules and returns the converted module.
 
-    Converted: torch.nn GroupNorm, InstanceNorm1d/2d/3d, LayerNorm, BatchNorm1d/2d/3d, SyncBatchNorm
-    (exact types, switched in place: the module objects, parameters, buffers and hooks stay), plus by
-    class name torchvision's and detectron2's FrozenBatchNorm2d, timm's LayerNorm2d, LayerNorm and
-    GroupNorm and detectron2's LayerNorm (rebuilt around the same tensors). Parameter and buffer names,
-    values, requires_grad, device, dtype and train/eval mode are kept, so outputs match and state_dicts
-    load both ways. normext modules are left as they are; so are subclasses of the torch classes (their
-    forward may differ) and norms whose normext counterpart is not built.
+    Converted: torch.nn GroupNorm, InstanceNorm1d/2d/3d, LayerNorm, RMSNorm, BatchNorm1d/2d/3d,
+    SyncBatchNorm (exact types, switched in place: the module objects, parameters, buffers and hooks stay),
+    plus by class name torchvision's and detectron2's FrozenBatchNorm2d, timm's LayerNorm2d, LayerNorm,
+    GroupNorm, RmsNorm and RmsNorm2d and detectron2's LayerNorm (rebuilt around the same tensors).
+    Parameter and buffer names, values, requires_grad, device, dtype and train/eval mode are kept, so
+    outputs match and state_dicts load both ways. normext modules are left as they are; so are subclasses
+    of the torch classes (their forward may differ) and norms whose normext counterpart is not built.
 
     fuse_activations: inside every nn.Sequential (or subclass keeping Sequential's forward), a normext
         norm directly followed by nn.ReLU, nn.LeakyReLU, nn.SiLU or nn.GELU (approximate "none" or

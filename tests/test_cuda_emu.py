@@ -195,6 +195,15 @@ LAUNCH_PLANS = {
     ("batch_norm", (8, 64, 48, 48), "channels_last"): (3, 3),
     ("layer_norm_2d", (2, 64, 48, 48), "contiguous"): (1, 2),
     ("layer_norm_2d", (2, 64, 48, 48), "channels_last"): (1, 2),
+    ("rms_norm", (64, 256), None): (1, 2),
+    ("rms_norm", (8, 20000), None): (1, 3),
+    ("rms_norm_2d", (2, 32, 8, 8), "contiguous"): (1, 2),
+    ("rms_norm_2d", (2, 32, 8, 8), "channels_last"): (1, 2),
+    # Pre-norm add&norm: the add is inside the one forward launch (s written by it); the backward is the
+    # norm's (the add of ds is not a kernel of normext's).
+    ("add_layer_norm", (64, 256), None): (1, 2),
+    ("add_rms_norm", (64, 256), None): (1, 2),
+    ("add_layer_norm", (8, 20000), None): (1, 3),
 }
 
 
@@ -203,16 +212,23 @@ LAUNCH_PLANS = {
 )
 def test_launch_counts(case):
     op, shape, fmt = case
-    if op == "layer_norm":
+    rows = {
+        "layer_norm": lambda t, w_, b_: nxF.layer_norm(t, shape[-1:], w_, b_),
+        "rms_norm": lambda t, w_, b_: nxF.rms_norm(t, shape[-1:], w_),
+        "add_layer_norm": lambda t, w_, b_: sum(nxF.add_layer_norm(t, t * 2, shape[-1:], w_, b_)),
+        "add_rms_norm": lambda t, w_, b_: sum(nxF.add_rms_norm(t, t * 2, shape[-1:], w_)),
+    }
+    if op in rows:
         x = torch.randn(shape)
         w, b = torch.randn(shape[-1]), torch.randn(shape[-1])
-        counts = _fwd_bwd_launches(lambda t, w_, b_: nxF.layer_norm(t, shape[-1:], w_, b_), x, w, b)
+        counts = _fwd_bwd_launches(rows[op], x, w, b)
     else:
         x = make_input(shape, torch.float32, "cpu", fmt)
         w, b = make_params(shape[1], torch.float32, "cpu")
         fn = {
             "group_norm": lambda t, w_, b_: nxF.group_norm(t, 8, w_, b_),
             "layer_norm_2d": lambda t, w_, b_: nxF.layer_norm_2d(t, w_, b_),
+            "rms_norm_2d": lambda t, w_, b_: nxF.rms_norm_2d(t, w_),
             "batch_norm": lambda t, w_, b_: nxF.batch_norm(t, None, None, w_, b_, training=True),
         }[op]
         counts = _fwd_bwd_launches(fn, x, w, b)

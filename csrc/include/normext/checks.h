@@ -204,6 +204,22 @@ inline LayerNormArgs check_layer_norm(const at::Tensor& X_in, at::IntArrayRef no
   return a;
 }
 
+// The residual stream of add_layer_norm / add_rms_norm (s = X + R, normalized): R of X's shape and device,
+// floating point. s has residual_dtype (default: X's dtype), which must be X's dtype or float32 (a
+// float32 stream beside 16-bit activations). Returns R contiguous in that dtype (a cast when R has another).
+inline at::Tensor check_add_residual(const at::Tensor& R, const at::Tensor& X,
+                                     c10::optional<at::ScalarType> residual_dtype, const char* op) {
+  TORCH_CHECK(R.device() == X.device(), op, ": residual is on ", R.device(), " but the input is on ",
+              X.device());
+  TORCH_CHECK(R.sizes() == X.sizes(), op, ": residual must have the input's shape ", X.sizes(), ", got ",
+              R.sizes());
+  TORCH_CHECK(R.is_floating_point(), op, ": expected a floating-point residual, got ", R.scalar_type());
+  const at::ScalarType res = residual_dtype.value_or(X.scalar_type());
+  TORCH_CHECK(res == X.scalar_type() || (res == at::kFloat && X.scalar_type() != at::kDouble), op,
+              ": residual_dtype must be the input's dtype (", X.scalar_type(), ") or float32, got ", res);
+  return R.to(res).contiguous();
+}
+
 // Arguments of the per-channel-parameter norms that are not GroupNorm (LayerNorm2d, BatchNorm),
 // checked once for both devices: X (N, C, *) in its native layout, gamma/beta of C elements.
 struct ChannelNormArgs {
