@@ -34,6 +34,11 @@ C10_HOST_DEVICE constexpr T round_up(T a, T b) {
   return ceil_div(a, b) * b;
 }
 
+// rstd = 1/sqrt(var + eps), rounded once (within an ulp of 1.f / sqrtf(v), and closer). Unlike the IEEE
+// division and square root it has no slow-path subroutine call, whose register saves ptxas reports as
+// spills in kernels that hold many values (tools/cuda_report.py).
+__device__ __forceinline__ float rsqrt_rn(float v) { return __frsqrt_rn(v); }
+
 // Elements of scalar_t per 16-byte access.
 template <typename scalar_t>
 constexpr int kMaxVec = 16 / static_cast<int>(sizeof(scalar_t));

@@ -26,6 +26,9 @@ constexpr int kFwdRegs = 32;
 constexpr int kBwdRegs = 16;
 constexpr int kMaxBlock = 512;  // fused kernels
 constexpr int kBlock = 256;     // streaming kernels
+// Blocks per SM every streaming kernel must fit: 4 x 256 threads is 50% theoretical occupancy on sm_90,
+// which bounds them to 64 registers (tools/cuda_report.py checks that nothing spills).
+constexpr int kStreamBlocks = 4;
 // Independent loads in flight per thread in streaming loops. 8-wide vectors use 2: each load then
 // feeds twice the float temporaries (and channels-last per-lane constants), and 2 x 16 bytes per
 // array already keeps enough memory traffic in flight at the occupancy that leaves.
@@ -139,9 +142,7 @@ __device__ __forceinline__ float group_shift_nhwc(const FwdParams<scalar_t>& p, 
   return static_cast<float>(p.X[n * p.L * p.C + g * p.D]);
 }
 
-__device__ __forceinline__ float rstd_of(const WelfordF& w, float eps) {
-  return 1.f / sqrtf(w.m2 / w.n + eps);
-}
+__device__ __forceinline__ float rstd_of(const WelfordF& w, float eps) { return rsqrt_rn(w.m2 / w.n + eps); }
 
 // =============================================================================================
 // Forward
@@ -187,7 +188,7 @@ __global__ void __launch_bounds__(kMaxBlock) gn_fwd_fused_nchw_kernel(FwdParams<
     }
   }
   const float var = block_allreduce(m2, SumOp{}, red, seg_warps) / static_cast<float>(M);
-  const float rs = 1.f / sqrtf(var + p.eps);
+  const float rs = rsqrt_rn(var + p.eps);
   if (nvec > 0 && r == 0) {
     p.mean[j] = mu;
     p.rstd[j] = rs;
@@ -269,7 +270,7 @@ __global__ void __launch_bounds__(kMaxBlock)
   }
   column_reduce<VEC>(q, cols, y, x, bdy, bdx, SumOp{});
   warp_per_segment(ng, D, 0.f, col_sum, SumOp{}, [&](int64_t g, float t) {
-    const float rs = 1.f / sqrtf(t / M + p.eps);
+    const float rs = rsqrt_rn(t / M + p.eps);
     grstd[g] = rs;
     p.mean[n * p.G + g0 + g] = gmean[g];
     p.rstd[n * p.G + g0 + g] = rs;
@@ -309,7 +310,7 @@ __global__ void __launch_bounds__(kMaxBlock)
 // per thread, lanes merged in order, then warps and the block by fixed trees. Needs tile and M
 // multiples of VEC and X VEC-aligned.
 template <typename scalar_t, int VEC>
-__global__ void __launch_bounds__(kBlock)
+__global__ void __launch_bounds__(kBlock, kStreamBlocks)
     gn_moments_nchw_kernel(FwdParams<scalar_t> p, int64_t tile, int64_t T, WelfordF* __restrict__ partial) {
   NORMEXT_SHARED(WelfordF, red, kBlock / kWarpSize);
   const int64_t j = blockIdx.x / T, t = blockIdx.x % T;
@@ -339,8 +340,9 @@ __global__ void __launch_bounds__(kBlock)
 // normalises the same tile as the moments pass. Thread i walks vectors i, i + blockDim.x, ... with
 // a ChannelCursor for gamma / beta. Needs tile and M multiples of VEC and X, R, Y VEC-aligned.
 template <typename scalar_t, int VEC>
-__global__ void __launch_bounds__(kBlock) gn_apply_nchw_kernel(FwdParams<scalar_t> p, int64_t tile, int64_t T,
-                                                               const WelfordF* __restrict__ partial) {
+__global__ void __launch_bounds__(kBlock, kStreamBlocks)
+    gn_apply_nchw_kernel(FwdParams<scalar_t> p, int64_t tile, int64_t T,
+                         const WelfordF* __restrict__ partial) {
   NORMEXT_SHARED(float, stat, 2);
   const int64_t j = blockIdx.x / T, t = blockIdx.x % T;
   if (threadIdx.x < kWarpSize) {
@@ -396,7 +398,7 @@ __global__ void __launch_bounds__(kBlock) gn_apply_nchw_kernel(FwdParams<scalar_
 // group, or a group's part) by one warp, into partial[(n*G + g)*parts*T + part*T + t]. Needs C and
 // the plan's width multiples of VEC and X VEC-aligned.
 template <typename scalar_t, int VEC>
-__global__ void __launch_bounds__(kBlock)
+__global__ void __launch_bounds__(kBlock, kStreamBlocks)
     gn_moments_nhwc_kernel(FwdParams<scalar_t> p, ChunkPlan plan, int64_t rows_per_tile, int64_t T,
                            WelfordF* __restrict__ partial) {
   unsigned char* smem = dynamic_smem();
@@ -446,7 +448,7 @@ __global__ void __launch_bounds__(kBlock)
 // [t*rows_per_tile, ...) stepping by bdy. Needs C and the plan's width multiples of VEC and X, R, Y
 // VEC-aligned.
 template <typename scalar_t, int VEC>
-__global__ void __launch_bounds__(kBlock)
+__global__ void __launch_bounds__(kBlock, kStreamBlocks)
     gn_apply_nhwc_kernel(FwdParams<scalar_t> p, ChunkPlan plan, int64_t rows_per_tile, int64_t T,
                          const WelfordF* __restrict__ partial, int64_t S) {
   unsigned char* smem = dynamic_smem();
@@ -690,7 +692,7 @@ __global__ void __launch_bounds__(kMaxBlock)
 // warp tree writes sums[row*T + t]. No block-level synchronisation, so warps past the end just
 // return. Needs L % VEC == 0 and X, dY, R VEC-aligned.
 template <typename scalar_t, int VEC>
-__global__ void __launch_bounds__(kBlock)
+__global__ void __launch_bounds__(kBlock, kStreamBlocks)
     gn_bwd_sums_nchw_kernel(BwdParams<scalar_t> p, int64_t tile_v, int64_t T, Sum2* __restrict__ sums) {
   const int64_t gw = int64_t(blockIdx.x) * (blockDim.x / kWarpSize) + threadIdx.x / kWarpSize;
   if (gw >= p.N * p.C * T) return;
@@ -736,7 +738,7 @@ __global__ void __launch_bounds__(kBlock)
 // sums down rows y, y + bdy, ..., column_reduce merges the rows and the block writes
 // sums[(n*C + c)*T + t]. Needs C % VEC == 0 and X, dY, R VEC-aligned.
 template <typename scalar_t, int VEC>
-__global__ void __launch_bounds__(kBlock)
+__global__ void __launch_bounds__(kBlock, kStreamBlocks)
     gn_bwd_sums_nhwc_kernel(BwdParams<scalar_t> p, int bdx, int bdy, int64_t chunks, int64_t rows_per_tile,
                             int64_t T, Sum2* __restrict__ sums) {
   unsigned char* smem = dynamic_smem();
@@ -835,7 +837,7 @@ __global__ void __launch_bounds__(kBlock)
 // contiguous run with a ChannelCursor (as the forward apply); pq (null when dX is not requested)
 // holds the group's (P, Q). Needs tile and M multiples of VEC and X, dY, R, dX, dR VEC-aligned.
 template <typename scalar_t, int VEC>
-__global__ void __launch_bounds__(kBlock)
+__global__ void __launch_bounds__(kBlock, kStreamBlocks)
     gn_bwd_dx_nchw_kernel(BwdParams<scalar_t> p, int64_t tile, int64_t T, const Sum2* __restrict__ pq) {
   const int64_t j = blockIdx.x / T, t = blockIdx.x % T;
   const int64_t M = p.D * p.L, base = j * M, c0 = (j % p.G) * p.D;
@@ -882,7 +884,7 @@ __global__ void __launch_bounds__(kBlock)
 // per-lane constants (group stats, P/M, Q/M, gamma, beta) are loaded once, then rows stream.
 // Needs C % VEC == 0 and X, dY, R, dX, dR VEC-aligned.
 template <typename scalar_t, int VEC>
-__global__ void __launch_bounds__(kBlock)
+__global__ void __launch_bounds__(kBlock, kStreamBlocks)
     gn_bwd_dx_nhwc_kernel(BwdParams<scalar_t> p, int bdx, int bdy, int64_t chunks, int64_t rows_per_tile,
                           int64_t T, const Sum2* __restrict__ pq) {
   const int64_t ci = blockIdx.x % chunks, nt = blockIdx.x / chunks;
