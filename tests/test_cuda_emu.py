@@ -182,6 +182,9 @@ def _fwd_bwd_launches(fn, x, *params):
 LAUNCH_PLANS = {
     ("group_norm", (2, 64, 8, 8), "contiguous"): (1, 2),
     ("group_norm", (2, 64, 8, 8), "channels_last"): (1, 2),
+    # The latency floor of design.md §6: one launch forward; the backward is still sums, combine and dx.
+    ("group_norm", (1, 32, 64, 64), "contiguous"): (1, 3),
+    ("group_norm", (1, 32, 64, 64), "channels_last"): (1, 3),
     ("group_norm", (1, 32, 128, 128), "contiguous"): (2, 3),
     ("group_norm", (1, 32, 128, 128), "channels_last"): (2, 3),
     ("layer_norm", (64, 256), None): (1, 2),

@@ -27,13 +27,17 @@ constexpr int kBlock = 256;
 constexpr int kCols = kWarpSize;
 constexpr int kRows = kBlock / kCols;
 // Loads in flight per thread: the reduction loops do one Welford step or two sums per value; the
-// elementwise loops carry VEC-wide per-channel constants, so they keep fewer.
-constexpr int kReduceUnroll = 4;
-constexpr int kApplyUnroll = 2;
-// Blocks per SM that every streaming kernel (moments, sums, apply, backward elementwise) must fit: 4 x 256
-// threads is 50% theoretical occupancy on sm_90, which bounds them to 64 registers (ptxas schedules fewer
-// loads in flight rather than spill; tools/cuda_report.py checks both).
-constexpr int kStreamBlocks = 4;
+// elementwise loops carry VEC-wide per-channel constants, so they keep fewer. 8-wide vectors keep half as
+// many (their constants alone take 32-56 registers), which keeps those kernels within 128 registers.
+template <int VEC>
+constexpr int kReduceUnroll = VEC >= 8 ? 2 : 4;
+template <int VEC>
+constexpr int kApplyUnroll = VEC >= 8 ? 1 : 2;
+// Blocks per SM a streaming kernel (moments, sums, apply, backward elementwise) must fit (tools/
+// cuda_report.py checks that nothing spills): with scalar access 4 x 256 threads, 50% theoretical occupancy
+// on sm_90 (at most 64 registers); with vectors 2 (at most 128).
+template <int VEC>
+constexpr int kStreamBlocks = VEC == 1 ? 4 : 2;
 // Blocks to aim for. Constants rather than the device's SM count: the partition fixes the
 // reduction order, which must depend on the shape only.
 constexpr int64_t kReduceBlocks = 1024;
@@ -95,7 +99,7 @@ __device__ __forceinline__ float grad_pre_act(float dy, float xhat, float g, flo
 // not with the magnitude; column_reduce merges the kRows states of each channel. Writes the partial
 // (mean, M2) at [p * C + c] and its count at counts[p].
 template <typename scalar_t, int VEC>
-__global__ void __launch_bounds__(kBlock, kStreamBlocks)
+__global__ void __launch_bounds__(kBlock, kStreamBlocks<VEC>)
     rows_moments_kernel(const scalar_t* __restrict__ X, int64_t rows, int64_t C, int64_t rows_per_part,
                         float* __restrict__ means, float* __restrict__ m2s, float* __restrict__ counts) {
   NORMEXT_SHARED(WelfordF, buf, kBlock * VEC);
@@ -108,14 +112,14 @@ __global__ void __launch_bounds__(kBlock, kStreamBlocks)
   WelfordLanes<VEC> w = welford_lanes_zero<VEC>();
   if (active) {
     shift = to_lanes(load_vec<VEC>(X, r0 * C + c));
-    for (int64_t r = r0 + y; r < r1; r += kReduceUnroll * kRows) {
-      AlignedVector<scalar_t, VEC> v[kReduceUnroll];
+    for (int64_t r = r0 + y; r < r1; r += kReduceUnroll<VEC> * kRows) {
+      AlignedVector<scalar_t, VEC> v[kReduceUnroll<VEC>];
 #pragma unroll
-      for (int u = 0; u < kReduceUnroll; ++u) {
+      for (int u = 0; u < kReduceUnroll<VEC>; ++u) {
         if (r + u * kRows < r1) v[u] = load_vec<VEC>(X, (r + u * kRows) * C + c);
       }
 #pragma unroll
-      for (int u = 0; u < kReduceUnroll; ++u) {
+      for (int u = 0; u < kReduceUnroll<VEC>; ++u) {
         if (r + u * kRows < r1) welford_push(w, to_lanes(v[u]) - shift);
       }
     }
@@ -137,7 +141,7 @@ __global__ void __launch_bounds__(kBlock, kStreamBlocks)
 // Partial backward sums Σdz and Σdz·x̂ of partition p = blockIdx.y, merged over the thread rows by
 // column_reduce; written at [p * C + c].
 template <typename scalar_t, int VEC>
-__global__ void __launch_bounds__(kBlock, kStreamBlocks)
+__global__ void __launch_bounds__(kBlock, kStreamBlocks<VEC>)
     rows_grad_sums_kernel(const scalar_t* __restrict__ dY, const scalar_t* __restrict__ X,
                           const scalar_t* __restrict__ R, int64_t rows, int64_t C, int64_t rows_per_part,
                           Channels ch, int64_t act, float slope, Sum2* __restrict__ partial) {
@@ -155,10 +159,10 @@ __global__ void __launch_bounds__(kBlock, kStreamBlocks)
     if (active) ch.at(c + e, mean[e], rstd[e], g[e], b[e]);
   }
   if (active) {
-    for (int64_t r = r0 + y; r < r1; r += kReduceUnroll * kRows) {
-      AlignedVector<scalar_t, VEC> xv[kReduceUnroll], dv[kReduceUnroll], rv[kReduceUnroll];
+    for (int64_t r = r0 + y; r < r1; r += kReduceUnroll<VEC> * kRows) {
+      AlignedVector<scalar_t, VEC> xv[kReduceUnroll<VEC>], dv[kReduceUnroll<VEC>], rv[kReduceUnroll<VEC>];
 #pragma unroll
-      for (int u = 0; u < kReduceUnroll; ++u) {
+      for (int u = 0; u < kReduceUnroll<VEC>; ++u) {
         if (r + u * kRows < r1) {
           const int64_t o = (r + u * kRows) * C + c;
           xv[u] = load_vec<VEC>(X, o);
@@ -167,7 +171,7 @@ __global__ void __launch_bounds__(kBlock, kStreamBlocks)
         }
       }
 #pragma unroll
-      for (int u = 0; u < kReduceUnroll; ++u) {
+      for (int u = 0; u < kReduceUnroll<VEC>; ++u) {
         if (r + u * kRows >= r1) continue;
 #pragma unroll
         for (int e = 0; e < VEC; ++e) {
@@ -188,7 +192,7 @@ __global__ void __launch_bounds__(kBlock, kStreamBlocks)
 
 // Y = act((x - mean)·(gamma·rstd) + beta + R); rows blockIdx.y·kRows + y, grid-strided.
 template <typename scalar_t, int VEC>
-__global__ void __launch_bounds__(kBlock, kStreamBlocks)
+__global__ void __launch_bounds__(kBlock, kStreamBlocks<VEC>)
     rows_apply_kernel(const scalar_t* __restrict__ X, const scalar_t* __restrict__ R,
                       scalar_t* __restrict__ Y, int64_t rows, int64_t C, Channels ch, int64_t act,
                       float slope) {
@@ -203,17 +207,17 @@ __global__ void __launch_bounds__(kBlock, kStreamBlocks)
     scale[e] = g * rstd;
   }
   const int64_t step = int64_t(gridDim.y) * kRows;
-  for (int64_t r = int64_t(blockIdx.y) * kRows + y; r < rows; r += kApplyUnroll * step) {
-    AlignedVector<scalar_t, VEC> xv[kApplyUnroll], rv[kApplyUnroll];
+  for (int64_t r = int64_t(blockIdx.y) * kRows + y; r < rows; r += kApplyUnroll<VEC> * step) {
+    AlignedVector<scalar_t, VEC> xv[kApplyUnroll<VEC>], rv[kApplyUnroll<VEC>];
 #pragma unroll
-    for (int u = 0; u < kApplyUnroll; ++u) {
+    for (int u = 0; u < kApplyUnroll<VEC>; ++u) {
       if (r + u * step < rows) {
         xv[u] = load_vec<VEC>(X, (r + u * step) * C + c);
         rv[u] = load_vec_or_zero<VEC>(R, (r + u * step) * C + c);
       }
     }
 #pragma unroll
-    for (int u = 0; u < kApplyUnroll; ++u) {
+    for (int u = 0; u < kApplyUnroll<VEC>; ++u) {
       if (r + u * step >= rows) continue;
       float out[VEC];
 #pragma unroll
@@ -229,7 +233,7 @@ __global__ void __launch_bounds__(kBlock, kStreamBlocks)
 
 // dX = a·dz + b·x̂ + c and dR = dz (either may be null), rows as in rows_apply_kernel.
 template <typename scalar_t, int VEC>
-__global__ void __launch_bounds__(kBlock, kStreamBlocks)
+__global__ void __launch_bounds__(kBlock, kStreamBlocks<VEC>)
     rows_grad_input_kernel(const scalar_t* __restrict__ dY, const scalar_t* __restrict__ X,
                            const scalar_t* __restrict__ R, int64_t rows, int64_t C, Channels ch, GradSums gs,
                            int64_t act, float slope, scalar_t* __restrict__ dX, scalar_t* __restrict__ dR) {
@@ -243,10 +247,10 @@ __global__ void __launch_bounds__(kBlock, kStreamBlocks)
     gs.coefs(c + e, g[e], rstd[e], ka[e], kb[e], kc[e]);
   }
   const int64_t step = int64_t(gridDim.y) * kRows;
-  for (int64_t r = int64_t(blockIdx.y) * kRows + y; r < rows; r += kApplyUnroll * step) {
-    AlignedVector<scalar_t, VEC> xv[kApplyUnroll], dv[kApplyUnroll], rv[kApplyUnroll];
+  for (int64_t r = int64_t(blockIdx.y) * kRows + y; r < rows; r += kApplyUnroll<VEC> * step) {
+    AlignedVector<scalar_t, VEC> xv[kApplyUnroll<VEC>], dv[kApplyUnroll<VEC>], rv[kApplyUnroll<VEC>];
 #pragma unroll
-    for (int u = 0; u < kApplyUnroll; ++u) {
+    for (int u = 0; u < kApplyUnroll<VEC>; ++u) {
       if (r + u * step < rows) {
         const int64_t o = (r + u * step) * C + c;
         xv[u] = load_vec<VEC>(X, o);
@@ -255,7 +259,7 @@ __global__ void __launch_bounds__(kBlock, kStreamBlocks)
       }
     }
 #pragma unroll
-    for (int u = 0; u < kApplyUnroll; ++u) {
+    for (int u = 0; u < kApplyUnroll<VEC>; ++u) {
       if (r + u * step >= rows) continue;
       float dz[VEC], dx[VEC];
 #pragma unroll
@@ -282,7 +286,7 @@ __global__ void __launch_bounds__(kBlock, kStreamBlocks)
 // [p * tiles_per_part, ...) (never empty). Welford on x - K (K the partition's first element),
 // lanes merged in order, then the block by block_allreduce; writes [p * C + c] and counts[p].
 template <typename scalar_t, int VEC>
-__global__ void __launch_bounds__(kBlock, kStreamBlocks)
+__global__ void __launch_bounds__(kBlock, kStreamBlocks<VEC>)
     planes_moments_kernel(const scalar_t* __restrict__ X, int64_t C, int64_t HxW, int tx, int64_t S,
                           int64_t tiles, int64_t tiles_per_part, float* __restrict__ means,
                           float* __restrict__ m2s, float* __restrict__ counts) {
@@ -296,18 +300,18 @@ __global__ void __launch_bounds__(kBlock, kStreamBlocks)
   const Lanes<VEC> shift(static_cast<float>(X[(n0 * C + c) * HxW + (t0 - n0 * S) * tile_len]));
   WelfordLanes<VEC> w = welford_lanes_zero<VEC>();
   ChannelCursor cur(t0 + threadIdx.x / tx, ty, S);  // (n, s) of tile t
-  for (int64_t t = t0 + threadIdx.x / tx; t < t1; t += kReduceUnroll * ty) {
-    AlignedVector<scalar_t, VEC> v[kReduceUnroll];
-    bool ok[kReduceUnroll];
+  for (int64_t t = t0 + threadIdx.x / tx; t < t1; t += kReduceUnroll<VEC> * ty) {
+    AlignedVector<scalar_t, VEC> v[kReduceUnroll<VEC>];
+    bool ok[kReduceUnroll<VEC>];
 #pragma unroll
-    for (int u = 0; u < kReduceUnroll; ++u) {
+    for (int u = 0; u < kReduceUnroll<VEC>; ++u) {
       const int64_t hw = cur.rem * tile_len + lane;
       ok[u] = t + u * ty < t1 && hw < HxW;
       if (ok[u]) v[u] = load_vec<VEC>(X, (cur.c * C + c) * HxW + hw);
       cur.advance(S);
     }
 #pragma unroll
-    for (int u = 0; u < kReduceUnroll; ++u) {
+    for (int u = 0; u < kReduceUnroll<VEC>; ++u) {
       if (ok[u]) welford_push(w, to_lanes(v[u]) - shift);
     }
   }
@@ -321,7 +325,7 @@ __global__ void __launch_bounds__(kBlock, kStreamBlocks)
 
 // Partial backward sums Σdz and Σdz·x̂ of channel c = blockIdx.x over partition p = blockIdx.y.
 template <typename scalar_t, int VEC>
-__global__ void __launch_bounds__(kBlock, kStreamBlocks)
+__global__ void __launch_bounds__(kBlock, kStreamBlocks<VEC>)
     planes_grad_sums_kernel(const scalar_t* __restrict__ dY, const scalar_t* __restrict__ X,
                             const scalar_t* __restrict__ R, int64_t C, int64_t HxW, int tx, int64_t S,
                             int64_t tiles, int64_t tiles_per_part, Channels ch, int64_t act, float slope,
@@ -336,11 +340,11 @@ __global__ void __launch_bounds__(kBlock, kStreamBlocks)
   ch.at(c, mean, rstd, g, b);
   Sum2 acc{0.f, 0.f};
   ChannelCursor cur(t0 + threadIdx.x / tx, ty, S);
-  for (int64_t t = t0 + threadIdx.x / tx; t < t1; t += kReduceUnroll * ty) {
-    AlignedVector<scalar_t, VEC> xv[kReduceUnroll], dv[kReduceUnroll], rv[kReduceUnroll];
-    bool ok[kReduceUnroll];
+  for (int64_t t = t0 + threadIdx.x / tx; t < t1; t += kReduceUnroll<VEC> * ty) {
+    AlignedVector<scalar_t, VEC> xv[kReduceUnroll<VEC>], dv[kReduceUnroll<VEC>], rv[kReduceUnroll<VEC>];
+    bool ok[kReduceUnroll<VEC>];
 #pragma unroll
-    for (int u = 0; u < kReduceUnroll; ++u) {
+    for (int u = 0; u < kReduceUnroll<VEC>; ++u) {
       const int64_t hw = cur.rem * tile_len + lane;
       ok[u] = t + u * ty < t1 && hw < HxW;
       if (ok[u]) {
@@ -352,7 +356,7 @@ __global__ void __launch_bounds__(kBlock, kStreamBlocks)
       cur.advance(S);
     }
 #pragma unroll
-    for (int u = 0; u < kReduceUnroll; ++u) {
+    for (int u = 0; u < kReduceUnroll<VEC>; ++u) {
       if (!ok[u]) continue;
 #pragma unroll
       for (int e = 0; e < VEC; ++e) {
@@ -371,7 +375,7 @@ __global__ void __launch_bounds__(kBlock, kStreamBlocks)
 // Elementwise over all N·C·S tiles t (plane nc = t / S, channel nc % C), grid-strided:
 // Y = act((x - mean)·(gamma·rstd) + beta + R).
 template <typename scalar_t, int VEC>
-__global__ void __launch_bounds__(kBlock, kStreamBlocks)
+__global__ void __launch_bounds__(kBlock, kStreamBlocks<VEC>)
     planes_apply_kernel(const scalar_t* __restrict__ X, const scalar_t* __restrict__ R,
                         scalar_t* __restrict__ Y, int64_t C, int64_t HxW, int tx, int64_t S, int64_t tiles,
                         Channels ch, int64_t act, float slope) {
@@ -399,7 +403,7 @@ __global__ void __launch_bounds__(kBlock, kStreamBlocks)
 
 // dX = a·dz + b·x̂ + c and dR = dz over all tiles, as planes_apply_kernel.
 template <typename scalar_t, int VEC>
-__global__ void __launch_bounds__(kBlock, kStreamBlocks)
+__global__ void __launch_bounds__(kBlock, kStreamBlocks<VEC>)
     planes_grad_input_kernel(const scalar_t* __restrict__ dY, const scalar_t* __restrict__ X,
                              const scalar_t* __restrict__ R, int64_t C, int64_t HxW, int tx, int64_t S,
                              int64_t tiles, Channels ch, GradSums gs, int64_t act, float slope,
@@ -436,10 +440,27 @@ __global__ void __launch_bounds__(kBlock, kStreamBlocks)
 
 enum FinalizeMode : int { kOutRstd = 0, kOutVar = 1, kOutM2 = 2 };
 
+// Σ n, Σ n·(mean − K) and Σ (M2 + n·(mean − K)²) over partial moments, K a shift: sums that need no
+// division per part (a Chan merge divides at every step, and the IEEE division's subroutine call made ptxas
+// spill registers around it in this loop).
+struct ShiftedSums {
+  double n, s1, s2;
+};
+
+__device__ __forceinline__ ShiftedSums operator+(const ShiftedSums& a, const ShiftedSums& b) {
+  return {a.n + b.n, a.s1 + b.s1, a.s2 + b.s2};
+}
+
+__device__ __forceinline__ ShiftedSums shfl_down(const ShiftedSums& v, int off) {
+  return {shfl_down(v.n, off), shfl_down(v.s1, off), shfl_down(v.s2, off)};
+}
+
 // Merges K partial moments (counts[k], means/m2s[k * C + c]) in double (the parts' means can be far
 // apart relative to the spread; this is K·C work, not numel) into out_mean and, by mode, rstd =
 // 1/sqrt(var + eps), the biased variance, or M2. Moves the running statistics (any strides) toward
-// the mean and the unbiased variance unless the total count is 0.
+// the mean and the unbiased variance unless the total count is 0. The parts are summed about the first
+// part's mean K: M2 = Σ (M2_k + n_k·d_k²) − (Σ n_k·d_k)²/n with d_k = mean_k − K, whose cancellation in
+// double stays below float32 rounding unless the parts' means are ~10^4 standard deviations apart.
 template <typename R>
 __global__ void __launch_bounds__(kBlock)
     finalize_moments_kernel(const float* __restrict__ counts, const float* __restrict__ means,
@@ -448,12 +469,16 @@ __global__ void __launch_bounds__(kBlock)
                             R* running_mean, int64_t rm_stride, R* running_var, int64_t rv_stride) {
   const int64_t c = int64_t(blockIdx.x) * (kBlock / kWarpSize) + threadIdx.x / kWarpSize;
   if (c >= C) return;  // warp-uniform: all lanes of a warp share c
-  const WelfordD w = warp_reduce_range(
-      K, WelfordD{0.0, 0.0, 0.0},
+  const double shift = K > 0 ? double(means[c]) : 0.0;
+  const ShiftedSums t = warp_reduce_range(
+      K, ShiftedSums{0.0, 0.0, 0.0},
       [&](int64_t k) {
-        return WelfordD{double(means[k * C + c]), double(m2s[k * C + c]), double(counts[k])};
+        const double n = double(counts[k]), d = double(means[k * C + c]) - shift;
+        return ShiftedSums{n, n * d, double(m2s[k * C + c]) + n * d * d};
       },
-      WelfordDOp{});
+      SumOp{});
+  const double d = t.n > 0.0 ? t.s1 / t.n : 0.0;
+  const WelfordD w{shift + d, std::max(t.s2 - t.s1 * d, 0.0), t.n};
   if (threadIdx.x % kWarpSize != 0) return;
   const double var = w.m2 / w.n;
   out_mean[c] = float(w.mean);

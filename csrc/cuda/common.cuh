@@ -200,17 +200,7 @@ __device__ __forceinline__ WelfordF shfl_down(const WelfordF& w, int off) {
 // their spread (a float mean loses ulp(mean) per merge); per-partial work, not per-element.
 using WelfordD = normext::Welford<double, double>;
 
-struct WelfordDOp {
-  __device__ WelfordD operator()(const WelfordD& a, const WelfordD& b) const {
-    return normext::welford_merge(a, b);
-  }
-};
-
 __device__ __forceinline__ double shfl_down(double v, int off) { return __shfl_down_sync(kFullMask, v, off); }
-
-__device__ __forceinline__ WelfordD shfl_down(const WelfordD& w, int off) {
-  return {shfl_down(w.mean, off), shfl_down(w.m2, off), shfl_down(w.n, off)};
-}
 
 // ---------------------------------------------------------------------------------------------
 // Reductions. All combine in an order fixed by the launch shape (never by timing), so results are
