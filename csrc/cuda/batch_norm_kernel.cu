@@ -452,7 +452,7 @@ __device__ __forceinline__ ShiftedSums operator+(const ShiftedSums& a, const Shi
 }
 
 __device__ __forceinline__ ShiftedSums shfl_down(const ShiftedSums& v, int off) {
-  return {shfl_down(v.n, off), shfl_down(v.s1, off), shfl_down(v.s2, off)};
+  return {cuda::shfl_down(v.n, off), cuda::shfl_down(v.s1, off), cuda::shfl_down(v.s2, off)};
 }
 
 // Merges K partial moments (counts[k], means/m2s[k * C + c]) in double (the parts' means can be far
