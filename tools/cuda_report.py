@@ -27,6 +27,10 @@ SMEM_PER_SM = 228 * 1024
 SMEM_RESERVED_PER_BLOCK = 1024  # the runtime's own per-block shared memory
 SMEM_ALLOC_UNIT = 128
 ARCH = "sm_90"
+# Spills known and explained in the code, reported but not failing the report: any other spill fails it.
+KNOWN_SPILLS = {
+    "ln_fwd_rows_kernel<float, 4, true>": "1/D saved to local memory around the IEEE division's call",
+}
 
 
 def occupancy(regs, smem, threads):
@@ -181,7 +185,7 @@ def main():
     if cuobjdump is None:
         print("cuda-report: cuobjdump not found (CUDA_HOME/bin, PATH or triton's)", file=sys.stderr)
         return 2
-    rows, problems, unknown = [], [], []
+    rows, problems, unknown, known = [], [], [], []
     for obj in objs:
         usage = resource_usage(cuobjdump, os.path.abspath(obj))
         if not usage:
@@ -224,6 +228,8 @@ def main():
         print(f"{name:<64} {u['regs']:>4} {spill_s:>5} {u['stack']:>5} {smem:>6} {block:>6} {occ}")
         if spill is None:
             unknown.append(name)
+        elif spill > 0 and name in KNOWN_SPILLS:
+            known.append(f"{name}: {spill} spill bytes ({KNOWN_SPILLS[name]})")
         elif spill > 0:
             problems.append(f"{name}: {spill} spill bytes")
         if args.max_regs and u["regs"] > args.max_regs:
@@ -237,10 +243,13 @@ def main():
             f"cuda-report: spill bytes unknown for {len(unknown)} kernel(s) with a stack frame: the objects"
             " hold no compute_90 PTX for ptxas (a TORCH_CUDA_ARCH_LIST with 9.0+PTX, the default, embeds it)"
         )
+    if known:
+        print("cuda-report: known spills (KNOWN_SPILLS):", *known, sep="\n  ")
     if problems:
         print(f"cuda-report: FAILED, {len(problems)} problem(s):", *problems, sep="\n  ")
         return 1
-    print(f"cuda-report: ok, no spills, at most {max(r[2]['regs'] for r in rows)} registers")
+    most = max(r[2]["regs"] for r in rows)
+    print(f"cuda-report: ok, no {'other ' if known else ''}spills, at most {most} registers")
     return 0
 
 
