@@ -35,9 +35,10 @@ template <int VEC>
 constexpr int kApplyUnroll = VEC >= 8 ? 1 : 2;
 // Blocks per SM a streaming kernel (moments, sums, apply, backward elementwise) must fit (tools/
 // cuda_report.py checks that nothing spills): with scalar access 4 x 256 threads, 50% theoretical occupancy
-// on sm_90 (at most 64 registers); with vectors 2 (at most 128).
+// on sm_90 (at most 64 registers). Not yet with vectors, whose VEC-wide per-channel constants take more
+// (folding them, or keeping them in shared memory, comes first).
 template <int VEC>
-constexpr int kStreamBlocks = VEC == 1 ? 4 : 2;
+constexpr int kStreamBlocks = VEC == 1 ? 4 : 1;
 // Blocks to aim for. Constants rather than the device's SM count: the partition fixes the
 // reduction order, which must depend on the shape only.
 constexpr int64_t kReduceBlocks = 1024;

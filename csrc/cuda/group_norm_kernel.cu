@@ -27,10 +27,11 @@ constexpr int kBwdRegs = 16;
 constexpr int kMaxBlock = 512;  // fused kernels
 constexpr int kBlock = 256;     // streaming kernels
 // Blocks per SM a streaming kernel must fit (tools/cuda_report.py checks that nothing spills): with scalar
-// access 4 x 256 threads, 50% theoretical occupancy on sm_90 (at most 64 registers); with vectors 2 (at most
-// 128), as their per-channel constants and loads in flight take more registers than 64.
+// access 4 x 256 threads, 50% theoretical occupancy on sm_90 (at most 64 registers). Not yet with vectors:
+// their per-channel constants and loads in flight take 80-140 registers, and a cap of 128 made
+// gn_bwd_dx_nhwc_kernel<bf16, 8> spill 108 bytes; they need those constants folded first.
 template <int VEC>
-constexpr int kStreamBlocks = VEC == 1 ? 4 : 2;
+constexpr int kStreamBlocks = VEC == 1 ? 4 : 1;
 // Independent loads in flight per thread in streaming loops. 8-wide vectors use 2: each load then
 // feeds twice the float temporaries (and channels-last per-lane constants), and 2 x 16 bytes per
 // array already keeps enough memory traffic in flight at the occupancy that leaves.
