@@ -173,7 +173,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("objects", nargs="*", help="CUDA objects (default: those of `make build` under build/)")
     ap.add_argument("--build-dir", default="build")
-    ap.add_argument("--max-regs", type=int, default=128, help="also fail above this many registers (0: off)")
+    ap.add_argument("--max-regs", type=int, default=0, help="also fail above this many registers (0: off)")
     ap.add_argument(
         "--if-possible",
         action="store_true",
@@ -191,7 +191,7 @@ def main():
     if cuobjdump is None:
         print("cuda-report: cuobjdump not found (CUDA_HOME/bin, PATH or triton's)", file=sys.stderr)
         return 2
-    rows, problems, unknown, known = [], [], [], []
+    rows, problems, unknown, known, wide = [], [], [], [], []
     for obj in objs:
         usage = resource_usage(cuobjdump, os.path.abspath(obj))
         if not usage:
@@ -240,6 +240,8 @@ def main():
             problems.append(f"{name}: {spill} spill bytes")
         if args.max_regs and u["regs"] > args.max_regs:
             problems.append(f"{name}: {u['regs']} registers (> {args.max_regs})")
+        if u["regs"] > 128:
+            wide.append(f"{name}: {u['regs']}")
     print(
         "smem: static bytes per block (+d: plus the dynamic shared memory of the launch); block: threads per"
         " block from __launch_bounds__"
@@ -249,6 +251,8 @@ def main():
             f"cuda-report: spill bytes unknown for {len(unknown)} kernel(s) with a stack frame: the objects"
             " hold no compute_90 PTX for ptxas (a TORCH_CUDA_ARCH_LIST with 9.0+PTX, the default, embeds it)"
         )
+    if wide:
+        print("cuda-report: above 128 registers (the target of issue 11, not enforced):", *wide, sep="\n  ")
     if known:
         print("cuda-report: known spills (KNOWN_SPILLS):", *known, sep="\n  ")
     if problems:
