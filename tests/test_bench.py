@@ -1,16 +1,19 @@
 # Smoke tests of the benchmark (normext.bench): the suite table is well formed, norms that are not built
-# yet are skipped and light up once their functional exists, and a tiny run writes the table, JSON and PNG
-# (without matplotlib: no PNG, and a message saying so).
+# yet are skipped and light up once their functional exists, a tiny run writes the table, JSON and PNG
+# (without matplotlib: no PNG, and a message saying so), the torch.compile baseline is timed or its row
+# says why not (failure, time limit), the options (--clock, --threads lists) do what they say, and the
+# summaries are checked against hand-computed geometric means.
 import importlib.util
 import json
 import math
+import time
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import normext
-from normext.bench import cases, runner
+from normext.bench import cases, report, runner
 from normext.bench.cases import Case
 
 TINY = [
@@ -20,7 +23,8 @@ TINY = [
     ),
     Case("tiny.in.stack", "instance_norm", (1, 4, 5, 6, 7), act="leaky_relu", layers=1, dtypes=("f32",)),
 ]
-FAST = ["--rounds", "2", "--min-block", "0.0005"]
+# Timing effort is not under test, nor (except in the compile tests) the compile baseline.
+FAST = ["--rounds", "2", "--min-block", "0.0005", "--no-compile"]
 
 
 def _finish(y, activation, slope, residual):
@@ -203,7 +207,7 @@ def test_tiny_run_writes_table_json_and_png(tmp_path, capsys):
     assert "tiny.gn.add_silu" in out and "geomean speedup" in out and "not measured" in out
     (json_path,) = tmp_path.glob("cpu-*.json")
     saved = json.loads(json_path.read_text())
-    assert saved["schema"] == "normext-bench/1" and saved == json.loads(json.dumps(doc))
+    assert saved["schema"] == "normext-bench/1" and saved == json.loads(json.dumps(doc)) and saved["complete"]
     for key in ("date", "device", "threads", "torch", "cuda", "normext", "git", "method", "load_average"):
         assert key in saved
     assert saved["device"]["type"] == "cpu" and saved["roofline"]["bytes_per_s"] > 0
@@ -238,3 +242,215 @@ def test_a_failing_variant_is_reported_and_the_run_goes_on(tmp_path, monkeypatch
     assert errors[0]["error"].startswith("NotImplementedError: Could not run")
     assert set(doc["summary"]) == {"instance_norm"}
     assert "error: NotImplementedError" in capsys.readouterr().out
+
+
+def _one_variant_run(tmp_path, args, suite=None, select="f32/nchw/"):
+    suite = suite or [Case("tiny.gn.silu", "group_norm", (2, 8, 6, 5), act="silu", groups=4, dtypes=("f32",))]
+    argv = ["--device", "cpu", "--out", str(tmp_path), "--rounds", "2", "--min-block", "0.0005"]
+    return runner.main([*argv, "--filter", select, *args], suite)
+
+
+@pytest.mark.compile
+def test_compile_baseline_is_timed_after_compiling(tmp_path, capsys):
+    """The real torch.compile of the native chain (GN -> SiLU), forward only (one graph, fastest to
+    compile): compiled before the timing, timed in the same rounds, and shown in the table."""
+    doc = _one_variant_run(tmp_path, [], select="f32/nchw/fwd$")
+    (r,) = doc["results"]
+    assert r["compile"]["compile"]["status"] == "ok" and r["compile"]["compile"]["seconds"] > 0
+    assert set(r["timings"]) == {"normext", "native", "chain", "compile"}
+    assert len(r["ratios"]["compile"]) == 2 and r["speedup"]["compile"] > 0
+    assert r["bytes"]["compile"] == r["bytes"]["chain"]
+    out = capsys.readouterr().out
+    header = next(line for line in out.splitlines() if line.startswith("case "))
+    assert "x compile" in header and "compile time (excluded from the timings)" in out
+    assert doc["method"]["compile"]["enabled"] and doc["method"]["compile"]["timeout_s"] == 300
+
+
+def _broken_compile(fn):
+    def run(*args, **kwargs):
+        raise RuntimeError("Inductor says no\nsecond line")
+
+    return run
+
+
+def _slow_compile(fn):
+    def run(*args, **kwargs):
+        time.sleep(30)  # interrupted by the limit
+
+    return run
+
+
+def _stubborn_compile(fn):
+    def run(*args, **kwargs):
+        try:
+            time.sleep(30)
+        except TimeoutError:  # swallowed, as Inductor does with some errors: the limit strikes again
+            time.sleep(30)
+
+    return run
+
+
+@pytest.mark.parametrize(
+    "patch, args, status, message",
+    [
+        (_broken_compile, [], "failed", "RuntimeError: Inductor says no"),
+        (_slow_compile, ["--compile-timeout", "0.3"], "timeout", "over the 0.3 s limit"),
+        (_stubborn_compile, ["--compile-timeout", "0.3"], "timeout", "over the 0.3 s limit"),
+    ],
+)
+def test_a_compile_that_fails_or_runs_out_of_time_keeps_its_row(
+    tmp_path, monkeypatch, capsys, patch, args, status, message
+):
+    monkeypatch.setattr(runner, "_compiled", patch)
+    started = time.perf_counter()
+    doc = _one_variant_run(tmp_path, args, select="f32/nchw/fwd$")
+    assert time.perf_counter() - started < 20  # the sleeping compile was cut short
+    (r,) = doc["results"]
+    assert r["compile"]["compile"]["status"] == status and r["compile"]["compile"]["error"] == message
+    assert set(r["timings"]) == {"normext", "native", "chain"} and "compile" not in r["speedup"]
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("tiny.gn.silu "))
+    assert f" {status} " in row and "ok" in row.split()[-1]
+    assert f"torch.compile {status} (compile) in tiny.gn.silu/f32/nchw/fwd: {message}" in out
+    assert doc["summary"]["group_norm"]["vs"]["compile"]["fwd"] is None
+
+
+def test_a_stopped_run_leaves_the_variants_it_measured(tmp_path, monkeypatch):
+    measure = runner.run_variant
+
+    def stopped_after_one(variant, *args):
+        if variant.backward:
+            raise KeyboardInterrupt  # what a time limit's SIGINT does
+        return measure(variant, *args)
+
+    monkeypatch.setattr(runner, "run_variant", stopped_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        _one_variant_run(tmp_path, ["--no-compile"])
+    (json_path,) = tmp_path.glob("*.json")
+    saved = json.loads(json_path.read_text())
+    assert not saved["complete"] and [r["name"] for r in saved["results"]] == ["tiny.gn.silu/f32/nchw/fwd"]
+    assert saved["summary"]["group_norm"]["variants"] == 1
+
+
+def test_no_compile_leaves_the_baseline_out_and_says_so(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(runner, "_compiled", _broken_compile)  # would fail if it were called
+    doc = _one_variant_run(tmp_path, ["--no-compile"])
+    assert all("compile" not in r and "compile" not in r["timings"] for r in doc["results"])
+    out = capsys.readouterr().out
+    assert "torch.compile baseline: off (--no-compile)" in out
+    assert next(line for line in out.splitlines() if line.startswith("tiny.gn.silu ")).count(" off ") == 1
+
+
+def test_stacks_under_compile_compare_both_compiled_models(tmp_path, monkeypatch, capsys, stand_ins):
+    """The plumbing of the compiled stacks (torch.nn model and normext model, both under torch.compile),
+    with torch.compile replaced by the identity: compiling itself is tested above."""
+    monkeypatch.setattr(runner, "_compiled", lambda fn: fn)
+    suite = [Case("t.gn.stack", "group_norm", (1, 8, 5, 5), groups=2, act="relu", layers=1, dtypes=("f32",))]
+    doc = _one_variant_run(tmp_path, [], suite)
+    (r,) = doc["results"]
+    assert set(r["timings"]) == {"normext", "chain", "compile", "normext_compiled"}
+    assert {rec["status"] for rec in r["compile"].values()} == {"ok"} and set(r["compile"]) == set(
+        runner.COMPILED
+    )
+    per_round = [a / b for a, b in zip(*(r["timings"][k]["block_s"] for k in runner.COMPILED), strict=True)]
+    assert r["speedup_compiled"] == pytest.approx(sorted(per_round)[0] / 2 + sorted(per_round)[1] / 2)
+    assert "torch.compile(normext model)" in capsys.readouterr().out
+
+
+def test_cpu_clock_counts_cpu_time_not_waiting():
+    """--clock cpu: a call that sleeps costs (almost) no process CPU time, and the full wall time on the
+    wall clock."""
+    nap = lambda: time.sleep(0.05)  # noqa: E731
+    (wall,) = runner.clock_for(torch.device("cpu"), "wall").block(nap, 1)
+    (cpu,) = runner.clock_for(torch.device("cpu"), "cpu").block(nap, 1)
+    assert wall >= 0.05 and cpu < 0.01
+
+
+def test_clock_and_thread_list_options(tmp_path):
+    docs = _one_variant_run(
+        tmp_path, ["--no-compile", "--clock", "cpu", "--threads", "1,2"], select="f32/nchw/fwd$"
+    )
+    assert [d["threads"] for d in docs] == [1, 2]
+    assert all(d["method"]["clock"] == "time.process_time" for d in docs)
+    assert {p.name.split("-20")[0] for p in tmp_path.glob("*.json")} == {
+        f"cpu-{report._slug(docs[0]['device']['name'])}-{t}t" for t in (1, 2)
+    }
+    with pytest.raises(SystemExit):
+        runner.parse_args(["--threads", "0"])
+
+
+def _result(name, norm, dtype, layout, pass_, layers=0, **speedup):
+    return {
+        "name": f"{name}/{dtype}/{layout}/{pass_}",
+        "norm": norm,
+        "dtype": dtype,
+        "layout": layout,
+        "pass": pass_,
+        "layers": layers,
+        "speedup": speedup,
+    }
+
+
+def test_summaries_against_hand_computed_geometric_means():
+    results = [
+        _result("a", "group_norm", "float32", "nchw", "fwd", native=2.0, compile=0.5),
+        _result("b", "group_norm", "float32", "nchw", "fwd", native=8.0, chain=3.0, compile=2.0),
+        _result("b", "group_norm", "float32", "nchw", "fwd+bwd", native=1.5, chain=0.25, compile=4.0),
+        _result("b", "group_norm", "float32", "nhwc", "fwd", native=9.0, chain=1.0, compile=1.0),
+        _result(
+            "s",
+            "group_norm",
+            "float32",
+            "nchw",
+            "fwd+bwd",
+            layers=2,
+            chain=0.9,
+            compile=1.2,
+            normext_compiled=0.1,
+        ),
+        {"name": "broken/float32/nchw/fwd", "case": "broken", "norm": "group_norm", "error": "E"},
+    ]
+    grid = report.summary_grid(results)
+    assert [(g["group"], g["layout"], g["variants"]) for g in grid] == [
+        ("group_norm", "nchw", 3),
+        ("group_norm", "nhwc", 1),
+        ("group_norm stacks", "nchw", 1),
+    ]
+    nchw = grid[0]["vs"]
+    assert nchw["native"]["fwd"] == pytest.approx(4.0) and nchw["native"]["fwd+bwd"] == pytest.approx(1.5)
+    assert nchw["chain"]["fwd"] == pytest.approx(3.0) and nchw["compile"]["fwd"] == pytest.approx(1.0)
+    assert grid[0]["slowest"] == {"name": "b/float32/nchw/fwd+bwd", "baseline": "chain", "speedup": 0.25}
+    # a stack's normext_compiled ratio is not a baseline, and a stack has no native op
+    assert grid[2]["slowest"]["speedup"] == 0.9 and grid[2]["vs"]["native"]["fwd+bwd"] is None
+    summary = report.summarize(results)
+    assert set(summary) == {"group_norm", "group_norm stacks"} and summary["group_norm"]["variants"] == 4
+    gn = summary["group_norm"]
+    assert gn["vs"]["native"]["fwd"] == pytest.approx((2 * 8 * 9) ** (1 / 3))
+    assert gn["vs"]["compile"]["fwd"] == pytest.approx(1.0) and gn["vs"]["chain"]["fwd"] == pytest.approx(
+        3**0.5
+    )
+    # the headline: the chain where there is one, else the native op
+    assert gn["geomean_speedup_fwd"] == pytest.approx((2 * 3 * 1) ** (1 / 3))
+    assert gn["slowest"]["speedup"] == 0.25
+
+
+def test_peak_memory_lines_include_the_compile_baseline():
+    mib = 1 << 20
+    peaks = [
+        {"normext": mib, "native": 2 * mib, "chain": 4 * mib, "compile": 3 * mib},
+        {"normext": mib, "chain": 2 * mib},
+    ]
+    doc = {
+        "device": {"type": "cuda"},
+        "results": [{"name": n, "peak_memory_bytes": p} for n, p in zip("ab", peaks, strict=True)],
+    }
+    head, columns, a, b = report.memory_lines(doc)
+    assert columns.split() == ["variant", "normext", "native", "op", "chain", "compile", "saved"]
+    assert a.split() == ["a", "1.0", "2.0", "4.0", "3.0", "75%"] and b.split() == [
+        "b",
+        "1.0",
+        "-",
+        "2.0",
+        "-",
+        "50%",
+    ]

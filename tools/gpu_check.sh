@@ -11,8 +11,9 @@
 # Without a GPU (a dry run, as tools/gpu_machine_sim.sh does) the GPU steps say "no GPU" and go on.
 #
 # Knobs (seconds): GPU_CHECK_TOTAL_S, GPU_CHECK_BUILD_S, GPU_CHECK_TESTS_S, GPU_CHECK_SANITIZER_S (each
-# tool), GPU_CHECK_BENCH_S; GPU_CHECK_BENCH_ARGS (default: the full GPU suite), GPU_CHECK_SANITIZER_K (the
-# pytest -k selection run under compute-sanitizer), MAX_JOBS (default: all cores).
+# tool), GPU_CHECK_BENCH_S; GPU_CHECK_BENCH_ARGS (default: the quick GPU suite without the compile
+# baseline), GPU_CHECK_SANITIZER_K (the pytest -k selection run under compute-sanitizer), MAX_JOBS (default:
+# all cores).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
 
@@ -28,7 +29,10 @@ TESTS_S=${GPU_CHECK_TESTS_S:-180}
 SANITIZER_S=${GPU_CHECK_SANITIZER_S:-50}
 BENCH_S=${GPU_CHECK_BENCH_S:-100}
 # The quick GPU suite (64 variants): the full one (284) does not fit beside the rest; run it on its own.
-BENCH_ARGS=${GPU_CHECK_BENCH_ARGS:---quick}
+# Without the torch.compile baseline, whose compiles (seconds per variant) do not fit in BENCH_S either;
+# for it, a few variants (no quotes or shell characters: make's shell splits the options), e.g.
+# GPU_CHECK_BENCH_ARGS="--quick --filter unet.64/bf16 --filter vit_b.ln/bf16 --filter retinanet.head.stack/bf16".
+BENCH_ARGS=${GPU_CHECK_BENCH_ARGS:---quick --no-compile}
 # Small CUDA cases of every norm family and layout, forward and backward, through each kernel path (odd
 # extents, vector tails, multi-block groups, poisoned outputs): about 170 tests. Only normext's kernels are
 # instrumented (--kernel-name kns=normext), which keeps torch's own launches at full speed.

@@ -48,7 +48,7 @@ def _git():
     return {"commit": commit, "dirty": bool(status.strip())}
 
 
-def environment(device, quick, effort, clock_statistic):
+def environment(device, quick, effort, clock, compile_baseline):
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         dev = {
@@ -84,8 +84,8 @@ def environment(device, quick, effort, clock_statistic):
         "method": {
             "rounds": rounds,
             "min_block_s": min_block,
-            "clock": "CUDA events" if device.type == "cuda" else "time.perf_counter",
-            "statistic": f"every call timed; a block's time is the {clock_statistic} of its calls; a "
+            "clock": clock.name,
+            "statistic": f"every call timed; a block's time is the {clock.statistic} of its calls; a "
             "contender's time_s is the median of its block times",
             "order": "contenders timed in turn each round, order rotated per round; speedup = median of "
             "per-round ratios time(other) / time(normext)",
@@ -96,6 +96,7 @@ def environment(device, quick, effort, clock_statistic):
             "bytes": "forward 2*numel*size, backward 3*numel*size, a fused residual adds numel*size per pass",
             "roofline": "copy_ of a large tensor (bytes read + written), before and after the cases; the "
             "higher is used",
+            "compile": compile_baseline,
         },
     }
 
@@ -187,26 +188,78 @@ def headline(result):
     return speedup.get("chain", speedup.get("native"))
 
 
+# The baselines every summary reports, as named in the result's "speedup": torch's op alone (eager), the
+# unfused eager chain (fused variants and stacks), torch.compile of the same native computation.
+BASELINES = ("native", "chain", "compile")
+PASSES = ("fwd", "fwd+bwd")
+
+
+def group_key(result):
+    """The summary group of a variant: its norm, with stacks apart."""
+    return f"{result['norm']} stacks" if result["layers"] else result["norm"]
+
+
+def _speedups(rs):
+    """{baseline: {pass: geometric mean or None}} over results `rs`, and the slowest variant: the lowest
+    speedup against any baseline, as {"name", "baseline", "speedup"} (None when nothing was measured)."""
+    means = {
+        b: {p: _geomean([r["speedup"].get(b) for r in rs if r["pass"] == p]) for p in PASSES}
+        for b in BASELINES
+    }
+    worst = min(
+        ((v, r["name"], b) for r in rs for b, v in r["speedup"].items() if b in BASELINES and v),
+        default=None,
+    )
+    slowest = None if worst is None else {"name": worst[1], "baseline": worst[2], "speedup": worst[0]}
+    return means, slowest
+
+
 def summarize(results):
-    """Per norm (stacks apart): geometric-mean headline speedup, overall and per pass."""
+    """Per norm (stacks apart): geometric-mean headline speedup, overall and per pass, the geometric mean
+    against each baseline per pass ("vs") and the slowest variant."""
     groups = {}
     for r in results:
-        if "error" in r:
-            continue
-        key = f"{r['norm']} stacks" if r["layers"] else r["norm"]
-        groups.setdefault(key, []).append(r)
+        if "error" not in r:
+            groups.setdefault(group_key(r), []).append(r)
     summary = {}
     for key, rs in groups.items():
+        means, slowest = _speedups(rs)
         summary[key] = {
             "variants": len(rs),
             "geomean_speedup": _geomean([headline(r) for r in rs]),
             "geomean_speedup_fwd": _geomean([headline(r) for r in rs if r["pass"] == "fwd"]),
             "geomean_speedup_fwd_bwd": _geomean([headline(r) for r in rs if r["pass"] == "fwd+bwd"]),
+            "vs": means,
+            "slowest": slowest,
         }
     return summary
 
 
-def document(env, roofline, results, notes, seconds):
+def summary_grid(results):
+    """The chart's rows: per norm (stacks apart) x dtype x layout, in the results' order, the geometric
+    mean against each baseline per pass ({baseline: {pass: value}}), the variant count and the slowest
+    variant."""
+    groups = {}
+    for r in results:
+        if "error" not in r:
+            groups.setdefault((group_key(r), r["dtype"], r["layout"]), []).append(r)
+    rows = []
+    for (key, dtype, layout), rs in groups.items():
+        means, slowest = _speedups(rs)
+        rows.append(
+            {
+                "group": key,
+                "dtype": dtype,
+                "layout": layout,
+                "variants": len(rs),
+                "vs": means,
+                "slowest": slowest,
+            }
+        )
+    return rows
+
+
+def document(env, roofline, results, notes, seconds, complete=True):
     for r in results:
         if "bytes_per_s" in r:
             r["roofline_fraction"] = {k: v / roofline["bytes_per_s"] for k, v in r["bytes_per_s"].items()}
@@ -215,8 +268,10 @@ def document(env, roofline, results, notes, seconds):
         "roofline": roofline,
         "notes": list(notes),
         "summary": summarize(results),
+        "summary_grid": summary_grid(results),
         "results": results,
         "wall_s": seconds,
+        "complete": complete,
         "load_average_end": os.getloadavg() if hasattr(os, "getloadavg") else None,
     }
 
@@ -233,6 +288,45 @@ def _fmt_time(seconds):
 
 def _fmt_x(value):
     return "-" if value is None else f"{value:.2f}x"
+
+
+def _compile_cell(result):
+    """The compile baseline's time, or why there is none: off (--no-compile), failed, timeout."""
+    if "compile" in result["timings"]:
+        return _fmt_time(result["timings"]["compile"]["time_s"])
+    record = result.get("compile", {}).get("compile")
+    return "off" if record is None else record["status"]
+
+
+def compile_lines(doc):
+    """Why a compile baseline is missing (one line per variant that failed or ran out of time), and the
+    stacks trained under torch.compile: torch.nn modules against normext's, both compiled."""
+    if not doc["method"]["compile"]["enabled"]:
+        return ["torch.compile baseline: off (--no-compile)"]
+    lines = []
+    for r in doc["results"]:
+        for name, record in r.get("compile", {}).items():
+            if record["status"] != "ok":
+                lines.append(f"torch.compile {record['status']} ({name}) in {r['name']}: {record['error']}")
+    stacks = [r for r in doc["results"] if "speedup_compiled" in r]
+    if stacks:
+        lines.append(
+            "stacks, one training step, both compiled: torch.compile(torch.nn model) vs "
+            "torch.compile(normext model)"
+        )
+        for r in stacks:
+            torch_s, ours_s = (r["timings"][k]["time_s"] for k in ("compile", "normext_compiled"))
+            lines.append(
+                f"  {r['name']:44s} torch {_fmt_time(torch_s):>8s}  normext {_fmt_time(ours_s):>8s}  "
+                f"{_fmt_x(r['speedup_compiled']):>6s}"
+            )
+    seconds = [rec["seconds"] for r in doc["results"] for rec in r.get("compile", {}).values()]
+    if seconds:
+        lines.append(
+            f"compile time (excluded from the timings): {sum(seconds):.0f} s over {len(seconds)} compiles, "
+            f"longest {max(seconds):.0f} s, limit {doc['method']['compile']['timeout_s']:g} s per variant"
+        )
+    return lines
 
 
 def _fmt_bytes(n):
@@ -252,6 +346,8 @@ def table_lines(doc):
         "x native",
         "chain",
         "x chain",
+        "compile",
+        "x compile",
     )
     columns += ("GB/s", "% roof", "check")
     rows = []
@@ -272,6 +368,8 @@ def table_lines(doc):
                 _fmt_x(speedup.get("native")),
                 _fmt_time(timed.get("chain", {}).get("time_s")),
                 _fmt_x(speedup.get("chain")),
+                _compile_cell(r),
+                _fmt_x(speedup.get("compile")),
                 f"{r['bytes_per_s']['normext'] / 1e9:.1f}" if "bytes_per_s" in r else "-",
                 f"{100 * r['roofline_fraction']['normext']:.0f}" if "roofline_fraction" in r else "-",
                 "ok" if r["check"]["ok"] else f"DIFF {r['check']['rel_err']['normext']:.1e}",
@@ -279,7 +377,7 @@ def table_lines(doc):
         )
     full = [row for row in rows if len(row) == len(columns)]
     widths = [max([len(c)] + [len(str(row[i])) for row in full]) for i, c in enumerate(columns)]
-    right = {5, 6, 7, 8, 9, 10, 11}
+    right = {5, 6, 7, 8, 9, 10, 11, 12, 13}
 
     def line(cells):
         if len(cells) < len(columns):  # an error row: the message spans the rest
@@ -305,42 +403,57 @@ def roofline_lines(doc):
     lines = [
         f"roofline: copy_ {roof['bytes_per_s'] / 1e9:.1f} GB/s (before the cases {gbps['before']:.1f}, after "
         f"{gbps['after']:.1f}; {roof['before']['bytes_moved'] >> 20} MiB read+written per copy)",
-        "x native / x chain: time(torch) / time(normext), the median of per-round ratios; native = torch's "
-        "op for the norm alone, chain = torch's norm, add, activation (stacks: torch modules)",
+        "x native / x chain / x compile: time(torch) / time(normext), the median of per-round ratios; "
+        "native = torch's op for the norm alone, chain = torch's norm, add, activation (stacks: torch "
+        "modules), compile = torch.compile of the chain (of the op when unfused; stacks: of the torch model)",
     ]
     return lines + ([CPU_ROOF_NOTE] if doc["device"]["type"] == "cpu" else [])
 
 
 def case_lines(doc):
-    """One line per suite case: the geometric-mean headline speedup over its dtypes and layouts, per pass,
-    and normext's median % of the roofline (the short table for a README)."""
+    """One line per suite case: the geometric-mean headline speedup over its dtypes and layouts per pass,
+    the same against torch.compile, and normext's median % of the roofline (the short table for a
+    README)."""
     cases = {}
     for r in doc["results"]:
         if "error" not in r:
             cases.setdefault(r["case"], []).append(r)
-    head = f"{'case':26s} {'norm':14s} {'shape':>16s} {'fwd':>7s} {'fwd+bwd':>7s} {'% roof':>6s}"
+    head = (
+        f"{'case':26s} {'norm':14s} {'shape':>16s} {'fwd':>7s} {'fwd+bwd':>7s} {'compile fwd':>11s} "
+        f"{'fwd+bwd':>7s} {'% roof':>6s}"
+    )
     lines = [head, "-" * len(head)]
     for name, rs in cases.items():
-        speed = {p: _geomean([headline(r) for r in rs if r["pass"] == p]) for p in ("fwd", "fwd+bwd")}
+        speed = {p: _geomean([headline(r) for r in rs if r["pass"] == p]) for p in PASSES}
+        comp = {p: _geomean([r["speedup"].get("compile") for r in rs if r["pass"] == p]) for p in PASSES}
         roofs = sorted(100 * r["roofline_fraction"]["normext"] for r in rs if "roofline_fraction" in r)
         roof = f"{roofs[len(roofs) // 2]:.0f}" if roofs else "-"
         shape = "x".join(map(str, rs[0]["shape"]))
         lines.append(
             f"{name:26s} {rs[0]['norm']:14s} {shape:>16s} {_fmt_x(speed['fwd']):>7s} "
-            f"{_fmt_x(speed['fwd+bwd']):>7s} {roof:>6s}"
+            f"{_fmt_x(speed['fwd+bwd']):>7s} {_fmt_x(comp['fwd']):>11s} {_fmt_x(comp['fwd+bwd']):>7s} "
+            f"{roof:>6s}"
         )
     return lines
 
 
+def _slowest_text(slowest):
+    if slowest is None:
+        return "-"
+    return f"{slowest['name']} {_fmt_x(slowest['speedup'])} vs {slowest['baseline']}"
+
+
 def summary_lines(doc):
-    lines = []
+    """Per norm: the geometric means against every baseline per pass, and the slowest variant."""
+    head = f"{'geomean speedup':22s} {'variants':>8s}  " + "  ".join(
+        f"{p + ' vs ' + b:>18s}" for p in PASSES for b in BASELINES
+    )
+    lines = [head]
     for key, s in doc["summary"].items():
-        fwd = _fmt_x(s["geomean_speedup_fwd"])
-        both = _fmt_x(s["geomean_speedup_fwd_bwd"])
-        lines.append(
-            f"{key:22s} geomean speedup {_fmt_x(s['geomean_speedup'])} (fwd {fwd}, fwd+bwd {both}) over "
-            f"{s['variants']} variants"
-        )
+        cells = "  ".join(f"{_fmt_x(s['vs'][b][p]):>18s}" for p in PASSES for b in BASELINES)
+        lines.append(f"{key:22s} {s['variants']:8d}  {cells}")
+    lines.append("slowest variant per norm (lowest speedup against any baseline):")
+    lines += [f"  {key:22s} {_slowest_text(s['slowest'])}" for key, s in doc["summary"].items()]
     return lines
 
 
@@ -353,13 +466,15 @@ def memory_lines(doc):
     if not rows:
         return ["peak memory of a training step: no fused variant or stack in this run"]
     lines = ["peak memory of one training step (fwd+bwd), MiB beyond the inputs:"]
-    lines.append(f"  {'variant':52s} {'normext':>9s} {'native op':>9s} {'chain':>9s} {'saved':>6s}")
+    lines.append(
+        f"  {'variant':52s} {'normext':>9s} {'native op':>9s} {'chain':>9s} {'compile':>9s} {'saved':>6s}"
+    )
     for r in rows:
         peak = r["peak_memory_bytes"]
         saved = 1 - peak["normext"] / peak["chain"] if peak.get("chain") else None
+        cells = [_fmt_bytes(peak[k]) if k in peak else "-" for k in ("normext", "native", "chain", "compile")]
         lines.append(
-            f"  {r['name']:52s} {_fmt_bytes(peak['normext']):>9s} "
-            f"{_fmt_bytes(peak['native']) if 'native' in peak else '-':>9s} {_fmt_bytes(peak['chain']):>9s} "
+            f"  {r['name']:52s} " + " ".join(f"{c:>9s}" for c in cells) + f" "
             f"{'-' if saved is None else f'{100 * saved:.0f}%':>6s}"
         )
     return lines
@@ -372,6 +487,8 @@ def print_results(doc, stream):
     print("\n".join(roofline_lines(doc)), file=stream)
     print(file=stream)
     print("\n".join(case_lines(doc)), file=stream)
+    print(file=stream)
+    print("\n".join(compile_lines(doc)), file=stream)
     print(file=stream)
     print("\n".join(summary_lines(doc)), file=stream)
     print("\n".join(memory_lines(doc)), file=stream)
@@ -400,15 +517,22 @@ def _compact_number_lists(text):
     return re.sub(r"\[\s*([-+0-9.eE,\s]+?)\s*\]", lambda m: "[" + re.sub(r"\s+", "", m.group(1)) + "]", text)
 
 
+def write_json(doc, out_dir):
+    """Writes <stem>.json (also after each variant, with "complete": false, so that a run stopped by a
+    time limit leaves what it measured); returns its path."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = (out_dir / file_stem(doc)).with_suffix(".json")
+    path.write_text(_compact_number_lists(json.dumps(doc, indent=1)) + "\n")
+    return path
+
+
 def write(doc, out_dir, stream):
     """Writes <stem>.json and <stem>.png (the PNG only when matplotlib is installed) and the table as
     <stem>.txt; returns the paths written."""
-    out_dir.mkdir(parents=True, exist_ok=True)
     stem = out_dir / file_stem(doc)
-    paths = [stem.with_suffix(".json"), stem.with_suffix(".txt")]
-    paths[0].write_text(_compact_number_lists(json.dumps(doc, indent=1)) + "\n")
+    paths = [write_json(doc, out_dir), stem.with_suffix(".txt")]
     text = table_lines(doc) + [""] + roofline_lines(doc) + [""] + case_lines(doc) + [""]
-    text += summary_lines(doc) + memory_lines(doc)
+    text += compile_lines(doc) + [""] + summary_lines(doc) + memory_lines(doc)
     paths[1].write_text("\n".join(text) + "\n")
     try:
         import matplotlib
@@ -424,51 +548,43 @@ def write(doc, out_dir, stream):
 
 
 def chart(doc, path):
-    """Two panels over the variants: headline speedup (log scale) and normext's % of the copy roofline,
-    with the axes labelled at the top and the bottom of the (tall) figure."""
+    """The summary at a glance: one row per norm x dtype x layout, one cell per pass and baseline holding
+    the geometric-mean speedup (green: normext faster, red: slower, log colour scale clipped at 4x), and
+    the row's slowest variant named on the right. Every variant's numbers stay in the JSON and table."""
     import matplotlib.pyplot as plt
-    from matplotlib.patches import Patch
-    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+    import numpy as np
 
-    rows = [r for r in doc["results"] if "error" not in r]
-    inches = 0.16 * len(rows)
-    top, bottom = 1.3, 0.8  # inches of title / axis labels above and below the bars
-    fig, (ax1, ax2) = plt.subplots(
-        1, 2, figsize=(13, inches + top + bottom), sharey=True, gridspec_kw={"width_ratios": [3, 2]}
+    rows = doc["summary_grid"]
+    columns = [(p, b) for p in PASSES for b in BASELINES]
+    values = np.array(
+        [[np.nan if row["vs"][b][p] is None else row["vs"][b][p] for p, b in columns] for row in rows],
+        dtype=float,
     )
-    fig.subplots_adjust(top=1 - top / fig.get_figheight(), bottom=bottom / fig.get_figheight(), left=0.17)
-    y = list(range(len(rows)))
-    colors = ["tab:blue" if r["pass"] == "fwd" else "tab:orange" for r in rows]
-    ax1.barh(y, [headline(r) for r in rows], color=colors)
-    ax1.axvline(1.0, color="black", linewidth=0.8)
-    ax1.set_xscale("log")
-    ax1.xaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
-    ax1.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
-    ax1.xaxis.set_minor_formatter(NullFormatter())
-    ax1.set_xlabel("speedup vs torch (the unfused chain for fused variants)")
-    ax1.set_yticks(y, [r["name"] for r in rows], fontsize=6)
-    ax1.set_ylim(len(rows) - 0.5, -0.5)
-    roof = doc["roofline"]["bytes_per_s"] / 1e9
-    ax2.barh(y, [100 * r.get("roofline_fraction", {}).get("normext", 0) for r in rows], color=colors)
-    ax2.set_xlabel(f"normext, % of copy roofline ({roof:.1f} GB/s)")
-    for ax in (ax1, ax2):
-        ax.grid(axis="x", linewidth=0.3)
-        ax.tick_params(axis="x", top=True, labeltop=True)
+    top, bottom = 1.4, 0.5  # inches of title and column labels above, margin below
+    fig = plt.figure(figsize=(12, 0.3 * len(rows) + top + bottom))
+    height = fig.get_figheight()  # 3 inches of row labels, 5 of cells, 4 for the slowest variants
+    ax = fig.add_axes((0.25, bottom / height, 0.42, 1 - (top + bottom) / height))
+    ax.imshow(np.log2(values), cmap="RdYlGn", vmin=-2, vmax=2, aspect="auto", interpolation="nearest")
+    ax.set_facecolor("0.9")  # no such baseline for the row (e.g. no fused variant: no chain)
+    for i, j in np.ndindex(values.shape):
+        text = "-" if np.isnan(values[i, j]) else f"{values[i, j]:.2f}x"
+        ax.text(j, i, text, ha="center", va="center", fontsize=8)
+    labels = [f"{row['group']} {row['dtype']} {row['layout']} ({row['variants']})" for row in rows]
+    ax.set_yticks(range(len(rows)), labels, fontsize=8)
+    ax.set_xticks(range(len(columns)), [f"{p}\nvs {b}" for p, b in columns], fontsize=8)
+    ax.tick_params(axis="x", top=True, labeltop=True, bottom=False, labelbottom=False)
+    ax.axvline(len(BASELINES) - 0.5, color="black", linewidth=1.5)
+    for i, row in enumerate(rows):
+        ax.text(len(columns) - 0.3, i, _slowest_text(row["slowest"]), va="center", fontsize=7)
+    ax.text(len(columns) - 0.3, -1.1, "slowest variant", fontsize=8, weight="bold")
     dev = doc["device"]
     fig.suptitle(
         f"normext bench ({doc['suite']}): {dev['name']}, {dev['type']}, {doc['threads']} thread(s), "
-        f"torch {doc['torch']}, {doc['date'][:10]}",
-        y=1 - 0.25 / fig.get_figheight(),
-    )
-    fig.legend(
-        handles=[
-            Patch(color="tab:blue", label="forward"),
-            Patch(color="tab:orange", label="forward+backward"),
-        ],
-        loc="upper right",
-        ncols=2,
-        bbox_to_anchor=(0.99, 1 - 0.45 / fig.get_figheight()),
-        frameon=False,
+        f"torch {doc['torch']}, {doc['date'][:10]}\ngeometric-mean speedup time(torch) / time(normext) "
+        "per norm x dtype x layout (variants); > 1: normext faster",
+        y=1 - 0.1 / height,
+        va="top",
+        fontsize=10,
     )
     fig.savefig(path, dpi=100)
     plt.close(fig)
