@@ -26,12 +26,9 @@ constexpr int kFwdRegs = 32;
 constexpr int kBwdRegs = 16;
 constexpr int kMaxBlock = 512;  // fused kernels
 constexpr int kBlock = 256;     // streaming kernels
-// Blocks per SM a streaming kernel must fit (tools/cuda_report.py checks that nothing spills): with scalar
-// access 4 x 256 threads, 50% theoretical occupancy on sm_90 (at most 64 registers). Not yet with vectors:
-// their per-channel constants and loads in flight take 80-140 registers, and a cap of 128 made
-// gn_bwd_dx_nhwc_kernel<bf16, 8> spill 108 bytes; they need those constants folded first.
-template <int VEC>
-constexpr int kStreamBlocks = VEC == 1 ? 4 : 1;
+// Streaming kernels carry no minimum blocks per SM: with scalar access they already fit 4 x 256 threads (50%
+// occupancy on sm_90) and a bound of 4 only let ptxas use more registers (100% -> 75% for some); with vectors
+// their VEC-wide per-channel constants need 80-170 registers, and a cap of 128 made some spill (fold first).
 // Independent loads in flight per thread in streaming loops. 8-wide vectors use 2: each load then
 // feeds twice the float temporaries (and channels-last per-lane constants), and 2 x 16 bytes per
 // array already keeps enough memory traffic in flight at the occupancy that leaves.
@@ -313,7 +310,7 @@ __global__ void __launch_bounds__(kMaxBlock)
 // per thread, lanes merged in order, then warps and the block by fixed trees. Needs tile and M
 // multiples of VEC and X VEC-aligned.
 template <typename scalar_t, int VEC>
-__global__ void __launch_bounds__(kBlock, kStreamBlocks<VEC>)
+__global__ void __launch_bounds__(kBlock)
     gn_moments_nchw_kernel(FwdParams<scalar_t> p, int64_t tile, int64_t T, WelfordF* __restrict__ partial) {
   NORMEXT_SHARED(WelfordF, red, kBlock / kWarpSize);
   const int64_t j = blockIdx.x / T, t = blockIdx.x % T;
@@ -343,9 +340,8 @@ __global__ void __launch_bounds__(kBlock, kStreamBlocks<VEC>)
 // normalises the same tile as the moments pass. Thread i walks vectors i, i + blockDim.x, ... with
 // a ChannelCursor for gamma / beta. Needs tile and M multiples of VEC and X, R, Y VEC-aligned.
 template <typename scalar_t, int VEC>
-__global__ void __launch_bounds__(kBlock, kStreamBlocks<VEC>)
-    gn_apply_nchw_kernel(FwdParams<scalar_t> p, int64_t tile, int64_t T,
-                         const WelfordF* __restrict__ partial) {
+__global__ void __launch_bounds__(kBlock) gn_apply_nchw_kernel(FwdParams<scalar_t> p, int64_t tile, int64_t T,
+                                                               const WelfordF* __restrict__ partial) {
   NORMEXT_SHARED(float, stat, 2);
   const int64_t j = blockIdx.x / T, t = blockIdx.x % T;
   if (threadIdx.x < kWarpSize) {
@@ -401,7 +397,7 @@ __global__ void __launch_bounds__(kBlock, kStreamBlocks<VEC>)
 // group, or a group's part) by one warp, into partial[(n*G + g)*parts*T + part*T + t]. Needs C and
 // the plan's width multiples of VEC and X VEC-aligned.
 template <typename scalar_t, int VEC>
-__global__ void __launch_bounds__(kBlock, kStreamBlocks<VEC>)
+__global__ void __launch_bounds__(kBlock)
     gn_moments_nhwc_kernel(FwdParams<scalar_t> p, ChunkPlan plan, int64_t rows_per_tile, int64_t T,
                            WelfordF* __restrict__ partial) {
   unsigned char* smem = dynamic_smem();
@@ -451,7 +447,7 @@ __global__ void __launch_bounds__(kBlock, kStreamBlocks<VEC>)
 // [t*rows_per_tile, ...) stepping by bdy. Needs C and the plan's width multiples of VEC and X, R, Y
 // VEC-aligned.
 template <typename scalar_t, int VEC>
-__global__ void __launch_bounds__(kBlock, kStreamBlocks<VEC>)
+__global__ void __launch_bounds__(kBlock)
     gn_apply_nhwc_kernel(FwdParams<scalar_t> p, ChunkPlan plan, int64_t rows_per_tile, int64_t T,
                          const WelfordF* __restrict__ partial, int64_t S) {
   unsigned char* smem = dynamic_smem();
@@ -695,7 +691,7 @@ __global__ void __launch_bounds__(kMaxBlock)
 // warp tree writes sums[row*T + t]. No block-level synchronisation, so warps past the end just
 // return. Needs L % VEC == 0 and X, dY, R VEC-aligned.
 template <typename scalar_t, int VEC>
-__global__ void __launch_bounds__(kBlock, kStreamBlocks<VEC>)
+__global__ void __launch_bounds__(kBlock)
     gn_bwd_sums_nchw_kernel(BwdParams<scalar_t> p, int64_t tile_v, int64_t T, Sum2* __restrict__ sums) {
   const int64_t gw = int64_t(blockIdx.x) * (blockDim.x / kWarpSize) + threadIdx.x / kWarpSize;
   if (gw >= p.N * p.C * T) return;
@@ -741,7 +737,7 @@ __global__ void __launch_bounds__(kBlock, kStreamBlocks<VEC>)
 // sums down rows y, y + bdy, ..., column_reduce merges the rows and the block writes
 // sums[(n*C + c)*T + t]. Needs C % VEC == 0 and X, dY, R VEC-aligned.
 template <typename scalar_t, int VEC>
-__global__ void __launch_bounds__(kBlock, kStreamBlocks<VEC>)
+__global__ void __launch_bounds__(kBlock)
     gn_bwd_sums_nhwc_kernel(BwdParams<scalar_t> p, int bdx, int bdy, int64_t chunks, int64_t rows_per_tile,
                             int64_t T, Sum2* __restrict__ sums) {
   unsigned char* smem = dynamic_smem();
@@ -840,7 +836,7 @@ __global__ void __launch_bounds__(kBlock)
 // contiguous run with a ChannelCursor (as the forward apply); pq (null when dX is not requested)
 // holds the group's (P, Q). Needs tile and M multiples of VEC and X, dY, R, dX, dR VEC-aligned.
 template <typename scalar_t, int VEC>
-__global__ void __launch_bounds__(kBlock, kStreamBlocks<VEC>)
+__global__ void __launch_bounds__(kBlock)
     gn_bwd_dx_nchw_kernel(BwdParams<scalar_t> p, int64_t tile, int64_t T, const Sum2* __restrict__ pq) {
   const int64_t j = blockIdx.x / T, t = blockIdx.x % T;
   const int64_t M = p.D * p.L, base = j * M, c0 = (j % p.G) * p.D;
@@ -887,7 +883,7 @@ __global__ void __launch_bounds__(kBlock, kStreamBlocks<VEC>)
 // per-lane constants (group stats, P/M, Q/M, gamma, beta) are loaded once, then rows stream.
 // Needs C % VEC == 0 and X, dY, R, dX, dR VEC-aligned.
 template <typename scalar_t, int VEC>
-__global__ void __launch_bounds__(kBlock, kStreamBlocks<VEC>)
+__global__ void __launch_bounds__(kBlock)
     gn_bwd_dx_nhwc_kernel(BwdParams<scalar_t> p, int bdx, int bdy, int64_t chunks, int64_t rows_per_tile,
                           int64_t T, const Sum2* __restrict__ pq) {
   const int64_t ci = blockIdx.x % chunks, nt = blockIdx.x / chunks;
