@@ -33,9 +33,11 @@ template <int VEC>
 constexpr int kReduceUnroll = VEC >= 8 ? 2 : 4;
 template <int VEC>
 constexpr int kApplyUnroll = VEC >= 8 ? 1 : 2;
-// Streaming kernels carry no minimum blocks per SM: with scalar access they already fit 4 x 256 threads (50%
-// occupancy on sm_90) and a bound of 4 only let ptxas use more registers (100% -> 75% for some); with vectors
-// their VEC-wide per-channel constants need 80-170 registers, and a cap of 128 made some spill (fold first).
+// Minimum blocks per SM of the streaming kernels: 2 with vectors, which holds them within 128 registers
+// without spills (ptxas -v: up to 170 before); none with scalar access, which fits 50% occupancy on sm_90
+// as it is (a bound of 4 only let ptxas use more registers).
+template <int VEC>
+constexpr int kStreamBlocks = VEC == 1 ? 1 : 2;
 // Blocks to aim for. Constants rather than the device's SM count: the partition fixes the
 // reduction order, which must depend on the shape only.
 constexpr int64_t kReduceBlocks = 1024;
@@ -97,7 +99,7 @@ __device__ __forceinline__ float grad_pre_act(float dy, float xhat, float g, flo
 // not with the magnitude; column_reduce merges the kRows states of each channel. Writes the partial
 // (mean, M2) at [p * C + c] and its count at counts[p].
 template <typename scalar_t, int VEC>
-__global__ void __launch_bounds__(kBlock)
+__global__ void __launch_bounds__(kBlock, kStreamBlocks<VEC>)
     rows_moments_kernel(const scalar_t* __restrict__ X, int64_t rows, int64_t C, int64_t rows_per_part,
                         float* __restrict__ means, float* __restrict__ m2s, float* __restrict__ counts) {
   NORMEXT_SHARED(WelfordF, buf, kBlock * VEC);
@@ -139,7 +141,7 @@ __global__ void __launch_bounds__(kBlock)
 // Partial backward sums Σdz and Σdz·x̂ of partition p = blockIdx.y, merged over the thread rows by
 // column_reduce; written at [p * C + c].
 template <typename scalar_t, int VEC>
-__global__ void __launch_bounds__(kBlock)
+__global__ void __launch_bounds__(kBlock, kStreamBlocks<VEC>)
     rows_grad_sums_kernel(const scalar_t* __restrict__ dY, const scalar_t* __restrict__ X,
                           const scalar_t* __restrict__ R, int64_t rows, int64_t C, int64_t rows_per_part,
                           Channels ch, int64_t act, float slope, Sum2* __restrict__ partial) {
@@ -190,7 +192,7 @@ __global__ void __launch_bounds__(kBlock)
 
 // Y = act((x - mean)·(gamma·rstd) + beta + R); rows blockIdx.y·kRows + y, grid-strided.
 template <typename scalar_t, int VEC>
-__global__ void __launch_bounds__(kBlock)
+__global__ void __launch_bounds__(kBlock, kStreamBlocks<VEC>)
     rows_apply_kernel(const scalar_t* __restrict__ X, const scalar_t* __restrict__ R,
                       scalar_t* __restrict__ Y, int64_t rows, int64_t C, Channels ch, int64_t act,
                       float slope) {
@@ -231,7 +233,7 @@ __global__ void __launch_bounds__(kBlock)
 
 // dX = a·dz + b·x̂ + c and dR = dz (either may be null), rows as in rows_apply_kernel.
 template <typename scalar_t, int VEC>
-__global__ void __launch_bounds__(kBlock)
+__global__ void __launch_bounds__(kBlock, kStreamBlocks<VEC>)
     rows_grad_input_kernel(const scalar_t* __restrict__ dY, const scalar_t* __restrict__ X,
                            const scalar_t* __restrict__ R, int64_t rows, int64_t C, Channels ch, GradSums gs,
                            int64_t act, float slope, scalar_t* __restrict__ dX, scalar_t* __restrict__ dR) {
@@ -284,7 +286,7 @@ __global__ void __launch_bounds__(kBlock)
 // [p * tiles_per_part, ...) (never empty). Welford on x - K (K the partition's first element),
 // lanes merged in order, then the block by block_allreduce; writes [p * C + c] and counts[p].
 template <typename scalar_t, int VEC>
-__global__ void __launch_bounds__(kBlock)
+__global__ void __launch_bounds__(kBlock, kStreamBlocks<VEC>)
     planes_moments_kernel(const scalar_t* __restrict__ X, int64_t C, int64_t HxW, int tx, int64_t S,
                           int64_t tiles, int64_t tiles_per_part, float* __restrict__ means,
                           float* __restrict__ m2s, float* __restrict__ counts) {
@@ -323,7 +325,7 @@ __global__ void __launch_bounds__(kBlock)
 
 // Partial backward sums Σdz and Σdz·x̂ of channel c = blockIdx.x over partition p = blockIdx.y.
 template <typename scalar_t, int VEC>
-__global__ void __launch_bounds__(kBlock)
+__global__ void __launch_bounds__(kBlock, kStreamBlocks<VEC>)
     planes_grad_sums_kernel(const scalar_t* __restrict__ dY, const scalar_t* __restrict__ X,
                             const scalar_t* __restrict__ R, int64_t C, int64_t HxW, int tx, int64_t S,
                             int64_t tiles, int64_t tiles_per_part, Channels ch, int64_t act, float slope,
@@ -373,7 +375,7 @@ __global__ void __launch_bounds__(kBlock)
 // Elementwise over all N·C·S tiles t (plane nc = t / S, channel nc % C), grid-strided:
 // Y = act((x - mean)·(gamma·rstd) + beta + R).
 template <typename scalar_t, int VEC>
-__global__ void __launch_bounds__(kBlock)
+__global__ void __launch_bounds__(kBlock, kStreamBlocks<VEC>)
     planes_apply_kernel(const scalar_t* __restrict__ X, const scalar_t* __restrict__ R,
                         scalar_t* __restrict__ Y, int64_t C, int64_t HxW, int tx, int64_t S, int64_t tiles,
                         Channels ch, int64_t act, float slope) {
@@ -401,7 +403,7 @@ __global__ void __launch_bounds__(kBlock)
 
 // dX = a·dz + b·x̂ + c and dR = dz over all tiles, as planes_apply_kernel.
 template <typename scalar_t, int VEC>
-__global__ void __launch_bounds__(kBlock)
+__global__ void __launch_bounds__(kBlock, kStreamBlocks<VEC>)
     planes_grad_input_kernel(const scalar_t* __restrict__ dY, const scalar_t* __restrict__ X,
                              const scalar_t* __restrict__ R, int64_t C, int64_t HxW, int tx, int64_t S,
                              int64_t tiles, Channels ch, GradSums gs, int64_t act, float slope,
