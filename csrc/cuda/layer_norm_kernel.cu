@@ -25,14 +25,16 @@ namespace {
 
 using at::Tensor;
 
-// Elements of a row one thread keeps in registers (kCap / VEC vectors).
+// Elements of a row one thread keeps in registers (kCap / VEC vectors) in the forward; the backward holds
+// x, dz and the dgamma/dbeta partials of kBwdCap elements each (4·kBwdCap floats), which with kBwdCap = 32
+// took up to 246 registers: half of it keeps every backward row kernel within 128 registers.
 constexpr int kCap = 32;
+constexpr int kBwdCap = 16;
 // Block size of the kernels where a warp or part of one owns a row (several rows per block).
 constexpr int kGroupThreads = 128;
-// Block-per-row limits: the forward holds x (kCap floats per thread), the backward x, dz and the
-// dgamma/dbeta partials (4·kCap), so the backward gets fewer threads per block.
-constexpr int kMaxFwdRowThreads = 512;  // rows up to 16384 elements
-constexpr int kMaxBwdRowThreads = 256;  // rows up to 8192 elements
+// Block-per-row limits (rows up to 16384 / 8192 elements).
+constexpr int kMaxFwdRowThreads = 512;
+constexpr int kMaxBwdRowThreads = 512;
 constexpr int kLongRowThreads = 256;
 constexpr int64_t kMaxGrid = 1 << 30;
 constexpr int k2dThreads = 256;
@@ -43,25 +45,31 @@ int pow2_at_least(int64_t v) {
   return p;
 }
 
-// Blocks of `kernel` that fit on the GPU at once (at least one per SM): the grid of the persistent
-// backward kernels, so that each partial row covers an equal share of the rows in a single wave. A
-// function of the device and the build only, so the reduction order is the same on every run.
-template <typename Kernel>
-int64_t resident_blocks(Kernel kernel, int threads) {
-  return static_cast<int64_t>(sm_count()) * std::max(max_active_blocks_per_sm(kernel, threads, 0), 1);
+// Grid of the backward row kernels, whose blocks each write one partial row of dgamma/dbeta: `units` blocks
+// (one per row or row group) up to a cap that fills an H100 or H200 (132 SMs) a few times over, lower for
+// long rows so that the partials stay within kPartialElems floats. A function of the shape alone, never of
+// the SM count or the occupancy API, so that the summation order, and every bit of dgamma/dbeta, is the same
+// on every GPU (an H100, an A100, a MIG slice).
+constexpr int64_t kMaxBwdBlocks = 512;
+constexpr int64_t kMinBwdBlocks = 132;
+constexpr int64_t kPartialElems = int64_t(1) << 20;
+
+int64_t bwd_blocks(int64_t units, int D) {
+  return std::min(units, std::clamp<int64_t>(kPartialElems / D, kMinBwdBlocks, kMaxBwdBlocks));
 }
 
 // ------------------------------------------------------------------------------------ device helpers
 
-// p[j .. j + VEC) of a float parameter (aligned to VEC floats, j a multiple of VEC), or `fill` when
-// the parameter is absent.
+// p[j .. j + VEC) of a float parameter (j a multiple of VEC), or `fill` when the parameter is absent. One
+// vector load when p is aligned to VEC floats, else VEC scalar loads: gamma / beta may be views at any offset
+// into a flat parameter buffer, read as they are instead of copied (the branch is uniform over the grid).
 template <int VEC>
 __device__ __forceinline__ void load_param(const float* p, int64_t j, float (&out)[VEC], float fill) {
-  if (p != nullptr) {
+  if (p != nullptr && reinterpret_cast<uintptr_t>(p) % (sizeof(float) * VEC) == 0) {
     load_float<VEC>(p, j, out);
   } else {
 #pragma unroll
-    for (int k = 0; k < VEC; ++k) out[k] = fill;
+    for (int k = 0; k < VEC; ++k) out[k] = p != nullptr ? p[j + k] : fill;
   }
 }
 
@@ -115,7 +123,7 @@ __device__ __forceinline__ void apply_vec(const float (&x)[VEC], float mean, flo
 // (rows ≥ M only skip memory), so shuffles and barriers stay convergent. With A (add_*_norm) the row held
 // is s = x + a, also written to S. mean_out null: RMSNorm.
 template <typename scalar_t, int VEC, bool kBlock, typename res_t = scalar_t>
-__global__ void __launch_bounds__(kMaxFwdRowThreads)
+__global__ void __launch_bounds__(kBlock ? kMaxFwdRowThreads : kGroupThreads)
     ln_fwd_rows_kernel(const scalar_t* __restrict__ X, const scalar_t* __restrict__ R,
                        scalar_t* __restrict__ Y, const float* __restrict__ gamma,
                        const float* __restrict__ beta, float* __restrict__ mean_out,
@@ -127,6 +135,9 @@ __global__ void __launch_bounds__(kMaxFwdRowThreads)
   const int groups = kBlock ? 1 : blockDim.x / W;
   const int group = kBlock ? 0 : threadIdx.x / W;
   const int nvec = D / VEC;
+  // Not yet fixed: for <float, 4, true> ptxas keeps this across the row loop in 16 bytes of local memory,
+  // saved around the IEEE division's slow-path call (tools/cuda_report.py); passing 1/D from the host would
+  // avoid it.
   const float inv_d = 1.f / static_cast<float>(D);
   for (int64_t base = static_cast<int64_t>(blockIdx.x) * groups; base < M;
        base += static_cast<int64_t>(gridDim.x) * groups) {
@@ -158,7 +169,7 @@ __global__ void __launch_bounds__(kMaxFwdRowThreads)
     }
     q = row_allsum<kBlock>(q, W, red);
     const bool rms = mean_out == nullptr;
-    const float rstd = 1.f / sqrtf(norm_var(mean, q * inv_d, rms) + eps);
+    const float rstd = rsqrt_rn(norm_var(mean, q * inv_d, rms) + eps);
     const float centre = rms ? 0.f : mean;
     if (valid && lane == 0) {
       if (!rms) mean_out[row] = mean;
@@ -213,7 +224,7 @@ __global__ void __launch_bounds__(kLongRowThreads)
     w = block_allreduce(w, WelfordOp{}, red, blockDim.x / kWarpSize);
     const bool rms = mean_out == nullptr;
     const float mean = shift + w.mean;
-    const float rstd = 1.f / sqrtf(norm_var(mean, w.m2 / static_cast<float>(D), rms) + eps);
+    const float rstd = rsqrt_rn(norm_var(mean, w.m2 / static_cast<float>(D), rms) + eps);
     if (threadIdx.x == 0) {
       if (!rms) mean_out[row] = mean;
       rstd_out[row] = rstd;
@@ -254,14 +265,15 @@ __device__ __forceinline__ void grad_pre_activation(float (&dz)[VEC], const floa
 // part_g/part_b[blockIdx.x] (groups of a block added in group order through shared memory). mean_in
 // null: RMSNorm (x̂ = x·rstd, and dx without the mean(gamma·dz) term).
 template <typename scalar_t, int VEC, bool kBlock>
-__global__ void __launch_bounds__(kMaxBwdRowThreads)
+__global__ void __launch_bounds__(kBlock ? kMaxBwdRowThreads : kGroupThreads,
+                                  kBlock ? 1 : kMaxBwdRowThreads / kGroupThreads)
     ln_bwd_rows_kernel(const scalar_t* __restrict__ dY, const scalar_t* __restrict__ X,
                        const scalar_t* __restrict__ R, const float* __restrict__ mean_in,
                        const float* __restrict__ rstd_in, const float* __restrict__ gamma,
                        const float* __restrict__ beta, scalar_t* __restrict__ dX, scalar_t* __restrict__ dR,
                        float* __restrict__ part_g, float* __restrict__ part_b, int64_t M, int D, int W,
                        int act, float slope) {
-  constexpr int kIters = kCap / VEC;
+  constexpr int kIters = kBwdCap / VEC;
   NORMEXT_SHARED(Sum2, red, kWarpSize);
   const int lane = kBlock ? threadIdx.x : threadIdx.x % W;
   const int groups = kBlock ? 1 : blockDim.x / W;
@@ -341,8 +353,8 @@ __global__ void __launch_bounds__(kMaxBwdRowThreads)
       }
     }
   } else {
-    // groups·D ≤ (kGroupThreads / W)·(W·kCap) = kGroupThreads·kCap.
-    NORMEXT_SHARED(float, buf, kGroupThreads* kCap);
+    // groups·D ≤ (kGroupThreads / W)·(W·kBwdCap) = kGroupThreads·kBwdCap.
+    NORMEXT_SHARED(float, buf, kGroupThreads* kBwdCap);
     for (int which = 0; which < 2; ++which) {
       float* out = which == 0 ? part_g : part_b;
       if (out == nullptr) continue;
@@ -540,7 +552,7 @@ __global__ void __launch_bounds__(k2dThreads)
   for (int k = 0; k < VEC; ++k) {
     const WelfordF m = st[t.tx * VEC + k];
     mean[k] = shift.v[k] + m.mean;
-    rstd[k] = 1.f / sqrtf(norm_var(mean[k], m.m2 / static_cast<float>(C), rms) + eps);
+    rstd[k] = rsqrt_rn(norm_var(mean[k], m.m2 / static_cast<float>(C), rms) + eps);
   }
   if (t.ty == 0) {
     const int64_t o = t.n * HxW + t.p;
@@ -653,8 +665,8 @@ __global__ void __launch_bounds__(k2dThreads)
 
 // ------------------------------------------------------------------------------------------ launches
 
-// Pointers of one forward or backward call. gamma/beta are float32 aligned to kParamAlign floats, or null;
-// mean is null for RMSNorm.
+// Pointers of one forward or backward call. gamma/beta are float32 (any alignment), or null; mean is null
+// for RMSNorm.
 template <typename scalar_t>
 struct Ptrs {
   const scalar_t* X;
@@ -667,9 +679,6 @@ struct Ptrs {
   scalar_t* out;       // Y, or dX (may be null)
   scalar_t* dR;
 };
-
-// Parameters are read kMaxVec<scalar_t> floats at a time: at most 8 (16-bit inputs).
-constexpr int kParamAlign = 8;
 
 // 16-byte vectors when every tensor is aligned to them and `extent` (the contiguous run a vector must
 // not cross: the row, or HxW) is a multiple of the vector width; calls f(integral_constant VEC). A and S
@@ -694,8 +703,8 @@ struct RowPlan {
   bool fits;    // held in registers at all
 };
 
-RowPlan row_plan(int nvec, int vec, int max_block_threads) {
-  const int64_t needed = ceil_div<int64_t>(nvec, kCap / vec);
+RowPlan row_plan(int nvec, int vec, int cap, int max_block_threads) {
+  const int64_t needed = ceil_div<int64_t>(nvec, cap / vec);
   if (needed <= kWarpSize) return {pow2_at_least(needed), false, true};
   const int64_t threads = ceil_div<int64_t>(needed, kWarpSize) * kWarpSize;
   return {static_cast<int>(threads), true, threads <= max_block_threads};
@@ -710,7 +719,7 @@ void rows_forward(const Ptrs<scalar_t>& p, int64_t M, int D, float eps, int act,
       p, D,
       [&](auto vec) {
         constexpr int VEC = decltype(vec)::value;
-        const RowPlan plan = row_plan(D / VEC, VEC, kMaxFwdRowThreads);
+        const RowPlan plan = row_plan(D / VEC, VEC, kCap, kMaxFwdRowThreads);
         if (plan.fits && !plan.block) {
           const int64_t blocks = std::min(ceil_div<int64_t>(M, kGroupThreads / plan.threads), kMaxGrid);
           NORMEXT_LAUNCH((ln_fwd_rows_kernel<scalar_t, VEC, false, res_t>), blocks, kGroupThreads, 0, stream,
@@ -759,18 +768,11 @@ void rows_backward(const Ptrs<scalar_t>& p, int64_t M, int D, int act, float slo
   const bool params = dgamma != nullptr || dbeta != nullptr;
   with_vec(p, D, [&](auto vec) {
     constexpr int VEC = decltype(vec)::value;
-    const RowPlan plan = row_plan(D / VEC, VEC, kMaxBwdRowThreads);
-    // Persistent blocks, each writing one partial row of dgamma/dbeta; long rows instead get one partial
+    const RowPlan plan = row_plan(D / VEC, VEC, kBwdCap, kMaxBwdRowThreads);
+    // Grid-strided blocks, each writing one partial row of dgamma/dbeta; long rows instead get one partial
     // row per chunk of rows_per_chunk rows from ln_bwd_long_params_kernel.
-    int64_t blocks;
-    if (plan.fits && !plan.block) {
-      blocks = std::min(ceil_div<int64_t>(M, kGroupThreads / plan.threads),
-                        resident_blocks(ln_bwd_rows_kernel<scalar_t, VEC, false>, kGroupThreads));
-    } else if (plan.fits) {
-      blocks = std::min(M, resident_blocks(ln_bwd_rows_kernel<scalar_t, VEC, true>, plan.threads));
-    } else {
-      blocks = std::min(M, resident_blocks(ln_bwd_long_kernel<scalar_t, VEC>, kLongRowThreads));
-    }
+    const int64_t blocks =
+        bwd_blocks(plan.fits && !plan.block ? ceil_div<int64_t>(M, kGroupThreads / plan.threads) : M, D);
     const int64_t rows_per_chunk = ceil_div<int64_t>(M, std::min<int64_t>(M, 256));
     const int64_t P = plan.fits ? blocks : ceil_div<int64_t>(M, rows_per_chunk);
     Tensor part = params
@@ -805,8 +807,11 @@ void rows_backward(const Ptrs<scalar_t>& p, int64_t M, int D, int act, float slo
   });
 }
 
-// Block shape of the NCHW-2d kernels: TX threads along positions (as wide as still gives two blocks
-// per SM), TY (a power of two, TX·TY a multiple of 32, at most k2dThreads) along channels.
+// Block shape of the NCHW-2d kernels: TX threads along positions (as wide as still gives k2dMinBlocks
+// blocks, two per SM of an H100), TY (a power of two, TX·TY a multiple of 32, at most k2dThreads) along
+// channels. TX fixes the dgamma/dbeta partials, so it depends on the shape alone, not on the GPU.
+constexpr int64_t k2dMinBlocks = 264;
+
 struct Plan2d {
   int TX, TY;
   int64_t blocks_per_n;
@@ -814,7 +819,7 @@ struct Plan2d {
 
 Plan2d plan_2d(int64_t N, int C, int64_t HxW, int vec) {
   int TX = kWarpSize;
-  while (TX > 4 && N * ceil_div<int64_t>(HxW, static_cast<int64_t>(TX) * vec) < 2 * sm_count()) TX /= 2;
+  while (TX > 4 && N * ceil_div<int64_t>(HxW, static_cast<int64_t>(TX) * vec) < k2dMinBlocks) TX /= 2;
   const int TY = std::max(kWarpSize / TX, std::min(k2dThreads / TX, pow2_at_least(C)));
   const int64_t blocks_per_n = ceil_div<int64_t>(HxW, static_cast<int64_t>(TX) * vec);
   TORCH_CHECK(N * blocks_per_n <= INT_MAX, "layer_norm_2d: too many positions for one launch");
@@ -858,17 +863,11 @@ void nchw_backward(const Ptrs<scalar_t>& p, const ChannelDims& d, int act, float
 
 // ------------------------------------------------------------------------------------------- host side
 
-// A float32 parameter the kernels may read kParamAlign floats at a time (a copy when the view is not
-// aligned to that).
-const float* param_ptr(c10::optional<Tensor>& p) {
-  if (!p.has_value()) return nullptr;
-  if (!vec_aligned(p->data_ptr<float>(), kParamAlign)) p = p->clone();
-  return p->data_ptr<float>();
-}
+const float* param_ptr(const c10::optional<Tensor>& p) { return p ? p->const_data_ptr<float>() : nullptr; }
 
 template <typename scalar_t>
-Ptrs<scalar_t> make_ptrs(const Tensor& X, const c10::optional<Tensor>& R, c10::optional<Tensor>& gamma,
-                         c10::optional<Tensor>& beta, const Tensor& mean, const Tensor& rstd) {
+Ptrs<scalar_t> make_ptrs(const Tensor& X, const c10::optional<Tensor>& R, const c10::optional<Tensor>& gamma,
+                         const c10::optional<Tensor>& beta, const Tensor& mean, const Tensor& rstd) {
   return {X.const_data_ptr<scalar_t>(),
           R ? R->const_data_ptr<scalar_t>() : nullptr,
           param_ptr(gamma),
@@ -966,7 +965,8 @@ std::tuple<Tensor, Tensor, Tensor> add_rms_norm_fwd_cuda(const Tensor& X_in, con
 }
 
 // Outputs of a backward op: unselected ones are empty; dgamma/dbeta float32 of param_shape, zero-filled
-// only when nothing is reduced (empty input), else written whole by the kernels.
+// only when nothing is reduced (empty input), else written whole by the kernels. no_grads: there is nothing
+// for the kernels to do (an empty input, or no output selected), so x and dy are not read.
 std::tuple<Tensor, Tensor, Tensor, Tensor> alloc_grads(const Tensor& X, at::IntArrayRef param_shape,
                                                        std::array<bool, 4> mask) {
   const auto f32 = X.options().dtype(at::kFloat);
@@ -979,6 +979,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> alloc_grads(const Tensor& X, at::IntA
     std::get<2>(g).zero_();
   }
   return g;
+}
+
+bool no_grads(const Tensor& X, std::array<bool, 4> mask) {
+  return X.numel() == 0 || !(mask[0] || mask[1] || mask[2] || mask[3]);
 }
 
 template <typename scalar_t>
@@ -1000,7 +1004,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> rows_bwd(const Tensor& dY_in, LayerNo
   const Tensor mean = mean_in.defined() ? check_stats(mean_in, a.X, a.M, "mean", op) : Tensor();
   const Tensor rstd = check_stats(rstd_in, a.X, a.M, "rstd", op);
   auto [dX, dgamma, dbeta, dR] = alloc_grads(a.X, normalized_shape, mask);
-  if (a.X.numel() == 0) return {dX, dgamma, dbeta, dR};
+  if (no_grads(a.X, mask)) return {dX, dgamma, dbeta, dR};
   NORMEXT_DISPATCH_CUDA_TYPES(a.X.scalar_type(), "layer_norm_bwd_cuda", [&] {
     auto p = make_ptrs<scalar_t>(a.X, a.residual, a.gamma, a.beta, mean, rstd);
     set_grad_ptrs(p, dY, dX, dR, mask);
@@ -1093,7 +1097,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bwd_2d(const Tensor& dY_in, ChannelNo
   const Tensor mean = mean_in.defined() ? check_stats(mean_in, a.X, N * HxW, "mean", op) : Tensor();
   const Tensor rstd = check_stats(rstd_in, a.X, N * HxW, "rstd", op);
   auto [dX, dgamma, dbeta, dR] = alloc_grads(a.X, {C}, mask);
-  if (a.X.numel() == 0) return {dX, dgamma, dbeta, dR};
+  if (no_grads(a.X, mask)) return {dX, dgamma, dbeta, dR};
   NORMEXT_DISPATCH_CUDA_TYPES(a.X.scalar_type(), "layer_norm_2d_bwd_cuda", [&] {
     auto p = make_ptrs<scalar_t>(a.X, a.residual, a.gamma, a.beta, mean, rstd);
     set_grad_ptrs(p, dY, dX, dR, mask);
