@@ -459,7 +459,8 @@ __global__ void __launch_bounds__(32 * kColsTY)
       const int64_t e = row * D + j;
       const float u = static_cast<float>(X[e]);
       const float r = R != nullptr && act != kIdentity ? static_cast<float>(R[e]) : 0.f;
-      const float xhat = xhat_from(u, r, mean_in != nullptr ? mean_in[row] : 0.f, rstd_in[row], g, b, act, slope);
+      const float xhat =
+          xhat_from(u, r, mean_in != nullptr ? mean_in[row] : 0.f, rstd_in[row], g, b, act, slope);
       const float dz = grad_pre_act(static_cast<float>(dY[e]), u, xhat, g, b, r, act, slope);
       sum[0].a += dz * xhat;
       sum[0].b += dz;
