@@ -170,7 +170,7 @@ def register_add_norm_autograd(qualname, fused_grads, reference):
 
     _lib.impl(
         qualname.split("::")[1],
-        _autograd_kernel(op, names.index("act"), setup_context, backward),
+        _autograd_kernel(op, None, setup_context, backward),
         "Autograd",
         with_keyset=True,
     )
@@ -217,9 +217,9 @@ def _autograd_kernel(op, i_act, setup_context, backward):
 
 
 def _forward_args(args, i_act):
-    """The op's arguments for its forward kernels: the activation without FROM_OUTPUT (what to keep for
-    backward is the autograd layer's business)."""
-    if not from_output(args[i_act]):
+    """The op's arguments for its forward kernels: the activation (at i_act; None: the op has none, as
+    add_*_norm) without FROM_OUTPUT (what to keep for backward is the autograd layer's business)."""
+    if i_act is None or not from_output(args[i_act]):
         return args
     return (*args[:i_act], base_activation(args[i_act]), *args[i_act + 1 :])
 

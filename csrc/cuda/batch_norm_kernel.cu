@@ -586,9 +586,9 @@ __global__ void __launch_bounds__(kBlock)
   Sum2 acc{0.f, 0.f};
   for (int64_t k = lane; k < v.count; k += kWarpSize) {
     const int64_t o = v.at(c, k);
-    const float xhat = (static_cast<float>(X[o]) - mean) * rstd;
-    const float dz = grad_pre_act(static_cast<float>(dY[o]), xhat, g, b,
-                                  R != nullptr ? static_cast<float>(R[o]) : 0.f, act, slope);
+    const float u = static_cast<float>(X[o]), r = R != nullptr ? static_cast<float>(R[o]) : 0.f;
+    const float xhat = xhat_from(u, r, mean, rstd, g, b, act, slope);
+    const float dz = grad_pre_act(static_cast<float>(dY[o]), u, xhat, g, b, r, act, slope);
     acc.a += dz;
     acc.b += dz * xhat;
   }

@@ -64,9 +64,9 @@ inline at::ScalarType acc_dtype(const at::Tensor& X) {
 }
 
 inline void check_activation(int64_t act, const char* op) {
-  TORCH_CHECK(!(act >= 0 && from_output(act)), op,
+  TORCH_CHECK(act >= 0 && base_activation(act) < kNumActivations, op, ": unknown activation code ", act);
+  TORCH_CHECK(!from_output(act), op,
               ": a backward from the output (memory_efficient) is not supported by this kernel");
-  TORCH_CHECK(act >= 0 && act < kNumActivations, op, ": unknown activation code ", act);
 }
 
 // The activation code of a backward op that may work from the output (act | kFromOutput, see
