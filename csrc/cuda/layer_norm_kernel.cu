@@ -127,18 +127,14 @@ __global__ void __launch_bounds__(kBlock ? kMaxFwdRowThreads : kGroupThreads)
     ln_fwd_rows_kernel(const scalar_t* __restrict__ X, const scalar_t* __restrict__ R,
                        scalar_t* __restrict__ Y, const float* __restrict__ gamma,
                        const float* __restrict__ beta, float* __restrict__ mean_out,
-                       float* __restrict__ rstd_out, int64_t M, int D, int W, float eps, int act, float slope,
-                       const res_t* __restrict__ A, res_t* __restrict__ S) {
+                       float* __restrict__ rstd_out, int64_t M, int D, float inv_d, int W, float eps, int act,
+                       float slope, const res_t* __restrict__ A, res_t* __restrict__ S) {
   constexpr int kIters = kCap / VEC;
   NORMEXT_SHARED(float, red, kWarpSize);
   const int lane = kBlock ? threadIdx.x : threadIdx.x % W;
   const int groups = kBlock ? 1 : blockDim.x / W;
   const int group = kBlock ? 0 : threadIdx.x / W;
   const int nvec = D / VEC;
-  // Not yet fixed: for <float, 4, true> ptxas keeps this across the row loop in 16 bytes of local memory,
-  // saved around the IEEE division's slow-path call (tools/cuda_report.py); passing 1/D from the host would
-  // avoid it.
-  const float inv_d = 1.f / static_cast<float>(D);
   for (int64_t base = static_cast<int64_t>(blockIdx.x) * groups; base < M;
        base += static_cast<int64_t>(gridDim.x) * groups) {
     const int64_t row = base + group;
@@ -716,6 +712,9 @@ template <typename scalar_t, typename res_t = scalar_t>
 void rows_forward(const Ptrs<scalar_t>& p, int64_t M, int D, float eps, int act, float slope,
                   const res_t* A = nullptr, res_t* S = nullptr) {
   const auto stream = current_stream();
+  // 1/D from the host: computed in the kernel, the IEEE division's slow-path call made ptxas keep live
+  // registers in local memory around it (spills, tools/cuda_report.py). The same correctly rounded value.
+  const float inv_d = 1.f / static_cast<float>(D);
   with_vec(
       p, D,
       [&](auto vec) {
@@ -724,12 +723,12 @@ void rows_forward(const Ptrs<scalar_t>& p, int64_t M, int D, float eps, int act,
         if (plan.fits && !plan.block) {
           const int64_t blocks = std::min(ceil_div<int64_t>(M, kGroupThreads / plan.threads), kMaxGrid);
           NORMEXT_LAUNCH((ln_fwd_rows_kernel<scalar_t, VEC, false, res_t>), blocks, kGroupThreads, 0, stream,
-                         p.X, p.R, p.out, p.gamma, p.beta, p.mean, p.rstd, M, D, plan.threads, eps, act,
-                         slope, A, S);
+                         p.X, p.R, p.out, p.gamma, p.beta, p.mean, p.rstd, M, D, inv_d, plan.threads, eps,
+                         act, slope, A, S);
         } else if (plan.fits) {
           NORMEXT_LAUNCH((ln_fwd_rows_kernel<scalar_t, VEC, true, res_t>), std::min(M, kMaxGrid),
                          plan.threads, 0, stream, p.X, p.R, p.out, p.gamma, p.beta, p.mean, p.rstd, M, D,
-                         plan.threads, eps, act, slope, A, S);
+                         inv_d, plan.threads, eps, act, slope, A, S);
         } else {
           NORMEXT_LAUNCH((ln_fwd_long_kernel<scalar_t, VEC, res_t>), std::min(M, kMaxGrid), kLongRowThreads,
                          0, stream, p.X, p.R, p.out, p.gamma, p.beta, p.mean, p.rstd, M, D, eps, act, slope,
