@@ -153,6 +153,13 @@ def register_add_norm_autograd(qualname, fused_grads, reference):
 
     def backward(ctx, dY, dS, *_):
         S, gamma, beta, *stats = ctx.saved_tensors
+        if building_graph(dY, dS, S, gamma, beta):
+            # The torch-ops gradient would be taken at S, this node's own output, and autograd then re-enters
+            # this backward without end (memory grows until the process dies): refuse it instead.
+            raise RuntimeError(
+                f"{qualname}: double backward (create_graph=True) is not supported; for gradient penalties "
+                "add the residual and call layer_norm / rms_norm instead"
+            )
         need = ctx.needs_input_grad
         need_s = need[i_x] or need[i_r]
         wanted = [need_s, need[i_g], i_b is not None and need[i_b], False]

@@ -148,7 +148,10 @@ def _plan(m):
 
 
 def _tensor_names(m):
-    return set(m._parameters), set(m._buffers), set(m._non_persistent_buffers_set)
+    # A parameter registered as None (torch.nn.RMSNorm without affine) is no tensor: state_dict skips it.
+    params = {k for k, v in m._parameters.items() if v is not None}
+    buffers = {k for k, v in m._buffers.items() if v is not None}
+    return params, buffers, set(m._non_persistent_buffers_set) & buffers
 
 
 def _convert_one(m):
