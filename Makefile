@@ -49,7 +49,7 @@ MISSING := -c 'import importlib.util as u, sys; \
 # Optional installs give up quickly: on a machine without network they cost a message, not minutes.
 PIP_OPTIONAL := -m pip install -q --retries 1 --timeout 15
 
-.PHONY: all venv models build test bench lint clean build-emu test-emu
+.PHONY: all venv models build test bench lint clean build-emu test-emu cuda-report
 
 all: build
 
@@ -86,6 +86,7 @@ build: venv
 
 test: build models
 	$(PY) -m normext.info
+	$(PY) tools/cuda_report.py --if-possible
 	$(PY) -m pytest tests -q -ra $(PYTEST_ARGS)
 	@if [ "$(TEST_EMU)" = 1 ]; then $(MAKE) --no-print-directory test-emu; else echo "TEST_EMU=$(TEST_EMU): make test-emu skipped"; fi
 
@@ -116,6 +117,12 @@ test-emu: build-emu
 		$(PY) -m pytest tests -q -p no:cacheprovider --capture=sys $(EMU_ASAN_TESTS); \
 	else echo "gcc has no libasan: the sanitizer run is skipped"; fi
 	@$(PY) csrc/cuda/emu/kernel_coverage.py build/emu/launches.json
+
+# Per CUDA kernel instantiation: sm_90 registers, spill bytes, static shared memory and theoretical occupancy,
+# read from the objects `make build` made (seconds, nothing recompiled); fails on any spill not listed in its
+# KNOWN_SPILLS. `make test` runs it (--if-possible: skipped, saying so, without CUDA objects or cuobjdump).
+cuda-report: build
+	$(PY) tools/cuda_report.py
 
 bench: build
 	@missing=$$($(PY) $(MISSING) $(BENCH_DEPS)); if [ -n "$$missing" ]; then \

@@ -25,6 +25,8 @@ TORCH_LIBRARY(normext, m) {
       "int act, float slope) -> (Tensor Y, Tensor mean, Tensor rstd)");
   // output_mask selects (dX, dgamma, dbeta, dresidual); unselected outputs are empty tensors.
   // dresidual is the gradient at the pre-activation, so it is only needed when act != identity.
+  // Every backward op also takes act | kFromOutput (memory_efficient, normext/xhat_source.h): X then holds
+  // the forward's output Y, from which x̂ is recovered (with the residual, when one was fused).
   m.def(
       "group_norm_bwd(Tensor dY, Tensor X, Tensor? residual, Tensor mean, Tensor rstd, "
       "Tensor? gamma, Tensor? beta, int G, int act, float slope, bool[4] output_mask) -> "
@@ -49,6 +51,33 @@ TORCH_LIBRARY(normext, m) {
       "layer_norm_2d_bwd(Tensor dY, Tensor X, Tensor? residual, Tensor mean, Tensor rstd, Tensor? gamma, "
       "Tensor? beta, int act, float slope, bool[4] output_mask) -> "
       "(Tensor dX, Tensor dgamma, Tensor dbeta, Tensor dresidual)");
+
+  // RMSNorm (y = act(x·rstd·gamma + res), rstd of the mean square) and RMSNorm2d: the LayerNorm ops
+  // without the centring and beta, on the same kernels; rstd as LayerNorm's. output_mask selects
+  // (dX, dgamma, dresidual).
+  m.def(
+      "rms_norm_fwd(Tensor X, Tensor? gamma, Tensor? residual, int[] normalized_shape, float eps, int act, "
+      "float slope) -> (Tensor Y, Tensor rstd)");
+  m.def(
+      "rms_norm_bwd(Tensor dY, Tensor X, Tensor? residual, Tensor rstd, Tensor? gamma, "
+      "int[] normalized_shape, int act, float slope, bool[3] output_mask) -> "
+      "(Tensor dX, Tensor dgamma, Tensor dresidual)");
+  m.def(
+      "rms_norm_2d_fwd(Tensor X, Tensor? gamma, Tensor? residual, float eps, int act, float slope) -> "
+      "(Tensor Y, Tensor rstd)");
+  m.def(
+      "rms_norm_2d_bwd(Tensor dY, Tensor X, Tensor? residual, Tensor rstd, Tensor? gamma, int act, "
+      "float slope, bool[3] output_mask) -> (Tensor dX, Tensor dgamma, Tensor dresidual)");
+  // Pre-norm add: S = X + R (summed in float32, stored in residual_dtype, default X's dtype: X's or
+  // float32) and Y = norm(S) in X's dtype, in one pass that reads X and R once. The backward is
+  // layer_norm_bwd / rms_norm_bwd at S. R is not named `residual`: it is the residual stream, never cast
+  // to X's dtype by autocast.
+  m.def(
+      "add_layer_norm_fwd(Tensor X, Tensor R, Tensor? gamma, Tensor? beta, int[] normalized_shape, "
+      "float eps, ScalarType? residual_dtype) -> (Tensor Y, Tensor S, Tensor mean, Tensor rstd)");
+  m.def(
+      "add_rms_norm_fwd(Tensor X, Tensor R, Tensor? gamma, int[] normalized_shape, float eps, "
+      "ScalarType? residual_dtype) -> (Tensor Y, Tensor S, Tensor rstd)");
 
   // BatchNorm (SyncBatchNorm and FrozenBatchNorm2d are built from the same ops). X is (N, C, *) in
   // either layout; statistics are per channel over N and all spatial positions: (C,) float32
@@ -90,8 +119,9 @@ TORCH_LIBRARY(normext, m) {
 // Differentiating one is an error here; torch's default for an op without autograd is a one-time warning
 // and a silently wrong gradient. The forward ops get their autograd in Python (register_norm_autograd).
 TORCH_LIBRARY_IMPL(normext, Autograd, m) {
-  for (const char* op : {"group_norm_bwd", "layer_norm_bwd", "layer_norm_2d_bwd", "batch_norm_stats",
-                         "batch_norm_merge", "batch_norm_bwd_reduce", "batch_norm_bwd_elemt"}) {
+  for (const char* op :
+       {"group_norm_bwd", "layer_norm_bwd", "layer_norm_2d_bwd", "rms_norm_bwd", "rms_norm_2d_bwd",
+        "batch_norm_stats", "batch_norm_merge", "batch_norm_bwd_reduce", "batch_norm_bwd_elemt"}) {
     m.impl(op, torch::autograd::autogradNotImplementedFallback());
   }
 }

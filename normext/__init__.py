@@ -14,6 +14,8 @@ from normext.modules import (
     InstanceNorm3d,
     LayerNorm,
     LayerNorm2d,
+    RMSNorm,
+    RMSNorm2d,
     SyncBatchNorm,
 )
 
@@ -29,6 +31,8 @@ __all__ = [
     "InstanceNorm3d",
     "LayerNorm",
     "LayerNorm2d",
+    "RMSNorm",
+    "RMSNorm2d",
     "SyncBatchNorm",
     "convert_model",
     "functional",

@@ -1,13 +1,24 @@
 """The one autograd path of every norm op (register_norm_autograd) and the building blocks of the norms
 written in differentiable torch ops: a backward runs the fused kernels, or, while its own graph is being
-built (double backward, create_graph=True), autograd.grad through the family's torch-ops forward."""
+built (double backward, create_graph=True), autograd.grad through the family's torch-ops forward. It also
+holds memory_efficient for every family: an op called with FROM_OUTPUT in its activation code keeps its
+output y for backward instead of its input x, and the backward kernels recover x̂ from y."""
 
 import torch
 import torch.nn.functional as F
 
-from normext._ops import IDENTITY, stat_dtype
+from normext._ops import (
+    IDENTITY,
+    base_activation,
+    from_output,
+    invertible,
+    not_invertible_error,
+    sign_readable,
+    stat_dtype,
+)
 
-# The differentiable arguments every norm op has, by schema name; all others are constants for autograd.
+# The differentiable arguments of the norm ops, by schema name (RMSNorm has no beta); all others are
+# constants for autograd.
 _GRAD_ARGS = ("X", "gamma", "beta", "residual")
 _lib = torch.library.Library("normext", "IMPL")
 
@@ -18,46 +29,168 @@ def building_graph(*tensors):
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def register_norm_autograd(qualname, fused_grads, reference, stats_args=()):
-    """Autograd for a norm op with arguments X, gamma, beta, residual, eps, act, slope (by name, among others)
-    that returns Y first.
+def check_recoverable(gamma):
+    """x̂ = (act⁻¹(y) − β)/γ needs 1/γ finite in float32 in every channel: a weight element of exactly 0 (or
+    so small its reciprocal overflows) makes y independent of x̂ there, so the exact gradient cannot be
+    recovered; refuse it rather than give a wrong one. A check in the backward: on CUDA it is the backward
+    that waits for it, never the forward."""
+    if gamma is None:
+        return
+    ok = torch.isfinite(gamma.float().reciprocal()).all()
+    message = (
+        "memory_efficient=True: the weight has an element equal to 0 (or too small to invert), so x̂ "
+        "cannot be recovered from the output and the gradients would be wrong; use "
+        "memory_efficient=False for this layer (or keep the weight away from 0)"
+    )
+    if torch.compiler.is_compiling():
+        # A traced backward cannot branch on data: the same check as an assertion in the graph.
+        torch._assert_async(ok, message)
+    elif not bool(ok):
+        raise RuntimeError(message)
+
+
+def _free_of_xhat(gamma, beta, act, slope, needs_grad):
+    """Whether a backward with constant statistics needs nothing but y: no parameter needs a gradient (so no
+    x̂ is used) and act'(z) can be read off y's sign."""
+    return (
+        sign_readable(act, slope)
+        and not (gamma is not None and needs_grad[1])
+        and not (beta is not None and needs_grad[2])
+    )
+
+
+def register_norm_autograd(qualname, fused_grads, reference, stats_args=(), graph_from_output=None):
+    """Autograd for a norm op with arguments X, gamma, beta (RMSNorm: none), residual, eps, act, slope (by
+    name, among others) that returns Y first.
 
     fused_grads(dY, X, residual, stats, gamma, beta, args, mask) -> (dX, dgamma, dbeta, dresidual) runs the
     backward kernels; mask selects the outputs as the *_bwd ops' output_mask does (dresidual is only asked
     for when the activation is not the identity: else it is dY). reference(X, gamma, beta, residual, stats,
     args) -> Y is the same norm in differentiable torch ops. args holds the op's non-tensor arguments; stats
     are the op's other outputs (mean, rstd), or the inputs named in stats_args (statistics given to the op,
-    constants for autograd)."""
+    constants for autograd).
+
+    memory_efficient: an op called with act | FROM_OUTPUT runs its forward with act and keeps Y (and the
+    residual, which x̂'s recovery subtracts) in place of X; fused_grads then gets Y as X and the flag in
+    args["act"], which the backward ops take as "X holds the output". With constant statistics (stats_args)
+    and no parameter gradient wanted, Y alone is kept whenever act'(z) can be read off y (relu included),
+    memory_efficient or not: dx = γ·rstd·dz needs no x̂. graph_from_output(dY, Y, gamma, stats, args, need)
+    gives the differentiable gradients for that case (double backward); elsewhere double backward with
+    memory_efficient is refused, as x is gone."""
     op = torch._library.utils.lookup_op(qualname)
     names = [a.name for a in op._schema.arguments]
-    positions = [names.index(n) for n in _GRAD_ARGS]
+    positions = [names.index(n) if n in names else None for n in _GRAD_ARGS]
     constants = [a.name for a in op._schema.arguments if "Tensor" not in str(a.type)]
 
     def setup_context(ctx, inputs, output):
         a = dict(zip(names, inputs, strict=True))
         stats = [a[n] for n in stats_args] if stats_args else output[1:]
-        # The residual only changes the gradients through a non-identity activation.
-        residual = a["residual"] if a["act"] != IDENTITY else None
-        ctx.save_for_backward(a["X"], a["gamma"], a["beta"], residual, *stats)
+        act, slope = a["act"], a["slope"]
+        needs = [i is not None and ctx.needs_input_grad[i] for i in positions]
+        free = graph_from_output is not None and _free_of_xhat(a["gamma"], a.get("beta"), act, slope, needs)
+        if from_output(act) and free:
+            residual, ctx.recovers_xhat = None, False
+        elif from_output(act):
+            if not invertible(act, slope):
+                raise not_invertible_error(
+                    qualname, act, slope, "with a weight or bias that needs a gradient"
+                )
+            residual, ctx.recovers_xhat = a["residual"], True
+        else:
+            # The residual only changes the gradients through a non-identity activation.
+            residual, ctx.recovers_xhat = (a["residual"] if act != IDENTITY else None), False
+        Y = output if isinstance(output, torch.Tensor) else output[0]
+        ctx.save_for_backward(Y if from_output(act) else a["X"], a["gamma"], a.get("beta"), residual, *stats)
         ctx.args = {n: a[n] for n in constants}
+        ctx.args["act"] = act
         if not stats_args:
             ctx.mark_non_differentiable(*output[1:])
 
     def backward(ctx, dY, *_):
         X, gamma, beta, residual, *stats = ctx.saved_tensors
-        need = [ctx.needs_input_grad[i] for i in positions]
-        grads = norm_backward(fused_grads, reference, dY, X, gamma, beta, residual, stats, ctx.args, need)
+        need = [i is not None and ctx.needs_input_grad[i] for i in positions]
+        if ctx.recovers_xhat:
+            check_recoverable(gamma)
+        graph = None
+        if ctx.recovers_xhat:
+            graph = _no_graph_from_output
+        elif from_output(ctx.args["act"]):
+            graph = graph_from_output
+        grads = norm_backward(
+            fused_grads, reference, dY, X, gamma, beta, residual, stats, ctx.args, need, graph
+        )
         out = [None] * len(names)
         for i, g in zip(positions, grads, strict=True):
-            out[i] = g
+            if i is not None:
+                out[i] = g
         return tuple(out)
 
     _lib.impl(
-        qualname.split("::")[1], _autograd_kernel(op, setup_context, backward), "Autograd", with_keyset=True
+        qualname.split("::")[1],
+        _autograd_kernel(op, names.index("act"), setup_context, backward),
+        "Autograd",
+        with_keyset=True,
     )
 
 
-def _autograd_kernel(op, setup_context, backward):
+def register_add_norm_autograd(qualname, fused_grads, reference):
+    """Autograd for a pre-norm add op (X, R, gamma[, beta], ..., eps, residual_dtype) -> (Y, S, *stats) with
+    S = X + R and Y = norm(S): the norm's gradient at S is norm_backward's (fused_grads and reference as for
+    register_norm_autograd, S the norm's input, no activation), and dX = dR = dS + that, in X's and R's
+    dtypes. A float32 S beside a 16-bit Y takes dY in float32."""
+    op = torch._library.utils.lookup_op(qualname)
+    names = [a.name for a in op._schema.arguments]
+    i_x, i_r, i_g = names.index("X"), names.index("R"), names.index("gamma")
+    i_b = names.index("beta") if "beta" in names else None
+    constants = [a.name for a in op._schema.arguments if "Tensor" not in str(a.type)]
+
+    def setup_context(ctx, inputs, output):
+        a = dict(zip(names, inputs, strict=True))
+        ctx.save_for_backward(output[1], a["gamma"], a.get("beta"), *output[2:])
+        ctx.args = {n: a[n] for n in constants} | {"act": IDENTITY, "slope": 0.0}
+        ctx.dtypes = (a["X"].dtype, a["R"].dtype)
+        ctx.mark_non_differentiable(*output[2:])
+
+    def backward(ctx, dY, dS, *_):
+        S, gamma, beta, *stats = ctx.saved_tensors
+        if building_graph(dY, dS, S, gamma, beta):
+            # The torch-ops gradient would be taken at S, this node's own output, and autograd then re-enters
+            # this backward without end (memory grows until the process dies): refuse it instead.
+            raise RuntimeError(
+                f"{qualname}: double backward (create_graph=True) is not supported; for gradient penalties "
+                "add the residual and call layer_norm / rms_norm instead"
+            )
+        need = ctx.needs_input_grad
+        need_s = need[i_x] or need[i_r]
+        wanted = [need_s, need[i_g], i_b is not None and need[i_b], False]
+        dY = dY.to(S.dtype)
+        grads = norm_backward(fused_grads, reference, dY, S, gamma, beta, None, stats, ctx.args, wanted)
+        out = [None] * len(names)
+        if need_s:
+            total = grads[0] + dS
+            out[i_x] = total.to(ctx.dtypes[0]) if need[i_x] else None
+            out[i_r] = total.to(ctx.dtypes[1]) if need[i_r] else None
+        out[i_g] = grads[1]
+        if i_b is not None:
+            out[i_b] = grads[2]
+        return tuple(out)
+
+    _lib.impl(
+        qualname.split("::")[1],
+        _autograd_kernel(op, None, setup_context, backward),
+        "Autograd",
+        with_keyset=True,
+    )
+
+
+def _no_graph_from_output(*_):
+    raise RuntimeError(
+        "memory_efficient=True: double backward (create_graph=True) is not supported, as the input is not "
+        "kept; use memory_efficient=False for gradient penalties and Hessian-vector products"
+    )
+
+
+def _autograd_kernel(op, i_act, setup_context, backward):
     """The op's Autograd-key kernel: what torch.library.register_autograd registers, for a mutating op as
     well (it refuses batch_norm_fwd, whose running statistics never take a gradient), so every norm is on
     one path that Dynamo traces as an op (an autograd.Function breaks the graph when one tensor is passed
@@ -67,7 +200,7 @@ def _autograd_kernel(op, setup_context, backward):
     def forward(ctx, *args):
         *args, keyset = args
         with torch._C._AutoDispatchBelowAutograd():
-            output = op.redispatch(keyset & below, *args)
+            output = op.redispatch(keyset & below, *_forward_args(args, i_act))
         setup_context(ctx, args, output)
         return output
 
@@ -85,17 +218,29 @@ def _autograd_kernel(op, setup_context, backward):
         if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
             return Function.apply(*args, keyset)
         with torch._C._AutoDispatchBelowAutograd():
-            return op.redispatch(keyset & below, *args)
+            return op.redispatch(keyset & below, *_forward_args(args, i_act))
 
     return kernel
 
 
-def norm_backward(fused_grads, reference, dY, X, gamma, beta, residual, stats, args, need):
+def _forward_args(args, i_act):
+    """The op's arguments for its forward kernels: the activation (at i_act; None: the op has none, as
+    add_*_norm) without FROM_OUTPUT (what to keep for backward is the autograd layer's business)."""
+    if i_act is None or not from_output(args[i_act]):
+        return args
+    return (*args[:i_act], base_activation(args[i_act]), *args[i_act + 1 :])
+
+
+def norm_backward(fused_grads, reference, dY, X, gamma, beta, residual, stats, args, need, graph=None):
     """[dX, dgamma, dbeta, dresidual], each None unless need (four bools) asks for it: from fused_grads, or
-    from reference while the backward's graph is being built (see register_norm_autograd)."""
-    identity = args["act"] == IDENTITY
+    from reference while the backward's graph is being built (see register_norm_autograd); for a node that
+    kept its output (memory_efficient), from graph(dY, Y, gamma, stats, args, need) then."""
+    identity = base_activation(args["act"]) == IDENTITY
     if building_graph(dY, X, gamma, beta, residual):
-        grads = _graph_grads(reference, dY, X, gamma, beta, residual, stats, args, need)
+        if graph is not None:
+            grads = graph(dY, X, gamma, stats, args, need)
+        else:
+            grads = _graph_grads(reference, dY, X, gamma, beta, residual, stats, args, need)
     else:
         mask = [need[0], need[1] and gamma is not None, need[2] and beta is not None]
         mask.append(need[3] and not identity)
@@ -145,6 +290,12 @@ def normalize(x, dims, eps):
     mean = x.mean(dims, keepdim=True)
     centred = x - mean
     return centred * inv_std(centred.square().mean(dims, keepdim=True), eps)
+
+
+def rms_normalize(x, dims, eps):
+    """x̂ = x * rsqrt(mean(x²) + eps) over dims, in the accumulation dtype (RMSNorm, as the kernels)."""
+    x = x.to(stat_dtype(x))
+    return x * torch.rsqrt(x.square().mean(dims, keepdim=True) + eps)
 
 
 def channel_view(p, ndim):

@@ -8,6 +8,7 @@ import torch.distributed as dist
 from normext._autograd import (
     affine_act,
     channel_view,
+    check_recoverable,
     inv_std,
     norm_backward,
     normalize,
@@ -15,11 +16,14 @@ from normext._autograd import (
 )
 from normext._ops import (
     IDENTITY,
+    LEAKY_RELU,
     FusedActivation,
-    activation_code,
+    base_activation,
     check_devices,
     check_running_stats,
     empty_in_native_layout,
+    from_output,
+    op_activation,
     register_fake,
     stat_dtype,
 )
@@ -108,8 +112,27 @@ def _apply_reference(X, gamma, beta, residual, stats, args):
     return affine_act(xhat, gamma, beta, residual, args, X.dtype)
 
 
+def _apply_graph_from_output(dY, Y, gamma, stats, args, need):
+    """[dX, None, None, dresidual] of BatchNorm with constant statistics from its output Y (no parameter
+    needs a gradient), differentiable in dY (double backward): dz = dY·act'(z), act'(z) read off y, and
+    dx = γ·rstd·dz."""
+    base = base_activation(args["act"])
+    dz = dY
+    if base != IDENTITY:
+        slope = args["slope"] if base == LEAKY_RELU else 0.0
+        dz = dY * torch.where(Y > 0, 1.0, slope).to(dY.dtype)
+    mean, var = (s.detach().to(stat_dtype(Y)) for s in stats)
+    scale = inv_std(var, args["eps"]) if gamma is None else gamma.detach() * inv_std(var, args["eps"])
+    dX = (dz * channel_view(scale, Y.dim())).to(Y.dtype) if need[0] else None
+    return [dX, None, None, dz if need[3] and base != IDENTITY else None]
+
+
 register_norm_autograd(
-    "normext::batch_norm_apply", _apply_grads, _apply_reference, stats_args=("mean", "var")
+    "normext::batch_norm_apply",
+    _apply_grads,
+    _apply_reference,
+    stats_args=("mean", "var"),
+    graph_from_output=_apply_graph_from_output,
 )
 
 
@@ -160,10 +183,14 @@ def batch_norm(
     activation=None,
     negative_slope=0.01,
     residual=None,
+    memory_efficient=False,
 ):
     """torch.nn.functional.batch_norm, with y = act(batch_norm(x) + residual) fused. In training the running
-    statistics (when given) are updated in place with the unbiased batch variance."""
-    act = activation_code(activation)
+    statistics (when given) are updated in place with the unbiased batch variance. memory_efficient keeps y
+    instead of x for backward (in eval, with a weight and bias that need no gradient, relu as well)."""
+    act = op_activation(
+        activation, negative_slope, memory_efficient, "batch_norm", constant_stats=not training
+    )
     if input.dim() < 2:
         raise ValueError(f"batch_norm: expected an input of shape (N, C, *), got {tuple(input.shape)}")
     # The ops check them too, but eval passes them to batch_norm_apply as plain mean / var.
@@ -201,6 +228,7 @@ class _BatchNormMixin(FusedActivation, OptionalBias):
         dtype=None,
         *,
         bias=True,
+        memory_efficient=False,
     ):
         self._init_torch_norm(
             num_features,
@@ -212,7 +240,7 @@ class _BatchNormMixin(FusedActivation, OptionalBias):
             dtype=dtype,
             bias=bias,
         )
-        self._init_activation(activation, negative_slope)
+        self._init_activation(activation, negative_slope, memory_efficient)
 
     def _counts_batches(self):
         return self.training and self.track_running_stats and self.num_batches_tracked is not None
@@ -253,6 +281,7 @@ class _BatchNormMixin(FusedActivation, OptionalBias):
             self.activation,
             self.negative_slope,
             residual,
+            self.memory_efficient,
         )
         return self._count_batch(out)
 
@@ -299,16 +328,18 @@ class _SyncBatchNorm(torch.autograd.Function):
             counts, gathered[:, 1 : C + 1], gathered[:, C + 1 :], running_mean, running_var, momentum, eps
         )
         Y = _ops.batch_norm_apply(X, mean, var, gamma, beta, residual, eps, act, slope)
-        ctx.save_for_backward(
-            X, gamma, beta, residual if act != IDENTITY else None, mean, torch.rsqrt(var + eps), counts.sum()
-        )
+        # memory_efficient (act | FROM_OUTPUT): Y and the residual in place of X, as in every other norm.
+        kept = (Y, residual) if from_output(act) else (X, residual if act != IDENTITY else None)
+        ctx.save_for_backward(*kept, gamma, beta, mean, torch.rsqrt(var + eps), counts.sum())
         ctx.args, ctx.group = dict(act=act, slope=slope), group
         return Y
 
     @staticmethod
     def backward(ctx, dY):
-        X, gamma, beta, residual, mean, rstd, count = ctx.saved_tensors
+        X, residual, gamma, beta, mean, rstd, count = ctx.saved_tensors
         C = X.shape[1]
+        if from_output(ctx.args["act"]):
+            check_recoverable(gamma)
 
         def all_reduced(sum_dz, sum_dzx):
             sums = torch.cat([sum_dz, sum_dzx])
@@ -353,6 +384,7 @@ class SyncBatchNorm(_BatchNormMixin, torch.nn.SyncBatchNorm):
         dtype=None,
         *,
         bias=True,
+        memory_efficient=False,
     ):
         # Not _BatchNormMixin.__init__, which has no process_group.
         self._init_torch_norm(
@@ -366,7 +398,7 @@ class SyncBatchNorm(_BatchNormMixin, torch.nn.SyncBatchNorm):
             dtype=dtype,
             bias=bias,
         )
-        self._init_activation(activation, negative_slope)
+        self._init_activation(activation, negative_slope, memory_efficient)
 
     def _sync_group(self):
         """The process group to synchronize over, or None when plain BatchNorm is what to run."""
@@ -396,6 +428,7 @@ class SyncBatchNorm(_BatchNormMixin, torch.nn.SyncBatchNorm):
                 self.activation,
                 self.negative_slope,
                 residual,
+                self.memory_efficient,
             )
             return self._count_batch(out)
         if self.eps <= 0.0:
@@ -411,7 +444,7 @@ class SyncBatchNorm(_BatchNormMixin, torch.nn.SyncBatchNorm):
             running_var=running_var,
         )
         check_running_stats("sync_batch_norm", input.shape[1], running_mean, running_var)
-        act = activation_code(self.activation)
+        act = op_activation(self.activation, self.negative_slope, self.memory_efficient, "SyncBatchNorm")
         out = _SyncBatchNorm.apply(
             input,
             self.weight,
@@ -444,6 +477,7 @@ class SyncBatchNorm(_BatchNormMixin, torch.nn.SyncBatchNorm):
                 activation=getattr(module, "activation", None),
                 negative_slope=getattr(module, "negative_slope", 0.01),
                 bias=module.bias is not None,
+                memory_efficient=getattr(module, "memory_efficient", False),
             )
             if module.affine:
                 with torch.no_grad():
@@ -469,11 +503,15 @@ class FrozenBatchNorm2d(FusedActivation, torch.nn.Module):
     torchvision.ops.FrozenBatchNorm2d and torch.nn.BatchNorm2d state_dicts (num_batches_tracked ignored;
     the weight of ones and bias of zeros of a BatchNorm2d with affine=False or bias=False filled in)."""
 
-    def __init__(self, num_features, eps=1e-5, activation=None, negative_slope=0.01):
+    def __init__(self, num_features, eps=1e-5, activation=None, negative_slope=0.01, memory_efficient=False):
         super().__init__()
         self.num_features = num_features
         self.eps = eps
+        # Its backward needs no x̂ (no parameter takes a gradient), so relu's output suffices as well.
+        if memory_efficient:
+            op_activation(activation, negative_slope, True, "FrozenBatchNorm2d", constant_stats=True)
         self._init_activation(activation, negative_slope)
+        self.memory_efficient = memory_efficient
         self.register_buffer("weight", torch.ones(num_features))
         self.register_buffer("bias", torch.zeros(num_features))
         self.register_buffer("running_mean", torch.zeros(num_features))
@@ -496,7 +534,13 @@ class FrozenBatchNorm2d(FusedActivation, torch.nn.Module):
     def forward(self, input, residual=None):
         if input.dim() != 4:
             raise ValueError(f"expected 4D input (got {input.dim()}D input)")
-        act = activation_code(self.activation)
+        act = op_activation(
+            self.activation,
+            self.negative_slope,
+            self.memory_efficient,
+            "FrozenBatchNorm2d",
+            constant_stats=True,
+        )
         return normalize_with_stats(
             input,
             self.running_mean,

@@ -11,10 +11,11 @@ from normext._autograd import affine_act, normalize, register_norm_autograd
 from normext._batch_norm import normalize_with_stats
 from normext._ops import (
     FusedActivation,
-    activation_code,
+    base_activation,
     check_devices,
     check_running_stats,
     empty_in_native_layout,
+    op_activation,
     register_fake,
     stat_dtype,
 )
@@ -60,10 +61,19 @@ register_norm_autograd("normext::group_norm_fwd", _fused_grads, _reference)
 
 
 def group_norm(
-    input, num_groups, weight=None, bias=None, eps=1e-5, activation=None, negative_slope=0.01, residual=None
+    input,
+    num_groups,
+    weight=None,
+    bias=None,
+    eps=1e-5,
+    activation=None,
+    negative_slope=0.01,
+    residual=None,
+    memory_efficient=False,
 ):
-    """torch.nn.functional.group_norm, with y = act(group_norm(x) + residual) fused."""
-    act = activation_code(activation)
+    """torch.nn.functional.group_norm, with y = act(group_norm(x) + residual) fused; memory_efficient keeps y
+    instead of x for backward."""
+    act = op_activation(activation, negative_slope, memory_efficient, "group_norm")
     return torch.ops.normext.group_norm_fwd(
         input, weight, bias, residual, num_groups, eps, act, negative_slope
     )[0]
@@ -81,9 +91,13 @@ def instance_norm(
     activation=None,
     negative_slope=0.01,
     residual=None,
+    memory_efficient=False,
 ):
-    """torch.nn.functional.instance_norm, with y = act(instance_norm(x) + residual) fused."""
-    act = activation_code(activation)
+    """torch.nn.functional.instance_norm, with y = act(instance_norm(x) + residual) fused; memory_efficient
+    keeps y instead of x for backward."""
+    act = op_activation(
+        activation, negative_slope, memory_efficient, "instance_norm", constant_stats=not use_input_stats
+    )
     if input.dim() < 2:
         raise ValueError(f"instance_norm: expected an input of shape (N, C, *), got {tuple(input.shape)}")
     C = input.shape[1]
@@ -107,10 +121,11 @@ def instance_norm(
     if eps == 0.0:
         # torch normalizes a constant instance (var + eps == 0) to its bias, where the kernels' 1/sqrt(0)
         # gives NaN. eps = 0 is rare, so it runs in torch ops, which follow torch's rule; the op still checks
-        # the arguments and gives the statistics.
+        # the arguments and gives the statistics (and keeps x for backward, memory_efficient or not).
         with torch.no_grad():
             _, mean, rstd = torch.ops.normext.group_norm_fwd(*op_args)
-        Y = _reference(input, weight, bias, residual, (), dict(G=G, eps=eps, act=act, slope=negative_slope))
+        args = dict(G=G, eps=eps, act=base_activation(act), slope=negative_slope)
+        Y = _reference(input, weight, bias, residual, (), args)
     else:
         Y, mean, rstd = torch.ops.normext.group_norm_fwd(*op_args)
     # An empty input leaves the running statistics alone, as BatchNorm does (torch writes NaN into them).
@@ -137,9 +152,10 @@ class GroupNorm(FusedActivation, OptionalBias, torch.nn.GroupNorm):
         dtype=None,
         *,
         bias=True,
+        memory_efficient=False,
     ):
         self._init_torch_norm(num_groups, num_channels, eps, affine, device=device, dtype=dtype, bias=bias)
-        self._init_activation(activation, negative_slope)
+        self._init_activation(activation, negative_slope, memory_efficient)
 
     def forward(self, input, residual=None):
         if input.dim() < 2 or input.shape[1] != self.num_channels:
@@ -156,6 +172,7 @@ class GroupNorm(FusedActivation, OptionalBias, torch.nn.GroupNorm):
             self.activation,
             self.negative_slope,
             residual,
+            self.memory_efficient,
         )
 
     def extra_repr(self):
@@ -176,6 +193,7 @@ class _InstanceNormMixin(FusedActivation, OptionalBias):
         dtype=None,
         *,
         bias=True,
+        memory_efficient=False,
     ):
         self._init_torch_norm(
             num_features,
@@ -187,7 +205,7 @@ class _InstanceNormMixin(FusedActivation, OptionalBias):
             dtype=dtype,
             bias=bias,
         )
-        self._init_activation(activation, negative_slope)
+        self._init_activation(activation, negative_slope, memory_efficient)
 
     def forward(self, input, residual=None):
         self._check_input_dim(input)
@@ -216,6 +234,7 @@ class _InstanceNormMixin(FusedActivation, OptionalBias):
             self.activation,
             self.negative_slope,
             residual,
+            self.memory_efficient,
         )
         return out.squeeze(0) if unbatched else out
 

@@ -8,7 +8,7 @@ import numbers
 import torch
 
 from normext._autograd import affine_act, normalize, register_norm_autograd
-from normext._ops import FusedActivation, activation_code, empty_in_native_layout, register_fake, stat_dtype
+from normext._ops import FusedActivation, empty_in_native_layout, op_activation, register_fake, stat_dtype
 
 
 @register_fake("normext::layer_norm_fwd")
@@ -81,9 +81,11 @@ def layer_norm(
     activation=None,
     negative_slope=0.01,
     residual=None,
+    memory_efficient=False,
 ):
-    """torch.nn.functional.layer_norm, with y = act(layer_norm(x) + residual) fused."""
-    act = activation_code(activation)
+    """torch.nn.functional.layer_norm, with y = act(layer_norm(x) + residual) fused; memory_efficient keeps y
+    instead of x for backward."""
+    act = op_activation(activation, negative_slope, memory_efficient, "layer_norm")
     if isinstance(normalized_shape, numbers.Integral):
         normalized_shape = (normalized_shape,)
     return torch.ops.normext.layer_norm_fwd(
@@ -92,12 +94,19 @@ def layer_norm(
 
 
 def layer_norm_2d(
-    input, weight=None, bias=None, eps=1e-6, activation=None, negative_slope=0.01, residual=None
+    input,
+    weight=None,
+    bias=None,
+    eps=1e-6,
+    activation=None,
+    negative_slope=0.01,
+    residual=None,
+    memory_efficient=False,
 ):
     """LayerNorm over the channels of an (N, C, *) input at every (n, position), per-channel weight/bias
     (ConvNeXt / ViTDet LayerNorm2d), with y = act(norm(x) + residual) fused. Same result as
     permute(C last) -> F.layer_norm -> permute back, without the permutes; keeps the memory format."""
-    act = activation_code(activation)
+    act = op_activation(activation, negative_slope, memory_efficient, "layer_norm_2d")
     return torch.ops.normext.layer_norm_2d_fwd(input, weight, bias, residual, eps, act, negative_slope)[0]
 
 
@@ -112,9 +121,10 @@ class LayerNorm(FusedActivation, torch.nn.LayerNorm):
         negative_slope=0.01,
         device=None,
         dtype=None,
+        memory_efficient=False,
     ):
         super().__init__(normalized_shape, eps, elementwise_affine, bias, device=device, dtype=dtype)
-        self._init_activation(activation, negative_slope)
+        self._init_activation(activation, negative_slope, memory_efficient)
 
     def forward(self, input, residual=None):
         return layer_norm(
@@ -126,6 +136,7 @@ class LayerNorm(FusedActivation, torch.nn.LayerNorm):
             self.activation,
             self.negative_slope,
             residual,
+            self.memory_efficient,
         )
 
     def extra_repr(self):
@@ -146,10 +157,11 @@ class LayerNorm2d(FusedActivation, torch.nn.LayerNorm):
         negative_slope=0.01,
         device=None,
         dtype=None,
+        memory_efficient=False,
     ):
         super().__init__(num_channels, eps, elementwise_affine, bias, device=device, dtype=dtype)
         self.num_channels = num_channels
-        self._init_activation(activation, negative_slope)
+        self._init_activation(activation, negative_slope, memory_efficient)
 
     def forward(self, input, residual=None):
         if input.dim() < 2 or input.shape[1] != self.num_channels:
@@ -158,7 +170,14 @@ class LayerNorm2d(FusedActivation, torch.nn.LayerNorm):
                 f"got shape {tuple(input.shape)}"
             )
         return layer_norm_2d(
-            input, self.weight, self.bias, self.eps, self.activation, self.negative_slope, residual
+            input,
+            self.weight,
+            self.bias,
+            self.eps,
+            self.activation,
+            self.negative_slope,
+            residual,
+            self.memory_efficient,
         )
 
     def extra_repr(self):

@@ -10,6 +10,19 @@ from normext import _C  # noqa: F401  (loading the library registers torch.ops.n
 # Codes of normext::Activation in csrc/include/normext/math.h.
 ACTIVATIONS = {None: 0, "identity": 0, "relu": 1, "leaky_relu": 2, "silu": 3, "gelu": 4, "gelu_tanh": 5}
 IDENTITY = 0
+RELU, LEAKY_RELU = 1, 2
+# normext::kFromOutput (csrc/include/normext/xhat_source.h), or-ed into an activation code: a backward op then
+# reads the forward's output y instead of x; a forward op called with it is memory_efficient (the autograd
+# layer keeps y for backward and passes the forward kernels the activation alone).
+FROM_OUTPUT = 8
+
+
+def base_activation(act):
+    return act & ~FROM_OUTPUT
+
+
+def from_output(act):
+    return bool(act & FROM_OUTPUT)
 
 
 def activation_code(activation):
@@ -19,6 +32,43 @@ def activation_code(activation):
     except (KeyError, TypeError):
         names = ", ".join(repr(k) for k in ACTIVATIONS)
         raise ValueError(f"unknown activation {activation!r}; expected one of {names}") from None
+
+
+def invertible(act, slope):
+    """Whether x̂ can be recovered from y = act(z): the identity, or leaky_relu with a slope > 0."""
+    base = base_activation(act)
+    return base == IDENTITY or (base == LEAKY_RELU and slope > 0)
+
+
+def sign_readable(act, slope):
+    """Whether act'(z) can be read off y = act(z): the identity, relu, leaky_relu with a slope >= 0."""
+    base = base_activation(act)
+    return base in (IDENTITY, RELU) or (base == LEAKY_RELU and slope >= 0)
+
+
+def not_invertible_error(where, act, slope, context=""):
+    base = base_activation(act)
+    name = {v: k for k, v in ACTIVATIONS.items() if k is not None}[base]
+    why = f"leaky_relu with negative_slope={slope} is not" if base == LEAKY_RELU else f"{name!r} is not"
+    return ValueError(
+        f"{where}: memory_efficient=True recomputes the normalized input from the output, so the activation "
+        f"must be invertible (None, 'identity', or 'leaky_relu' with negative_slope > 0); {why} invertible"
+        + (f" ({context})" if context else "")
+    )
+
+
+def op_activation(activation, negative_slope, memory_efficient, where, constant_stats=False):
+    """The activation code an op is called with: activation_code(activation), with FROM_OUTPUT when
+    memory_efficient, which needs an activation that y can be inverted through (ValueError otherwise). With
+    constant statistics and no parameter gradient (eval BatchNorm, FrozenBatchNorm2d) only dz is needed,
+    which relu's output gives as well: constant_stats allows it, and the op refuses it if a parameter turns
+    out to need a gradient."""
+    act = activation_code(activation)
+    if not memory_efficient:
+        return act
+    if invertible(act, negative_slope) or (constant_stats and sign_readable(act, negative_slope)):
+        return act | FROM_OUTPUT
+    raise not_invertible_error(where, act, negative_slope)
 
 
 def check_devices(op, input, **tensors):
@@ -39,7 +89,7 @@ def check_running_stats(op, num_features, running_mean, running_var):
 
 
 # Schema argument names as the C++ checks and the Python signatures call them.
-_USER_NAMES = {"X": "input", "gamma": "weight", "beta": "bias", "dY": "grad_output"}
+_USER_NAMES = {"X": "input", "R": "residual", "gamma": "weight", "beta": "bias", "dY": "grad_output"}
 
 
 def register_fake(qualname):
@@ -100,17 +150,19 @@ class FusedActivation:
             "torch.ops.normext.* custom operators called from Python); use torch.compile, or torch.jit.trace"
         )
 
-    def _init_activation(self, activation, negative_slope):
-        activation_code(activation)
+    def _init_activation(self, activation, negative_slope, memory_efficient=False):
+        op_activation(activation, negative_slope, memory_efficient, type(self).__name__)
         self.activation = activation
         self.negative_slope = negative_slope
+        self.memory_efficient = memory_efficient
 
     def _activation_repr(self):
+        extra = ", memory_efficient=True" if getattr(self, "memory_efficient", False) else ""
         if self.activation in (None, "identity"):
-            return ""
+            return extra
         if self.activation == "leaky_relu":
-            return f", activation=leaky_relu, negative_slope={self.negative_slope}"
-        return f", activation={self.activation}"
+            return f", activation=leaky_relu, negative_slope={self.negative_slope}" + extra
+        return f", activation={self.activation}" + extra
 
 
 # Autocast policy, for every op at once. The norms run in the dtype of the activations they are given:

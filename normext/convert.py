@@ -8,7 +8,7 @@ import inspect
 import torch.nn as nn
 
 import normext
-from normext._ops import FusedActivation
+from normext._ops import FusedActivation, op_activation
 
 
 def _group_norm_args(m):
@@ -56,6 +56,18 @@ def _channel_layer_norm_args(m):
     )
 
 
+def _rms_norm_args(m):
+    # torch.nn.RMSNorm and timm's RmsNorm (normalized_shape, eps, weight or None).
+    return dict(
+        normalized_shape=tuple(m.normalized_shape), eps=m.eps, elementwise_affine=m.weight is not None
+    )
+
+
+def _channel_rms_norm_args(m):
+    # timm's RmsNorm2d: normalized_shape (C,), over dim 1.
+    return dict(num_channels=tuple(m.normalized_shape)[0], eps=m.eps, affine=m.weight is not None)
+
+
 def _frozen_batch_norm_args(m):
     return dict(num_features=m.running_mean.numel(), eps=m.eps)
 
@@ -69,6 +81,7 @@ _TORCH_CLASSES = {
     nn.InstanceNorm2d: ("InstanceNorm2d", _running_norm_args),
     nn.InstanceNorm3d: ("InstanceNorm3d", _running_norm_args),
     nn.LayerNorm: ("LayerNorm", _layer_norm_args),
+    nn.RMSNorm: ("RMSNorm", _rms_norm_args),
     nn.BatchNorm1d: ("BatchNorm1d", _running_norm_args),
     nn.BatchNorm2d: ("BatchNorm2d", _running_norm_args),
     nn.BatchNorm3d: ("BatchNorm3d", _running_norm_args),
@@ -85,6 +98,8 @@ _FOREIGN_CLASSES = {
     "timm.layers.norm.LayerNorm": ("LayerNorm", _layer_norm_args),
     "timm.layers.norm.GroupNorm": ("GroupNorm", _group_norm_args),
     "timm.layers.norm.GroupNorm1": ("GroupNorm", _group_norm_args),
+    "timm.layers.norm.RmsNorm": ("RMSNorm", _rms_norm_args),
+    "timm.layers.norm.RmsNorm2d": ("RMSNorm2d", _channel_rms_norm_args),
     "timm.models.layers.norm.LayerNorm2d": ("LayerNorm2d", _channel_layer_norm_args),
     "timm.models.layers.norm.LayerNorm": ("LayerNorm", _layer_norm_args),
     "timm.models.layers.norm.GroupNorm": ("GroupNorm", _group_norm_args),
@@ -133,7 +148,10 @@ def _plan(m):
 
 
 def _tensor_names(m):
-    return set(m._parameters), set(m._buffers), set(m._non_persistent_buffers_set)
+    # A parameter registered as None (torch.nn.RMSNorm without affine) is no tensor: state_dict skips it.
+    params = {k for k, v in m._parameters.items() if v is not None}
+    buffers = {k for k, v in m._buffers.items() if v is not None}
+    return params, buffers, set(m._non_persistent_buffers_set) & buffers
 
 
 def _convert_one(m):
@@ -194,22 +212,26 @@ def _fuse(seq, prefix, uses, excluded, report_by_name):
         )
 
 
-def convert_model(module, fuse_activations=True, *, exclude=(), return_report=False):
+def convert_model(module, fuse_activations=True, *, exclude=(), return_report=False, memory_efficient=False):
     """Replaces the norm layers of `module` with normext modules and returns the converted module.
 
-    Converted: torch.nn GroupNorm, InstanceNorm1d/2d/3d, LayerNorm, BatchNorm1d/2d/3d, SyncBatchNorm
-    (exact types, switched in place: the module objects, parameters, buffers and hooks stay), plus by
-    class name torchvision's and detectron2's FrozenBatchNorm2d, timm's LayerNorm2d, LayerNorm and
-    GroupNorm and detectron2's LayerNorm (rebuilt around the same tensors). Parameter and buffer names,
-    values, requires_grad, device, dtype and train/eval mode are kept, so outputs match and state_dicts
-    load both ways. normext modules are left as they are; so are subclasses of the torch classes (their
-    forward may differ) and norms whose normext counterpart is not built.
+    Converted: torch.nn GroupNorm, InstanceNorm1d/2d/3d, LayerNorm, RMSNorm, BatchNorm1d/2d/3d,
+    SyncBatchNorm (exact types, switched in place: the module objects, parameters, buffers and hooks stay),
+    plus by class name torchvision's and detectron2's FrozenBatchNorm2d, timm's LayerNorm2d, LayerNorm,
+    GroupNorm, RmsNorm and RmsNorm2d and detectron2's LayerNorm (rebuilt around the same tensors).
+    Parameter and buffer names, values, requires_grad, device, dtype and train/eval mode are kept, so
+    outputs match and state_dicts load both ways. normext modules are left as they are; so are subclasses
+    of the torch classes (their forward may differ) and norms whose normext counterpart is not built.
 
     fuse_activations: inside every nn.Sequential (or subclass keeping Sequential's forward), a normext
         norm directly followed by nn.ReLU, nn.LeakyReLU, nn.SiLU or nn.GELU (approximate "none" or
         "tanh") takes the activation into its kernel and the activation is replaced by nn.Identity.
     exclude: qualified names of submodules (as in named_modules) whose subtrees are left alone.
     return_report: also return a list of Conversion records, one per converted or fused norm.
+    memory_efficient: after the fusion, every normext norm (outside `exclude`) whose activation allows it
+        keeps its output instead of its input for backward (see the modules' memory_efficient); a layer
+        whose output is then modified in place (torchvision's `out += identity`) makes backward raise, so
+        exclude it.
 
     Returns the converted module (the same object unless `module` itself is a rebuilt norm), or
     (module, report) with return_report=True.
@@ -256,8 +278,23 @@ def convert_model(module, fuse_activations=True, *, exclude=(), return_report=Fa
             sequential = isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward
             if sequential and not excluded(name):
                 _fuse(m, name + "." if name else "", uses, excluded, report_by_name)
+    if memory_efficient:
+        for name, m in module.named_modules():
+            if isinstance(m, FusedActivation) and not excluded(name) and _allows_memory_efficient(m):
+                m.memory_efficient = True
     report = [report_by_name[k] for k in sorted(report_by_name, key=_module_order(module))]
     return (module, report) if return_report else module
+
+
+def _allows_memory_efficient(m):
+    """Whether m's activation allows memory_efficient: invertible, or, for FrozenBatchNorm2d (whose backward
+    needs no x̂), one whose derivative y gives (relu too)."""
+    try:
+        constant = isinstance(m, normext.FrozenBatchNorm2d)
+        op_activation(m.activation, m.negative_slope, True, type(m).__name__, constant_stats=constant)
+    except ValueError:
+        return False
+    return True
 
 
 def _module_order(module):

@@ -32,6 +32,10 @@ def _timm_layer_norm_2d(num_channels, eps=1e-6, affine=True, **kwargs):
     return normext.LayerNorm2d(num_channels, eps=eps, elementwise_affine=affine, **kwargs)
 
 
+def _timm_rms_norm(num_channels, eps=1e-6, affine=True, **kwargs):
+    return normext.RMSNorm(num_channels, eps=eps, elementwise_affine=affine, **kwargs)
+
+
 def _normext_class(name):
     return lambda: getattr(normext, name)
 
@@ -45,6 +49,8 @@ TIMM_NAMES = {
     "normext_groupnorm1": ("GroupNorm", lambda: _timm_group_norm1),
     "normext_layernorm": ("LayerNorm", lambda: _timm_layer_norm),
     "normext_layernorm2d": ("LayerNorm2d", lambda: _timm_layer_norm_2d),
+    "normext_rmsnorm": ("RMSNorm", lambda: _timm_rms_norm),
+    "normext_rmsnorm2d": ("RMSNorm2d", _normext_class("RMSNorm2d")),
     "normext_frozenbatchnorm2d": ("FrozenBatchNorm2d", _normext_class("FrozenBatchNorm2d")),
 }
 
@@ -76,6 +82,10 @@ def _detectron2_layer_norm(channels):
     return normext.LayerNorm2d(channels, eps=1e-6)
 
 
+def _detectron2_rms_norm(channels):
+    return normext.RMSNorm2d(channels)
+
+
 # name -> (the normext class it needs, a callable returning the factory get_norm will call)
 DETECTRON2_NAMES = {
     "NormextBN": ("BatchNorm2d", _normext_class("BatchNorm2d")),
@@ -83,6 +93,7 @@ DETECTRON2_NAMES = {
     "NormextFrozenBN": ("FrozenBatchNorm2d", _normext_class("FrozenBatchNorm2d")),
     "NormextGN": ("GroupNorm", lambda: _detectron2_group_norm),
     "NormextLN": ("LayerNorm2d", lambda: _detectron2_layer_norm),
+    "NormextRMS": ("RMSNorm2d", lambda: _detectron2_rms_norm),
 }
 
 
@@ -129,6 +140,8 @@ MMCV_TYPES = {
     "NormextSyncBN": ("SyncBatchNorm", _normext_class("SyncBatchNorm")),
     "NormextGN": ("GroupNorm", lambda: MMCVGroupNorm),
     "NormextLN": ("LayerNorm", _normext_class("LayerNorm")),
+    "NormextRMS": ("RMSNorm", _normext_class("RMSNorm")),
+    "NormextRMS2d": ("RMSNorm2d", _normext_class("RMSNorm2d")),
     "NormextIN": ("InstanceNorm2d", _normext_class("InstanceNorm2d")),
     "NormextIN1d": ("InstanceNorm1d", _normext_class("InstanceNorm1d")),
     "NormextIN2d": ("InstanceNorm2d", _normext_class("InstanceNorm2d")),

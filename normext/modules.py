@@ -4,6 +4,7 @@ state_dict handling and isinstance checks stay torch's). Each norm family lives 
 from normext._batch_norm import BatchNorm1d, BatchNorm2d, BatchNorm3d, FrozenBatchNorm2d, SyncBatchNorm
 from normext._group_norm import GroupNorm, InstanceNorm1d, InstanceNorm2d, InstanceNorm3d
 from normext._layer_norm import LayerNorm, LayerNorm2d
+from normext._rms_norm import RMSNorm, RMSNorm2d
 
 __all__ = [
     "BatchNorm1d",
@@ -16,5 +17,7 @@ __all__ = [
     "InstanceNorm3d",
     "LayerNorm",
     "LayerNorm2d",
+    "RMSNorm",
+    "RMSNorm2d",
     "SyncBatchNorm",
 ]

@@ -20,7 +20,7 @@ if EMU:
     sys.modules["normext._C"] = _emu
     _spec.loader.exec_module(_emu)
 
-from reference import group_norm_pre_ref, rel_err  # noqa: E402
+from reference import group_norm_pre_ref, rel_err, to64  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available() and not EMU
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU visible")
@@ -194,6 +194,23 @@ def make_noncontiguous(shape, dtype, device, kind):
     return x
 
 
+# The view kinds of the row-norm view tests: non-contiguous, or dense at an offset breaking 16-byte alignment.
+VIEW_KINDS = ["transposed", "strided", "flat_offset", "batch_slice"]
+
+
+def view_inputs(shape, dtype, device, kind):
+    """(x, residual) as views of one VIEW_KINDS kind (the residual strided for the non-contiguous kinds)."""
+    if kind in ("transposed", "strided"):
+        res = make_noncontiguous(shape, dtype, device, "strided")
+        return make_noncontiguous(shape, dtype, device, kind), res
+    if kind == "flat_offset":
+        return (
+            with_storage_offset(make_input(shape, dtype, device), 3),
+            with_storage_offset(make_input(shape, dtype, device), 1),
+        )
+    return sliced_batch(shape, dtype, device, "contiguous"), sliced_batch(shape, dtype, device, "contiguous")
+
+
 def poison_allocator(device, *likes):
     """Allocate NaN-filled blocks of the given tensors' sizes and free them, so the next allocations of
     those sizes (the caching allocator on CUDA, malloc's free lists on the CPU) likely get NaN memory."""
@@ -240,6 +257,39 @@ def forward_backward(fn, tensors, dy):
     y = fn(*leaves)
     y.backward(dy)
     return y, [None if t is None else t.grad for t in leaves]
+
+
+def check_all(fns, tensors, dtype, fmt=None, backward=True):
+    """Forward (and backward) of `ours` against the float64 reference; for half/bf16 the torch-native chain in
+    the same dtype is the baseline of the flash-attention rule (float32 gradients: see assert_bwd_close).
+    fns = (ours, reference, native) over tensors (x, weight, bias, residual); None tensors are skipped."""
+    ours, ref, native = fns
+    x = tensors[0]
+    if not backward:
+        with torch.no_grad():
+            y = ours(*tensors)
+            y_ref = ref(*tensors)
+            y_nat = native(*tensors) if dtype in (torch.float16, torch.bfloat16) else None
+        assert y.dtype == x.dtype and y.device == x.device
+        assert_fwd_close(y, y_ref, dtype, y_nat)
+        return y
+    dy = torch.randn_like(x)
+    y, g = forward_backward(ours, tensors, dy)
+    y_ref, g_ref = forward_backward(ref, [to64(t) for t in tensors], to64(dy))
+    y_nat, g_nat = forward_backward(native, [None if t is None else t.detach().clone() for t in tensors], dy)
+    assert y.dtype == x.dtype and y.device == x.device
+    if fmt is not None:
+        assert_layout_kept(y, x, fmt)
+    assert_fwd_close(y, y_ref, dtype, y_nat if dtype in (torch.float16, torch.bfloat16) else None)
+    for name, gi, gr, gnat, t in zip(
+        ("dx", "dweight", "dbias", "dresidual"), g, g_ref, g_nat, tensors, strict=True
+    ):
+        if t is None:
+            continue
+        assert gi is not None, f"{name} is missing"
+        assert gi.shape == t.shape and gi.dtype == t.dtype, f"{name}: {gi.shape} {gi.dtype}"
+        assert_bwd_close(gi, gr, dtype, gnat, what=name)
+    return y
 
 
 def residual_away_from_kink(z0):

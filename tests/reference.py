@@ -1,6 +1,7 @@
 # Independent float64 references for the normalization tests: activations, GroupNorm, InstanceNorm (with
-# the running-stat update), LayerNorm, LayerNorm2d (and the permute chain torch users write for it), the
-# unfused torch-native chain used as the low-precision baseline, and rel_err.
+# the running-stat update), LayerNorm, LayerNorm2d, RMSNorm, RMSNorm2d (and the permute chains torch users
+# write for the channel norms), the unfused torch-native chain used as the low-precision baseline, and
+# rel_err.
 # Everything here is plain torch ops; nothing is taken from normext.
 import math
 
@@ -204,6 +205,36 @@ def permute_layer_norm_2d(x, weight=None, bias=None, eps=1e-6):
     perm = [0, *range(2, x.dim()), 1]
     inv = [perm.index(i) for i in range(x.dim())]
     return F.layer_norm(x.permute(perm), (x.shape[1],), weight, bias, eps).permute(inv)
+
+
+def rms_norm_pre_ref(x, dims, weight=None, eps=1e-6, residual=None, channel=False):
+    """The pre-activation z = x / sqrt(mean(x²) + eps) * w + residual over dims, float64; w elementwise over
+    the trailing dims, or per channel (dim 1) with channel=True (RMSNorm2d)."""
+    x64 = to64(x)
+    z = x64 / torch.sqrt((x64**2).mean(dims, keepdim=True) + eps)
+    if weight is not None:
+        z = z * (_channel_view(to64(weight), z.dim()) if channel else to64(weight))
+    if residual is not None:
+        z = z + to64(residual)
+    return z
+
+
+def rms_norm_ref(x, normalized_shape, weight=None, eps=1e-6, activation=None, slope=0.01, residual=None):
+    """y = act(RMSNorm(x) * w + residual) over the trailing normalized_shape, float64, from the formula."""
+    dims = tuple(range(-len(normalized_shape), 0))
+    return act_ref(rms_norm_pre_ref(x, dims, weight, eps, residual), activation, slope)
+
+
+def rms_norm_2d_ref(x, weight=None, eps=1e-6, activation=None, slope=0.01, residual=None):
+    """y = act(RMSNorm2d(x) + residual): each (n, position) over the C channels (dim 1), float64."""
+    return act_ref(rms_norm_pre_ref(x, 1, weight, eps, residual, channel=True), activation, slope)
+
+
+def permute_rms_norm_2d(x, weight=None, eps=1e-6):
+    """RMSNorm2d as torch users write it: permute C last, F.rms_norm, permute back."""
+    perm = [0, *range(2, x.dim()), 1]
+    inv = [perm.index(i) for i in range(x.dim())]
+    return F.rms_norm(x.permute(perm), (x.shape[1],), weight, eps).permute(inv)
 
 
 def batch_norm_ref(

@@ -160,6 +160,10 @@ def test_min_bytes_follows_the_design_accounting():
     fwd, both = (cases.Variant(case, case.shape, "bf16", "nchw", b) for b in (False, True))
     assert fwd.min_bytes() == 3 * 72 * 2 and fwd.min_bytes(residual=False) == 2 * 72 * 2
     assert both.min_bytes() == 7 * 72 * 2 and both.min_bytes(residual=False) == 5 * 72 * 2
+    # Pre-norm add: x, r read and out, s written; backward dout, ds, s read and dx, dr written.
+    pre = Case("y", "add_layer_norm", (8, 9), residual=True)
+    fwd, both = (cases.Variant(pre, pre.shape, "f32", "rows", b) for b in (False, True))
+    assert fwd.min_bytes() == 4 * 72 * 4 and both.min_bytes() == 9 * 72 * 4
 
 
 def test_missing_norms_are_skipped_with_a_note(monkeypatch):
@@ -181,6 +185,9 @@ def test_every_norm_builder_runs(stand_ins):
         Case("t.in", "instance_norm", (2, 4, 3, 4, 5), act="leaky_relu"),
         Case("t.ln", "layer_norm", (16, 24), act="gelu", residual=True),
         Case("t.ln2d", "layer_norm_2d", (2, 8, 4, 4)),
+        Case("t.rms", "rms_norm", (16, 24), act="silu", residual=True),
+        Case("t.rms2d", "rms_norm_2d", (2, 8, 4, 4)),
+        Case("t.add_ln", "add_layer_norm", (16, 24), residual=True),
         Case("t.bn", "batch_norm", (4, 8, 4, 4), act="relu", residual=True),
         Case("t.bn_eval", "batch_norm_eval", (2, 8, 4, 4), act="silu"),
         Case("t.gn.stack", "group_norm", (1, 8, 5, 5), groups=2, act="silu", layers=1),

@@ -125,6 +125,43 @@ def _f_layer_norm_2d(device):
     return Case(fn, [x, w, b, r])
 
 
+def _f_rms_norm(device):
+    x, r = _x((3, 4, 8), device), _x((3, 4, 8), device)
+    w, _ = _wb(8, device)
+
+    def fn(x, w, r):
+        return nxF.rms_norm(x, (8,), w, eps=1e-6, activation="silu", residual=r)
+
+    return Case(fn, [x, w, r])
+
+
+def _f_rms_norm_2d(device):
+    x, r = _x((2, 8, 3, 4), device), _x((2, 8, 3, 4), device)
+    w, _ = _wb(8, device)
+
+    def fn(x, w, r):
+        return nxF.rms_norm_2d(x, w, activation="leaky_relu", negative_slope=0.2, residual=r)
+
+    return Case(fn, [x, w, r])
+
+
+def _f_add_norm(name):
+    """add_layer_norm / add_rms_norm; the case's output out + s takes gradients from both outputs."""
+
+    def make(device):
+        x, r = _x((3, 4, 8), device), _x((3, 4, 8), device)
+        w, b = _wb(8, device)
+        args = [x, r, w] + ([b] if name == "add_layer_norm" else [])
+
+        def fn(*t):
+            out, s = getattr(nxF, name)(t[0], t[1], (8,), *t[2:])
+            return out + s
+
+        return Case(fn, args)
+
+    return make
+
+
 def _f_batch_norm(training):
     def make(device):
         x, r = _x((3, 5, 4, 2), device), _x((3, 5, 4, 2), device)
@@ -159,6 +196,11 @@ CASES = [
     module_case("LayerNorm", dict(normalized_shape=(4, 6), bias=False), (3, 4, 6)),
     module_case("LayerNorm2d", dict(num_channels=8, activation="silu"), (2, 8, 4, 4), "channels_last",
                 residual=True),
+    module_case("RMSNorm", dict(normalized_shape=8, eps=1e-5, activation="silu"), (2, 5, 8), residual=True),
+    module_case("RMSNorm", dict(normalized_shape=(4, 6), eps=1e-5, elementwise_affine=False), (3, 4, 6)),
+    module_case("RMSNorm2d", dict(num_channels=8, activation="gelu"), (2, 8, 4, 4), "channels_last",
+                residual=True),
+    module_case("RMSNorm2d", dict(num_channels=6), (2, 6, 3, 5)),
     module_case("BatchNorm1d", dict(num_features=6, activation="relu"), (5, 6), updates_state=True),
     module_case("BatchNorm2d", dict(num_features=8, activation="silu"), (2, 8, 5, 5), "channels_last",
                 residual=True, updates_state=True),
@@ -175,6 +217,10 @@ CASES = [
     functional_case("instance_norm", _f_instance_norm(False), "running-stats"),
     functional_case("layer_norm", _f_layer_norm, "relu-residual"),
     functional_case("layer_norm_2d", _f_layer_norm_2d, "gelu_tanh-residual"),
+    functional_case("rms_norm", _f_rms_norm, "silu-residual"),
+    functional_case("rms_norm_2d", _f_rms_norm_2d, "leaky_relu-residual"),
+    functional_case("add_layer_norm", _f_add_norm("add_layer_norm"), "both-outputs"),
+    functional_case("add_rms_norm", _f_add_norm("add_rms_norm"), "both-outputs"),
     functional_case("batch_norm", _f_batch_norm(True), "training"),
     functional_case("batch_norm", _f_batch_norm(False), "eval"),
 ]  # fmt: skip

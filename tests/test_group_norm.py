@@ -25,6 +25,9 @@ from conftest import (
     to_format,
     with_storage_offset,
 )
+from conftest import (
+    check_all as shared_check_all,
+)
 from reference import (
     ACT_CODES,
     ACTIVATIONS,
@@ -56,10 +59,7 @@ def gn_native(x, G, w=None, b=None, act=None, slope=SLOPE, res=None, eps=1e-5):
 
 def check_all(x, G, w, b, act, res, dtype, fmt=None, slope=SLOPE, backward=True):
     """Forward (and backward) of the functional against the float64 reference; for half/bf16 the
-    torch-native chain in the same dtype is the baseline of the flash-attention rule."""
-    low = dtype not in (torch.float32, torch.float64)
-    tensors = (x, w, b, res)
-    dy = torch.randn_like(x) if backward else None
+    torch-native chain in the same dtype is the baseline of the flash-attention rule (conftest.check_all)."""
 
     def ours(x_, w_, b_, r_):
         return gn(x_, G, w_, b_, act, slope, r_)
@@ -70,33 +70,7 @@ def check_all(x, G, w, b, act, res, dtype, fmt=None, slope=SLOPE, backward=True)
     def native(x_, w_, b_, r_):
         return gn_native(x_, G, w_, b_, act, slope, r_)
 
-    if not backward:
-        with torch.no_grad():
-            y = ours(*tensors)
-            y_ref = ref(*tensors)
-            y_nat = native(*tensors) if low else None
-        assert y.dtype == x.dtype and y.device == x.device
-        assert_fwd_close(y, y_ref, dtype, y_nat)
-        return y
-    y, g = forward_backward(ours, tensors, dy)
-    y_ref, g_ref = forward_backward(ref, [to64(t) for t in tensors], to64(dy))
-    # The native chain is the low-precision baseline; in float32 it only matters for ill-conditioned grads.
-    y_nat, g_nat = forward_backward(native, [None if t is None else t.detach().clone() for t in tensors], dy)
-    if not low:
-        y_nat = None
-    assert y.dtype == x.dtype and y.device == x.device
-    if fmt is not None:
-        assert_layout_kept(y, x, fmt)
-    assert_fwd_close(y, y_ref, dtype, y_nat)
-    for name, gi, gr, gnat, t in zip(
-        ("dx", "dweight", "dbias", "dresidual"), g, g_ref, g_nat, tensors, strict=True
-    ):
-        if t is None:
-            continue
-        assert gi is not None, f"{name} is missing"
-        assert gi.shape == t.shape and gi.dtype == t.dtype, f"{name}: {gi.shape} {gi.dtype}"
-        assert_bwd_close(gi, gr, dtype, gnat, what=name)
-    return y
+    return shared_check_all((ours, ref, native), (x, w, b, res), dtype, fmt, backward)
 
 
 def test_activation_codes():

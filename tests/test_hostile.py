@@ -179,7 +179,9 @@ def test_every_op_rejects_a_tensor_on_another_device(device, other, make):
             before = [a.clone() if isinstance(a, torch.Tensor) else a for a in moved]
             # Named as the argument that moved, or, when the op compares against it, as the input.
             dev = torch.device(moved[i].device)
-            with pytest.raises(RuntimeError, match=f"({names[i]} is on {dev}|the input is on {dev})"):
+            # add_*_norm's schema calls its residual stream R; the messages say "residual".
+            name = "(R|residual)" if names[i] == "R" else names[i]
+            with pytest.raises(RuntimeError, match=f"({name} is on {dev}|the input is on {dev})"):
                 func(*moved, **kwargs)
             for a, b in zip(moved, before, strict=True):
                 if isinstance(a, torch.Tensor) and a.device.type != "meta":
@@ -638,3 +640,20 @@ def test_autocast_integer_residual_is_a_dtype_error(device, dtype, name, rdtype)
     res = torch.ones(x.shape, dtype=rdtype, device=device)
     with torch.autocast(device, dtype=dtype), pytest.raises(RuntimeError, match="residual must have"):
         norm.nx(x, w, b, res, None)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bad_activation_codes_name_the_problem(device):
+    """A raw op call with an activation code no kernel knows, or a backward asked to work from the output with
+    an activation it cannot invert, is an error that says which."""
+    from normext._ops import FROM_OUTPUT, activation_code
+
+    x = torch.randn(2, 4, 3, 3, device=device)
+    with pytest.raises(RuntimeError, match="unknown activation code 99"):
+        torch.ops.normext.group_norm_fwd(x, None, None, None, 2, 1e-5, 99, 0.01)
+    mean, rstd = torch.zeros(2, 2, device=device), torch.ones(2, 2, device=device)
+    with pytest.raises(RuntimeError, match="unknown activation code 99"):
+        torch.ops.normext.group_norm_bwd(x, x, None, mean, rstd, None, None, 2, 99, 0.01, [True] * 4)
+    silu = activation_code("silu") | FROM_OUTPUT
+    with pytest.raises(RuntimeError, match="needs an invertible activation"):
+        torch.ops.normext.group_norm_bwd(x, x, None, mean, rstd, None, None, 2, silu, 0.01, [True] * 4)

@@ -10,9 +10,11 @@ from conftest import (
     DEVICES,
     FORMATS,
     LOW_AND_FP32,
+    VIEW_KINDS,
     assert_bwd_close,
     assert_fwd_close,
     assert_layout_kept,
+    check_all,
     forward_backward,
     leaf,
     make_input,
@@ -25,6 +27,7 @@ from conftest import (
     skip_if_unsupported,
     sliced_batch,
     to_format,
+    view_inputs,
     with_storage_offset,
 )
 from reference import (
@@ -69,38 +72,6 @@ def ln2d_fns(act=None, slope=SLOPE, eps=1e-6):
         lambda x, w, b, r: layer_norm_2d_ref(x, w, b, eps, act, slope, r),
         lambda x, w, b, r: native_chain(permute_layer_norm_2d(x, w, b, eps), r, act, slope),
     )
-
-
-def check_all(fns, tensors, dtype, fmt=None, backward=True):
-    """Forward (and backward) of `ours` against the float64 reference; for half/bf16 the torch-native chain in
-    the same dtype is the baseline of the flash-attention rule (float32 gradients: see assert_bwd_close)."""
-    ours, ref, native = fns
-    x = tensors[0]
-    if not backward:
-        with torch.no_grad():
-            y = ours(*tensors)
-            y_ref = ref(*tensors)
-            y_nat = native(*tensors) if dtype in (torch.float16, torch.bfloat16) else None
-        assert y.dtype == x.dtype and y.device == x.device
-        assert_fwd_close(y, y_ref, dtype, y_nat)
-        return y
-    dy = torch.randn_like(x)
-    y, g = forward_backward(ours, tensors, dy)
-    y_ref, g_ref = forward_backward(ref, [to64(t) for t in tensors], to64(dy))
-    y_nat, g_nat = forward_backward(native, [None if t is None else t.detach().clone() for t in tensors], dy)
-    assert y.dtype == x.dtype and y.device == x.device
-    if fmt is not None:
-        assert_layout_kept(y, x, fmt)
-    assert_fwd_close(y, y_ref, dtype, y_nat if dtype in (torch.float16, torch.bfloat16) else None)
-    for name, gi, gr, gnat, t in zip(
-        ("dx", "dweight", "dbias", "dresidual"), g, g_ref, g_nat, tensors, strict=True
-    ):
-        if t is None:
-            continue
-        assert gi is not None, f"{name} is missing"
-        assert gi.shape == t.shape and gi.dtype == t.dtype, f"{name}: {gi.shape} {gi.dtype}"
-        assert_bwd_close(gi, gr, dtype, gnat, what=name)
-    return y
 
 
 def ln_inputs(shape, normalized_shape, dtype_name, device, affine=True, residual=True, mean=0.0, std=1.0):
@@ -187,22 +158,13 @@ def test_ln_float64_cpu(act):
     check_all(ln_fns((2, 13), act), tensors, dtype)
 
 
-@pytest.mark.parametrize("kind", ["transposed", "strided", "flat_offset", "batch_slice"])
+@pytest.mark.parametrize("kind", VIEW_KINDS)
 @pytest.mark.parametrize("dtype_name", ["float32", "bfloat16", "float16-mixed"])
 @pytest.mark.parametrize("device", DEVICES)
 def test_ln_views(device, dtype_name, kind):
     """Non-contiguous inputs, and dense views at an offset that breaks 16-byte alignment."""
     dtype, pdtype = parse_dtype(dtype_name)
-    shape = (2, 6, 64)
-    if kind in ("transposed", "strided"):
-        x = make_noncontiguous(shape, dtype, device, kind)
-        res = make_noncontiguous(shape, dtype, device, "strided")
-    elif kind == "flat_offset":
-        x = with_storage_offset(make_input(shape, dtype, device), 3)
-        res = with_storage_offset(make_input(shape, dtype, device), 1)
-    else:
-        x = sliced_batch(shape, dtype, device, "contiguous")
-        res = sliced_batch(shape, dtype, device, "contiguous")
+    x, res = view_inputs((2, 6, 64), dtype, device, kind)
     w, b = make_params(x.shape[-1], pdtype, device)
     w, b = with_storage_offset(w, 1), with_storage_offset(b, 5)
     check_all(ln_fns((x.shape[-1],), "gelu_tanh"), (x, w, b, res), dtype)

@@ -158,7 +158,7 @@ void batch_grad_sums(const scalar_t* dY, const scalar_t* X, const scalar_t* R, c
   }
   std::vector<acc_t> pdz, pdzx;
   RowChunks rc{};
-  dispatch_activation(act, [&](auto A) {
+  dispatch_grad_activation(act, [&](auto A) {
     rc = reduce_channels_last(s, pdz, pdzx, [&](int64_t, int64_t r0, int64_t r1, acc_t* cdz, acc_t* cdzx) {
       for_rows<scalar_t, GradSumsStep<decltype(A)::value>>(r0, r1, s.C, dY, X, R, k.mean, k.rstd, k.gamma,
                                                            k.beta, acc_t(slope), cdz, cdzx);
@@ -184,7 +184,7 @@ void batch_grad_input(const scalar_t* dY, const scalar_t* X, const scalar_t* R, 
     channel_grad_input(dY, X, R, s, k, gc, act, slope, dX, dR);
     return;
   }
-  dispatch_activation(act, [&](auto A) {
+  dispatch_grad_activation(act, [&](auto A) {
     parallel_rows(s.HxW, s.C, [&](int64_t r0, int64_t r1) {
       for_rows<scalar_t, GradInputStep<decltype(A)::value>>(r0, r1, s.C, dY, X, R, k.mean, k.rstd, k.gamma,
                                                             k.beta, gc.a, gc.b, gc.c, acc_t(slope), dX, dR);
@@ -325,7 +325,7 @@ std::tuple<Tensor, Tensor> batch_norm_bwd_reduce_cpu(const Tensor& dY_in, const 
                                                      const c10::optional<Tensor>& beta, int64_t act,
                                                      double slope) {
   constexpr const char* op = "batch_norm_bwd_reduce";
-  const auto a = check_channel_norm(X_in, gamma, beta, residual, act, op);
+  const auto a = check_channel_norm(X_in, gamma, beta, residual, check_grad_activation(act, op), op);
   const int64_t C = a.dims.C;
   const Tensor dY = *check_like(dY_in, a.X, a.layout, "grad_output", op);
   const Tensor mean = check_stats(mean_in, a.X, C, "mean", op);
@@ -338,10 +338,12 @@ std::tuple<Tensor, Tensor> batch_norm_bwd_reduce_cpu(const Tensor& dY_in, const 
       at::kHalf, at::kBFloat16, a.X.scalar_type(), "batch_norm_bwd_reduce_cpu", [&] {
         using acc_t = at::opmath_type<scalar_t>;
         const ChannelShape s = bn_shape(a);
-        std::vector<acc_t> ones, zeros;
-        const ChannelCoefs<acc_t> k{mean.const_data_ptr<acc_t>(), rstd.const_data_ptr<acc_t>(), 0,
-                                    param_or(a.gamma, ones, C, acc_t(1)),
-                                    param_or(a.beta, zeros, C, acc_t(0))};
+        std::vector<acc_t> ones, zeros, store;
+        const acc_t* gamma_p = param_or(a.gamma, ones, C, acc_t(1));
+        const acc_t* beta_p = param_or(a.beta, zeros, C, acc_t(0));
+        const auto [xm, xp] = xhat_coefs(act, mean.const_data_ptr<acc_t>(), rstd.const_data_ptr<acc_t>(), C,
+                                         C, gamma_p, beta_p, store);
+        const ChannelCoefs<acc_t> k{xm, xp, 0, gamma_p, beta_p};
         const scalar_t* R = a.residual ? a.residual->const_data_ptr<scalar_t>() : nullptr;
         batch_grad_sums(dY.const_data_ptr<scalar_t>(), a.X.const_data_ptr<scalar_t>(), R, s, k, act, slope,
                         sum_dz.data_ptr<acc_t>(), sum_dzx.data_ptr<acc_t>());
@@ -355,7 +357,9 @@ std::tuple<Tensor, Tensor> batch_norm_bwd_elemt_cpu(
     const c10::optional<Tensor>& sum_dz_in, const c10::optional<Tensor>& sum_dzx_in, double inv_count,
     int64_t act, double slope, std::array<bool, 2> mask) {
   constexpr const char* op = "batch_norm_bwd_elemt";
-  const auto a = check_channel_norm(X_in, gamma, beta, residual, act, op);
+  const auto a =
+      check_channel_norm(X_in, gamma, beta, residual,
+                         check_grad_activation(act, op, sum_dz_in.has_value() && sum_dz_in->defined()), op);
   const int64_t C = a.dims.C;
   const Tensor dY = *check_like(dY_in, a.X, a.layout, "grad_output", op);
   const Tensor mean = check_stats(mean_in, a.X, C, "mean", op);
@@ -371,11 +375,13 @@ std::tuple<Tensor, Tensor> batch_norm_bwd_elemt_cpu(
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, a.X.scalar_type(), "batch_norm_bwd_elemt_cpu", [&] {
         using acc_t = at::opmath_type<scalar_t>;
-        std::vector<acc_t> ones, zeros;
+        std::vector<acc_t> ones, zeros, store;
         const acc_t* gamma_p = param_or(a.gamma, ones, C, acc_t(1));
+        const acc_t* beta_p = param_or(a.beta, zeros, C, acc_t(0));
         const acc_t* rstd_p = rstd.const_data_ptr<acc_t>();
-        const ChannelCoefs<acc_t> k{mean.const_data_ptr<acc_t>(), rstd_p, 0, gamma_p,
-                                    param_or(a.beta, zeros, C, acc_t(0))};
+        const auto [xm, xp] =
+            xhat_coefs(act, mean.const_data_ptr<acc_t>(), rstd_p, C, C, gamma_p, beta_p, store);
+        const ChannelCoefs<acc_t> k{xm, xp, 0, gamma_p, beta_p};
         std::vector<acc_t> ca(C), cb(C, acc_t(0)), cc(C, acc_t(0));
         for (int64_t c = 0; c < C; ++c) {
           ca[c] = gamma_p[c] * rstd_p[c];

@@ -4,6 +4,7 @@
 // channels-first walks contiguous HxW runs of one channel, channels-last walks runs of C channels.
 #pragma once
 
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -17,6 +18,7 @@ struct ChannelShape {
 };
 
 // Statistics and parameters of channel (n, c): x̂ = (x - mean)·rstd, z = x̂·gamma + beta + residual.
+// A backward from the output (kFromOutput) holds beta and 1/gamma in mean and rstd (xhat_source.h).
 // mean/rstd (and the backward a/b/c) are indexed [n * stat_stride + c]: stat_stride = C for
 // per-sample statistics, 0 for BatchNorm's per-channel ones. gamma/beta are per channel, never null.
 template <typename acc_t>
@@ -27,6 +29,29 @@ struct ChannelCoefs {
   const acc_t* gamma;
   const acc_t* beta;
 };
+
+// (m, p) of x̂ = (v − m)·p for one channel: (mean, rstd), or, in a backward from the output, (β, 1/γ)
+// (zeros for relu, whose x̂ is never used).
+template <typename acc_t>
+std::pair<acc_t, acc_t> xhat_coef(int64_t act, acc_t mean, acc_t rstd, acc_t gamma, acc_t beta) {
+  if (!from_output(act)) return {mean, rstd};
+  if (base_activation(act) == kRelu) return {acc_t(0), acc_t(0)};
+  return {beta, acc_t(1) / gamma};
+}
+
+// xhat_coef per statistic index i < count (channel i % C), written to `store` in a backward from the
+// output.
+template <typename acc_t>
+std::pair<const acc_t*, const acc_t*> xhat_coefs(int64_t act, const acc_t* mean, const acc_t* rstd,
+                                                 int64_t count, int64_t C, const acc_t* gamma,
+                                                 const acc_t* beta, std::vector<acc_t>& store) {
+  if (!from_output(act)) return {mean, rstd};
+  store.resize(2 * count);
+  for (int64_t i = 0; i < count; ++i) {
+    std::tie(store[i], store[count + i]) = xhat_coef(act, mean[i], rstd[i], gamma[i % C], beta[i % C]);
+  }
+  return {store.data(), store.data() + count};
+}
 
 // Backward elementwise coefficients, indexed like mean/rstd: dx = a·dz + b·x̂ + c.
 template <typename acc_t>
@@ -96,24 +121,23 @@ inline void store_as(scalar_t* p, const T& v) {
   }
 }
 
-// x̂ of the element (T = acc_t) or vector at x, from its channel's statistics: the one place the
-// kernels form x̂ from x.
-template <typename scalar_t, typename T>
-inline T load_xhat(const scalar_t* x, const T& mean, const T& rstd) {
-  return (load_as<scalar_t, T>(x) - mean) * rstd;
+// x̂ of element o of a run, read from x, or from y with kFromOutput (then (m, p) are (β, 1/γ) and the
+// residual is part of the recovery; see xhat_source.h).
+template <int64_t kAct, typename scalar_t, typename T, typename acc_t>
+inline T xhat_at(const scalar_t* x, const scalar_t* res, int64_t o, T m, T p, acc_t slope) {
+  const T r = from_output(kAct) && res != nullptr ? load_as<scalar_t, T>(res + o) : T(acc_t(0));
+  return xhat_of(load_as<scalar_t, T>(x + o), r, m, p, kAct, slope);
 }
 
-// Pre-activation gradient dz = dy·act'(z), with z recomputed from x̂ (and the residual).
+// x̂ and the pre-activation gradient dz = dy·act'(z) of element o, x (or y) and the residual read once.
 template <int64_t kAct, typename scalar_t, typename T, typename acc_t>
-inline T grad_z(const scalar_t* dy, const scalar_t* res, int64_t j, T xhat, T gamma, T beta, acc_t slope) {
-  const T g = load_as<scalar_t, T>(dy + j);
-  if constexpr (kAct == kIdentity) {
-    return g;
-  } else {
-    T z = xhat * gamma + beta;
-    if (res != nullptr) z = z + load_as<scalar_t, T>(res + j);
-    return g * act_grad(z, kAct, slope);
-  }
+inline std::pair<T, T> xhat_dz(const scalar_t* dy, const scalar_t* x, const scalar_t* res, int64_t o, T m,
+                               T p, T gamma, T beta, acc_t slope) {
+  const T u = load_as<scalar_t, T>(x + o);
+  const bool need_r = (base_activation(kAct) != kIdentity || from_output(kAct)) && res != nullptr;
+  const T r = need_r ? load_as<scalar_t, T>(res + o) : T(acc_t(0));
+  const T xhat = xhat_of(u, r, m, p, kAct, slope);
+  return {xhat, grad_pre_act(load_as<scalar_t, T>(dy + o), u, xhat, gamma, beta, r, kAct, slope)};
 }
 
 // The run-level kernels take every pointer by value, already offset to the run, so the hot loops
@@ -144,8 +168,7 @@ void grad_input_run(const scalar_t* dy, const scalar_t* x, const scalar_t* res, 
     const T g = coef<kPerElem, T>(gamma, j), bt = coef<kPerElem, T>(beta, j);
     const T ca = coef<kPerElem, T>(a, j), cb = coef<kPerElem, T>(b, j), cc = coef<kPerElem, T>(c, j);
     for (int64_t o = j; o < rows * n; o += n) {
-      const T xhat = load_xhat<scalar_t>(x + o, m, r);
-      const T dz = grad_z<kAct>(dy, res, o, xhat, g, bt, slope);
+      const auto [xhat, dz] = xhat_dz<kAct>(dy, x, res, o, m, r, g, bt, slope);
       if (dres != nullptr) store_as<scalar_t, T>(dres + o, dz);
       if (dx != nullptr) store_as<scalar_t, T>(dx + o, ca * dz + cb * xhat + cc);
     }
@@ -161,8 +184,7 @@ std::pair<acc_t, acc_t> grad_sums_run(const scalar_t* dy, const scalar_t* x, con
   acc_t t_dz = 0, t_dzx = 0;
   for_simd_and_tail<scalar_t>(n, [&](auto zero, int64_t j) {
     using T = decltype(zero);
-    const T xhat = load_xhat<scalar_t>(x + j, T(mean), T(rstd));
-    const T dz = grad_z<kAct>(dy, res, j, xhat, T(gamma), T(beta), slope);
+    const auto [xhat, dz] = xhat_dz<kAct>(dy, x, res, j, T(mean), T(rstd), T(gamma), T(beta), slope);
     if constexpr (std::is_same_v<T, acc_t>) {
       t_dz += dz;
       t_dzx += dz * xhat;
@@ -279,8 +301,7 @@ struct GradSumsStep {
     const T g = coef<true, T>(gamma, j), b = coef<true, T>(beta, j);
     T a0 = coef<true, T>(sdz, j), a1 = coef<true, T>(sdzx, j);
     for (int64_t q = 0; q < rows; ++q, o += C) {
-      const T xhat = load_xhat<scalar_t>(X + o, m, rs);
-      const T dz = grad_z<kAct>(dY, R, o, xhat, g, b, slope);
+      const auto [xhat, dz] = xhat_dz<kAct>(dY, X, R, o, m, rs, g, b, slope);
       a0 = a0 + dz;
       a1 = madd(dz, xhat, a1);
     }
@@ -301,8 +322,7 @@ struct GradInputStep {
     const T g = coef<true, T>(gamma, j), b = coef<true, T>(beta, j);
     const T a = coef<true, T>(ka, j), bb = coef<true, T>(kb, j), cc = coef<true, T>(kc, j);
     for (int64_t q = 0; q < rows; ++q, o += C) {
-      const T xhat = load_xhat<scalar_t>(X + o, m, rs);
-      const T dz = grad_z<kAct>(dY, R, o, xhat, g, b, slope);
+      const auto [xhat, dz] = xhat_dz<kAct>(dY, X, R, o, m, rs, g, b, slope);
       if (dR != nullptr) store_as<scalar_t, T>(dR + o, dz);
       if (dX != nullptr) store_as<scalar_t, T>(dX + o, madd(a, dz, madd(bb, xhat, cc)));
     }
@@ -408,7 +428,7 @@ void channel_grad_sums(const scalar_t* dY, const scalar_t* X, const scalar_t* R,
                        at::opmath_type<scalar_t>* sdz, at::opmath_type<scalar_t>* sdzx) {
   using acc_t = at::opmath_type<scalar_t>;
   const acc_t sl = acc_t(slope);
-  dispatch_activation(act, [&](auto A) {
+  dispatch_grad_activation(act, [&](auto A) {
     if (!s.channels_last) {
       for_each_run(s, k.stat_stride, [&](auto, const Run& r) {
         const auto [a, b] = grad_sums_run<scalar_t, decltype(A)::value>(
@@ -450,7 +470,7 @@ void channel_grad_input(const scalar_t* dY, const scalar_t* X, const scalar_t* R
                         const GradCoefs<at::opmath_type<scalar_t>>& g, int64_t act, double slope,
                         scalar_t* dX, scalar_t* dR) {
   using acc_t = at::opmath_type<scalar_t>;
-  dispatch_activation(act, [&](auto A) {
+  dispatch_grad_activation(act, [&](auto A) {
     if (!s.channels_last) {
       for_each_run(s, k.stat_stride, [&](auto per_elem, const Run& r) {
         grad_input_run<scalar_t, decltype(A)::value, decltype(per_elem)::value>(

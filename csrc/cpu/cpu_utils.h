@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "normext/math.h"
+#include "normext/xhat_source.h"
 
 // Every CPU kernel is compiled once per capability (setup.py), each build in its own namespace.
 #ifndef CPU_CAPABILITY
@@ -80,6 +81,21 @@ inline void dispatch_activation(int64_t act, const F& f) {
       return f(std::integral_constant<int64_t, kGeluTanh>{});
     default:
       return f(std::integral_constant<int64_t, kIdentity>{});
+  }
+}
+
+// dispatch_activation for a backward, which may also work from the output (act | kFromOutput).
+template <typename F>
+inline void dispatch_grad_activation(int64_t act, const F& f) {
+  switch (act) {
+    case kFromOutput | kIdentity:
+      return f(std::integral_constant<int64_t, kFromOutput | kIdentity>{});
+    case kFromOutput | kRelu:
+      return f(std::integral_constant<int64_t, kFromOutput | kRelu>{});
+    case kFromOutput | kLeakyRelu:
+      return f(std::integral_constant<int64_t, kFromOutput | kLeakyRelu>{});
+    default:
+      return dispatch_activation(act, f);
   }
 }
 

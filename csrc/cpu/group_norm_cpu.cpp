@@ -106,7 +106,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> group_norm_bwd_cpu(
     const Tensor& rstd_in, const c10::optional<Tensor>& gamma, const c10::optional<Tensor>& beta, int64_t G,
     int64_t act, double slope, std::array<bool, 4> mask) {
   constexpr const char* op = "group_norm_bwd";
-  const auto a = check_group_norm(X_in, gamma, beta, residual, G, act, op);
+  const auto a = check_group_norm(X_in, gamma, beta, residual, G, check_grad_activation(act, op), op);
   const auto [N, C, HxW] = a.dims;
   const int64_t D = a.D;
   const Tensor dY = *check_like(dY_in, a.X, a.layout, "grad_output", op);
@@ -152,16 +152,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> group_norm_bwd_cpu(
     if (!s.channels_last) {
       // Per (n, group): the D channels' Σdz, Σdz·x̂, then dx = ca·dz + cb·x̂ + cc while x and dy are in cache.
       const acc_t sl = acc_t(slope);
-      dispatch_activation(act, [&](auto A) {
+      dispatch_grad_activation(act, [&](auto A) {
         constexpr int64_t kAct = decltype(A)::value;
         at::parallel_for(0, N * G, grain_for(D * HxW), [&](int64_t begin, int64_t end) {
           for (int64_t ng = begin; ng < end; ++ng) {
             const int64_t c0 = (ng % G) * D, nc0 = (ng / G) * C + c0;
-            const acc_t m = mean_p[ng], r = rstd_p[ng];
+            const acc_t r = rstd_p[ng];
             for (int64_t d = 0; d < D; ++d) {
               const int64_t o = (nc0 + d) * HxW, c = c0 + d;
+              const auto [xm, xp] = xhat_coef(act, mean_p[ng], r, gamma_p[c], beta_p[c]);
               std::tie(sdz[nc0 + d], sdzx[nc0 + d]) = grad_sums_run<scalar_t, kAct>(
-                  dYp + o, X + o, R ? R + o : nullptr, HxW, m, r, gamma_p[c], beta_p[c], sl);
+                  dYp + o, X + o, R ? R + o : nullptr, HxW, xm, xp, gamma_p[c], beta_p[c], sl);
             }
             if (dXp == nullptr && dRp == nullptr) continue;
             const auto [cb, cc] =
@@ -169,9 +170,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> group_norm_bwd_cpu(
             for (int64_t d = 0; d < D; ++d) {
               const int64_t o = (nc0 + d) * HxW, c = c0 + d;
               const acc_t ca = gamma_p[c] * r;
+              const auto [xm, xp] = xhat_coef(act, mean_p[ng], r, gamma_p[c], beta_p[c]);
               grad_input_run<scalar_t, kAct, false>(dYp + o, X + o, R ? R + o : nullptr,
                                                     dXp ? dXp + o : nullptr, dRp ? dRp + o : nullptr, HxW, 1,
-                                                    &m, &r, gamma_p + c, beta_p + c, &ca, &cb, &cc, sl);
+                                                    &xm, &xp, gamma_p + c, beta_p + c, &ca, &cb, &cc, sl);
             }
           }
         });
@@ -181,7 +183,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> group_norm_bwd_cpu(
     }
     const auto mean_c = expand_groups(mean_p, N, G, D);
     const auto rstd_c = expand_groups(rstd_p, N, G, D);
-    const ChannelCoefs<acc_t> k{mean_c.data(), rstd_c.data(), C, gamma_p, beta_p};
+    std::vector<acc_t> store;
+    const auto [xm, xp] = xhat_coefs(act, mean_c.data(), rstd_c.data(), N * C, C, gamma_p, beta_p, store);
+    const ChannelCoefs<acc_t> k{xm, xp, C, gamma_p, beta_p};
     channel_grad_sums(dYp, X, R, s, k, act, slope, sdz.data(), sdzx.data());
     sum_params();
     if (dXp == nullptr && dRp == nullptr) return;

@@ -1,7 +1,8 @@
 // LayerNorm and LayerNorm2d on the CPU: host entry points registered at the CPU key.
 // Rows (LayerNorm; LayerNorm2d in channels-last) are normalized one row at a time with the row kept in
 // cache between its statistics and its apply; LayerNorm2d in NCHW keeps SIMD lanes along the contiguous
-// spatial positions and walks the channels (a strided reduction over C, no layout copy).
+// spatial positions and walks the channels (a strided reduction over C, no layout copy). RMSNorm is the
+// same kernels without the centring (a null mean, no beta); add_*_norm adds the residual stream first.
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
@@ -24,13 +25,16 @@ const acc_t* param_or(const c10::optional<Tensor>& p, std::vector<acc_t>& storag
   return storage.data();
 }
 
+// rstd from the moments (mean, m2) of n values: 1 / sqrt(var + eps), or with rms (RMSNorm) of the mean
+// square instead of the variance (norm_var).
 template <typename acc_t>
-acc_t rstd_of(acc_t m2, int64_t n, double eps) {
-  return acc_t(1) / std::sqrt(m2 / acc_t(n) + acc_t(eps));
+acc_t rstd_of(acc_t mean, acc_t m2, int64_t n, double eps, bool rms) {
+  return acc_t(1) / std::sqrt(norm_var(mean, m2 / acc_t(n), rms) + acc_t(eps));
 }
 
 // Inputs and statistics shared by the row and NCHW kernels. gamma/beta are never null (ones/zeros when
-// absent); R is null without a residual. The forward writes mean/rstd, the backward reads them.
+// absent); R is null without a residual. The forward writes mean/rstd, the backward reads them. A null
+// mean is RMSNorm: x̂ = x·rstd with rstd of the mean square (and beta zeros).
 template <typename scalar_t>
 struct NormPtrs {
   using acc_t = at::opmath_type<scalar_t>;
@@ -47,31 +51,63 @@ struct NormPtrs {
 
 // One row: moments (row_moments: two passes over L1-sized blocks), then the apply re-reading the row from
 // cache. Run-level functions take their pointers by value, already offset to the row, so the hot loops
-// keep them in registers.
-template <typename scalar_t, int64_t kAct, typename acc_t = at::opmath_type<scalar_t>>
-void forward_row(const scalar_t* x, const scalar_t* res, scalar_t* y, int64_t D, const acc_t* gamma,
+// keep them in registers. x is in_t: scalar_t, or the float32 row of add_row. mean_out null: RMSNorm.
+template <typename scalar_t, int64_t kAct, typename in_t = scalar_t,
+          typename acc_t = at::opmath_type<scalar_t>>
+void forward_row(const in_t* x, const scalar_t* res, scalar_t* y, int64_t D, const acc_t* gamma,
                  const acc_t* beta, double eps, acc_t slope, acc_t* mean_out, acc_t* rstd_out) {
   const auto w = row_moments(x, D);
-  const acc_t mean = w.mean, rstd = rstd_of(w.m2, D, eps);
-  *mean_out = mean;
+  const bool rms = mean_out == nullptr;
+  const acc_t mean = rms ? acc_t(0) : acc_t(w.mean), rstd = rstd_of(w.mean, w.m2, D, eps, rms);
+  if (!rms) *mean_out = mean;
   *rstd_out = rstd;
   for_simd_and_tail<scalar_t>(D, [&](auto zero, int64_t j) {
     using T = decltype(zero);
     const T scale = T(rstd) * coef<true, T>(gamma, j);
-    T z = (load_as<scalar_t, T>(x + j) - T(mean)) * scale + coef<true, T>(beta, j);
+    T z = (load_as<in_t, T>(x + j) - T(mean)) * scale + coef<true, T>(beta, j);
     if (res != nullptr) z = z + load_as<scalar_t, T>(res + j);
     store_as<scalar_t, T>(y + j, act_forward(z, kAct, slope));
   });
 }
 
+// The residual stream of add_*_norm: s = x + a (added in float32, rounded to res_t) is written to S, and
+// normalized from there. A and S are null otherwise.
+template <typename res_t>
+struct AddPtrs {
+  const res_t* A = nullptr;
+  res_t* S = nullptr;
+};
+
+// One row of s = x + a into s_out (res_t) and, as rounded there, into the float row `srow` that the
+// normalization then reads from cache: x and a are read once, out is exactly norm(s).
+template <typename scalar_t, typename res_t, typename acc_t = at::opmath_type<scalar_t>>
+void add_row(const scalar_t* x, const res_t* a, res_t* s_out, acc_t* srow, int64_t D) {
+  for_simd_and_tail<scalar_t>(D, [&](auto zero, int64_t j) {
+    using T = decltype(zero);
+    store_as<res_t, T>(s_out + j, load_as<scalar_t, T>(x + j) + load_as<res_t, T>(a + j));
+    store_as<acc_t, T>(srow + j, load_as<res_t, T>(s_out + j));
+  });
+}
+
 // Forward over M rows of D elements, gamma/beta per element; one row per iteration of a parallel_for.
-template <typename scalar_t, int64_t kAct>
-void rows_forward(const NormPtrs<scalar_t>& p, scalar_t* Y, int64_t M, int64_t D, double eps) {
+template <typename scalar_t, int64_t kAct, typename res_t = scalar_t>
+void rows_forward(const NormPtrs<scalar_t>& p, scalar_t* Y, int64_t M, int64_t D, double eps,
+                  AddPtrs<res_t> add = {}) {
+  using acc_t = at::opmath_type<scalar_t>;
   at::parallel_for(0, M, grain_for(D), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> srow(add.A != nullptr ? D : 0);
     for (int64_t row = begin; row < end; ++row) {
       const int64_t o = row * D;
-      forward_row<scalar_t, kAct>(p.X + o, p.R != nullptr ? p.R + o : nullptr, Y + o, D, p.gamma, p.beta, eps,
-                                  p.slope, p.mean + row, p.rstd + row);
+      const scalar_t* res = p.R != nullptr ? p.R + o : nullptr;
+      acc_t* mean = p.mean != nullptr ? p.mean + row : nullptr;
+      if (add.A != nullptr) {
+        add_row(p.X + o, add.A + o, add.S + o, srow.data(), D);
+        forward_row<scalar_t, kAct>(srow.data(), res, Y + o, D, p.gamma, p.beta, eps, p.slope, mean,
+                                    p.rstd + row);
+      } else {
+        forward_row<scalar_t, kAct>(p.X + o, res, Y + o, D, p.gamma, p.beta, eps, p.slope, mean,
+                                    p.rstd + row);
+      }
     }
   });
 }
@@ -89,20 +125,22 @@ struct GradPtrs {
 
 // One row of the backward. Pass A computes dz (kept in `scratch` when an activation makes it costly to
 // recompute), Σ gamma·dz and Σ gamma·dz·x̂, and adds dz·x̂ and dz to the dgamma/dbeta partial rows pg/pb
-// (may be null); pass B writes dx = rstd·(gamma·dz − mean(gamma·dz) − x̂·mean(gamma·dz·x̂)).
+// (may be null); pass B writes dx = rstd·(gamma·dz − mean(gamma·dz) − x̂·mean(gamma·dz·x̂)), without the
+// mean(gamma·dz) term for RMSNorm (rms: mean is 0 and not a function of x).
 template <typename scalar_t, int64_t kAct, typename acc_t = at::opmath_type<scalar_t>>
 void backward_row(const scalar_t* dy, const scalar_t* x, const scalar_t* res, scalar_t* dx, scalar_t* dres,
-                  int64_t D, acc_t mean, acc_t rstd, const acc_t* gamma, const acc_t* beta, acc_t slope,
-                  acc_t* pg, acc_t* pb, acc_t* scratch) {
+                  int64_t D, acc_t mean, acc_t rstd, bool rms, const acc_t* gamma, const acc_t* beta,
+                  acc_t slope, acc_t* pg, acc_t* pb, acc_t* scratch) {
   using Vec = typename VecIO<scalar_t>::Vec;
-  constexpr bool kScratch = kAct != kIdentity;
+  constexpr bool kScratch = base_activation(kAct) != kIdentity;
   Vec v1(0), v2(0);
   acc_t t1 = 0, t2 = 0;
   for_simd_and_tail<scalar_t>(D, [&](auto zero, int64_t j) {
     using T = decltype(zero);
-    const T xhat = (load_as<scalar_t, T>(x + j) - T(mean)) * T(rstd);
-    const T g = coef<true, T>(gamma, j);
-    const T dz = grad_z<kAct>(dy, res, j, xhat, g, coef<true, T>(beta, j), slope);
+    const T g = coef<true, T>(gamma, j), b = coef<true, T>(beta, j);
+    // From the output x̂ = (v − β)/γ per element (xhat_source.h); else (x − mean)·rstd of the row.
+    const auto [xhat, dz] = from_output(kAct) ? xhat_dz<kAct>(dy, x, res, j, b, T(acc_t(1)) / g, g, b, slope)
+                                              : xhat_dz<kAct>(dy, x, res, j, T(mean), T(rstd), g, b, slope);
     if constexpr (kScratch) store_as<acc_t, T>(scratch + j, dz);
     if (dres != nullptr) store_as<scalar_t, T>(dres + j, dz);
     if (pg != nullptr) store_as<acc_t, T>(pg + j, coef<true, T>(pg, j) + dz * xhat);
@@ -118,11 +156,13 @@ void backward_row(const scalar_t* dy, const scalar_t* x, const scalar_t* res, sc
   });
   if (dx == nullptr) return;
   const auto add = [](Vec a, Vec b) { return a + b; };
-  const acc_t c1 = (at::vec::vec_reduce_all(add, v1) + t1) / acc_t(D);
+  const acc_t c1 = rms ? acc_t(0) : (at::vec::vec_reduce_all(add, v1) + t1) / acc_t(D);
   const acc_t c2 = (at::vec::vec_reduce_all(add, v2) + t2) / acc_t(D);
   for_simd_and_tail<scalar_t>(D, [&](auto zero, int64_t j) {
     using T = decltype(zero);
-    const T xhat = (load_as<scalar_t, T>(x + j) - T(mean)) * T(rstd);
+    const T xhat = from_output(kAct) ? xhat_at<kAct>(x, res, j, coef<true, T>(beta, j),
+                                                     T(acc_t(1)) / coef<true, T>(gamma, j), slope)
+                                     : xhat_at<kAct>(x, res, j, T(mean), T(rstd), slope);
     T dz;
     if constexpr (kScratch) {
       dz = load_as<acc_t, T>(scratch + j);
@@ -156,10 +196,10 @@ void rows_backward(const NormPtrs<scalar_t>& p, const GradPtrs<scalar_t>& gp, in
       const int64_t r0 = chunk * rc.rows_per_chunk, r1 = std::min(M, r0 + rc.rows_per_chunk);
       for (int64_t row = r0; row < r1; ++row) {
         const int64_t o = row * D;
-        backward_row<scalar_t, kAct>(gp.dY + o, p.X + o, p.R != nullptr ? p.R + o : nullptr,
-                                     gp.dX != nullptr ? gp.dX + o : nullptr,
-                                     gp.dR != nullptr ? gp.dR + o : nullptr, D, p.mean[row], p.rstd[row],
-                                     p.gamma, p.beta, p.slope, pg, pb, scratch.data());
+        backward_row<scalar_t, kAct>(
+            gp.dY + o, p.X + o, p.R != nullptr ? p.R + o : nullptr, gp.dX != nullptr ? gp.dX + o : nullptr,
+            gp.dR != nullptr ? gp.dR + o : nullptr, D, p.mean != nullptr ? p.mean[row] : acc_t(0),
+            p.rstd[row], p.mean == nullptr, p.gamma, p.beta, p.slope, pg, pb, scratch.data());
       }
     }
   });
@@ -217,7 +257,8 @@ constexpr int64_t max_lanes() {
 }
 
 // Per-lane mean and rstd over the C channels (Welford on x − x[c = 0], so a mean far from zero keeps
-// its low bits); writes them to the statistics and returns them in m / rs.
+// its low bits); writes them to the statistics and returns them in m / rs. mean_out null: RMSNorm (rstd
+// of the mean square, m = 0).
 template <typename T, typename scalar_t>
 void lanes_moments(const scalar_t* x, int64_t nl, int64_t C, int64_t HxW, double eps, T* m, T* rs,
                    at::opmath_type<scalar_t>* mean_out, at::opmath_type<scalar_t>* rstd_out) {
@@ -239,16 +280,21 @@ void lanes_moments(const scalar_t* x, int64_t nl, int64_t C, int64_t HxW, double
       q[l] = q[l] + d * (v - m[l]);
     }
   }
+  const bool rms = mean_out == nullptr;
   const T var_eps = T(acc_t(eps));
   const T inv_c(acc_t(1) / acc_t(C));
   for (int64_t l = 0; l < nl; ++l) {
     m[l] = m[l] + shift[l];
     if constexpr (W == 1) {
-      rs[l] = rstd_of(q[l], C, eps);
+      rs[l] = rstd_of(m[l], q[l], C, eps, rms);
     } else {
-      rs[l] = (q[l] * inv_c + var_eps).rsqrt();
+      rs[l] = (norm_var(m[l], q[l] * inv_c, rms) + var_eps).rsqrt();
     }
-    store_as<acc_t, T>(mean_out + l * W, m[l]);
+    if (rms) {
+      m[l] = T(acc_t(0));
+    } else {
+      store_as<acc_t, T>(mean_out + l * W, m[l]);
+    }
     store_as<acc_t, T>(rstd_out + l * W, rs[l]);
   }
 }
@@ -260,7 +306,8 @@ void block_2d_forward(const NormPtrs<scalar_t>& p, scalar_t* Y, const Block2d& s
   T m[max_lanes<T, scalar_t>()], rs[max_lanes<T, scalar_t>()];
   const int64_t base = n * s.C * s.HxW + p0;
   const int64_t stat = n * s.HxW + p0;
-  lanes_moments<T>(p.X + base, nl, s.C, s.HxW, eps, m, rs, p.mean + stat, p.rstd + stat);
+  lanes_moments<T>(p.X + base, nl, s.C, s.HxW, eps, m, rs, p.mean != nullptr ? p.mean + stat : nullptr,
+                   p.rstd + stat);
   const scalar_t* const R = p.R;
   const auto slope = p.slope;
   for (int64_t c = 0; c < s.C; ++c) {
@@ -301,7 +348,8 @@ void nchw_forward(const NormPtrs<scalar_t>& p, scalar_t* Y, const Block2d& s, do
 
 // Backward of one block: pass A over the channels accumulates, per lane, Σ gamma·dz and Σ gamma·dz·x̂
 // (and adds the block's Σ dz·x̂, Σ dz of each channel to its dgamma/dbeta partial row); pass B writes dx.
-// dz is kept in `scratch` (C·nl lanes) when an activation makes it costly to recompute.
+// dz is kept in `scratch` (C·nl lanes) when an activation makes it costly to recompute. A null mean is
+// RMSNorm, as in backward_row.
 template <typename T, typename scalar_t, int64_t kAct>
 void block_2d_backward(const NormPtrs<scalar_t>& p, const GradPtrs<scalar_t>& gp, const Block2d& s, int64_t n,
                        int64_t p0, int64_t nl, at::opmath_type<scalar_t>* pg, at::opmath_type<scalar_t>* pb,
@@ -309,7 +357,7 @@ void block_2d_backward(const NormPtrs<scalar_t>& p, const GradPtrs<scalar_t>& gp
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int64_t W = lanes_of<T, scalar_t>();
   constexpr int64_t L = max_lanes<T, scalar_t>();
-  constexpr bool kScratch = kAct != kIdentity;
+  constexpr bool kScratch = base_activation(kAct) != kIdentity;
   auto hsum = [](T v) {
     if constexpr (W == 1) {
       return v;
@@ -321,7 +369,7 @@ void block_2d_backward(const NormPtrs<scalar_t>& p, const GradPtrs<scalar_t>& gp
   const int64_t stat = n * s.HxW + p0;
   T m[L], rs[L], s1[L], s2[L];
   for (int64_t l = 0; l < nl; ++l) {
-    m[l] = load_as<acc_t, T>(p.mean + stat + l * W);
+    m[l] = p.mean != nullptr ? load_as<acc_t, T>(p.mean + stat + l * W) : T(acc_t(0));
     rs[l] = load_as<acc_t, T>(p.rstd + stat + l * W);
     s1[l] = T(acc_t(0));
     s2[l] = T(acc_t(0));
@@ -332,12 +380,12 @@ void block_2d_backward(const NormPtrs<scalar_t>& p, const GradPtrs<scalar_t>& gp
   const auto slope = p.slope;
   for (int64_t c = 0; c < s.C; ++c) {
     const int64_t o = base + c * s.HxW;
-    const T g(p.gamma[c]), b(p.beta[c]);
+    const T g(p.gamma[c]), b(p.beta[c]), ig(acc_t(1) / p.gamma[c]);
     T dzx(acc_t(0)), dzs(acc_t(0));
     for (int64_t l = 0; l < nl; ++l) {
       const int64_t e = o + l * W;
-      const T xhat = (load_as<scalar_t, T>(X + e) - m[l]) * rs[l];
-      const T dz = grad_z<kAct>(dY, R, e, xhat, g, b, slope);
+      const auto [xhat, dz] = from_output(kAct) ? xhat_dz<kAct>(dY, X, R, e, b, ig, g, b, slope)
+                                                : xhat_dz<kAct>(dY, X, R, e, m[l], rs[l], g, b, slope);
       if constexpr (kScratch) store_as<acc_t, T>(scratch + (c * nl + l) * W, dz);
       if (gp.dR != nullptr) store_as<scalar_t, T>(gp.dR + e, dz);
       s1[l] = s1[l] + g * dz;
@@ -351,15 +399,16 @@ void block_2d_backward(const NormPtrs<scalar_t>& p, const GradPtrs<scalar_t>& gp
   if (gp.dX == nullptr) return;
   const T inv_c(acc_t(1) / acc_t(s.C));
   for (int64_t l = 0; l < nl; ++l) {
-    s1[l] = s1[l] * inv_c;
+    s1[l] = p.mean != nullptr ? s1[l] * inv_c : T(acc_t(0));
     s2[l] = s2[l] * inv_c;
   }
   for (int64_t c = 0; c < s.C; ++c) {
     const int64_t o = base + c * s.HxW;
-    const T g(p.gamma[c]);
+    const T g(p.gamma[c]), b(p.beta[c]), ig(acc_t(1) / p.gamma[c]);
     for (int64_t l = 0; l < nl; ++l) {
       const int64_t e = o + l * W;
-      const T xhat = (load_as<scalar_t, T>(X + e) - m[l]) * rs[l];
+      const T xhat = from_output(kAct) ? xhat_at<kAct>(X, R, e, b, ig, slope)
+                                       : xhat_at<kAct>(X, R, e, m[l], rs[l], slope);
       T dz;
       if constexpr (kScratch) {
         dz = load_as<acc_t, T>(scratch + (c * nl + l) * W);
@@ -376,7 +425,7 @@ template <typename scalar_t, int64_t kAct>
 void nchw_backward(const NormPtrs<scalar_t>& p, const GradPtrs<scalar_t>& gp, const Block2d& s) {
   using acc_t = at::opmath_type<scalar_t>;
   at::parallel_for(0, s.N * s.per_n, grain_for(s.C * s.block), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> scratch(kAct != kIdentity ? s.C * s.block : 0);
+    std::vector<acc_t> scratch(base_activation(kAct) != kIdentity ? s.C * s.block : 0);
     for (int64_t t = begin; t < end; ++t) {
       acc_t* pg = gp.part_dgamma != nullptr ? gp.part_dgamma + t * s.C : nullptr;
       acc_t* pb = gp.part_dbeta != nullptr ? gp.part_dbeta + t * s.C : nullptr;
@@ -392,18 +441,20 @@ void nchw_backward(const NormPtrs<scalar_t>& p, const GradPtrs<scalar_t>& gp, co
 
 // ------------------------------------------------------------------------------------------- host side
 
-// Rows or NCHW-2d forward into Y (allocated like X); mean/rstd hold one value per row / position.
-template <typename scalar_t>
+// Rows or NCHW-2d forward into Y (allocated like X); mean/rstd hold one value per row / position (mean
+// undefined: RMSNorm). add: the residual stream of add_*_norm (rows only).
+template <typename scalar_t, typename res_t = scalar_t>
 void forward_impl(const Tensor& X, const c10::optional<Tensor>& gamma, const c10::optional<Tensor>& beta,
                   const c10::optional<Tensor>& residual, double eps, int64_t act, double slope, Tensor& Y,
-                  Tensor& mean, Tensor& rstd, int64_t M, int64_t D, const ChannelDims* nchw) {
+                  Tensor& mean, Tensor& rstd, int64_t M, int64_t D, const ChannelDims* nchw,
+                  AddPtrs<res_t> add = {}) {
   using acc_t = at::opmath_type<scalar_t>;
   std::vector<acc_t> ones, zeros;
   const NormPtrs<scalar_t> p{X.const_data_ptr<scalar_t>(),
                              residual ? residual->const_data_ptr<scalar_t>() : nullptr,
                              param_or(gamma, ones, D, acc_t(1)),
                              param_or(beta, zeros, D, acc_t(0)),
-                             mean.data_ptr<acc_t>(),
+                             mean.defined() ? mean.data_ptr<acc_t>() : nullptr,
                              rstd.data_ptr<acc_t>(),
                              acc_t(slope)};
   scalar_t* y = Y.data_ptr<scalar_t>();
@@ -411,7 +462,7 @@ void forward_impl(const Tensor& X, const c10::optional<Tensor>& gamma, const c10
     if (nchw != nullptr) {
       nchw_forward<scalar_t, decltype(kAct)::value>(p, y, blocks_2d<scalar_t>(*nchw), eps);
     } else {
-      rows_forward<scalar_t, decltype(kAct)::value>(p, y, M, D, eps);
+      rows_forward<scalar_t, decltype(kAct)::value>(p, y, M, D, eps, add);
     }
   });
 }
@@ -428,7 +479,7 @@ void backward_impl(const Tensor& dY, const Tensor& X, const c10::optional<Tensor
                              residual ? residual->const_data_ptr<scalar_t>() : nullptr,
                              param_or(gamma, ones, D, acc_t(1)),
                              param_or(beta, zeros, D, acc_t(0)),
-                             mean.data_ptr<acc_t>(),
+                             mean.defined() ? mean.data_ptr<acc_t>() : nullptr,
                              rstd.data_ptr<acc_t>(),
                              acc_t(slope)};
   const Block2d s = nchw != nullptr ? blocks_2d<scalar_t>(*nchw) : Block2d{};
@@ -437,7 +488,7 @@ void backward_impl(const Tensor& dY, const Tensor& X, const c10::optional<Tensor
   const GradPtrs<scalar_t> gp{dY.const_data_ptr<scalar_t>(), mask[0] ? dX.data_ptr<scalar_t>() : nullptr,
                               mask[3] ? dR.data_ptr<scalar_t>() : nullptr, mask[1] ? part_g.data() : nullptr,
                               mask[2] ? part_b.data() : nullptr};
-  dispatch_activation(act, [&](auto kAct) {
+  dispatch_grad_activation(act, [&](auto kAct) {
     if (nchw != nullptr) {
       nchw_backward<scalar_t, decltype(kAct)::value>(p, gp, s);
     } else {
@@ -448,26 +499,78 @@ void backward_impl(const Tensor& dY, const Tensor& X, const c10::optional<Tensor
                       mask[2] ? dbeta.data_ptr<acc_t>() : nullptr);
 }
 
+// Forward of checked rows (LayerNorm, or RMSNorm with rms: no mean); with A (the residual stream of
+// add_*_norm, already in residual_dtype) also S = X + A. Rows of no elements get NaN statistics.
+struct RowsOut {
+  Tensor Y, S, mean, rstd;
+};
+
+RowsOut rows_fwd(const LayerNormArgs& a, double eps, int64_t act, double slope, bool rms,
+                 const Tensor* A = nullptr) {
+  RowsOut o{at::empty_like(a.X), A != nullptr ? at::empty_like(*A) : Tensor(), Tensor(),
+            at::empty(a.stat_shape, a.X.options().dtype(acc_dtype(a.X)))};
+  if (!rms) o.mean = at::empty_like(o.rstd);
+  if (a.M == 0) return o;
+  if (a.D == 0) {
+    if (o.mean.defined()) o.mean.fill_(std::nan(""));
+    o.rstd.fill_(std::nan(""));
+    return o;
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.X.scalar_type(), "layer_norm_fwd_cpu", [&] {
+    if (A == nullptr || A->scalar_type() == a.X.scalar_type()) {
+      const AddPtrs<scalar_t> add{A != nullptr ? A->const_data_ptr<scalar_t>() : nullptr,
+                                  A != nullptr ? o.S.data_ptr<scalar_t>() : nullptr};
+      forward_impl<scalar_t>(a.X, a.gamma, a.beta, a.residual, eps, act, slope, o.Y, o.mean, o.rstd, a.M, a.D,
+                             nullptr, add);
+    } else if constexpr (!std::is_same_v<scalar_t, double>) {
+      // A float32 residual stream beside 16-bit activations (check_add_residual allows nothing else).
+      const AddPtrs<float> add{A->const_data_ptr<float>(), o.S.data_ptr<float>()};
+      forward_impl<scalar_t, float>(a.X, a.gamma, a.beta, a.residual, eps, act, slope, o.Y, o.mean, o.rstd,
+                                    a.M, a.D, nullptr, add);
+    }
+  });
+  return o;
+}
+
 std::tuple<Tensor, Tensor, Tensor> layer_norm_fwd_cpu(const Tensor& X_in, const c10::optional<Tensor>& gamma,
                                                       const c10::optional<Tensor>& beta,
                                                       const c10::optional<Tensor>& residual,
                                                       at::IntArrayRef normalized_shape, double eps,
                                                       int64_t act, double slope) {
   const auto a = check_layer_norm(X_in, normalized_shape, gamma, beta, residual, act, "layer_norm_fwd");
-  Tensor Y = at::empty_like(a.X);
-  Tensor mean = at::empty(a.stat_shape, a.X.options().dtype(acc_dtype(a.X)));
-  Tensor rstd = at::empty_like(mean);
-  if (a.M == 0) return {Y, mean, rstd};
-  if (a.D == 0) {
-    mean.fill_(std::nan(""));
-    rstd.fill_(std::nan(""));
-    return {Y, mean, rstd};
-  }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.X.scalar_type(), "layer_norm_fwd_cpu", [&] {
-    forward_impl<scalar_t>(a.X, a.gamma, a.beta, a.residual, eps, act, slope, Y, mean, rstd, a.M, a.D,
-                           nullptr);
-  });
-  return {Y, mean, rstd};
+  auto o = rows_fwd(a, eps, act, slope, false);
+  return {o.Y, o.mean, o.rstd};
+}
+
+std::tuple<Tensor, Tensor> rms_norm_fwd_cpu(const Tensor& X_in, const c10::optional<Tensor>& gamma,
+                                            const c10::optional<Tensor>& residual,
+                                            at::IntArrayRef normalized_shape, double eps, int64_t act,
+                                            double slope) {
+  const auto a = check_layer_norm(X_in, normalized_shape, gamma, c10::nullopt, residual, act, "rms_norm_fwd");
+  auto o = rows_fwd(a, eps, act, slope, true);
+  return {o.Y, o.rstd};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> add_layer_norm_fwd_cpu(
+    const Tensor& X_in, const Tensor& R, const c10::optional<Tensor>& gamma,
+    const c10::optional<Tensor>& beta, at::IntArrayRef normalized_shape, double eps,
+    c10::optional<at::ScalarType> residual_dtype) {
+  constexpr const char* op = "add_layer_norm_fwd";
+  const auto a = check_layer_norm(X_in, normalized_shape, gamma, beta, c10::nullopt, kIdentity, op);
+  const Tensor A = check_add_residual(R, a.X, residual_dtype, op);
+  auto o = rows_fwd(a, eps, kIdentity, 0.0, false, &A);
+  return {o.Y, o.S, o.mean, o.rstd};
+}
+
+std::tuple<Tensor, Tensor, Tensor> add_rms_norm_fwd_cpu(const Tensor& X_in, const Tensor& R,
+                                                        const c10::optional<Tensor>& gamma,
+                                                        at::IntArrayRef normalized_shape, double eps,
+                                                        c10::optional<at::ScalarType> residual_dtype) {
+  constexpr const char* op = "add_rms_norm_fwd";
+  const auto a = check_layer_norm(X_in, normalized_shape, gamma, c10::nullopt, c10::nullopt, kIdentity, op);
+  const Tensor A = check_add_residual(R, a.X, residual_dtype, op);
+  auto o = rows_fwd(a, eps, kIdentity, 0.0, true, &A);
+  return {o.Y, o.S, o.rstd};
 }
 
 // Outputs of a backward op: unselected ones are empty; dgamma/dbeta are in the accumulation type.
@@ -480,14 +583,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> alloc_grads(const Tensor& X, at::IntA
           mask[3] ? at::empty_like(X) : at::empty({0}, X.options())};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> layer_norm_bwd_cpu(
-    const Tensor& dY_in, const Tensor& X_in, const c10::optional<Tensor>& residual, const Tensor& mean_in,
-    const Tensor& rstd_in, const c10::optional<Tensor>& gamma, const c10::optional<Tensor>& beta,
-    at::IntArrayRef normalized_shape, int64_t act, double slope, std::array<bool, 4> mask) {
-  constexpr const char* op = "layer_norm_bwd";
-  const auto a = check_layer_norm(X_in, normalized_shape, gamma, beta, residual, act, op);
+// Backward of checked rows; mean_in undefined: RMSNorm.
+std::tuple<Tensor, Tensor, Tensor, Tensor> rows_bwd(const Tensor& dY_in, const LayerNormArgs& a,
+                                                    const Tensor& mean_in, const Tensor& rstd_in,
+                                                    at::IntArrayRef normalized_shape, int64_t act,
+                                                    double slope, std::array<bool, 4> mask, const char* op) {
   const Tensor dY = *check_like(dY_in, a.X, Layout::kChannelsFirst, "grad_output", op);
-  const Tensor mean = check_stats(mean_in, a.X, a.M, "mean", op);
+  const Tensor mean = mean_in.defined() ? check_stats(mean_in, a.X, a.M, "mean", op) : Tensor();
   const Tensor rstd = check_stats(rstd_in, a.X, a.M, "rstd", op);
   auto [dX, dgamma, dbeta, dR] = alloc_grads(a.X, normalized_shape, mask);
   if (a.X.numel() == 0) return {dX, dgamma, dbeta, dR};
@@ -498,19 +600,39 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_norm_bwd_cpu(
   return {dX, dgamma, dbeta, dR};
 }
 
-std::tuple<Tensor, Tensor, Tensor> layer_norm_2d_fwd_cpu(const Tensor& X_in,
-                                                         const c10::optional<Tensor>& gamma,
-                                                         const c10::optional<Tensor>& beta,
-                                                         const c10::optional<Tensor>& residual, double eps,
-                                                         int64_t act, double slope) {
-  const auto a = check_channel_norm(X_in, gamma, beta, residual, act, "layer_norm_2d_fwd");
+std::tuple<Tensor, Tensor, Tensor, Tensor> layer_norm_bwd_cpu(
+    const Tensor& dY_in, const Tensor& X_in, const c10::optional<Tensor>& residual, const Tensor& mean_in,
+    const Tensor& rstd_in, const c10::optional<Tensor>& gamma, const c10::optional<Tensor>& beta,
+    at::IntArrayRef normalized_shape, int64_t act, double slope, std::array<bool, 4> mask) {
+  constexpr const char* op = "layer_norm_bwd";
+  const auto a = check_layer_norm(X_in, normalized_shape, gamma, beta, residual, check_grad_activation(act, op), op);
+  return rows_bwd(dY_in, a, mean_in, rstd_in, normalized_shape, act, slope, mask, op);
+}
+
+// RMSNorm's backward: output_mask selects (dX, dgamma, dresidual), as for layer_norm_bwd without dbeta.
+std::tuple<Tensor, Tensor, Tensor> rms_norm_bwd_cpu(const Tensor& dY_in, const Tensor& X_in,
+                                                    const c10::optional<Tensor>& residual,
+                                                    const Tensor& rstd_in, const c10::optional<Tensor>& gamma,
+                                                    at::IntArrayRef normalized_shape, int64_t act,
+                                                    double slope, std::array<bool, 3> mask) {
+  constexpr const char* op = "rms_norm_bwd";
+  const auto a = check_layer_norm(X_in, normalized_shape, gamma, c10::nullopt, residual,
+                                check_grad_activation(act, op), op);
+  auto [dX, dgamma, dbeta, dR] = rows_bwd(dY_in, a, Tensor(), rstd_in, normalized_shape, act, slope,
+                                          {mask[0], mask[1], false, mask[2]}, op);
+  return {dX, dgamma, dR};
+}
+
+// Channel (2d) forward of checked input, LayerNorm2d or with rms RMSNorm2d (mean left undefined).
+std::tuple<Tensor, Tensor, Tensor> fwd_2d(const ChannelNormArgs& a, double eps, int64_t act, double slope,
+                                          bool rms) {
   const auto [N, C, HxW] = a.dims;
   Tensor Y = at::empty_like(a.X);
-  Tensor mean = at::empty({N, HxW}, a.X.options().dtype(acc_dtype(a.X)));
-  Tensor rstd = at::empty_like(mean);
+  Tensor rstd = at::empty({N, HxW}, a.X.options().dtype(acc_dtype(a.X)));
+  Tensor mean = rms ? Tensor() : at::empty_like(rstd);
   if (N * HxW == 0) return {Y, mean, rstd};
   if (C == 0) {
-    mean.fill_(std::nan(""));
+    if (!rms) mean.fill_(std::nan(""));
     rstd.fill_(std::nan(""));
     return {Y, mean, rstd};
   }
@@ -521,15 +643,30 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_2d_fwd_cpu(const Tensor& X_in,
   return {Y, mean, rstd};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> layer_norm_2d_bwd_cpu(
-    const Tensor& dY_in, const Tensor& X_in, const c10::optional<Tensor>& residual, const Tensor& mean_in,
-    const Tensor& rstd_in, const c10::optional<Tensor>& gamma, const c10::optional<Tensor>& beta, int64_t act,
-    double slope, std::array<bool, 4> mask) {
-  constexpr const char* op = "layer_norm_2d_bwd";
-  const auto a = check_channel_norm(X_in, gamma, beta, residual, act, op);
+std::tuple<Tensor, Tensor, Tensor> layer_norm_2d_fwd_cpu(const Tensor& X_in,
+                                                         const c10::optional<Tensor>& gamma,
+                                                         const c10::optional<Tensor>& beta,
+                                                         const c10::optional<Tensor>& residual, double eps,
+                                                         int64_t act, double slope) {
+  return fwd_2d(check_channel_norm(X_in, gamma, beta, residual, act, "layer_norm_2d_fwd"), eps, act, slope,
+                false);
+}
+
+std::tuple<Tensor, Tensor> rms_norm_2d_fwd_cpu(const Tensor& X_in, const c10::optional<Tensor>& gamma,
+                                               const c10::optional<Tensor>& residual, double eps, int64_t act,
+                                               double slope) {
+  auto [Y, mean, rstd] = fwd_2d(
+      check_channel_norm(X_in, gamma, c10::nullopt, residual, act, "rms_norm_2d_fwd"), eps, act, slope, true);
+  return {Y, rstd};
+}
+
+// Channel (2d) backward of checked input; mean_in undefined: RMSNorm2d.
+std::tuple<Tensor, Tensor, Tensor, Tensor> bwd_2d(const Tensor& dY_in, const ChannelNormArgs& a,
+                                                  const Tensor& mean_in, const Tensor& rstd_in, int64_t act,
+                                                  double slope, std::array<bool, 4> mask, const char* op) {
   const auto [N, C, HxW] = a.dims;
   const Tensor dY = *check_like(dY_in, a.X, a.layout, "grad_output", op);
-  const Tensor mean = check_stats(mean_in, a.X, N * HxW, "mean", op);
+  const Tensor mean = mean_in.defined() ? check_stats(mean_in, a.X, N * HxW, "mean", op) : Tensor();
   const Tensor rstd = check_stats(rstd_in, a.X, N * HxW, "rstd", op);
   auto [dX, dgamma, dbeta, dR] = alloc_grads(a.X, {C}, mask);
   if (a.X.numel() == 0) return {dX, dgamma, dbeta, dR};
@@ -540,6 +677,27 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_norm_2d_bwd_cpu(
   return {dX, dgamma, dbeta, dR};
 }
 
+std::tuple<Tensor, Tensor, Tensor, Tensor> layer_norm_2d_bwd_cpu(
+    const Tensor& dY_in, const Tensor& X_in, const c10::optional<Tensor>& residual, const Tensor& mean_in,
+    const Tensor& rstd_in, const c10::optional<Tensor>& gamma, const c10::optional<Tensor>& beta, int64_t act,
+    double slope, std::array<bool, 4> mask) {
+  constexpr const char* op = "layer_norm_2d_bwd";
+  return bwd_2d(dY_in, check_channel_norm(X_in, gamma, beta, residual, check_grad_activation(act, op), op), mean_in, rstd_in, act, slope,
+                mask, op);
+}
+
+std::tuple<Tensor, Tensor, Tensor> rms_norm_2d_bwd_cpu(const Tensor& dY_in, const Tensor& X_in,
+                                                       const c10::optional<Tensor>& residual,
+                                                       const Tensor& rstd_in,
+                                                       const c10::optional<Tensor>& gamma, int64_t act,
+                                                       double slope, std::array<bool, 3> mask) {
+  constexpr const char* op = "rms_norm_2d_bwd";
+  auto [dX, dgamma, dbeta, dR] =
+      bwd_2d(dY_in, check_channel_norm(X_in, gamma, c10::nullopt, residual, check_grad_activation(act, op), op), Tensor(), rstd_in, act,
+             slope, {mask[0], mask[1], false, mask[2]}, op);
+  return {dX, dgamma, dR};
+}
+
 }  // namespace
 
 // Called by csrc/cpu/dispatch.cpp when this capability's build is the one in use.
@@ -548,6 +706,12 @@ void register_layer_norm(torch::Library& m) {
   m.impl("layer_norm_bwd", &layer_norm_bwd_cpu);
   m.impl("layer_norm_2d_fwd", &layer_norm_2d_fwd_cpu);
   m.impl("layer_norm_2d_bwd", &layer_norm_2d_bwd_cpu);
+  m.impl("rms_norm_fwd", &rms_norm_fwd_cpu);
+  m.impl("rms_norm_bwd", &rms_norm_bwd_cpu);
+  m.impl("rms_norm_2d_fwd", &rms_norm_2d_fwd_cpu);
+  m.impl("rms_norm_2d_bwd", &rms_norm_2d_bwd_cpu);
+  m.impl("add_layer_norm_fwd", &add_layer_norm_fwd_cpu);
+  m.impl("add_rms_norm_fwd", &add_rms_norm_fwd_cpu);
 }
 
 }  // namespace normext::cpu::CPU_CAPABILITY

@@ -2,14 +2,16 @@
 // column reduction: a partial kernel reduces (channel block x partition) tiles to Welford partials
 // (or backward sums), a finalize kernel merges each channel's partials in a fixed order into
 // mean/rstd and the running statistics (no atomics: deterministic), and apply / the backward
-// elementwise pass are one kernel each. Two views of X (ChannelNormArgs::rows): rows of C
-// channels (channels-last, or no spatial extent) and N·C planes of HxW (channels-first).
+// elementwise pass are one kernel each; small inputs take one launch forward and one for the backward
+// sums (small_*_kernel). Two views of X (ChannelNormArgs::rows): rows of C channels (channels-last, or no
+// spatial extent) and N·C planes of HxW (channels-first).
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <initializer_list>
+#include <optional>
 
 #include "common.cuh"
 #include "normext/checks.h"
@@ -25,9 +27,17 @@ constexpr int kBlock = 256;
 constexpr int kCols = kWarpSize;
 constexpr int kRows = kBlock / kCols;
 // Loads in flight per thread: the reduction loops do one Welford step or two sums per value; the
-// elementwise loops carry VEC-wide per-channel constants, so they keep fewer.
-constexpr int kReduceUnroll = 4;
-constexpr int kApplyUnroll = 2;
+// elementwise loops carry VEC-wide per-channel constants, so they keep fewer. 8-wide vectors keep half as
+// many (their constants alone take 32-56 registers), which keeps those kernels within 128 registers.
+template <int VEC>
+constexpr int kReduceUnroll = VEC >= 8 ? 2 : 4;
+template <int VEC>
+constexpr int kApplyUnroll = VEC >= 8 ? 1 : 2;
+// Minimum blocks per SM of the streaming kernels: 2 with vectors, which holds them within 128 registers
+// without spills (ptxas -v: up to 170 before); none with scalar access, which fits 50% occupancy on sm_90
+// as it is (a bound of 4 only let ptxas use more registers).
+template <int VEC>
+constexpr int kStreamBlocks = VEC == 1 ? 1 : 2;
 // Blocks to aim for. Constants rather than the device's SM count: the partition fixes the
 // reduction order, which must depend on the shape only.
 constexpr int64_t kReduceBlocks = 1024;
@@ -53,7 +63,7 @@ struct Channels {
 
   __device__ __forceinline__ void at(int64_t c, float& m, float& rstd, float& g, float& b) const {
     m = mean[c];
-    rstd = second_is_var ? 1.f / sqrtf(second[c] + eps) : second[c];
+    rstd = second_is_var ? rsqrt_rn(second[c] + eps) : second[c];
     g = gamma != nullptr ? gamma[c] : 1.f;
     b = beta != nullptr ? beta[c] : 0.f;
   }
@@ -73,11 +83,8 @@ struct GradSums {
   }
 };
 
-// dz = dy·act'(z) at the recomputed pre-activation z = x̂·gamma + beta + res.
-__device__ __forceinline__ float grad_pre_act(float dy, float xhat, float g, float b, float res, int64_t act,
-                                              float slope) {
-  return act == kIdentity ? dy : dy * act_grad<float, float>(xhat * g + b + res, act, slope);
-}
+// Backward: x̂ and dz = dy·act'(z) come from normext/xhat_source.h (from x, or from the output y with
+// kFromOutput: X then holds y); z is recomputed, never saved.
 
 // ------------------------------------------------------------------------------ rows view kernels
 // X is rows x C, row-major. Thread (x, y) = (threadIdx.x % kCols, threadIdx.x / kCols) owns the VEC
@@ -89,7 +96,7 @@ __device__ __forceinline__ float grad_pre_act(float dy, float xhat, float g, flo
 // not with the magnitude; column_reduce merges the kRows states of each channel. Writes the partial
 // (mean, M2) at [p * C + c] and its count at counts[p].
 template <typename scalar_t, int VEC>
-__global__ void __launch_bounds__(kBlock)
+__global__ void __launch_bounds__(kBlock, kStreamBlocks<VEC>)
     rows_moments_kernel(const scalar_t* __restrict__ X, int64_t rows, int64_t C, int64_t rows_per_part,
                         float* __restrict__ means, float* __restrict__ m2s, float* __restrict__ counts) {
   NORMEXT_SHARED(WelfordF, buf, kBlock * VEC);
@@ -102,14 +109,14 @@ __global__ void __launch_bounds__(kBlock)
   WelfordLanes<VEC> w = welford_lanes_zero<VEC>();
   if (active) {
     shift = to_lanes(load_vec<VEC>(X, r0 * C + c));
-    for (int64_t r = r0 + y; r < r1; r += kReduceUnroll * kRows) {
-      AlignedVector<scalar_t, VEC> v[kReduceUnroll];
+    for (int64_t r = r0 + y; r < r1; r += kReduceUnroll<VEC> * kRows) {
+      AlignedVector<scalar_t, VEC> v[kReduceUnroll<VEC>];
 #pragma unroll
-      for (int u = 0; u < kReduceUnroll; ++u) {
+      for (int u = 0; u < kReduceUnroll<VEC>; ++u) {
         if (r + u * kRows < r1) v[u] = load_vec<VEC>(X, (r + u * kRows) * C + c);
       }
 #pragma unroll
-      for (int u = 0; u < kReduceUnroll; ++u) {
+      for (int u = 0; u < kReduceUnroll<VEC>; ++u) {
         if (r + u * kRows < r1) welford_push(w, to_lanes(v[u]) - shift);
       }
     }
@@ -131,7 +138,7 @@ __global__ void __launch_bounds__(kBlock)
 // Partial backward sums Σdz and Σdz·x̂ of partition p = blockIdx.y, merged over the thread rows by
 // column_reduce; written at [p * C + c].
 template <typename scalar_t, int VEC>
-__global__ void __launch_bounds__(kBlock)
+__global__ void __launch_bounds__(kBlock, kStreamBlocks<VEC>)
     rows_grad_sums_kernel(const scalar_t* __restrict__ dY, const scalar_t* __restrict__ X,
                           const scalar_t* __restrict__ R, int64_t rows, int64_t C, int64_t rows_per_part,
                           Channels ch, int64_t act, float slope, Sum2* __restrict__ partial) {
@@ -149,10 +156,10 @@ __global__ void __launch_bounds__(kBlock)
     if (active) ch.at(c + e, mean[e], rstd[e], g[e], b[e]);
   }
   if (active) {
-    for (int64_t r = r0 + y; r < r1; r += kReduceUnroll * kRows) {
-      AlignedVector<scalar_t, VEC> xv[kReduceUnroll], dv[kReduceUnroll], rv[kReduceUnroll];
+    for (int64_t r = r0 + y; r < r1; r += kReduceUnroll<VEC> * kRows) {
+      AlignedVector<scalar_t, VEC> xv[kReduceUnroll<VEC>], dv[kReduceUnroll<VEC>], rv[kReduceUnroll<VEC>];
 #pragma unroll
-      for (int u = 0; u < kReduceUnroll; ++u) {
+      for (int u = 0; u < kReduceUnroll<VEC>; ++u) {
         if (r + u * kRows < r1) {
           const int64_t o = (r + u * kRows) * C + c;
           xv[u] = load_vec<VEC>(X, o);
@@ -161,13 +168,14 @@ __global__ void __launch_bounds__(kBlock)
         }
       }
 #pragma unroll
-      for (int u = 0; u < kReduceUnroll; ++u) {
+      for (int u = 0; u < kReduceUnroll<VEC>; ++u) {
         if (r + u * kRows >= r1) continue;
 #pragma unroll
         for (int e = 0; e < VEC; ++e) {
-          const float xhat = (static_cast<float>(xv[u].val[e]) - mean[e]) * rstd[e];
-          const float dz = grad_pre_act(static_cast<float>(dv[u].val[e]), xhat, g[e], b[e],
-                                        static_cast<float>(rv[u].val[e]), act, slope);
+          const float xv_e = static_cast<float>(xv[u].val[e]), rv_e = static_cast<float>(rv[u].val[e]);
+          const float xhat = xhat_from(xv_e, rv_e, mean[e], rstd[e], g[e], b[e], act, slope);
+          const float dz =
+              grad_pre_act(static_cast<float>(dv[u].val[e]), xv_e, xhat, g[e], b[e], rv_e, act, slope);
           acc[e].a += dz;
           acc[e].b += dz * xhat;
         }
@@ -182,7 +190,7 @@ __global__ void __launch_bounds__(kBlock)
 
 // Y = act((x - mean)·(gamma·rstd) + beta + R); rows blockIdx.y·kRows + y, grid-strided.
 template <typename scalar_t, int VEC>
-__global__ void __launch_bounds__(kBlock)
+__global__ void __launch_bounds__(kBlock, kStreamBlocks<VEC>)
     rows_apply_kernel(const scalar_t* __restrict__ X, const scalar_t* __restrict__ R,
                       scalar_t* __restrict__ Y, int64_t rows, int64_t C, Channels ch, int64_t act,
                       float slope) {
@@ -197,17 +205,17 @@ __global__ void __launch_bounds__(kBlock)
     scale[e] = g * rstd;
   }
   const int64_t step = int64_t(gridDim.y) * kRows;
-  for (int64_t r = int64_t(blockIdx.y) * kRows + y; r < rows; r += kApplyUnroll * step) {
-    AlignedVector<scalar_t, VEC> xv[kApplyUnroll], rv[kApplyUnroll];
+  for (int64_t r = int64_t(blockIdx.y) * kRows + y; r < rows; r += kApplyUnroll<VEC> * step) {
+    AlignedVector<scalar_t, VEC> xv[kApplyUnroll<VEC>], rv[kApplyUnroll<VEC>];
 #pragma unroll
-    for (int u = 0; u < kApplyUnroll; ++u) {
+    for (int u = 0; u < kApplyUnroll<VEC>; ++u) {
       if (r + u * step < rows) {
         xv[u] = load_vec<VEC>(X, (r + u * step) * C + c);
         rv[u] = load_vec_or_zero<VEC>(R, (r + u * step) * C + c);
       }
     }
 #pragma unroll
-    for (int u = 0; u < kApplyUnroll; ++u) {
+    for (int u = 0; u < kApplyUnroll<VEC>; ++u) {
       if (r + u * step >= rows) continue;
       float out[VEC];
 #pragma unroll
@@ -223,7 +231,7 @@ __global__ void __launch_bounds__(kBlock)
 
 // dX = a·dz + b·x̂ + c and dR = dz (either may be null), rows as in rows_apply_kernel.
 template <typename scalar_t, int VEC>
-__global__ void __launch_bounds__(kBlock)
+__global__ void __launch_bounds__(kBlock, kStreamBlocks<VEC>)
     rows_grad_input_kernel(const scalar_t* __restrict__ dY, const scalar_t* __restrict__ X,
                            const scalar_t* __restrict__ R, int64_t rows, int64_t C, Channels ch, GradSums gs,
                            int64_t act, float slope, scalar_t* __restrict__ dX, scalar_t* __restrict__ dR) {
@@ -237,10 +245,10 @@ __global__ void __launch_bounds__(kBlock)
     gs.coefs(c + e, g[e], rstd[e], ka[e], kb[e], kc[e]);
   }
   const int64_t step = int64_t(gridDim.y) * kRows;
-  for (int64_t r = int64_t(blockIdx.y) * kRows + y; r < rows; r += kApplyUnroll * step) {
-    AlignedVector<scalar_t, VEC> xv[kApplyUnroll], dv[kApplyUnroll], rv[kApplyUnroll];
+  for (int64_t r = int64_t(blockIdx.y) * kRows + y; r < rows; r += kApplyUnroll<VEC> * step) {
+    AlignedVector<scalar_t, VEC> xv[kApplyUnroll<VEC>], dv[kApplyUnroll<VEC>], rv[kApplyUnroll<VEC>];
 #pragma unroll
-    for (int u = 0; u < kApplyUnroll; ++u) {
+    for (int u = 0; u < kApplyUnroll<VEC>; ++u) {
       if (r + u * step < rows) {
         const int64_t o = (r + u * step) * C + c;
         xv[u] = load_vec<VEC>(X, o);
@@ -249,14 +257,14 @@ __global__ void __launch_bounds__(kBlock)
       }
     }
 #pragma unroll
-    for (int u = 0; u < kApplyUnroll; ++u) {
+    for (int u = 0; u < kApplyUnroll<VEC>; ++u) {
       if (r + u * step >= rows) continue;
       float dz[VEC], dx[VEC];
 #pragma unroll
       for (int e = 0; e < VEC; ++e) {
-        const float xhat = (static_cast<float>(xv[u].val[e]) - mean[e]) * rstd[e];
-        dz[e] = grad_pre_act(static_cast<float>(dv[u].val[e]), xhat, g[e], b[e],
-                             static_cast<float>(rv[u].val[e]), act, slope);
+        const float xv_e = static_cast<float>(xv[u].val[e]), rv_e = static_cast<float>(rv[u].val[e]);
+        const float xhat = xhat_from(xv_e, rv_e, mean[e], rstd[e], g[e], b[e], act, slope);
+        dz[e] = grad_pre_act(static_cast<float>(dv[u].val[e]), xv_e, xhat, g[e], b[e], rv_e, act, slope);
         dx[e] = ka[e] * dz[e] + kb[e] * xhat + kc[e];
       }
       const int64_t o = (r + u * step) * C + c;
@@ -276,7 +284,7 @@ __global__ void __launch_bounds__(kBlock)
 // [p * tiles_per_part, ...) (never empty). Welford on x - K (K the partition's first element),
 // lanes merged in order, then the block by block_allreduce; writes [p * C + c] and counts[p].
 template <typename scalar_t, int VEC>
-__global__ void __launch_bounds__(kBlock)
+__global__ void __launch_bounds__(kBlock, kStreamBlocks<VEC>)
     planes_moments_kernel(const scalar_t* __restrict__ X, int64_t C, int64_t HxW, int tx, int64_t S,
                           int64_t tiles, int64_t tiles_per_part, float* __restrict__ means,
                           float* __restrict__ m2s, float* __restrict__ counts) {
@@ -290,18 +298,18 @@ __global__ void __launch_bounds__(kBlock)
   const Lanes<VEC> shift(static_cast<float>(X[(n0 * C + c) * HxW + (t0 - n0 * S) * tile_len]));
   WelfordLanes<VEC> w = welford_lanes_zero<VEC>();
   ChannelCursor cur(t0 + threadIdx.x / tx, ty, S);  // (n, s) of tile t
-  for (int64_t t = t0 + threadIdx.x / tx; t < t1; t += kReduceUnroll * ty) {
-    AlignedVector<scalar_t, VEC> v[kReduceUnroll];
-    bool ok[kReduceUnroll];
+  for (int64_t t = t0 + threadIdx.x / tx; t < t1; t += kReduceUnroll<VEC> * ty) {
+    AlignedVector<scalar_t, VEC> v[kReduceUnroll<VEC>];
+    bool ok[kReduceUnroll<VEC>];
 #pragma unroll
-    for (int u = 0; u < kReduceUnroll; ++u) {
+    for (int u = 0; u < kReduceUnroll<VEC>; ++u) {
       const int64_t hw = cur.rem * tile_len + lane;
       ok[u] = t + u * ty < t1 && hw < HxW;
       if (ok[u]) v[u] = load_vec<VEC>(X, (cur.c * C + c) * HxW + hw);
       cur.advance(S);
     }
 #pragma unroll
-    for (int u = 0; u < kReduceUnroll; ++u) {
+    for (int u = 0; u < kReduceUnroll<VEC>; ++u) {
       if (ok[u]) welford_push(w, to_lanes(v[u]) - shift);
     }
   }
@@ -315,7 +323,7 @@ __global__ void __launch_bounds__(kBlock)
 
 // Partial backward sums Σdz and Σdz·x̂ of channel c = blockIdx.x over partition p = blockIdx.y.
 template <typename scalar_t, int VEC>
-__global__ void __launch_bounds__(kBlock)
+__global__ void __launch_bounds__(kBlock, kStreamBlocks<VEC>)
     planes_grad_sums_kernel(const scalar_t* __restrict__ dY, const scalar_t* __restrict__ X,
                             const scalar_t* __restrict__ R, int64_t C, int64_t HxW, int tx, int64_t S,
                             int64_t tiles, int64_t tiles_per_part, Channels ch, int64_t act, float slope,
@@ -330,11 +338,11 @@ __global__ void __launch_bounds__(kBlock)
   ch.at(c, mean, rstd, g, b);
   Sum2 acc{0.f, 0.f};
   ChannelCursor cur(t0 + threadIdx.x / tx, ty, S);
-  for (int64_t t = t0 + threadIdx.x / tx; t < t1; t += kReduceUnroll * ty) {
-    AlignedVector<scalar_t, VEC> xv[kReduceUnroll], dv[kReduceUnroll], rv[kReduceUnroll];
-    bool ok[kReduceUnroll];
+  for (int64_t t = t0 + threadIdx.x / tx; t < t1; t += kReduceUnroll<VEC> * ty) {
+    AlignedVector<scalar_t, VEC> xv[kReduceUnroll<VEC>], dv[kReduceUnroll<VEC>], rv[kReduceUnroll<VEC>];
+    bool ok[kReduceUnroll<VEC>];
 #pragma unroll
-    for (int u = 0; u < kReduceUnroll; ++u) {
+    for (int u = 0; u < kReduceUnroll<VEC>; ++u) {
       const int64_t hw = cur.rem * tile_len + lane;
       ok[u] = t + u * ty < t1 && hw < HxW;
       if (ok[u]) {
@@ -346,13 +354,13 @@ __global__ void __launch_bounds__(kBlock)
       cur.advance(S);
     }
 #pragma unroll
-    for (int u = 0; u < kReduceUnroll; ++u) {
+    for (int u = 0; u < kReduceUnroll<VEC>; ++u) {
       if (!ok[u]) continue;
 #pragma unroll
       for (int e = 0; e < VEC; ++e) {
-        const float xhat = (static_cast<float>(xv[u].val[e]) - mean) * rstd;
-        const float dz = grad_pre_act(static_cast<float>(dv[u].val[e]), xhat, g, b,
-                                      static_cast<float>(rv[u].val[e]), act, slope);
+        const float xv_e = static_cast<float>(xv[u].val[e]), rv_e = static_cast<float>(rv[u].val[e]);
+        const float xhat = xhat_from(xv_e, rv_e, mean, rstd, g, b, act, slope);
+        const float dz = grad_pre_act(static_cast<float>(dv[u].val[e]), xv_e, xhat, g, b, rv_e, act, slope);
         acc.a += dz;
         acc.b += dz * xhat;
       }
@@ -365,7 +373,7 @@ __global__ void __launch_bounds__(kBlock)
 // Elementwise over all N·C·S tiles t (plane nc = t / S, channel nc % C), grid-strided:
 // Y = act((x - mean)·(gamma·rstd) + beta + R).
 template <typename scalar_t, int VEC>
-__global__ void __launch_bounds__(kBlock)
+__global__ void __launch_bounds__(kBlock, kStreamBlocks<VEC>)
     planes_apply_kernel(const scalar_t* __restrict__ X, const scalar_t* __restrict__ R,
                         scalar_t* __restrict__ Y, int64_t C, int64_t HxW, int tx, int64_t S, int64_t tiles,
                         Channels ch, int64_t act, float slope) {
@@ -393,7 +401,7 @@ __global__ void __launch_bounds__(kBlock)
 
 // dX = a·dz + b·x̂ + c and dR = dz over all tiles, as planes_apply_kernel.
 template <typename scalar_t, int VEC>
-__global__ void __launch_bounds__(kBlock)
+__global__ void __launch_bounds__(kBlock, kStreamBlocks<VEC>)
     planes_grad_input_kernel(const scalar_t* __restrict__ dY, const scalar_t* __restrict__ X,
                              const scalar_t* __restrict__ R, int64_t C, int64_t HxW, int tx, int64_t S,
                              int64_t tiles, Channels ch, GradSums gs, int64_t act, float slope,
@@ -415,8 +423,9 @@ __global__ void __launch_bounds__(kBlock)
     if (R != nullptr) load_float<VEC>(R, o, rv);
 #pragma unroll
     for (int e = 0; e < VEC; ++e) {
-      const float xhat = (xv[e] - mean) * rstd;
-      dz[e] = grad_pre_act(dv[e], xhat, g, b, R != nullptr ? rv[e] : 0.f, act, slope);
+      const float r = R != nullptr ? rv[e] : 0.f;
+      const float xhat = xhat_from(xv[e], r, mean, rstd, g, b, act, slope);
+      dz[e] = grad_pre_act(dv[e], xv[e], xhat, g, b, r, act, slope);
       dx[e] = ka * dz[e] + kb * xhat + kc;
     }
     if (dR != nullptr) store_float<VEC>(dR, o, dz);
@@ -430,10 +439,27 @@ __global__ void __launch_bounds__(kBlock)
 
 enum FinalizeMode : int { kOutRstd = 0, kOutVar = 1, kOutM2 = 2 };
 
+// Σ n, Σ n·(mean − K) and Σ (M2 + n·(mean − K)²) over partial moments, K a shift: sums that need no
+// division per part (a Chan merge divides at every step, and the IEEE division's subroutine call made ptxas
+// spill registers around it in this loop).
+struct ShiftedSums {
+  double n, s1, s2;
+};
+
+__device__ __forceinline__ ShiftedSums operator+(const ShiftedSums& a, const ShiftedSums& b) {
+  return {a.n + b.n, a.s1 + b.s1, a.s2 + b.s2};
+}
+
+__device__ __forceinline__ ShiftedSums shfl_down(const ShiftedSums& v, int off) {
+  return {cuda::shfl_down(v.n, off), cuda::shfl_down(v.s1, off), cuda::shfl_down(v.s2, off)};
+}
+
 // Merges K partial moments (counts[k], means/m2s[k * C + c]) in double (the parts' means can be far
 // apart relative to the spread; this is K·C work, not numel) into out_mean and, by mode, rstd =
 // 1/sqrt(var + eps), the biased variance, or M2. Moves the running statistics (any strides) toward
-// the mean and the unbiased variance unless the total count is 0.
+// the mean and the unbiased variance unless the total count is 0. The parts are summed about the first
+// part's mean K: M2 = Σ (M2_k + n_k·d_k²) − (Σ n_k·d_k)²/n with d_k = mean_k − K, whose cancellation in
+// double stays below float32 rounding unless the parts' means are ~10^4 standard deviations apart.
 template <typename R>
 __global__ void __launch_bounds__(kBlock)
     finalize_moments_kernel(const float* __restrict__ counts, const float* __restrict__ means,
@@ -442,12 +468,16 @@ __global__ void __launch_bounds__(kBlock)
                             R* running_mean, int64_t rm_stride, R* running_var, int64_t rv_stride) {
   const int64_t c = int64_t(blockIdx.x) * (kBlock / kWarpSize) + threadIdx.x / kWarpSize;
   if (c >= C) return;  // warp-uniform: all lanes of a warp share c
-  const WelfordD w = warp_reduce_range(
-      K, WelfordD{0.0, 0.0, 0.0},
+  const double shift = K > 0 ? double(means[c]) : 0.0;
+  const ShiftedSums t = warp_reduce_range(
+      K, ShiftedSums{0.0, 0.0, 0.0},
       [&](int64_t k) {
-        return WelfordD{double(means[k * C + c]), double(m2s[k * C + c]), double(counts[k])};
+        const double n = double(counts[k]), d = double(means[k * C + c]) - shift;
+        return ShiftedSums{n, n * d, double(m2s[k * C + c]) + n * d * d};
       },
-      WelfordDOp{});
+      SumOp{});
+  const double d = t.n > 0.0 ? t.s1 / t.n : 0.0;
+  const WelfordD w{shift + d, std::max(t.s2 - t.s1 * d, 0.0), t.n};
   if (threadIdx.x % kWarpSize != 0) return;
   const double var = w.m2 / w.n;
   out_mean[c] = float(w.mean);
@@ -473,6 +503,99 @@ __global__ void __launch_bounds__(kBlock)
   if (threadIdx.x % kWarpSize == 0) {
     sum_dz[c] = s.a;
     sum_dzx[c] = s.b;
+  }
+}
+
+// ------------------------------------------------------------------------- small inputs: one launch
+// Inputs of at most kSmallNumel values in channels of at most kSmallCount (the latency floor of design.md §6,
+// e.g. 2x256x7x7), where the launch count decides: a warp per channel c = blockIdx.x * (kBlock / 32) + warp
+// does in one launch what the partial, finalize and elementwise kernels do in three (two in the backward).
+// Lane l takes the channel's values l, l + 32, ... in turn; value k is row k of the rows view, or element k %
+// HxW of plane (k / HxW, c). Exact two passes over the values (few, and in L1 by the second), summed over the
+// warp by group_allsum, whose order is fixed by the shape.
+constexpr int64_t kSmallCount = 2048;
+constexpr int64_t kSmallNumel = 65536;
+
+struct SmallView {
+  int64_t C, HxW, count;  // count = N·HxW values per channel
+  bool rows;
+
+  __device__ __forceinline__ int64_t at(int64_t c, int64_t k) const {
+    if (rows) return k * C + c;
+    const int64_t n = div_idx(k, HxW);
+    return (n * C + c) * HxW + (k - n * HxW);
+  }
+};
+
+// Forward: mean = K + Σ(x − K)/n (K the channel's first value), var = Σ(x − mean)²/n; the running statistics
+// move toward the mean and the unbiased variance (in double, as finalize_moments_kernel); then Y.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kBlock)
+    small_fwd_kernel(const scalar_t* __restrict__ X, const scalar_t* __restrict__ R, scalar_t* __restrict__ Y,
+                     SmallView v, const float* __restrict__ gamma, const float* __restrict__ beta, float eps,
+                     double momentum, float* __restrict__ out_mean, float* __restrict__ out_rstd,
+                     float* running_mean, int64_t rm_stride, float* running_var, int64_t rv_stride,
+                     int64_t act, float slope) {
+  const int lane = threadIdx.x % kWarpSize;
+  const int64_t c = int64_t(blockIdx.x) * (kBlock / kWarpSize) + threadIdx.x / kWarpSize;
+  if (c >= v.C) return;  // warp-uniform
+  const float n = static_cast<float>(v.count);
+  const float shift = static_cast<float>(X[v.at(c, 0)]);
+  float s = 0.f;
+  for (int64_t k = lane; k < v.count; k += kWarpSize) s += static_cast<float>(X[v.at(c, k)]) - shift;
+  const float mean = shift + group_allsum(s, kWarpSize) / n;
+  float q = 0.f;
+  for (int64_t k = lane; k < v.count; k += kWarpSize) {
+    const float d = static_cast<float>(X[v.at(c, k)]) - mean;
+    q += d * d;
+  }
+  const float m2 = group_allsum(q, kWarpSize);
+  const float rstd = rsqrt_rn(m2 / n + eps);
+  if (lane == 0) {
+    out_mean[c] = mean;
+    out_rstd[c] = rstd;
+    if (running_mean != nullptr) {
+      float& r = running_mean[c * rm_stride];
+      r = float((1.0 - momentum) * double(r) + momentum * double(mean));
+    }
+    if (running_var != nullptr) {
+      float& r = running_var[c * rv_stride];
+      r = float((1.0 - momentum) * double(r) + momentum * (double(m2) / (double(v.count) - 1.0)));
+    }
+  }
+  const float scale = (gamma != nullptr ? gamma[c] : 1.f) * rstd, b = beta != nullptr ? beta[c] : 0.f;
+  for (int64_t k = lane; k < v.count; k += kWarpSize) {
+    const int64_t o = v.at(c, k);
+    const float z =
+        (static_cast<float>(X[o]) - mean) * scale + b + (R != nullptr ? static_cast<float>(R[o]) : 0.f);
+    Y[o] = static_cast<scalar_t>(act_forward<float, float>(z, act, slope));
+  }
+}
+
+// Backward sums Σdz and Σdz·x̂ per channel, as the partial and finalize kernels give them.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kBlock)
+    small_grad_sums_kernel(const scalar_t* __restrict__ dY, const scalar_t* __restrict__ X,
+                           const scalar_t* __restrict__ R, SmallView v, Channels ch, int64_t act, float slope,
+                           float* __restrict__ sum_dz, float* __restrict__ sum_dzx) {
+  const int lane = threadIdx.x % kWarpSize;
+  const int64_t c = int64_t(blockIdx.x) * (kBlock / kWarpSize) + threadIdx.x / kWarpSize;
+  if (c >= v.C) return;  // warp-uniform
+  float mean, rstd, g, b;
+  ch.at(c, mean, rstd, g, b);
+  Sum2 acc{0.f, 0.f};
+  for (int64_t k = lane; k < v.count; k += kWarpSize) {
+    const int64_t o = v.at(c, k);
+    const float u = static_cast<float>(X[o]), r = R != nullptr ? static_cast<float>(R[o]) : 0.f;
+    const float xhat = xhat_from(u, r, mean, rstd, g, b, act, slope);
+    const float dz = grad_pre_act(static_cast<float>(dY[o]), u, xhat, g, b, r, act, slope);
+    acc.a += dz;
+    acc.b += dz * xhat;
+  }
+  acc = group_allsum(acc, kWarpSize);
+  if (lane == 0) {
+    sum_dz[c] = acc.a;
+    sum_dzx[c] = acc.b;
   }
 }
 
@@ -556,6 +679,15 @@ const scalar_t* ptr_or_null(const c10::optional<Tensor>& t) {
   return t ? t->const_data_ptr<scalar_t>() : nullptr;
 }
 
+// The one-launch view of a small input (channels of at most kSmallCount values), else nullopt.
+std::optional<SmallView> small_view(const ChannelNormArgs& a) {
+  const int64_t count = a.dims.N * a.dims.HxW;
+  if (count > kSmallCount || count * a.dims.C > kSmallNumel) return std::nullopt;
+  return SmallView{a.dims.C, a.dims.HxW, count, a.rows};
+}
+
+unsigned small_blocks(int64_t C) { return unsigned(ceil_div<int64_t>(C, kBlock / kWarpSize)); }
+
 // Partial moments of X into means/m2s (parts x C) and counts (parts,).
 template <typename scalar_t>
 void launch_moments(const ChannelNormArgs& a, const Plan& p, float* means, float* m2s, float* counts) {
@@ -634,7 +766,23 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_fwd_cuda(
     rstd.fill_(std::nan(""));
     return {Y, mean, rstd};
   }
+  // float32 running statistics (or none) on a small input: one launch (small_fwd_kernel).
+  const bool float_stats = (!running_mean || running_mean->scalar_type() == at::kFloat) &&
+                           (!running_var || running_var->scalar_type() == at::kFloat);
+  const auto small = float_stats ? small_view(a) : std::nullopt;
   NORMEXT_DISPATCH_CUDA_TYPES(a.X.scalar_type(), "batch_norm_fwd_cuda", [&] {
+    if (small) {
+      NORMEXT_LAUNCH(
+          small_fwd_kernel<scalar_t>, small_blocks(C), kBlock, 0, current_stream(),
+          a.X.const_data_ptr<scalar_t>(), ptr_or_null<scalar_t>(a.residual), Y.data_ptr<scalar_t>(), *small,
+          a.gamma ? a.gamma->const_data_ptr<float>() : nullptr,
+          a.beta ? a.beta->const_data_ptr<float>() : nullptr, float(eps), momentum, mean.data_ptr<float>(),
+          rstd.data_ptr<float>(), running_mean ? running_mean->data_ptr<float>() : nullptr,
+          running_mean ? running_mean->stride(0) : 0, running_var ? running_var->data_ptr<float>() : nullptr,
+          running_var ? running_var->stride(0) : 0, act, float(slope));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return;
+    }
     const Plan p = make_plan(a, vec_for<scalar_t>(a, {a.X.const_data_ptr<scalar_t>()}));
     Tensor work = at::empty({p.parts * (2 * C + 1)}, f32);
     float* means = work.data_ptr<float>();
@@ -718,7 +866,7 @@ std::tuple<Tensor, Tensor> batch_norm_bwd_reduce_cuda(const Tensor& dY_in, const
                                                       const c10::optional<Tensor>& beta, int64_t act,
                                                       double slope) {
   constexpr const char* op = "batch_norm_bwd_reduce";
-  const auto a = check_channel_norm(X_in, gamma, beta, residual, act, op);
+  const auto a = check_channel_norm(X_in, gamma, beta, residual, check_grad_activation(act, op), op);
   const int64_t C = a.dims.C;
   const Tensor dY = *check_like(dY_in, a.X, a.layout, "grad_output", op);
   const Tensor mean = check_stats(mean_in, a.X, C, "mean", op);
@@ -733,6 +881,13 @@ std::tuple<Tensor, Tensor> batch_norm_bwd_reduce_cuda(const Tensor& dY_in, const
     const scalar_t* X = a.X.const_data_ptr<scalar_t>();
     const scalar_t* dy = dY.const_data_ptr<scalar_t>();
     const scalar_t* R = ptr_or_null<scalar_t>(a.residual);
+    if (const auto small = small_view(a)) {
+      NORMEXT_LAUNCH(small_grad_sums_kernel<scalar_t>, small_blocks(C), kBlock, 0, stream, dy, X, R, *small,
+                     channels_of(mean, rstd, false, 0.0, a.gamma, a.beta), act, float(slope),
+                     sum_dz.data_ptr<float>(), sum_dzx.data_ptr<float>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return;
+    }
     const Plan p = make_plan(a, vec_for<scalar_t>(a, {X, dy, R}));
     static_assert(sizeof(Sum2) == 2 * sizeof(float));
     Tensor work = at::empty({2 * p.parts * C}, f32);
@@ -764,7 +919,9 @@ std::tuple<Tensor, Tensor> batch_norm_bwd_elemt_cuda(
     const c10::optional<Tensor>& sum_dz_in, const c10::optional<Tensor>& sum_dzx_in, double inv_count,
     int64_t act, double slope, std::array<bool, 2> mask) {
   constexpr const char* op = "batch_norm_bwd_elemt";
-  const auto a = check_channel_norm(X_in, gamma, beta, residual, act, op);
+  const auto a =
+      check_channel_norm(X_in, gamma, beta, residual,
+                         check_grad_activation(act, op, sum_dz_in.has_value() && sum_dz_in->defined()), op);
   const int64_t C = a.dims.C;
   const Tensor dY = *check_like(dY_in, a.X, a.layout, "grad_output", op);
   const Tensor mean = check_stats(mean_in, a.X, C, "mean", op);

@@ -34,6 +34,11 @@ C10_HOST_DEVICE constexpr T round_up(T a, T b) {
   return ceil_div(a, b) * b;
 }
 
+// rstd = 1/sqrt(var + eps), rounded once (within an ulp of 1.f / sqrtf(v), and closer). Unlike the IEEE
+// division and square root it has no slow-path subroutine call, whose register saves ptxas reports as
+// spills in kernels that hold many values (tools/cuda_report.py).
+__device__ __forceinline__ float rsqrt_rn(float v) { return __frsqrt_rn(v); }
+
 // Elements of scalar_t per 16-byte access.
 template <typename scalar_t>
 constexpr int kMaxVec = 16 / static_cast<int>(sizeof(scalar_t));
@@ -195,17 +200,7 @@ __device__ __forceinline__ WelfordF shfl_down(const WelfordF& w, int off) {
 // their spread (a float mean loses ulp(mean) per merge); per-partial work, not per-element.
 using WelfordD = normext::Welford<double, double>;
 
-struct WelfordDOp {
-  __device__ WelfordD operator()(const WelfordD& a, const WelfordD& b) const {
-    return normext::welford_merge(a, b);
-  }
-};
-
 __device__ __forceinline__ double shfl_down(double v, int off) { return __shfl_down_sync(kFullMask, v, off); }
-
-__device__ __forceinline__ WelfordD shfl_down(const WelfordD& w, int off) {
-  return {shfl_down(w.mean, off), shfl_down(w.m2, off), shfl_down(w.n, off)};
-}
 
 // ---------------------------------------------------------------------------------------------
 // Reductions. All combine in an order fixed by the launch shape (never by timing), so results are

@@ -26,6 +26,9 @@ constexpr int kFwdRegs = 32;
 constexpr int kBwdRegs = 16;
 constexpr int kMaxBlock = 512;  // fused kernels
 constexpr int kBlock = 256;     // streaming kernels
+// Streaming kernels carry no minimum blocks per SM: with scalar access they already fit 4 x 256 threads (50%
+// occupancy on sm_90) and a bound of 4 only let ptxas use more registers (100% -> 75% for some); with vectors
+// their VEC-wide per-channel constants need 80-170 registers, and a cap of 128 made some spill (fold first).
 // Independent loads in flight per thread in streaming loops. 8-wide vectors use 2: each load then
 // feeds twice the float temporaries (and channels-last per-lane constants), and 2 x 16 bytes per
 // array already keeps enough memory traffic in flight at the occupancy that leaves.
@@ -119,12 +122,8 @@ __device__ __forceinline__ float act_fwd(float z, int act, float slope) {
   return normext::act_forward<float, float>(z, act, slope);
 }
 
-// Gradient at the pre-activation z = xhat*gamma + beta + r, recomputed from x (never saved).
-__device__ __forceinline__ float grad_pre_act(float dy, float xh, float gam, float bet, float r, int act,
-                                              float slope) {
-  if (act == kIdentity) return dy;
-  return dy * normext::act_grad<float, float>(xh * gam + bet + r, act, slope);
-}
+// Backward: x̂ and the gradient at the pre-activation z come from normext/xhat_source.h (from x, or from the
+// output y with kFromOutput: X then holds y); z is recomputed, never saved.
 
 // The first element of group j = n*G + g (NCHW) or of group g of sample n (channels-last): the shift
 // every moments pass accumulates about, mean = K + Σ(x − K)/M, so that a mean far from zero relative
@@ -139,9 +138,7 @@ __device__ __forceinline__ float group_shift_nhwc(const FwdParams<scalar_t>& p, 
   return static_cast<float>(p.X[n * p.L * p.C + g * p.D]);
 }
 
-__device__ __forceinline__ float rstd_of(const WelfordF& w, float eps) {
-  return 1.f / sqrtf(w.m2 / w.n + eps);
-}
+__device__ __forceinline__ float rstd_of(const WelfordF& w, float eps) { return rsqrt_rn(w.m2 / w.n + eps); }
 
 // =============================================================================================
 // Forward
@@ -187,7 +184,7 @@ __global__ void __launch_bounds__(kMaxBlock) gn_fwd_fused_nchw_kernel(FwdParams<
     }
   }
   const float var = block_allreduce(m2, SumOp{}, red, seg_warps) / static_cast<float>(M);
-  const float rs = 1.f / sqrtf(var + p.eps);
+  const float rs = rsqrt_rn(var + p.eps);
   if (nvec > 0 && r == 0) {
     p.mean[j] = mu;
     p.rstd[j] = rs;
@@ -269,7 +266,7 @@ __global__ void __launch_bounds__(kMaxBlock)
   }
   column_reduce<VEC>(q, cols, y, x, bdy, bdx, SumOp{});
   warp_per_segment(ng, D, 0.f, col_sum, SumOp{}, [&](int64_t g, float t) {
-    const float rs = 1.f / sqrtf(t / M + p.eps);
+    const float rs = rsqrt_rn(t / M + p.eps);
     grstd[g] = rs;
     p.mean[n * p.G + g0 + g] = gmean[g];
     p.rstd[n * p.G + g0 + g] = rs;
@@ -552,8 +549,8 @@ __global__ void __launch_bounds__(kMaxBlock)
         load_or_zero<VEC>(p.R, off, res);
 #pragma unroll
         for (int e = 0; e < VEC; ++e) {
-          xh[k][e] = (xv[e] - mu) * rs;
-          dz[k][e] = grad_pre_act(dy[e], xh[k][e], gam, bet, res[e], p.act, p.slope);
+          xh[k][e] = xhat_from(xv[e], res[e], mu, rs, gam, bet, p.act, p.slope);
+          dz[k][e] = grad_pre_act(dy[e], xv[e], xh[k][e], gam, bet, res[e], p.act, p.slope);
           acc.a += dz[k][e];
           acc.b += dz[k][e] * xh[k][e];
         }
@@ -640,8 +637,8 @@ __global__ void __launch_bounds__(kMaxBlock)
       load_or_zero<VEC>(p.R, off, res);
 #pragma unroll
       for (int e = 0; e < VEC; ++e) {
-        xh[k][e] = (xv[e] - mu[e]) * rs[e];
-        dz[k][e] = grad_pre_act(dy[e], xh[k][e], gam[e], bet[e], res[e], p.act, p.slope);
+        xh[k][e] = xhat_from(xv[e], res[e], mu[e], rs[e], gam[e], bet[e], p.act, p.slope);
+        dz[k][e] = grad_pre_act(dy[e], xv[e], xh[k][e], gam[e], bet[e], res[e], p.act, p.slope);
         acc[e].a += dz[k][e];
         acc[e].b += dz[k][e] * xh[k][e];
       }
@@ -718,9 +715,10 @@ __global__ void __launch_bounds__(kBlock)
       if (v + u * kWarpSize < end) {
 #pragma unroll
         for (int e = 0; e < VEC; ++e) {
-          const float xh = (static_cast<float>(xv[u].val[e]) - mu) * rs;
-          const float dz = grad_pre_act(static_cast<float>(dy[u].val[e]), xh, gam, bet,
-                                        static_cast<float>(rv[u].val[e]), p.act, p.slope);
+          const float xv_e = static_cast<float>(xv[u].val[e]), rv_e = static_cast<float>(rv[u].val[e]);
+          const float xh = xhat_from(xv_e, rv_e, mu, rs, gam, bet, p.act, p.slope);
+          const float dz =
+              grad_pre_act(static_cast<float>(dy[u].val[e]), xv_e, xh, gam, bet, rv_e, p.act, p.slope);
           acc.a += dz;
           acc.b += dz * xh;
         }
@@ -777,9 +775,10 @@ __global__ void __launch_bounds__(kBlock)
         if (row + u * stride < end) {
 #pragma unroll
           for (int e = 0; e < VEC; ++e) {
-            const float xh = (static_cast<float>(xv[u].val[e]) - mu[e]) * rs[e];
-            const float dz = grad_pre_act(static_cast<float>(dy[u].val[e]), xh, gam[e], bet[e],
-                                          static_cast<float>(rv[u].val[e]), p.act, p.slope);
+            const float xv_e = static_cast<float>(xv[u].val[e]), rv_e = static_cast<float>(rv[u].val[e]);
+            const float xh = xhat_from(xv_e, rv_e, mu[e], rs[e], gam[e], bet[e], p.act, p.slope);
+            const float dz = grad_pre_act(static_cast<float>(dy[u].val[e]), xv_e, xh, gam[e], bet[e], rv_e,
+                                          p.act, p.slope);
             acc[e].a += dz;
             acc[e].b += dz * xh;
           }
@@ -865,9 +864,10 @@ __global__ void __launch_bounds__(kBlock)
         span_params<VEC>(p.gamma, p.beta, c0, cur.c, cur.rem, p.L, gam, bet);
 #pragma unroll
         for (int e = 0; e < VEC; ++e) {
-          const float xh = (static_cast<float>(xv[u].val[e]) - mu) * rs;
-          dz[e] = grad_pre_act(static_cast<float>(dy[u].val[e]), xh, gam[e], bet[e],
-                               static_cast<float>(rv[u].val[e]), p.act, p.slope);
+          const float xv_e = static_cast<float>(xv[u].val[e]), rv_e = static_cast<float>(rv[u].val[e]);
+          const float xh = xhat_from(xv_e, rv_e, mu, rs, gam[e], bet[e], p.act, p.slope);
+          dz[e] =
+              grad_pre_act(static_cast<float>(dy[u].val[e]), xv_e, xh, gam[e], bet[e], rv_e, p.act, p.slope);
           dx[e] = rs * (gam[e] * dz[e] - pm - xh * qm);
         }
         if (p.dX) store_float<VEC>(p.dX, off, dx);
@@ -925,9 +925,10 @@ __global__ void __launch_bounds__(kBlock)
         float dz[VEC], dx[VEC];
 #pragma unroll
         for (int e = 0; e < VEC; ++e) {
-          const float xh = (static_cast<float>(xv[u].val[e]) - mu[e]) * rs[e];
-          dz[e] = grad_pre_act(static_cast<float>(dy[u].val[e]), xh, gam[e], bet[e],
-                               static_cast<float>(rv[u].val[e]), p.act, p.slope);
+          const float xv_e = static_cast<float>(xv[u].val[e]), rv_e = static_cast<float>(rv[u].val[e]);
+          const float xh = xhat_from(xv_e, rv_e, mu[e], rs[e], gam[e], bet[e], p.act, p.slope);
+          dz[e] =
+              grad_pre_act(static_cast<float>(dy[u].val[e]), xv_e, xh, gam[e], bet[e], rv_e, p.act, p.slope);
           dx[e] = rs[e] * (gam[e] * dz[e] - pm[e] - xh * qm[e]);
         }
         if (p.dX) store_float<VEC>(p.dX, off, dx);
@@ -1289,7 +1290,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_norm_bwd_cuda(
     std::array<bool, 4> output_mask) {
   constexpr const char* op = "group_norm_bwd";
   TORCH_CHECK(dY_in.defined(), op, ": grad_output is undefined");
-  const auto a = check_group_norm(X_in, gamma, beta, residual, G, act, op);
+  const auto a = check_group_norm(X_in, gamma, beta, residual, G, check_grad_activation(act, op), op);
   const DeviceGuard guard(a.X.device());
   const at::Tensor& X = a.X;
   const int64_t N = a.dims.N, C = a.dims.C;

@@ -4,6 +4,9 @@
 // over the registers for the statistics); only rows too long for that take two passes over memory.
 // LayerNorm2d in NCHW reduces over C with threads along the contiguous positions. dgamma/dbeta are
 // per-block partial rows summed by a second kernel in a fixed order (no atomics: deterministic).
+// RMSNorm is the same kernels without the centring: a null mean (not written in the forward, 0 in the
+// backward) selects it, with rstd of the mean square (norm_var) and no beta. add_*_norm's residual stream
+// (s = x + a, written to S and normalized) is an option of the row forward kernels.
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
@@ -22,14 +25,16 @@ namespace {
 
 using at::Tensor;
 
-// Elements of a row one thread keeps in registers (kCap / VEC vectors).
+// Elements of a row one thread keeps in registers (kCap / VEC vectors) in the forward; the backward holds
+// x, dz and the dgamma/dbeta partials of kBwdCap elements each (4·kBwdCap floats), which with kBwdCap = 32
+// took up to 246 registers: half of it keeps every backward row kernel within 128 registers.
 constexpr int kCap = 32;
+constexpr int kBwdCap = 16;
 // Block size of the kernels where a warp or part of one owns a row (several rows per block).
 constexpr int kGroupThreads = 128;
-// Block-per-row limits: the forward holds x (kCap floats per thread), the backward x, dz and the
-// dgamma/dbeta partials (4·kCap), so the backward gets fewer threads per block.
-constexpr int kMaxFwdRowThreads = 512;  // rows up to 16384 elements
-constexpr int kMaxBwdRowThreads = 256;  // rows up to 8192 elements
+// Block-per-row limits (rows up to 16384 / 8192 elements).
+constexpr int kMaxFwdRowThreads = 512;
+constexpr int kMaxBwdRowThreads = 512;
 constexpr int kLongRowThreads = 256;
 constexpr int64_t kMaxGrid = 1 << 30;
 constexpr int k2dThreads = 256;
@@ -40,25 +45,31 @@ int pow2_at_least(int64_t v) {
   return p;
 }
 
-// Blocks of `kernel` that fit on the GPU at once (at least one per SM): the grid of the persistent
-// backward kernels, so that each partial row covers an equal share of the rows in a single wave. A
-// function of the device and the build only, so the reduction order is the same on every run.
-template <typename Kernel>
-int64_t resident_blocks(Kernel kernel, int threads) {
-  return static_cast<int64_t>(sm_count()) * std::max(max_active_blocks_per_sm(kernel, threads, 0), 1);
+// Grid of the backward row kernels, whose blocks each write one partial row of dgamma/dbeta: `units` blocks
+// (one per row or row group) up to a cap that fills an H100 or H200 (132 SMs) a few times over, lower for
+// long rows so that the partials stay within kPartialElems floats. A function of the shape alone, never of
+// the SM count or the occupancy API, so that the summation order, and every bit of dgamma/dbeta, is the same
+// on every GPU (an H100, an A100, a MIG slice).
+constexpr int64_t kMaxBwdBlocks = 512;
+constexpr int64_t kMinBwdBlocks = 132;
+constexpr int64_t kPartialElems = int64_t(1) << 20;
+
+int64_t bwd_blocks(int64_t units, int D) {
+  return std::min(units, std::clamp<int64_t>(kPartialElems / D, kMinBwdBlocks, kMaxBwdBlocks));
 }
 
 // ------------------------------------------------------------------------------------ device helpers
 
-// p[j .. j + VEC) of a float parameter (aligned to VEC floats, j a multiple of VEC), or `fill` when
-// the parameter is absent.
+// p[j .. j + VEC) of a float parameter (j a multiple of VEC), or `fill` when the parameter is absent. One
+// vector load when p is aligned to VEC floats, else VEC scalar loads: gamma / beta may be views at any offset
+// into a flat parameter buffer, read as they are instead of copied (the branch is uniform over the grid).
 template <int VEC>
 __device__ __forceinline__ void load_param(const float* p, int64_t j, float (&out)[VEC], float fill) {
-  if (p != nullptr) {
+  if (p != nullptr && reinterpret_cast<uintptr_t>(p) % (sizeof(float) * VEC) == 0) {
     load_float<VEC>(p, j, out);
   } else {
 #pragma unroll
-    for (int k = 0; k < VEC; ++k) out[k] = fill;
+    for (int k = 0; k < VEC; ++k) out[k] = p != nullptr ? p[j + k] : fill;
   }
 }
 
@@ -72,6 +83,24 @@ __device__ __forceinline__ T row_allsum(T v, int W, T* red) {
   } else {
     return group_allsum(v, W);
   }
+}
+
+// A row's first value x[off] (+ a[off] with add_*_norm): the shift of the statistics' sums.
+template <typename scalar_t, typename res_t>
+__device__ __forceinline__ float first_value(const scalar_t* X, const res_t* A, int64_t off) {
+  return static_cast<float>(X[off]) + (A != nullptr ? static_cast<float>(A[off]) : 0.f);
+}
+
+// add_*_norm: x += a (in float32), rounded to res_t and stored to S; x keeps the rounded value, so the
+// row is normalized from exactly what S holds.
+template <int VEC, typename res_t>
+__device__ __forceinline__ void add_stream(const res_t* __restrict__ A, res_t* __restrict__ S, int64_t i,
+                                           float (&x)[VEC]) {
+  float a[VEC];
+  load_float<VEC>(A, i, a);
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) x[k] = static_cast<float>(static_cast<res_t>(x[k] + a[k]));
+  store_float<VEC>(S, i, x);
 }
 
 // y = act((x − mean)·(rstd·gamma) + beta + r) for one vector.
@@ -91,34 +120,35 @@ __device__ __forceinline__ void apply_vec(const float (&x)[VEC], float mean, flo
 // (at most kCap / VEC), so each load of the group is one contiguous span. Statistics from registers:
 // mean = x0 + Σ(x − x0)/D with x0 the row's first element (a mean far from zero keeps its low bits),
 // var = Σ(x − mean)²/D. Rows are strided over the grid; all threads of a block run the same iterations
-// (rows ≥ M only skip memory), so shuffles and barriers stay convergent.
-template <typename scalar_t, int VEC, bool kBlock>
-__global__ void __launch_bounds__(kMaxFwdRowThreads)
+// (rows ≥ M only skip memory), so shuffles and barriers stay convergent. With A (add_*_norm) the row held
+// is s = x + a, also written to S. mean_out null: RMSNorm.
+template <typename scalar_t, int VEC, bool kBlock, typename res_t = scalar_t>
+__global__ void __launch_bounds__(kBlock ? kMaxFwdRowThreads : kGroupThreads)
     ln_fwd_rows_kernel(const scalar_t* __restrict__ X, const scalar_t* __restrict__ R,
                        scalar_t* __restrict__ Y, const float* __restrict__ gamma,
                        const float* __restrict__ beta, float* __restrict__ mean_out,
-                       float* __restrict__ rstd_out, int64_t M, int D, int W, float eps, int act,
-                       float slope) {
+                       float* __restrict__ rstd_out, int64_t M, int D, float inv_d, int W, float eps, int act,
+                       float slope, const res_t* __restrict__ A, res_t* __restrict__ S) {
   constexpr int kIters = kCap / VEC;
   NORMEXT_SHARED(float, red, kWarpSize);
   const int lane = kBlock ? threadIdx.x : threadIdx.x % W;
   const int groups = kBlock ? 1 : blockDim.x / W;
   const int group = kBlock ? 0 : threadIdx.x / W;
   const int nvec = D / VEC;
-  const float inv_d = 1.f / static_cast<float>(D);
   for (int64_t base = static_cast<int64_t>(blockIdx.x) * groups; base < M;
        base += static_cast<int64_t>(gridDim.x) * groups) {
     const int64_t row = base + group;
     const bool valid = row < M;
     const int64_t off = row * D;
     float x[kIters][VEC];
-    const float shift = valid ? static_cast<float>(X[off]) : 0.f;
+    const float shift = valid ? first_value(X, A, off) : 0.f;
     float s = 0.f;
 #pragma unroll
     for (int i = 0; i < kIters; ++i) {
       const int v = i * W + lane;
       if (valid && v < nvec) {
         load_float<VEC>(X, off + static_cast<int64_t>(v) * VEC, x[i]);
+        if (A != nullptr) add_stream<VEC>(A, S, off + static_cast<int64_t>(v) * VEC, x[i]);
 #pragma unroll
         for (int k = 0; k < VEC; ++k) s += x[i][k] - shift;
       }
@@ -134,9 +164,11 @@ __global__ void __launch_bounds__(kMaxFwdRowThreads)
       }
     }
     q = row_allsum<kBlock>(q, W, red);
-    const float rstd = 1.f / sqrtf(q * inv_d + eps);
+    const bool rms = mean_out == nullptr;
+    const float rstd = rsqrt_rn(norm_var(mean, q * inv_d, rms) + eps);
+    const float centre = rms ? 0.f : mean;
     if (valid && lane == 0) {
-      mean_out[row] = mean;
+      if (!rms) mean_out[row] = mean;
       rstd_out[row] = rstd;
     }
 #pragma unroll
@@ -148,7 +180,7 @@ __global__ void __launch_bounds__(kMaxFwdRowThreads)
         load_param<VEC>(gamma, j, g, 1.f);
         load_param<VEC>(beta, j, b, 0.f);
         if (R != nullptr) load_float<VEC>(R, off + j, r);
-        apply_vec<VEC>(x[i], mean, rstd, g, b, r, act, slope, y);
+        apply_vec<VEC>(x[i], centre, rstd, g, b, r, act, slope, y);
         store_float<VEC>(Y, off + j, y);
       }
     }
@@ -157,22 +189,25 @@ __global__ void __launch_bounds__(kMaxFwdRowThreads)
 
 // Forward of rows too long for registers: a block per row (grid-strided). Each thread folds one vector at
 // a time into its Welford state (an exact two-pass within the vector, then a Chan merge, on x − x0), the
-// block merges the states in a fixed tree, and the apply re-reads the row (mostly from L2).
-template <typename scalar_t, int VEC>
+// block merges the states in a fixed tree, and the apply re-reads the row (mostly from L2). With A
+// (add_*_norm) the first pass writes s = x + a to S and the apply re-reads S (the same thread's vectors).
+template <typename scalar_t, int VEC, typename res_t = scalar_t>
 __global__ void __launch_bounds__(kLongRowThreads)
     ln_fwd_long_kernel(const scalar_t* __restrict__ X, const scalar_t* __restrict__ R,
                        scalar_t* __restrict__ Y, const float* __restrict__ gamma,
                        const float* __restrict__ beta, float* __restrict__ mean_out,
-                       float* __restrict__ rstd_out, int64_t M, int D, float eps, int act, float slope) {
+                       float* __restrict__ rstd_out, int64_t M, int D, float eps, int act, float slope,
+                       const res_t* __restrict__ A, res_t* __restrict__ S) {
   NORMEXT_SHARED(WelfordF, red, kWarpSize);
   const int nvec = D / VEC;
   for (int64_t row = blockIdx.x; row < M; row += gridDim.x) {
     const int64_t off = row * D;
-    const float shift = static_cast<float>(X[off]);
+    const float shift = first_value(X, A, off);
     WelfordF w{0.f, 0.f, 0.f};
     for (int v = threadIdx.x; v < nvec; v += blockDim.x) {
       float x[VEC];
       load_float<VEC>(X, off + static_cast<int64_t>(v) * VEC, x);
+      if (A != nullptr) add_stream<VEC>(A, S, off + static_cast<int64_t>(v) * VEC, x);
       float s = 0.f;
 #pragma unroll
       for (int k = 0; k < VEC; ++k) s += x[k] - shift;
@@ -183,49 +218,58 @@ __global__ void __launch_bounds__(kLongRowThreads)
       w = welford_merge(w, WelfordF{vm, q, static_cast<float>(VEC)});
     }
     w = block_allreduce(w, WelfordOp{}, red, blockDim.x / kWarpSize);
+    const bool rms = mean_out == nullptr;
     const float mean = shift + w.mean;
-    const float rstd = 1.f / sqrtf(w.m2 / static_cast<float>(D) + eps);
+    const float rstd = rsqrt_rn(norm_var(mean, w.m2 / static_cast<float>(D), rms) + eps);
     if (threadIdx.x == 0) {
-      mean_out[row] = mean;
+      if (!rms) mean_out[row] = mean;
       rstd_out[row] = rstd;
     }
     for (int v = threadIdx.x; v < nvec; v += blockDim.x) {
       const int64_t j = static_cast<int64_t>(v) * VEC;
       float x[VEC], g[VEC], b[VEC], r[VEC] = {}, y[VEC];
-      load_float<VEC>(X, off + j, x);
+      if (S != nullptr) {
+        load_float<VEC>(S, off + j, x);
+      } else {
+        load_float<VEC>(X, off + j, x);
+      }
       load_param<VEC>(gamma, j, g, 1.f);
       load_param<VEC>(beta, j, b, 0.f);
       if (R != nullptr) load_float<VEC>(R, off + j, r);
-      apply_vec<VEC>(x, mean, rstd, g, b, r, act, slope, y);
+      apply_vec<VEC>(x, rms ? 0.f : mean, rstd, g, b, r, act, slope, y);
       store_float<VEC>(Y, off + j, y);
     }
   }
 }
 
-// dz = dy·act'(z) at the recomputed pre-activation z = x̂·gamma + beta + r, for one vector (in place).
+// dz = dy·act'(z) at the recomputed pre-activation z = x̂·gamma + beta + r, for one vector (in place); u is
+// what the backward read (x, or y with kFromOutput: see normext/xhat_source.h, which also gives x̂).
 template <int VEC>
-__device__ __forceinline__ void grad_pre_activation(float (&dz)[VEC], const float (&xhat)[VEC],
-                                                    const float (&g)[VEC], const float (&b)[VEC],
-                                                    const float (&r)[VEC], int act, float slope) {
+__device__ __forceinline__ void grad_pre_activation(float (&dz)[VEC], const float (&u)[VEC],
+                                                    const float (&xhat)[VEC], const float (&g)[VEC],
+                                                    const float (&b)[VEC], const float (&r)[VEC], int act,
+                                                    float slope) {
   if (act == kIdentity) return;
 #pragma unroll
-  for (int k = 0; k < VEC; ++k) dz[k] *= act_grad(xhat[k] * g[k] + b[k] + r[k], act, slope);
+  for (int k = 0; k < VEC; ++k) dz[k] = grad_pre_act(dz[k], u[k], xhat[k], g[k], b[k], r[k], act, slope);
 }
 
 // Backward over rows held in registers, thread→data mapping as in ln_fwd_rows_kernel. Per row, x and dz
 // stay in registers: Σ gamma·dz and Σ gamma·dz·x̂ over the group, then dx = rstd·(gamma·dz − mean(gamma·dz)
 // − x̂·mean(gamma·dz·x̂)); dresidual = dz. Every thread keeps running dgamma/dbeta sums (Σ dz·x̂, Σ dz) for
 // its columns over the rows it visits; at the end the block writes one partial row of each to
-// part_g/part_b[blockIdx.x] (groups of a block added in group order through shared memory).
+// part_g/part_b[blockIdx.x] (groups of a block added in group order through shared memory). mean_in
+// null: RMSNorm (x̂ = x·rstd, and dx without the mean(gamma·dz) term).
 template <typename scalar_t, int VEC, bool kBlock>
-__global__ void __launch_bounds__(kMaxBwdRowThreads)
+__global__ void __launch_bounds__(kBlock ? kMaxBwdRowThreads : kGroupThreads,
+                                  kBlock ? 1 : kMaxBwdRowThreads / kGroupThreads)
     ln_bwd_rows_kernel(const scalar_t* __restrict__ dY, const scalar_t* __restrict__ X,
                        const scalar_t* __restrict__ R, const float* __restrict__ mean_in,
                        const float* __restrict__ rstd_in, const float* __restrict__ gamma,
                        const float* __restrict__ beta, scalar_t* __restrict__ dX, scalar_t* __restrict__ dR,
                        float* __restrict__ part_g, float* __restrict__ part_b, int64_t M, int D, int W,
                        int act, float slope) {
-  constexpr int kIters = kCap / VEC;
+  constexpr int kIters = kBwdCap / VEC;
   NORMEXT_SHARED(Sum2, red, kWarpSize);
   const int lane = kBlock ? threadIdx.x : threadIdx.x % W;
   const int groups = kBlock ? 1 : blockDim.x / W;
@@ -243,7 +287,7 @@ __global__ void __launch_bounds__(kMaxBwdRowThreads)
     const int64_t row = base + group;
     const bool valid = row < M;
     const int64_t off = row * D;
-    const float mean = valid ? mean_in[row] : 0.f;
+    const float mean = valid && mean_in != nullptr ? mean_in[row] : 0.f;
     const float rstd = valid ? rstd_in[row] : 0.f;
     float x[kIters][VEC], dz[kIters][VEC];
     Sum2 s{0.f, 0.f};  // Σ gamma·dz, Σ gamma·dz·x̂
@@ -261,8 +305,8 @@ __global__ void __launch_bounds__(kMaxBwdRowThreads)
           if (R != nullptr) load_float<VEC>(R, off + j, r);
         }
 #pragma unroll
-        for (int k = 0; k < VEC; ++k) xhat[k] = (x[i][k] - mean) * rstd;
-        grad_pre_activation<VEC>(dz[i], xhat, g, b, r, act, slope);
+        for (int k = 0; k < VEC; ++k) xhat[k] = xhat_from(x[i][k], r[k], mean, rstd, g[k], b[k], act, slope);
+        grad_pre_activation<VEC>(dz[i], x[i], xhat, g, b, r, act, slope);
 #pragma unroll
         for (int k = 0; k < VEC; ++k) {
           pg[i][k] += dz[i][k] * xhat[k];
@@ -271,11 +315,13 @@ __global__ void __launch_bounds__(kMaxBwdRowThreads)
           s.b += g[k] * dz[i][k] * xhat[k];
         }
         if (dR != nullptr) store_float<VEC>(dR, off + j, dz[i]);
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) x[i][k] = xhat[k];  // x̂ from here on, for dx
       }
     }
     s = row_allsum<kBlock>(s, W, red);
     if (dX == nullptr) continue;
-    const float c1 = s.a * inv_d, c2 = s.b * inv_d;
+    const float c1 = mean_in != nullptr ? s.a * inv_d : 0.f, c2 = s.b * inv_d;
 #pragma unroll
     for (int i = 0; i < kIters; ++i) {
       const int v = i * W + lane;
@@ -284,7 +330,7 @@ __global__ void __launch_bounds__(kMaxBwdRowThreads)
         float g[VEC], dx[VEC];
         load_param<VEC>(gamma, j, g, 1.f);
 #pragma unroll
-        for (int k = 0; k < VEC; ++k) dx[k] = rstd * (g[k] * dz[i][k] - c1 - (x[i][k] - mean) * rstd * c2);
+        for (int k = 0; k < VEC; ++k) dx[k] = rstd * (g[k] * dz[i][k] - c1 - x[i][k] * c2);
         store_float<VEC>(dX, off + j, dx);
       }
     }
@@ -303,8 +349,8 @@ __global__ void __launch_bounds__(kMaxBwdRowThreads)
       }
     }
   } else {
-    // groups·D ≤ (kGroupThreads / W)·(W·kCap) = kGroupThreads·kCap.
-    NORMEXT_SHARED(float, buf, kGroupThreads* kCap);
+    // groups·D ≤ (kGroupThreads / W)·(W·kBwdCap) = kGroupThreads·kBwdCap.
+    NORMEXT_SHARED(float, buf, kGroupThreads* kBwdCap);
     for (int which = 0; which < 2; ++which) {
       float* out = which == 0 ? part_g : part_b;
       if (out == nullptr) continue;
@@ -329,7 +375,7 @@ __global__ void __launch_bounds__(kMaxBwdRowThreads)
 
 // dX / dresidual of rows too long for registers: a block per row (grid-strided); the first pass reads x
 // and dy for Σ gamma·dz and Σ gamma·dz·x̂, the second re-reads them (mostly from L2) for dx.
-// dgamma/dbeta come from ln_bwd_long_params_kernel.
+// dgamma/dbeta come from ln_bwd_long_params_kernel. mean_in null: RMSNorm, as in ln_bwd_rows_kernel.
 template <typename scalar_t, int VEC>
 __global__ void __launch_bounds__(kLongRowThreads)
     ln_bwd_long_kernel(const scalar_t* __restrict__ dY, const scalar_t* __restrict__ X,
@@ -352,12 +398,12 @@ __global__ void __launch_bounds__(kLongRowThreads)
       if (R != nullptr) load_float<VEC>(R, off + j, r);
     }
 #pragma unroll
-    for (int k = 0; k < VEC; ++k) xhat[k] = (x[k] - mean) * rstd;
-    grad_pre_activation<VEC>(dz, xhat, g, b, r, act, slope);
+    for (int k = 0; k < VEC; ++k) xhat[k] = xhat_from(x[k], r[k], mean, rstd, g[k], b[k], act, slope);
+    grad_pre_activation<VEC>(dz, x, xhat, g, b, r, act, slope);
   };
   for (int64_t row = blockIdx.x; row < M; row += gridDim.x) {
     const int64_t off = row * D;
-    const float mean = mean_in[row], rstd = rstd_in[row];
+    const float mean = mean_in != nullptr ? mean_in[row] : 0.f, rstd = rstd_in[row];
     Sum2 s{0.f, 0.f};
     for (int v = threadIdx.x; v < nvec; v += blockDim.x) {
       const int64_t j = static_cast<int64_t>(v) * VEC;
@@ -372,7 +418,7 @@ __global__ void __launch_bounds__(kLongRowThreads)
     }
     s = row_allsum<true>(s, blockDim.x, red);
     if (dX == nullptr) continue;
-    const float c1 = s.a * inv_d, c2 = s.b * inv_d;
+    const float c1 = mean_in != nullptr ? s.a * inv_d : 0.f, c2 = s.b * inv_d;
     for (int v = threadIdx.x; v < nvec; v += blockDim.x) {
       const int64_t j = static_cast<int64_t>(v) * VEC;
       float xhat[VEC], dz[VEC], g[VEC], dx[VEC];
@@ -407,12 +453,11 @@ __global__ void __launch_bounds__(32 * kColsTY)
     const float g = gamma != nullptr ? gamma[j] : 1.f, b = beta != nullptr ? beta[j] : 0.f;
     for (int64_t row = r0 + threadIdx.y; row < r1; row += kColsTY) {
       const int64_t e = row * D + j;
-      const float xhat = (static_cast<float>(X[e]) - mean_in[row]) * rstd_in[row];
-      float dz = static_cast<float>(dY[e]);
-      if (act != kIdentity) {
-        const float r = R != nullptr ? static_cast<float>(R[e]) : 0.f;
-        dz *= act_grad(xhat * g + b + r, act, slope);
-      }
+      const float u = static_cast<float>(X[e]);
+      const float r = R != nullptr && act != kIdentity ? static_cast<float>(R[e]) : 0.f;
+      const float xhat =
+          xhat_from(u, r, mean_in != nullptr ? mean_in[row] : 0.f, rstd_in[row], g, b, act, slope);
+      const float dz = grad_pre_act(static_cast<float>(dY[e]), u, xhat, g, b, r, act, slope);
       sum[0].a += dz * xhat;
       sum[0].b += dz;
     }
@@ -474,7 +519,7 @@ __device__ __forceinline__ Tile2d tile_2d(int C, int64_t HxW, int64_t blocks_per
 
 // Forward. Pass 1: each thread runs a lane-wise Welford over its channels for its VEC positions (on
 // x − x[n, 0, p], so a mean far from zero keeps its low bits); column_reduce merges the TY states of
-// each position. Pass 2 re-reads x (L1/L2) and writes y.
+// each position. Pass 2 re-reads x (L1/L2) and writes y. mean_out null: RMSNorm2d.
 template <typename scalar_t, int VEC>
 __global__ void __launch_bounds__(k2dThreads)
     ln2d_nchw_fwd_kernel(const scalar_t* __restrict__ X, const scalar_t* __restrict__ R,
@@ -498,20 +543,25 @@ __global__ void __launch_bounds__(k2dThreads)
   for (int k = 0; k < VEC; ++k) lanes[k] = welford_lane(w, k);
   column_reduce<VEC>(lanes, st, t.ty, t.tx, t.TY, t.TX, WelfordOp{});
   if (!t.valid) return;  // no barrier below
+  const bool rms = mean_out == nullptr;
   float mean[VEC], rstd[VEC];
 #pragma unroll
   for (int k = 0; k < VEC; ++k) {
     const WelfordF m = st[t.tx * VEC + k];
     mean[k] = shift.v[k] + m.mean;
-    rstd[k] = 1.f / sqrtf(m.m2 / static_cast<float>(C) + eps);
+    rstd[k] = rsqrt_rn(norm_var(mean[k], m.m2 / static_cast<float>(C), rms) + eps);
   }
   if (t.ty == 0) {
     const int64_t o = t.n * HxW + t.p;
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
-      mean_out[o + k] = mean[k];
+      if (!rms) mean_out[o + k] = mean[k];
       rstd_out[o + k] = rstd[k];
     }
+  }
+  if (rms) {
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) mean[k] = 0.f;
   }
   for (int c = t.ty; c < C; c += t.TY) {
     const int64_t o = base + static_cast<int64_t>(c) * HxW;
@@ -529,7 +579,8 @@ __global__ void __launch_bounds__(k2dThreads)
 // Σ gamma·dz·x̂, and per channel the block's Σ dz·x̂ and Σ dz (added over the TX lanes of the channel by
 // group_allsum; lane 0 writes them to part_g/part_b[blockIdx.x][c], one writer per entry). column_reduce
 // merges the per-position sums over TY; pass 2 re-reads x, dy and writes
-// dx = rstd·(gamma·dz − mean_c(gamma·dz) − x̂·mean_c(gamma·dz·x̂)).
+// dx = rstd·(gamma·dz − mean_c(gamma·dz) − x̂·mean_c(gamma·dz·x̂)). mean_in null: RMSNorm2d (mean 0, no
+// mean_c(gamma·dz) term).
 template <typename scalar_t, int VEC>
 __global__ void __launch_bounds__(k2dThreads)
     ln2d_nchw_bwd_kernel(const scalar_t* __restrict__ dY, const scalar_t* __restrict__ X,
@@ -548,7 +599,7 @@ __global__ void __launch_bounds__(k2dThreads)
   if (t.valid) {
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
-      mean[k] = mean_in[t.n * HxW + t.p + k];
+      mean[k] = mean_in != nullptr ? mean_in[t.n * HxW + t.p + k] : 0.f;
       rstd[k] = rstd_in[t.n * HxW + t.p + k];
     }
   }
@@ -561,8 +612,8 @@ __global__ void __launch_bounds__(k2dThreads)
     if (R != nullptr && act != kIdentity) load_float<VEC>(R, o, r);
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
-      xhat[k] = (x[k] - mean[k]) * rstd[k];
-      if (act != kIdentity) dz[k] *= act_grad(xhat[k] * g + b + r[k], act, slope);
+      xhat[k] = xhat_from(x[k], r[k], mean[k], rstd[k], g, b, act, slope);
+      dz[k] = grad_pre_act(dz[k], x[k], xhat[k], g, b, r[k], act, slope);
     }
     return g;
   };
@@ -596,7 +647,7 @@ __global__ void __launch_bounds__(k2dThreads)
   float c1[VEC], c2[VEC];
 #pragma unroll
   for (int k = 0; k < VEC; ++k) {
-    c1[k] = sums[t.tx * VEC + k].a * inv_c;
+    c1[k] = mean_in != nullptr ? sums[t.tx * VEC + k].a * inv_c : 0.f;
     c2[k] = sums[t.tx * VEC + k].b * inv_c;
   }
   for (int c = t.ty; c < C; c += t.TY) {
@@ -611,7 +662,8 @@ __global__ void __launch_bounds__(k2dThreads)
 
 // ------------------------------------------------------------------------------------------ launches
 
-// Pointers of one forward or backward call. gamma/beta are float32 aligned to kParamAlign floats, or null.
+// Pointers of one forward or backward call. gamma/beta are float32 (any alignment), or null; mean is null
+// for RMSNorm.
 template <typename scalar_t>
 struct Ptrs {
   const scalar_t* X;
@@ -625,16 +677,15 @@ struct Ptrs {
   scalar_t* dR;
 };
 
-// Parameters are read kMaxVec<scalar_t> floats at a time: at most 8 (16-bit inputs).
-constexpr int kParamAlign = 8;
-
 // 16-byte vectors when every tensor is aligned to them and `extent` (the contiguous run a vector must
-// not cross: the row, or HxW) is a multiple of the vector width; calls f(integral_constant VEC).
-template <typename scalar_t, typename F>
-void with_vec(const Ptrs<scalar_t>& p, int64_t extent, const F& f) {
+// not cross: the row, or HxW) is a multiple of the vector width; calls f(integral_constant VEC). A and S
+// (add_*_norm's residual stream, of any element type) must be aligned to the same number of elements.
+template <typename scalar_t, typename F, typename res_t = scalar_t>
+void with_vec(const Ptrs<scalar_t>& p, int64_t extent, const F& f, const res_t* A = nullptr,
+              const res_t* S = nullptr) {
   constexpr int V = kMaxVec<scalar_t>;
   const bool vec = extent % V == 0 && vec_aligned(p.X, V) && vec_aligned(p.R, V) && vec_aligned(p.dY, V) &&
-                   vec_aligned(p.out, V) && vec_aligned(p.dR, V);
+                   vec_aligned(p.out, V) && vec_aligned(p.dR, V) && vec_aligned(A, V) && vec_aligned(S, V);
   if (vec) {
     f(std::integral_constant<int, V>{});
   } else {
@@ -649,33 +700,43 @@ struct RowPlan {
   bool fits;    // held in registers at all
 };
 
-RowPlan row_plan(int nvec, int vec, int max_block_threads) {
-  const int64_t needed = ceil_div<int64_t>(nvec, kCap / vec);
+RowPlan row_plan(int nvec, int vec, int cap, int max_block_threads) {
+  const int64_t needed = ceil_div<int64_t>(nvec, cap / vec);
   if (needed <= kWarpSize) return {pow2_at_least(needed), false, true};
   const int64_t threads = ceil_div<int64_t>(needed, kWarpSize) * kWarpSize;
   return {static_cast<int>(threads), true, threads <= max_block_threads};
 }
 
-template <typename scalar_t>
-void rows_forward(const Ptrs<scalar_t>& p, int64_t M, int D, float eps, int act, float slope) {
+// Row forward; A/S: add_*_norm's residual stream (res_t), null otherwise.
+template <typename scalar_t, typename res_t = scalar_t>
+void rows_forward(const Ptrs<scalar_t>& p, int64_t M, int D, float eps, int act, float slope,
+                  const res_t* A = nullptr, res_t* S = nullptr) {
   const auto stream = current_stream();
-  with_vec(p, D, [&](auto vec) {
-    constexpr int VEC = decltype(vec)::value;
-    const RowPlan plan = row_plan(D / VEC, VEC, kMaxFwdRowThreads);
-    if (plan.fits && !plan.block) {
-      const int64_t blocks = std::min(ceil_div<int64_t>(M, kGroupThreads / plan.threads), kMaxGrid);
-      NORMEXT_LAUNCH((ln_fwd_rows_kernel<scalar_t, VEC, false>), blocks, kGroupThreads, 0, stream, p.X, p.R,
-                     p.out, p.gamma, p.beta, p.mean, p.rstd, M, D, plan.threads, eps, act, slope);
-    } else if (plan.fits) {
-      NORMEXT_LAUNCH((ln_fwd_rows_kernel<scalar_t, VEC, true>), std::min(M, kMaxGrid), plan.threads, 0,
-                     stream, p.X, p.R, p.out, p.gamma, p.beta, p.mean, p.rstd, M, D, plan.threads, eps, act,
-                     slope);
-    } else {
-      NORMEXT_LAUNCH((ln_fwd_long_kernel<scalar_t, VEC>), std::min(M, kMaxGrid), kLongRowThreads, 0, stream,
-                     p.X, p.R, p.out, p.gamma, p.beta, p.mean, p.rstd, M, D, eps, act, slope);
-    }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+  // 1/D from the host: computed in the kernel, the IEEE division's slow-path call made ptxas keep live
+  // registers in local memory around it (spills, tools/cuda_report.py). The same correctly rounded value.
+  const float inv_d = 1.f / static_cast<float>(D);
+  with_vec(
+      p, D,
+      [&](auto vec) {
+        constexpr int VEC = decltype(vec)::value;
+        const RowPlan plan = row_plan(D / VEC, VEC, kCap, kMaxFwdRowThreads);
+        if (plan.fits && !plan.block) {
+          const int64_t blocks = std::min(ceil_div<int64_t>(M, kGroupThreads / plan.threads), kMaxGrid);
+          NORMEXT_LAUNCH((ln_fwd_rows_kernel<scalar_t, VEC, false, res_t>), blocks, kGroupThreads, 0, stream,
+                         p.X, p.R, p.out, p.gamma, p.beta, p.mean, p.rstd, M, D, inv_d, plan.threads, eps,
+                         act, slope, A, S);
+        } else if (plan.fits) {
+          NORMEXT_LAUNCH((ln_fwd_rows_kernel<scalar_t, VEC, true, res_t>), std::min(M, kMaxGrid),
+                         plan.threads, 0, stream, p.X, p.R, p.out, p.gamma, p.beta, p.mean, p.rstd, M, D,
+                         inv_d, plan.threads, eps, act, slope, A, S);
+        } else {
+          NORMEXT_LAUNCH((ln_fwd_long_kernel<scalar_t, VEC, res_t>), std::min(M, kMaxGrid), kLongRowThreads,
+                         0, stream, p.X, p.R, p.out, p.gamma, p.beta, p.mean, p.rstd, M, D, eps, act, slope,
+                         A, S);
+        }
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      },
+      A, static_cast<const res_t*>(S));
 }
 
 // Sums the P partial rows of the requested dgamma/dbeta (a null `out` is skipped).
@@ -707,18 +768,11 @@ void rows_backward(const Ptrs<scalar_t>& p, int64_t M, int D, int act, float slo
   const bool params = dgamma != nullptr || dbeta != nullptr;
   with_vec(p, D, [&](auto vec) {
     constexpr int VEC = decltype(vec)::value;
-    const RowPlan plan = row_plan(D / VEC, VEC, kMaxBwdRowThreads);
-    // Persistent blocks, each writing one partial row of dgamma/dbeta; long rows instead get one partial
+    const RowPlan plan = row_plan(D / VEC, VEC, kBwdCap, kMaxBwdRowThreads);
+    // Grid-strided blocks, each writing one partial row of dgamma/dbeta; long rows instead get one partial
     // row per chunk of rows_per_chunk rows from ln_bwd_long_params_kernel.
-    int64_t blocks;
-    if (plan.fits && !plan.block) {
-      blocks = std::min(ceil_div<int64_t>(M, kGroupThreads / plan.threads),
-                        resident_blocks(ln_bwd_rows_kernel<scalar_t, VEC, false>, kGroupThreads));
-    } else if (plan.fits) {
-      blocks = std::min(M, resident_blocks(ln_bwd_rows_kernel<scalar_t, VEC, true>, plan.threads));
-    } else {
-      blocks = std::min(M, resident_blocks(ln_bwd_long_kernel<scalar_t, VEC>, kLongRowThreads));
-    }
+    const int64_t blocks =
+        bwd_blocks(plan.fits && !plan.block ? ceil_div<int64_t>(M, kGroupThreads / plan.threads) : M, D);
     const int64_t rows_per_chunk = ceil_div<int64_t>(M, std::min<int64_t>(M, 256));
     const int64_t P = plan.fits ? blocks : ceil_div<int64_t>(M, rows_per_chunk);
     Tensor part = params
@@ -753,8 +807,11 @@ void rows_backward(const Ptrs<scalar_t>& p, int64_t M, int D, int act, float slo
   });
 }
 
-// Block shape of the NCHW-2d kernels: TX threads along positions (as wide as still gives two blocks
-// per SM), TY (a power of two, TX·TY a multiple of 32, at most k2dThreads) along channels.
+// Block shape of the NCHW-2d kernels: TX threads along positions (as wide as still gives k2dMinBlocks
+// blocks, two per SM of an H100), TY (a power of two, TX·TY a multiple of 32, at most k2dThreads) along
+// channels. TX fixes the dgamma/dbeta partials, so it depends on the shape alone, not on the GPU.
+constexpr int64_t k2dMinBlocks = 264;
+
 struct Plan2d {
   int TX, TY;
   int64_t blocks_per_n;
@@ -762,7 +819,7 @@ struct Plan2d {
 
 Plan2d plan_2d(int64_t N, int C, int64_t HxW, int vec) {
   int TX = kWarpSize;
-  while (TX > 4 && N * ceil_div<int64_t>(HxW, static_cast<int64_t>(TX) * vec) < 2 * sm_count()) TX /= 2;
+  while (TX > 4 && N * ceil_div<int64_t>(HxW, static_cast<int64_t>(TX) * vec) < k2dMinBlocks) TX /= 2;
   const int TY = std::max(kWarpSize / TX, std::min(k2dThreads / TX, pow2_at_least(C)));
   const int64_t blocks_per_n = ceil_div<int64_t>(HxW, static_cast<int64_t>(TX) * vec);
   TORCH_CHECK(N * blocks_per_n <= INT_MAX, "layer_norm_2d: too many positions for one launch");
@@ -806,22 +863,16 @@ void nchw_backward(const Ptrs<scalar_t>& p, const ChannelDims& d, int act, float
 
 // ------------------------------------------------------------------------------------------- host side
 
-// A float32 parameter the kernels may read kParamAlign floats at a time (a copy when the view is not
-// aligned to that).
-const float* param_ptr(c10::optional<Tensor>& p) {
-  if (!p.has_value()) return nullptr;
-  if (!vec_aligned(p->data_ptr<float>(), kParamAlign)) p = p->clone();
-  return p->data_ptr<float>();
-}
+const float* param_ptr(const c10::optional<Tensor>& p) { return p ? p->const_data_ptr<float>() : nullptr; }
 
 template <typename scalar_t>
-Ptrs<scalar_t> make_ptrs(const Tensor& X, const c10::optional<Tensor>& R, c10::optional<Tensor>& gamma,
-                         c10::optional<Tensor>& beta, const Tensor& mean, const Tensor& rstd) {
+Ptrs<scalar_t> make_ptrs(const Tensor& X, const c10::optional<Tensor>& R, const c10::optional<Tensor>& gamma,
+                         const c10::optional<Tensor>& beta, const Tensor& mean, const Tensor& rstd) {
   return {X.const_data_ptr<scalar_t>(),
           R ? R->const_data_ptr<scalar_t>() : nullptr,
           param_ptr(gamma),
           param_ptr(beta),
-          mean.data_ptr<float>(),
+          mean.defined() ? mean.data_ptr<float>() : nullptr,
           rstd.data_ptr<float>(),
           nullptr,
           nullptr,
@@ -833,6 +884,43 @@ void check_int_extent(int64_t v, const char* what, const char* op) {
               INT_MAX, ")");
 }
 
+// Forward of checked rows (LayerNorm, or RMSNorm with rms: no mean); with A (the residual stream of
+// add_*_norm, already in residual_dtype) also S = X + A. Rows of no elements get NaN statistics.
+struct RowsOut {
+  Tensor Y, S, mean, rstd;
+};
+
+RowsOut rows_fwd(LayerNormArgs& a, double eps, int64_t act, double slope, bool rms, const char* op,
+                 const Tensor* A = nullptr) {
+  const DeviceGuard guard(a.X.device());
+  check_int_extent(a.D, "a normalized row", op);
+  RowsOut o{at::empty_like(a.X), A != nullptr ? at::empty_like(*A) : Tensor(), Tensor(),
+            at::empty(a.stat_shape, a.X.options().dtype(at::kFloat))};
+  if (!rms) o.mean = at::empty_like(o.rstd);
+  if (a.M == 0) return o;
+  if (a.D == 0) {
+    if (!rms) o.mean.fill_(std::nan(""));
+    o.rstd.fill_(std::nan(""));
+    return o;
+  }
+  NORMEXT_DISPATCH_CUDA_TYPES(a.X.scalar_type(), "layer_norm_fwd_cuda", [&] {
+    auto p = make_ptrs<scalar_t>(a.X, a.residual, a.gamma, a.beta, o.mean, o.rstd);
+    p.out = o.Y.data_ptr<scalar_t>();
+    const auto e = static_cast<float>(eps), sl = static_cast<float>(slope);
+    const int D = static_cast<int>(a.D);
+    if (A == nullptr || A->scalar_type() == a.X.scalar_type()) {
+      rows_forward(p, a.M, D, e, static_cast<int>(act), sl,
+                   A != nullptr ? A->const_data_ptr<scalar_t>() : nullptr,
+                   A != nullptr ? o.S.data_ptr<scalar_t>() : nullptr);
+    } else {
+      // A float32 residual stream beside 16-bit activations (check_add_residual allows nothing else).
+      rows_forward(p, a.M, D, e, static_cast<int>(act), sl, A->const_data_ptr<float>(),
+                   o.S.data_ptr<float>());
+    }
+  });
+  return o;
+}
+
 std::tuple<Tensor, Tensor, Tensor> layer_norm_fwd_cuda(const Tensor& X_in, const c10::optional<Tensor>& gamma,
                                                        const c10::optional<Tensor>& beta,
                                                        const c10::optional<Tensor>& residual,
@@ -840,28 +928,45 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_fwd_cuda(const Tensor& X_in, const
                                                        int64_t act, double slope) {
   constexpr const char* op = "layer_norm_fwd";
   auto a = check_layer_norm(X_in, normalized_shape, gamma, beta, residual, act, op);
-  const DeviceGuard guard(a.X.device());
-  check_int_extent(a.D, "a normalized row", op);
-  Tensor Y = at::empty_like(a.X);
-  Tensor mean = at::empty(a.stat_shape, a.X.options().dtype(at::kFloat));
-  Tensor rstd = at::empty_like(mean);
-  if (a.M == 0) return {Y, mean, rstd};
-  if (a.D == 0) {
-    mean.fill_(std::nan(""));
-    rstd.fill_(std::nan(""));
-    return {Y, mean, rstd};
-  }
-  NORMEXT_DISPATCH_CUDA_TYPES(a.X.scalar_type(), "layer_norm_fwd_cuda", [&] {
-    auto p = make_ptrs<scalar_t>(a.X, a.residual, a.gamma, a.beta, mean, rstd);
-    p.out = Y.data_ptr<scalar_t>();
-    rows_forward(p, a.M, static_cast<int>(a.D), static_cast<float>(eps), static_cast<int>(act),
-                 static_cast<float>(slope));
-  });
-  return {Y, mean, rstd};
+  auto o = rows_fwd(a, eps, act, slope, false, op);
+  return {o.Y, o.mean, o.rstd};
+}
+
+std::tuple<Tensor, Tensor> rms_norm_fwd_cuda(const Tensor& X_in, const c10::optional<Tensor>& gamma,
+                                             const c10::optional<Tensor>& residual,
+                                             at::IntArrayRef normalized_shape, double eps, int64_t act,
+                                             double slope) {
+  constexpr const char* op = "rms_norm_fwd";
+  auto a = check_layer_norm(X_in, normalized_shape, gamma, c10::nullopt, residual, act, op);
+  auto o = rows_fwd(a, eps, act, slope, true, op);
+  return {o.Y, o.rstd};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> add_layer_norm_fwd_cuda(
+    const Tensor& X_in, const Tensor& R, const c10::optional<Tensor>& gamma,
+    const c10::optional<Tensor>& beta, at::IntArrayRef normalized_shape, double eps,
+    c10::optional<at::ScalarType> residual_dtype) {
+  constexpr const char* op = "add_layer_norm_fwd";
+  auto a = check_layer_norm(X_in, normalized_shape, gamma, beta, c10::nullopt, kIdentity, op);
+  const Tensor A = check_add_residual(R, a.X, residual_dtype, op);
+  auto o = rows_fwd(a, eps, kIdentity, 0.0, false, op, &A);
+  return {o.Y, o.S, o.mean, o.rstd};
+}
+
+std::tuple<Tensor, Tensor, Tensor> add_rms_norm_fwd_cuda(const Tensor& X_in, const Tensor& R,
+                                                         const c10::optional<Tensor>& gamma,
+                                                         at::IntArrayRef normalized_shape, double eps,
+                                                         c10::optional<at::ScalarType> residual_dtype) {
+  constexpr const char* op = "add_rms_norm_fwd";
+  auto a = check_layer_norm(X_in, normalized_shape, gamma, c10::nullopt, c10::nullopt, kIdentity, op);
+  const Tensor A = check_add_residual(R, a.X, residual_dtype, op);
+  auto o = rows_fwd(a, eps, kIdentity, 0.0, true, op, &A);
+  return {o.Y, o.S, o.rstd};
 }
 
 // Outputs of a backward op: unselected ones are empty; dgamma/dbeta float32 of param_shape, zero-filled
-// only when nothing is reduced (empty input), else written whole by the kernels.
+// only when nothing is reduced (empty input), else written whole by the kernels. no_grads: there is nothing
+// for the kernels to do (an empty input, or no output selected), so x and dy are not read.
 std::tuple<Tensor, Tensor, Tensor, Tensor> alloc_grads(const Tensor& X, at::IntArrayRef param_shape,
                                                        std::array<bool, 4> mask) {
   const auto f32 = X.options().dtype(at::kFloat);
@@ -876,6 +981,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> alloc_grads(const Tensor& X, at::IntA
   return g;
 }
 
+bool no_grads(const Tensor& X, std::array<bool, 4> mask) {
+  return X.numel() == 0 || !(mask[0] || mask[1] || mask[2] || mask[3]);
+}
+
 template <typename scalar_t>
 void set_grad_ptrs(Ptrs<scalar_t>& p, const Tensor& dY, const Tensor& dX, const Tensor& dR,
                    std::array<bool, 4> mask) {
@@ -884,19 +993,18 @@ void set_grad_ptrs(Ptrs<scalar_t>& p, const Tensor& dY, const Tensor& dX, const 
   p.dR = mask[3] ? dR.data_ptr<scalar_t>() : nullptr;
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> layer_norm_bwd_cuda(
-    const Tensor& dY_in, const Tensor& X_in, const c10::optional<Tensor>& residual, const Tensor& mean_in,
-    const Tensor& rstd_in, const c10::optional<Tensor>& gamma, const c10::optional<Tensor>& beta,
-    at::IntArrayRef normalized_shape, int64_t act, double slope, std::array<bool, 4> mask) {
-  constexpr const char* op = "layer_norm_bwd";
-  auto a = check_layer_norm(X_in, normalized_shape, gamma, beta, residual, act, op);
+// Backward of checked rows; mean_in undefined: RMSNorm.
+std::tuple<Tensor, Tensor, Tensor, Tensor> rows_bwd(const Tensor& dY_in, LayerNormArgs& a,
+                                                    const Tensor& mean_in, const Tensor& rstd_in,
+                                                    at::IntArrayRef normalized_shape, int64_t act,
+                                                    double slope, std::array<bool, 4> mask, const char* op) {
   const DeviceGuard guard(a.X.device());
   check_int_extent(a.D, "a normalized row", op);
   const Tensor dY = *check_like(dY_in, a.X, Layout::kChannelsFirst, "grad_output", op);
-  const Tensor mean = check_stats(mean_in, a.X, a.M, "mean", op);
+  const Tensor mean = mean_in.defined() ? check_stats(mean_in, a.X, a.M, "mean", op) : Tensor();
   const Tensor rstd = check_stats(rstd_in, a.X, a.M, "rstd", op);
   auto [dX, dgamma, dbeta, dR] = alloc_grads(a.X, normalized_shape, mask);
-  if (a.X.numel() == 0) return {dX, dgamma, dbeta, dR};
+  if (no_grads(a.X, mask)) return {dX, dgamma, dbeta, dR};
   NORMEXT_DISPATCH_CUDA_TYPES(a.X.scalar_type(), "layer_norm_bwd_cuda", [&] {
     auto p = make_ptrs<scalar_t>(a.X, a.residual, a.gamma, a.beta, mean, rstd);
     set_grad_ptrs(p, dY, dX, dR, mask);
@@ -906,22 +1014,43 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_norm_bwd_cuda(
   return {dX, dgamma, dbeta, dR};
 }
 
-std::tuple<Tensor, Tensor, Tensor> layer_norm_2d_fwd_cuda(const Tensor& X_in,
-                                                          const c10::optional<Tensor>& gamma,
-                                                          const c10::optional<Tensor>& beta,
-                                                          const c10::optional<Tensor>& residual, double eps,
-                                                          int64_t act, double slope) {
-  constexpr const char* op = "layer_norm_2d_fwd";
-  auto a = check_channel_norm(X_in, gamma, beta, residual, act, op);
+std::tuple<Tensor, Tensor, Tensor, Tensor> layer_norm_bwd_cuda(
+    const Tensor& dY_in, const Tensor& X_in, const c10::optional<Tensor>& residual, const Tensor& mean_in,
+    const Tensor& rstd_in, const c10::optional<Tensor>& gamma, const c10::optional<Tensor>& beta,
+    at::IntArrayRef normalized_shape, int64_t act, double slope, std::array<bool, 4> mask) {
+  constexpr const char* op = "layer_norm_bwd";
+  auto a =
+      check_layer_norm(X_in, normalized_shape, gamma, beta, residual, check_grad_activation(act, op), op);
+  return rows_bwd(dY_in, a, mean_in, rstd_in, normalized_shape, act, slope, mask, op);
+}
+
+// RMSNorm's backward: output_mask selects (dX, dgamma, dresidual), as for layer_norm_bwd without dbeta.
+std::tuple<Tensor, Tensor, Tensor> rms_norm_bwd_cuda(const Tensor& dY_in, const Tensor& X_in,
+                                                     const c10::optional<Tensor>& residual,
+                                                     const Tensor& rstd_in,
+                                                     const c10::optional<Tensor>& gamma,
+                                                     at::IntArrayRef normalized_shape, int64_t act,
+                                                     double slope, std::array<bool, 3> mask) {
+  constexpr const char* op = "rms_norm_bwd";
+  auto a = check_layer_norm(X_in, normalized_shape, gamma, c10::nullopt, residual,
+                            check_grad_activation(act, op), op);
+  auto [dX, dgamma, dbeta, dR] = rows_bwd(dY_in, a, Tensor(), rstd_in, normalized_shape, act, slope,
+                                          {mask[0], mask[1], false, mask[2]}, op);
+  return {dX, dgamma, dR};
+}
+
+// Channel (2d) forward of checked input, LayerNorm2d or with rms RMSNorm2d (mean left undefined).
+std::tuple<Tensor, Tensor, Tensor> fwd_2d(ChannelNormArgs& a, double eps, int64_t act, double slope, bool rms,
+                                          const char* op) {
   const DeviceGuard guard(a.X.device());
   const auto [N, C, HxW] = a.dims;
   check_int_extent(C, "a channel dimension", op);
   Tensor Y = at::empty_like(a.X);
-  Tensor mean = at::empty({N, HxW}, a.X.options().dtype(at::kFloat));
-  Tensor rstd = at::empty_like(mean);
+  Tensor rstd = at::empty({N, HxW}, a.X.options().dtype(at::kFloat));
+  Tensor mean = rms ? Tensor() : at::empty_like(rstd);
   if (N * HxW == 0) return {Y, mean, rstd};
   if (C == 0) {
-    mean.fill_(std::nan(""));
+    if (!rms) mean.fill_(std::nan(""));
     rstd.fill_(std::nan(""));
     return {Y, mean, rstd};
   }
@@ -938,20 +1067,37 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_2d_fwd_cuda(const Tensor& X_in,
   return {Y, mean, rstd};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> layer_norm_2d_bwd_cuda(
-    const Tensor& dY_in, const Tensor& X_in, const c10::optional<Tensor>& residual, const Tensor& mean_in,
-    const Tensor& rstd_in, const c10::optional<Tensor>& gamma, const c10::optional<Tensor>& beta, int64_t act,
-    double slope, std::array<bool, 4> mask) {
-  constexpr const char* op = "layer_norm_2d_bwd";
+std::tuple<Tensor, Tensor, Tensor> layer_norm_2d_fwd_cuda(const Tensor& X_in,
+                                                          const c10::optional<Tensor>& gamma,
+                                                          const c10::optional<Tensor>& beta,
+                                                          const c10::optional<Tensor>& residual, double eps,
+                                                          int64_t act, double slope) {
+  constexpr const char* op = "layer_norm_2d_fwd";
   auto a = check_channel_norm(X_in, gamma, beta, residual, act, op);
+  return fwd_2d(a, eps, act, slope, false, op);
+}
+
+std::tuple<Tensor, Tensor> rms_norm_2d_fwd_cuda(const Tensor& X_in, const c10::optional<Tensor>& gamma,
+                                                const c10::optional<Tensor>& residual, double eps,
+                                                int64_t act, double slope) {
+  constexpr const char* op = "rms_norm_2d_fwd";
+  auto a = check_channel_norm(X_in, gamma, c10::nullopt, residual, act, op);
+  auto [Y, mean, rstd] = fwd_2d(a, eps, act, slope, true, op);
+  return {Y, rstd};
+}
+
+// Channel (2d) backward of checked input; mean_in undefined: RMSNorm2d.
+std::tuple<Tensor, Tensor, Tensor, Tensor> bwd_2d(const Tensor& dY_in, ChannelNormArgs& a,
+                                                  const Tensor& mean_in, const Tensor& rstd_in, int64_t act,
+                                                  double slope, std::array<bool, 4> mask, const char* op) {
   const DeviceGuard guard(a.X.device());
   const auto [N, C, HxW] = a.dims;
   check_int_extent(C, "a channel dimension", op);
   const Tensor dY = *check_like(dY_in, a.X, a.layout, "grad_output", op);
-  const Tensor mean = check_stats(mean_in, a.X, N * HxW, "mean", op);
+  const Tensor mean = mean_in.defined() ? check_stats(mean_in, a.X, N * HxW, "mean", op) : Tensor();
   const Tensor rstd = check_stats(rstd_in, a.X, N * HxW, "rstd", op);
   auto [dX, dgamma, dbeta, dR] = alloc_grads(a.X, {C}, mask);
-  if (a.X.numel() == 0) return {dX, dgamma, dbeta, dR};
+  if (no_grads(a.X, mask)) return {dX, dgamma, dbeta, dR};
   NORMEXT_DISPATCH_CUDA_TYPES(a.X.scalar_type(), "layer_norm_2d_bwd_cuda", [&] {
     auto p = make_ptrs<scalar_t>(a.X, a.residual, a.gamma, a.beta, mean, rstd);
     set_grad_ptrs(p, dY, dX, dR, mask);
@@ -967,6 +1113,27 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_norm_2d_bwd_cuda(
   return {dX, dgamma, dbeta, dR};
 }
 
+std::tuple<Tensor, Tensor, Tensor, Tensor> layer_norm_2d_bwd_cuda(
+    const Tensor& dY_in, const Tensor& X_in, const c10::optional<Tensor>& residual, const Tensor& mean_in,
+    const Tensor& rstd_in, const c10::optional<Tensor>& gamma, const c10::optional<Tensor>& beta, int64_t act,
+    double slope, std::array<bool, 4> mask) {
+  constexpr const char* op = "layer_norm_2d_bwd";
+  auto a = check_channel_norm(X_in, gamma, beta, residual, check_grad_activation(act, op), op);
+  return bwd_2d(dY_in, a, mean_in, rstd_in, act, slope, mask, op);
+}
+
+std::tuple<Tensor, Tensor, Tensor> rms_norm_2d_bwd_cuda(const Tensor& dY_in, const Tensor& X_in,
+                                                        const c10::optional<Tensor>& residual,
+                                                        const Tensor& rstd_in,
+                                                        const c10::optional<Tensor>& gamma, int64_t act,
+                                                        double slope, std::array<bool, 3> mask) {
+  constexpr const char* op = "rms_norm_2d_bwd";
+  auto a = check_channel_norm(X_in, gamma, c10::nullopt, residual, check_grad_activation(act, op), op);
+  auto [dX, dgamma, dbeta, dR] =
+      bwd_2d(dY_in, a, Tensor(), rstd_in, act, slope, {mask[0], mask[1], false, mask[2]}, op);
+  return {dX, dgamma, dR};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(normext, NORMEXT_CUDA_DISPATCH_KEY, m) {
@@ -974,6 +1141,12 @@ TORCH_LIBRARY_IMPL(normext, NORMEXT_CUDA_DISPATCH_KEY, m) {
   m.impl("layer_norm_bwd", &layer_norm_bwd_cuda);
   m.impl("layer_norm_2d_fwd", &layer_norm_2d_fwd_cuda);
   m.impl("layer_norm_2d_bwd", &layer_norm_2d_bwd_cuda);
+  m.impl("rms_norm_fwd", &rms_norm_fwd_cuda);
+  m.impl("rms_norm_bwd", &rms_norm_bwd_cuda);
+  m.impl("rms_norm_2d_fwd", &rms_norm_2d_fwd_cuda);
+  m.impl("rms_norm_2d_bwd", &rms_norm_2d_bwd_cuda);
+  m.impl("add_layer_norm_fwd", &add_layer_norm_fwd_cuda);
+  m.impl("add_rms_norm_fwd", &add_rms_norm_fwd_cuda);
 }
 
 }  // namespace normext::cuda

@@ -44,6 +44,7 @@ class Case:
 # Keys of NORMS, short for the suite lines.
 GN, IN, BN, BN_EVAL = "group_norm", "instance_norm", "batch_norm", "batch_norm_eval"
 LN, LN2D = "layer_norm", "layer_norm_2d"
+RMS, RMS2D, ADD_LN = "rms_norm", "rms_norm_2d", "add_layer_norm"
 
 # fmt: off
 SUITE = [
@@ -77,6 +78,11 @@ SUITE = [
     Case("bert_l.ln", LN, (16384, 1024)),
     Case("llm.ln", LN, (4096, 4096)),
     Case("vitdet.ln2d", LN2D, (2, 768, 64, 64), quick=True),
+    # Pre-norm transformer blocks as rows: ViTDet-B's s = x + branch(x), norm(s) (2 images x 64x64 tokens,
+    # against torch's add + layer_norm); DiT-XL's RMSNorm (2 x 1024 tokens); a channel RMSNorm
+    Case("vitdet_b.prenorm", ADD_LN, (2 * 4096, 768), residual=True, quick=True),
+    Case("dit.rms", RMS, (2 * 1024, 1152)),
+    Case("rmsnorm2d", RMS2D, (2, 768, 64, 64)),
     # Latency floor: launch count and host overhead decide
     Case("latency.gn", GN, (1, 32, 64, 64), quick=True),
     Case("latency.bn", BN, (2, 256, 7, 7)),
@@ -116,6 +122,10 @@ def _affine(channels, dtype, device):
     }
 
 
+def _weight(channels, dtype, device):
+    return {"weight": 1 + 0.1 * torch.randn(channels, dtype=dtype, device=device)}
+
+
 def _batch_norm_params(channels, dtype, device):
     params = _affine(channels, dtype, device)
     params["running_mean"] = 0.1 * torch.randn(channels, dtype=dtype, device=device)
@@ -131,6 +141,11 @@ def _nx(name):
 def _layer_norm_2d_native(x, weight, bias, eps):
     # What timm and ConvNeXt do for a channel LayerNorm: move C last, F.layer_norm, move it back.
     return F.layer_norm(x.movedim(1, -1), x.shape[1:2], weight, bias, eps).movedim(-1, 1)
+
+
+def _rms_norm_2d_native(x, weight, eps):
+    # The same for a channel RMSNorm.
+    return F.rms_norm(x.movedim(1, -1), x.shape[1:2], weight, eps).movedim(-1, 1)
 
 
 class _LayerNorm2dNative(torch.nn.LayerNorm):
@@ -157,7 +172,9 @@ class Norm:
     `native(case, x, params)` torch's own op without residual or activation; `modules(case, channels)`
     returns (normext module, native norm module) for stacks. `params(channels, dtype, device)` makes the
     parameters, over dim `channel_dim` of the input; they are float32 when `float32_params` (what cuDNN
-    BatchNorm takes for half inputs, and what mixed-precision training keeps), else in the input dtype."""
+    BatchNorm takes for half inputs, and what mixed-precision training keeps), else in the input dtype.
+    `prenorm`: the residual is added before the norm and both out = norm(x + residual) and the sum are
+    outputs (add_layer_norm); the native chain is then torch's add followed by the norm."""
 
     requires: str  # the normext.functional function; cases are skipped until it exists
     params: object
@@ -168,6 +185,7 @@ class Norm:
     channel_dim: int = 1
     float32_params: bool = False
     trainable_params: bool = True
+    prenorm: bool = False
 
 
 def _instance_norm_class(case):
@@ -224,6 +242,29 @@ NORMS = {
         modules=lambda c, ch: (normext.LayerNorm2d(ch, activation=c.act), _LayerNorm2dNative(ch, eps=1e-6)),
         module_requires=("LayerNorm2d",),
     ),
+    "rms_norm": Norm(
+        requires="rms_norm",
+        params=_weight,
+        normext=lambda c, x, p, r: _nx("rms_norm")(
+            x, x.shape[-1:], p["weight"], eps=1e-6, activation=c.act, residual=r
+        ),
+        native=lambda c, x, p: F.rms_norm(x, x.shape[-1:], p["weight"], 1e-6),
+        channel_dim=-1,
+    ),
+    "rms_norm_2d": Norm(
+        requires="rms_norm_2d",
+        params=_weight,
+        normext=lambda c, x, p, r: _nx("rms_norm_2d")(x, p["weight"], eps=1e-6, activation=c.act, residual=r),
+        native=lambda c, x, p: _rms_norm_2d_native(x, p["weight"], 1e-6),
+    ),
+    "add_layer_norm": Norm(
+        requires="add_layer_norm",
+        params=_affine,
+        normext=lambda c, x, p, r: _nx("add_layer_norm")(x, r, x.shape[-1:], p["weight"], p["bias"]),
+        native=lambda c, x, p: F.layer_norm(x, x.shape[-1:], p["weight"], p["bias"]),
+        channel_dim=-1,
+        prenorm=True,
+    ),
     "batch_norm": Norm(
         "batch_norm",
         _batch_norm_params,
@@ -265,8 +306,13 @@ NATIVE_ACT_MODULE = {
 
 
 def native_chain(case, x, params, residual):
-    """The unfused native way to compute act(norm(x) + residual): torch's norm, then add, then act."""
-    y = NORMS[case.norm].native(case, x, params)
+    """The unfused native way to compute act(norm(x) + residual): torch's norm, then add, then act; for a
+    prenorm norm (norm(x + residual), x + residual): the add, then torch's norm."""
+    norm = NORMS[case.norm]
+    if norm.prenorm:
+        s = x + residual
+        return norm.native(case, s, params), s
+    y = norm.native(case, x, params)
     if residual is not None:
         y = y.add_(residual)
     return NATIVE_ACT[case.act](y)
@@ -310,11 +356,13 @@ class Variant:
 
     def min_bytes(self, residual=None):
         """The fewest bytes the op must move (design.md section 5): forward reads x and writes y, backward
-        reads x and dy and writes dx; a fused residual adds its read (and the write of its gradient)."""
+        reads x and dy and writes dx; a fused residual adds its read (and the write of its gradient); a
+        prenorm one also the write of the sum (and the read of its gradient)."""
         residual = self.case.residual if residual is None else residual
-        per_pass = 2 + (1 if residual else 0)
+        extra = (1 if residual else 0) + (1 if residual and NORMS[self.case.norm].prenorm else 0)
+        per_pass = 2 + extra
         if self.backward:
-            per_pass += 3 + (1 if residual else 0)
+            per_pass += 3 + extra
         return per_pass * self.numel * self.elem_size
 
 

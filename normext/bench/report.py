@@ -480,6 +480,21 @@ def memory_lines(doc):
     return lines
 
 
+def saved_lines(doc):
+    """The "saved MB" column of the training-step stacks: bytes the autograd graph keeps for backward."""
+    rows = [r for r in doc["results"] if "saved_bytes" in r]
+    if not rows:
+        return []
+    lines = ["kept for backward by one training step (saved MB, distinct storages of the saved tensors):"]
+    lines.append(f"  {'variant':52s} {'normext':>9s} {'mem-eff':>9s} {'chain':>9s}")
+    for r in rows:
+        b = r["saved_bytes"]
+        names = ("normext", "normext_memory_efficient", "chain")
+        cells = [_fmt_bytes(b[k]) if k in b else "-" for k in names]
+        lines.append(f"  {r['name']:52s} " + " ".join(f"{c:>9s}" for c in cells))
+    return lines
+
+
 def print_results(doc, stream):
     print(file=stream)
     print("\n".join(table_lines(doc)), file=stream)
@@ -491,7 +506,7 @@ def print_results(doc, stream):
     print("\n".join(compile_lines(doc)), file=stream)
     print(file=stream)
     print("\n".join(summary_lines(doc)), file=stream)
-    print("\n".join(memory_lines(doc)), file=stream)
+    print("\n".join(memory_lines(doc) + saved_lines(doc)), file=stream)
     failed = [r["name"] for r in doc["results"] if "check" in r and not r["check"]["ok"]]
     if failed:
         print(
@@ -532,7 +547,7 @@ def write(doc, out_dir, stream):
     stem = out_dir / file_stem(doc)
     paths = [write_json(doc, out_dir), stem.with_suffix(".txt")]
     text = table_lines(doc) + [""] + roofline_lines(doc) + [""] + case_lines(doc) + [""]
-    text += compile_lines(doc) + [""] + summary_lines(doc) + memory_lines(doc)
+    text += compile_lines(doc) + [""] + summary_lines(doc) + memory_lines(doc) + saved_lines(doc)
     paths[1].write_text("\n".join(text) + "\n")
     try:
         import matplotlib

@@ -20,6 +20,7 @@ import torch
 
 from normext.bench import report
 from normext.bench.cases import DTYPES, LAYOUTS, NATIVE_ACT_MODULE, NORMS, SUITE, native_chain, select
+from normext.bench.memory import stack_saved_bytes
 from normext.bench.timing import (
     cache_bytes,
     clock_for,
@@ -95,10 +96,12 @@ def _norm_contenders(variant, device, compile_baseline=False):
         def run(s):
             residual = s.get("residual") if with_residual else None
             y = compute(case, s["x"], params, residual)
+            # A prenorm op's outputs (out, sum): the gradient of both, the check on out.
+            outputs = list(y) if isinstance(y, tuple) else [y]
             if not variant.backward:
-                return y
+                return outputs[0]
             wrt = [s["x"]] + ([residual] if residual is not None else []) + trainable
-            return y, torch.autograd.grad(y, wrt, s["dy"])
+            return outputs[0], torch.autograd.grad(outputs, wrt, [s["dy"]] * len(outputs))
 
         return run
 
@@ -274,6 +277,8 @@ def run_variant(variant, device, clock, effort, rotate_bytes, memory_cap, compil
         result["compile"] = _warm_up_compiled(contenders, sets, clock, compile_timeout_s)
     if device.type == "cuda" and (case.fused or case.layers) and variant.backward:
         result["peak_memory_bytes"] = {name: peak_memory(fn, sets[0]) for name, fn in contenders.items()}
+    if case.layers and variant.backward:
+        result["saved_bytes"] = stack_saved_bytes(contenders, sets[0])
 
     def rotating(fn):
         nxt = itertools.cycle(sets).__next__

@@ -5,6 +5,7 @@
 
 #include <c10/core/Device.h>
 
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
@@ -97,6 +98,9 @@ T from_bits(uint64_t b) {
 #define warpSize 32
 
 inline void __syncthreads() { ::normext::emu::block_barrier(); }
+
+// 1/sqrt(x) rounded once to float (CUDA's correctly rounded intrinsic), through double.
+inline float __frsqrt_rn(float x) { return static_cast<float>(1.0 / std::sqrt(static_cast<double>(x))); }
 
 inline void __syncwarp(unsigned mask = 0xffffffffu) {
   ::normext::emu::warp_collective(::normext::emu::WarpOp::kSync, mask, 0, 0, 32);

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "normext/math.h"
+#include "normext/xhat_source.h"
 
 namespace normext {
 
@@ -63,7 +64,23 @@ inline at::ScalarType acc_dtype(const at::Tensor& X) {
 }
 
 inline void check_activation(int64_t act, const char* op) {
-  TORCH_CHECK(act >= 0 && act < kNumActivations, op, ": unknown activation code ", act);
+  TORCH_CHECK(act >= 0 && base_activation(act) < kNumActivations, op, ": unknown activation code ", act);
+  TORCH_CHECK(!from_output(act), op,
+              ": a backward from the output (memory_efficient) is not supported by this kernel");
+}
+
+// The activation code of a backward op that may work from the output (act | kFromOutput, see
+// xhat_source.h); returns the activation itself, for the argument checks. relu is allowed there only when
+// the op needs no x̂ (needs_xhat false: BatchNorm's dx with constant statistics).
+inline int64_t check_grad_activation(int64_t act, const char* op, bool needs_xhat = true) {
+  const int64_t base = act >= 0 ? base_activation(act) : act;
+  check_activation(base, op);
+  TORCH_CHECK(
+      !(act >= 0 && from_output(act)) || base == kIdentity || base == kLeakyRelu ||
+          (base == kRelu && !needs_xhat),
+      op, ": a backward from the output needs an invertible activation (identity or leaky_relu), got code ",
+      base);
+  return base;
 }
 
 // A per-channel (or per-element) parameter: 1-D of `numel` floats, on X's device. Its dtype may be
@@ -185,6 +202,22 @@ inline LayerNormArgs check_layer_norm(const at::Tensor& X_in, at::IntArrayRef no
   a.beta = check_param_shape(beta, a.X, normalized_shape, "bias", op);
   a.residual = check_like(residual, a.X, Layout::kChannelsFirst, "residual", op);
   return a;
+}
+
+// The residual stream of add_layer_norm / add_rms_norm (s = X + R, normalized): R of X's shape and device,
+// floating point. s has residual_dtype (default: X's dtype), which must be X's dtype or float32 (a
+// float32 stream beside 16-bit activations). Returns R contiguous in that dtype (a cast when R has another).
+inline at::Tensor check_add_residual(const at::Tensor& R, const at::Tensor& X,
+                                     c10::optional<at::ScalarType> residual_dtype, const char* op) {
+  TORCH_CHECK(R.device() == X.device(), op, ": residual is on ", R.device(), " but the input is on ",
+              X.device());
+  TORCH_CHECK(R.sizes() == X.sizes(), op, ": residual must have the input's shape ", X.sizes(), ", got ",
+              R.sizes());
+  TORCH_CHECK(R.is_floating_point(), op, ": expected a floating-point residual, got ", R.scalar_type());
+  const at::ScalarType res = residual_dtype.value_or(X.scalar_type());
+  TORCH_CHECK(res == X.scalar_type() || (res == at::kFloat && X.scalar_type() != at::kDouble), op,
+              ": residual_dtype must be the input's dtype (", X.scalar_type(), ") or float32, got ", res);
+  return R.to(res).contiguous();
 }
 
 // Arguments of the per-channel-parameter norms that are not GroupNorm (LayerNorm2d, BatchNorm),

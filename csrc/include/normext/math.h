@@ -124,6 +124,14 @@ NORMEXT_HD T act_grad(T z, int64_t act, S slope) {
   }
 }
 
+// What a norm divides by (under the square root, before eps): the biased variance var (LayerNorm), or
+// for RMSNorm (rms) the mean square about zero, var + mean² (both terms >= 0, so nothing cancels, and
+// one set of Welford moments serves both norms).
+template <typename T>
+NORMEXT_HD T norm_var(T mean, T var, bool rms) {
+  return rms ? var + mean * mean : var;
+}
+
 // Running moments of a set of values: count n, mean, and M2 = sum((x - mean)^2). T may be a vector
 // of lanes that all saw the same number of values, so the count is a separate scalar type C.
 template <typename T, typename C>
