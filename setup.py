@@ -1,6 +1,6 @@
 # Builds normext._C: a CUDAExtension when torch has CUDA and a toolkit is found, else CPU-only.
 # Knobs: TORCH_CUDA_ARCH_LIST (default without a visible GPU: 8.0;9.0+PTX), MAX_JOBS,
-# NORMEXT_FORCE_CUDA=1 (fail instead of building CPU-only), NORMEXT_CPU_AVX2=0 (portable CPU kernels only).
+# NORMEXT_FORCE_CUDA=1 (fail instead of building CPU-only), NORMEXT_CPU_SIMD=0 (portable CPU kernels only).
 import glob
 import os
 import platform
@@ -32,30 +32,37 @@ from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, C
 DEFAULT_ARCHS = "8.0;9.0+PTX"
 
 
-def build_avx2_kernels():
-    """The CPU kernels get a second, AVX2+FMA build on x86-64 (chosen at run time, csrc/cpu/dispatch.cpp)."""
-    if os.environ.get("NORMEXT_CPU_AVX2") == "0":
-        return False
-    return platform.machine() in ("x86_64", "AMD64")
+def simd_capabilities():
+    """The SIMD builds of the CPU kernels beside the portable one: AVX2+FMA and AVX-512 on x86-64, one of
+    them chosen at run time (csrc/cpu/dispatch.cpp)."""
+    if os.environ.get("NORMEXT_CPU_SIMD") == "0" or platform.machine() not in ("x86_64", "AMD64"):
+        return []
+    return ["AVX2", "AVX512"]
 
 
 # The CPU kernel translation units, compiled once per CPU capability as ATen compiles its own (each in
 # namespace normext::cpu::<CAPABILITY>); the rest of the extension is compiled once, for any CPU.
 CPU_KERNELS = sorted(glob.glob("csrc/cpu/*_cpu.cpp"))
-# The flags match those of ATen's AVX2 kernels; at::vec picks its AVX2 implementation from the macros.
+# The flags match those of ATen's kernels of the same capability; at::vec picks its implementation from the
+# CPU_CAPABILITY_* macro.
 CPU_CAPABILITIES = {
     "DEFAULT": ["-DCPU_CAPABILITY=DEFAULT"],
     "AVX2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"],
+    "AVX512": [
+        *("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"),
+        *("-DCPU_CAPABILITY_AVX512", "-DCPU_CAPABILITY=AVX512"),
+    ],
 }
 
 
 class BuildWithCpuKernels(BuildExtension):
     """Compiles CPU_KERNELS per capability into their own folders (ninja, incremental) and links the objects
     into the extension, the portable ones first: an inline function that several objects define (a
-    std:: or c10 template) is taken from the first, so code the DEFAULT kernels reach never holds AVX2."""
+    std:: or c10 template) is taken from the first, so code the DEFAULT kernels reach never holds SIMD
+    instructions."""
 
     def build_extension(self, ext):
-        capabilities = ["DEFAULT", "AVX2"] if build_avx2_kernels() else ["DEFAULT"]
+        capabilities = ["DEFAULT", *simd_capabilities()]
         cxx = ext.extra_compile_args["cxx"]
         objects = []
         for cap in capabilities:
@@ -102,8 +109,7 @@ def extension():
     if platform.system() == "Linux":
         cxx.append("-fopenmp")
         link.append("-fopenmp")
-    if build_avx2_kernels():
-        cxx.append("-DNORMEXT_CPU_AVX2")
+    cxx += [f"-DNORMEXT_CPU_{cap}" for cap in simd_capabilities()]
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
     if want_cuda():
         archs = cuda_arch_list()

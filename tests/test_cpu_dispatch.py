@@ -1,13 +1,14 @@
-# The CPU kernels are built once per CPU capability and chosen at load time (csrc/cpu/dispatch.cpp): the
-# portable DEFAULT build, forced with ATEN_CPU_CAPABILITY=default in a subprocess, must give the results of
-# the build this process picked (AVX2 on a CPU that has it; then the two differ only by FMA contraction and
-# the SIMD exp/erf/tanh, so the tolerances are float32 rounding, measured under 2e-6 of the largest value,
-# not the float64-reference ones).
+# The CPU kernels are built once per CPU capability and chosen at load time (csrc/cpu/dispatch.cpp): each
+# narrower build, forced with ATEN_CPU_CAPABILITY in a subprocess, must give the results of the build this
+# process picked (AVX512 or AVX2 on a CPU that has it; the builds differ only by FMA contraction, the SIMD
+# width of in-vector partial sums and the SIMD exp/erf/tanh, so the tolerances are float32 rounding,
+# measured under 2e-6 of the largest value, not the float64-reference ones).
 import os
 import platform
 import subprocess
 import sys
 
+import pytest
 import torch
 
 import normext
@@ -71,19 +72,30 @@ def results_in_subprocess(tmp_path, env_extra):
     return torch.load(path)
 
 
-def test_capability_follows_aten():
-    # torch's own choice (cpuinfo, lowered by ATEN_CPU_CAPABILITY): AVX2 kernels wherever torch runs AVX2 or
-    # AVX512 ones on x86-64, unless the build left them out (NORMEXT_CPU_AVX2=0, in the environment of
-    # `make test` as of the build).
+ORDER = ("DEFAULT", "AVX2", "AVX512")
+
+
+def expected_capability():
+    # torch's own choice (cpuinfo, lowered by ATEN_CPU_CAPABILITY), unless the build left the SIMD kernels out
+    # (NORMEXT_CPU_SIMD=0 in the environment of `make test` as of the build) or the machine is not x86-64.
     x86 = platform.machine() in ("x86_64", "AMD64")
-    avx2 = x86 and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
-    built = os.environ.get("NORMEXT_CPU_AVX2") != "0"
-    assert normext._C.cpu_capability == ("AVX2" if avx2 and built else "DEFAULT")
+    built = x86 and os.environ.get("NORMEXT_CPU_SIMD") != "0"
+    aten = torch.backends.cpu.get_cpu_capability()
+    return aten if built and aten in ORDER else "DEFAULT"
 
 
-def test_default_build_matches(tmp_path):
-    got = results_in_subprocess(tmp_path, {"ATEN_CPU_CAPABILITY": "default"})
-    assert got["capability"] == "DEFAULT"
+def test_capability_follows_aten():
+    assert normext._C.cpu_capability == expected_capability()
+
+
+NARROWER = ORDER[: ORDER.index(expected_capability())]
+
+
+@pytest.mark.skipif(not NARROWER, reason="this process runs the portable build already: nothing narrower")
+@pytest.mark.parametrize("capability", NARROWER or ["none"])
+def test_narrower_build_matches(tmp_path, capability):
+    got = results_in_subprocess(tmp_path, {"ATEN_CPU_CAPABILITY": capability.lower()})
+    assert got["capability"] == capability
     scope = {}
     exec(CASES, scope)
     mine = scope["cases"]()

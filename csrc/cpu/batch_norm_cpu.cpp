@@ -32,8 +32,8 @@ template <typename F>
 struct SumStep {
   template <typename T, typename Rows, typename scalar_t, typename acc_t>
   static void run(int64_t o, int64_t j, Rows rows, int64_t C, const scalar_t* X, const acc_t* k, acc_t* out) {
-    const T kv = coef<true, T>(k, j);
-    T acc = coef<true, T>(out, j);
+    const T kv = coef<T>(k, j);
+    T acc = coef<T>(out, j);
     for (int64_t q = 0; q < rows; ++q, o += C) acc = acc + F::f(load_as<scalar_t, T>(X + o), kv);
     store_as<acc_t, T>(out + j, acc);
   }
@@ -110,10 +110,7 @@ void batch_moments(const scalar_t* X, const ChannelShape& s, acc_t* mean, acc_t*
   channel_moments(X, s, m_nc.data(), q_nc.data());
   at::parallel_for(0, s.C, grain_for(s.N), [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
-      Moments w{0.0, 0.0, 0.0};
-      for (int64_t n = 0; n < s.N; ++n) {
-        w = welford_merge(w, Moments{m_nc[n * s.C + c], q_nc[n * s.C + c], double(s.HxW)});
-      }
+      const Moments w = merge_equal_parts(m_nc.data() + c, q_nc.data() + c, s.N, s.C, double(s.HxW));
       mean[c] = acc_t(w.mean);
       m2[c] = acc_t(w.m2);
     }

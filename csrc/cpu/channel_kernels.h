@@ -61,22 +61,21 @@ struct GradCoefs {
   const acc_t* c;
 };
 
-// A run of elements of one sample: the HxW elements of channel `chan` (channels-first; rows = 1).
+// A run of elements of one sample: the HxW elements of channel `chan` (channels-first).
 struct Run {
   int64_t offset;  // element offset of the run in X
-  int64_t count;   // elements per row
-  int64_t rows;    // rows of `count` elements, consecutive in memory
-  int64_t stat;    // index of the run's first channel in mean/rstd
-  int64_t chan;    // channel of the run's first element
+  int64_t count;   // elements in the run (HxW)
+  int64_t stat;    // index of the run's channel in mean/rstd
+  int64_t chan;    // channel of the run
 };
 
-// Calls body(std::false_type, run) for every channels-first run of X, in parallel.
+// Calls body(run) for every channels-first run of X, in parallel.
 template <typename Body>
 void for_each_run(const ChannelShape& s, int64_t stat_stride, const Body& body) {
   at::parallel_for(0, s.N * s.C, grain_for(s.HxW), [&](int64_t begin, int64_t end) {
     for (int64_t nc = begin; nc < end; ++nc) {
       const int64_t n = nc / s.C, c = nc % s.C;
-      body(std::false_type{}, Run{nc * s.HxW, s.HxW, 1, n * stat_stride + c, c});
+      body(Run{nc * s.HxW, s.HxW, n * stat_stride + c, c});
     }
   });
 }
@@ -91,14 +90,14 @@ inline void for_simd_and_tail(int64_t n, const F& f) {
   for (; j < n; ++j) f(typename IO::acc_t(0), j);
 }
 
-// Per-channel coefficient for element j of a run as a T: a SIMD load of consecutive channels when
-// each element is its own channel, else a broadcast of the run's single channel.
-template <bool kPerElem, typename T, typename acc_t>
+// Per-channel coefficients of the consecutive channels j, j+1, ... as a T: one value (T = acc_t) or a SIMD
+// load of kSize of them.
+template <typename T, typename acc_t>
 inline T coef(const acc_t* p, int64_t j) {
   if constexpr (std::is_same_v<T, acc_t>) {
-    return kPerElem ? p[j] : p[0];
+    return p[j];
   } else {
-    return kPerElem ? T::loadu(p + j) : T(p[0]);
+    return T::loadu(p + j);
   }
 }
 
@@ -140,51 +139,46 @@ inline std::pair<T, T> xhat_dz(const scalar_t* dy, const scalar_t* x, const scal
   return {xhat, grad_pre_act(load_as<scalar_t, T>(dy + o), u, xhat, gamma, beta, r, kAct, slope)};
 }
 
-// The run-level kernels take every pointer by value, already offset to the run, so the hot loops
-// keep them in registers (SIMD stores are may-alias and would force reloads through references).
+// The run-level kernels below work on one channel: its coefficients come by value (loop invariants the
+// compiler keeps in registers; read through pointers, they would be reloaded after every may-alias store).
 
-template <typename scalar_t, int64_t kAct, bool kPerElem, typename acc_t = at::opmath_type<scalar_t>>
-void apply_run(const scalar_t* x, const scalar_t* res, scalar_t* y, int64_t n, int64_t rows,
-               const acc_t* mean, const acc_t* rstd, const acc_t* gamma, const acc_t* beta, acc_t slope) {
+template <typename scalar_t, int64_t kAct, typename acc_t = at::opmath_type<scalar_t>>
+void apply_run(const scalar_t* x, const scalar_t* res, scalar_t* y, int64_t n, acc_t mean, acc_t scale,
+               acc_t beta, acc_t slope) {
   for_simd_and_tail<scalar_t>(n, [&](auto zero, int64_t j) {
     using T = decltype(zero);
-    const T m = coef<kPerElem, T>(mean, j), b = coef<kPerElem, T>(beta, j);
-    const T scale = coef<kPerElem, T>(rstd, j) * coef<kPerElem, T>(gamma, j);
-    for (int64_t o = j; o < rows * n; o += n) {
-      T z = (load_as<scalar_t, T>(x + o) - m) * scale + b;
-      if (res != nullptr) z = z + load_as<scalar_t, T>(res + o);
-      store_as<scalar_t, T>(y + o, act_forward(z, kAct, slope));
-    }
+    T z = (load_as<scalar_t, T>(x + j) - T(mean)) * T(scale) + T(beta);
+    if (res != nullptr) z = z + load_as<scalar_t, T>(res + j);
+    store_as<scalar_t, T>(y + j, act_forward(z, kAct, slope));
   });
 }
 
-template <typename scalar_t, int64_t kAct, bool kPerElem, typename acc_t = at::opmath_type<scalar_t>>
+// dx = ca·dz + cb·x̂ + cc and dres = dz (either may be null); (m, p) of x̂ as xhat_coef gives them.
+template <typename scalar_t, int64_t kAct, typename acc_t = at::opmath_type<scalar_t>>
 void grad_input_run(const scalar_t* dy, const scalar_t* x, const scalar_t* res, scalar_t* dx, scalar_t* dres,
-                    int64_t n, int64_t rows, const acc_t* mean, const acc_t* rstd, const acc_t* gamma,
-                    const acc_t* beta, const acc_t* a, const acc_t* b, const acc_t* c, acc_t slope) {
+                    int64_t n, acc_t m, acc_t p, acc_t gamma, acc_t beta, acc_t ca, acc_t cb, acc_t cc,
+                    acc_t slope) {
   for_simd_and_tail<scalar_t>(n, [&](auto zero, int64_t j) {
     using T = decltype(zero);
-    const T m = coef<kPerElem, T>(mean, j), r = coef<kPerElem, T>(rstd, j);
-    const T g = coef<kPerElem, T>(gamma, j), bt = coef<kPerElem, T>(beta, j);
-    const T ca = coef<kPerElem, T>(a, j), cb = coef<kPerElem, T>(b, j), cc = coef<kPerElem, T>(c, j);
-    for (int64_t o = j; o < rows * n; o += n) {
-      const auto [xhat, dz] = xhat_dz<kAct>(dy, x, res, o, m, r, g, bt, slope);
-      if (dres != nullptr) store_as<scalar_t, T>(dres + o, dz);
-      if (dx != nullptr) store_as<scalar_t, T>(dx + o, ca * dz + cb * xhat + cc);
-    }
+    const auto [xhat, dz] = xhat_dz<kAct>(dy, x, res, j, T(m), T(p), T(gamma), T(beta), slope);
+    if (dres != nullptr) store_as<scalar_t, T>(dres + j, dz);
+    if (dx != nullptr) store_as<scalar_t, T>(dx + j, T(ca) * dz + T(cb) * xhat + T(cc));
   });
 }
 
-// Σ dz and Σ dz·x̂ over one channels-first run (one channel).
+// Σ dz and Σ dz·x̂ over one channels-first run (one channel); dz itself is also written to dz_out when
+// given, so a pass after it need not evaluate the activation's derivative again.
 template <typename scalar_t, int64_t kAct, typename acc_t = at::opmath_type<scalar_t>>
 std::pair<acc_t, acc_t> grad_sums_run(const scalar_t* dy, const scalar_t* x, const scalar_t* res, int64_t n,
-                                      acc_t mean, acc_t rstd, acc_t gamma, acc_t beta, acc_t slope) {
+                                      acc_t mean, acc_t rstd, acc_t gamma, acc_t beta, acc_t slope,
+                                      acc_t* dz_out = nullptr) {
   using Vec = typename VecIO<scalar_t>::Vec;
   Vec v_dz(0), v_dzx(0);
   acc_t t_dz = 0, t_dzx = 0;
   for_simd_and_tail<scalar_t>(n, [&](auto zero, int64_t j) {
     using T = decltype(zero);
     const auto [xhat, dz] = xhat_dz<kAct>(dy, x, res, j, T(mean), T(rstd), T(gamma), T(beta), slope);
+    if (dz_out != nullptr) store_as<acc_t, T>(dz_out + j, dz);
     if constexpr (std::is_same_v<T, acc_t>) {
       t_dz += dz;
       t_dzx += dz * xhat;
@@ -195,6 +189,21 @@ std::pair<acc_t, acc_t> grad_sums_run(const scalar_t* dy, const scalar_t* x, con
   });
   const auto add = [](Vec p, Vec q) { return p + q; };
   return {at::vec::vec_reduce_all(add, v_dz) + t_dz, at::vec::vec_reduce_all(add, v_dzx) + t_dzx};
+}
+
+// grad_input_run over one channels-first run (one channel) with dz read back from grad_sums_run's dz_out:
+// x (or y) and the residual are read again for x̂, the activation is not evaluated again.
+template <typename scalar_t, int64_t kAct, typename acc_t = at::opmath_type<scalar_t>>
+void grad_input_from_dz_run(const acc_t* dz, const scalar_t* x, const scalar_t* res, scalar_t* dx,
+                            scalar_t* dres, int64_t n, acc_t m, acc_t p, acc_t ca, acc_t cb, acc_t cc,
+                            acc_t slope) {
+  for_simd_and_tail<scalar_t>(n, [&](auto zero, int64_t j) {
+    using T = decltype(zero);
+    const T d = load_as<acc_t, T>(dz + j);
+    if (dres != nullptr) store_as<scalar_t, T>(dres + j, d);
+    if (dx != nullptr)
+      store_as<scalar_t, T>(dx + j, T(ca) * d + T(cb) * xhat_at<kAct>(x, res, j, T(m), T(p), slope) + T(cc));
+  });
 }
 
 // ------------------------------------------------------------------ channels-last rows
@@ -264,7 +273,7 @@ struct ShiftedSumsStep {
   static void run(int64_t o, int64_t j, Rows rows, int64_t C, const scalar_t* X, const scalar_t* k, acc_t* s1,
                   acc_t* s2) {
     const T kv = load_as<scalar_t, T>(k + j);
-    T a = coef<true, T>(s1, j), b = coef<true, T>(s2, j);
+    T a = coef<T>(s1, j), b = coef<T>(s2, j);
     for (int64_t q = 0; q < rows; ++q, o += C) {
       const T d = load_as<scalar_t, T>(X + o) - kv;
       a = a + d;
@@ -281,7 +290,7 @@ struct ApplyStep {
   template <typename T, typename Rows, typename scalar_t, typename acc_t>
   static void run(int64_t o, int64_t j, Rows rows, int64_t C, const scalar_t* X, const scalar_t* R,
                   scalar_t* Y, const acc_t* mean, const acc_t* scale, const acc_t* beta, acc_t slope) {
-    const T m = coef<true, T>(mean, j), a = coef<true, T>(scale, j), b = coef<true, T>(beta, j);
+    const T m = coef<T>(mean, j), a = coef<T>(scale, j), b = coef<T>(beta, j);
     for (int64_t q = 0; q < rows; ++q, o += C) {
       T z = madd(load_as<scalar_t, T>(X + o) - m, a, b);
       if (R != nullptr) z = z + load_as<scalar_t, T>(R + o);
@@ -297,9 +306,9 @@ struct GradSumsStep {
   static void run(int64_t o, int64_t j, Rows rows, int64_t C, const scalar_t* dY, const scalar_t* X,
                   const scalar_t* R, const acc_t* mean, const acc_t* rstd, const acc_t* gamma,
                   const acc_t* beta, acc_t slope, acc_t* sdz, acc_t* sdzx) {
-    const T m = coef<true, T>(mean, j), rs = coef<true, T>(rstd, j);
-    const T g = coef<true, T>(gamma, j), b = coef<true, T>(beta, j);
-    T a0 = coef<true, T>(sdz, j), a1 = coef<true, T>(sdzx, j);
+    const T m = coef<T>(mean, j), rs = coef<T>(rstd, j);
+    const T g = coef<T>(gamma, j), b = coef<T>(beta, j);
+    T a0 = coef<T>(sdz, j), a1 = coef<T>(sdzx, j);
     for (int64_t q = 0; q < rows; ++q, o += C) {
       const auto [xhat, dz] = xhat_dz<kAct>(dY, X, R, o, m, rs, g, b, slope);
       a0 = a0 + dz;
@@ -318,9 +327,9 @@ struct GradInputStep {
                   const scalar_t* R, const acc_t* mean, const acc_t* rstd, const acc_t* gamma,
                   const acc_t* beta, const acc_t* ka, const acc_t* kb, const acc_t* kc, acc_t slope,
                   scalar_t* dX, scalar_t* dR) {
-    const T m = coef<true, T>(mean, j), rs = coef<true, T>(rstd, j);
-    const T g = coef<true, T>(gamma, j), b = coef<true, T>(beta, j);
-    const T a = coef<true, T>(ka, j), bb = coef<true, T>(kb, j), cc = coef<true, T>(kc, j);
+    const T m = coef<T>(mean, j), rs = coef<T>(rstd, j);
+    const T g = coef<T>(gamma, j), b = coef<T>(beta, j);
+    const T a = coef<T>(ka, j), bb = coef<T>(kb, j), cc = coef<T>(kc, j);
     for (int64_t q = 0; q < rows; ++q, o += C) {
       const auto [xhat, dz] = xhat_dz<kAct>(dY, X, R, o, m, rs, g, b, slope);
       if (dR != nullptr) store_as<scalar_t, T>(dR + o, dz);
@@ -348,10 +357,26 @@ RowChunks reduce_channels_last(const ChannelShape& s, std::vector<acc_t>& out0, 
   return rc;
 }
 
+// Moments of `count` parts of n_each values each, part i's mean and M2 at mean[i·stride], m2[i·stride]: the
+// exact merge (as Chan's pairwise one), without a division per part: the mean of the means, then
+// Σ M2_i + n_each·Σ (mean_i − mean)².
+inline Moments merge_equal_parts(const double* mean, const double* m2, int64_t count, int64_t stride,
+                                 double n_each) {
+  double sum = 0.0;
+  for (int64_t i = 0; i < count; ++i) sum += mean[i * stride];
+  const double mu = sum / double(count);
+  double q = 0.0;
+  for (int64_t i = 0; i < count; ++i) {
+    const double d = mean[i * stride] - mu;
+    q += m2[i * stride] + n_each * d * d;
+  }
+  return {mu, q, n_each * double(count)};
+}
+
 // Per-(n, c) moments over HxW (count HxW each), in double (see Moments): a row_moments per contiguous
-// run (channels-first), or per fixed chunk of rows the sums of x - x0 and (x - x0)² (x0 the chunk's
-// first row: a shift on the scale of the spread, so Σd²/n - (Σd/n)² does not cancel the way
-// E[x²] - E[x]² does for off-centre data), merged in chunk order (channels-last).
+// run (channels-first), or, channels-last, the sums of d = x - x0 and d² per fixed chunk of rows (x0 the
+// sample's first row: a shift on the scale of the spread, so Σd²/n - (Σd/n)² does not cancel the way
+// E[x²] - E[x]² does for off-centre data), added up in chunk order in double, one division per (n, c).
 template <typename scalar_t>
 void channel_moments(const scalar_t* X, const ChannelShape& s, double* mean, double* m2) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -369,23 +394,19 @@ void channel_moments(const scalar_t* X, const ChannelShape& s, double* mean, dou
   const RowChunks rc =
       reduce_channels_last(s, ps1, ps2, [&](int64_t n, int64_t r0, int64_t r1, acc_t* s1, acc_t* s2) {
         const scalar_t* xn = X + n * s.HxW * s.C;
-        for_rows<scalar_t, ShiftedSumsStep>(r0 + 1, r1, s.C, xn, xn + r0 * s.C, s1, s2);
+        for_rows<scalar_t, ShiftedSumsStep>(std::max<int64_t>(r0, 1), r1, s.C, xn, xn, s1, s2);
       });
   at::parallel_for(0, s.N * s.C, grain_for(rc.count), [&](int64_t begin, int64_t end) {
     for (int64_t nc = begin; nc < end; ++nc) {
       const int64_t n = nc / s.C, c = nc % s.C;
-      Moments w{0.0, 0.0, 0.0};
+      double s1 = 0.0, s2 = 0.0;
       for (int64_t k = 0; k < rc.count; ++k) {
-        const int64_t r0 = k * rc.rows_per_chunk;
-        const int64_t rows = std::min(s.HxW, r0 + rc.rows_per_chunk) - r0;
-        const int64_t i = (n * rc.count + k) * s.C + c;
-        const double ms = double(ps1[i]) / double(rows);
-        const double shift = double(acc_t(X[(n * s.HxW + r0) * s.C + c]));
-        w = welford_merge(
-            w, Moments{shift + ms, std::max(0.0, double(ps2[i]) - ms * double(ps1[i])), double(rows)});
+        s1 += double(ps1[(n * rc.count + k) * s.C + c]);
+        s2 += double(ps2[(n * rc.count + k) * s.C + c]);
       }
-      mean[nc] = w.mean;
-      m2[nc] = w.m2;
+      const double ms = s1 / double(s.HxW);
+      mean[nc] = double(acc_t(X[n * s.HxW * s.C + c])) + ms;
+      m2[nc] = std::max(0.0, s2 - ms * s1);
     }
   });
 }
@@ -397,10 +418,10 @@ void channel_apply(const scalar_t* X, const scalar_t* R, scalar_t* Y, const Chan
   using acc_t = at::opmath_type<scalar_t>;
   if (!s.channels_last) {
     dispatch_activation(act, [&](auto A) {
-      for_each_run(s, k.stat_stride, [&](auto per_elem, const Run& r) {
-        apply_run<scalar_t, decltype(A)::value, decltype(per_elem)::value>(
-            X + r.offset, R ? R + r.offset : nullptr, Y + r.offset, r.count, r.rows, k.mean + r.stat,
-            k.rstd + r.stat, k.gamma + r.chan, k.beta + r.chan, acc_t(slope));
+      for_each_run(s, k.stat_stride, [&](const Run& r) {
+        apply_run<scalar_t, decltype(A)::value>(X + r.offset, R ? R + r.offset : nullptr, Y + r.offset,
+                                                r.count, k.mean[r.stat], k.rstd[r.stat] * k.gamma[r.chan],
+                                                k.beta[r.chan], acc_t(slope));
       });
     });
     return;
@@ -430,7 +451,7 @@ void channel_grad_sums(const scalar_t* dY, const scalar_t* X, const scalar_t* R,
   const acc_t sl = acc_t(slope);
   dispatch_grad_activation(act, [&](auto A) {
     if (!s.channels_last) {
-      for_each_run(s, k.stat_stride, [&](auto, const Run& r) {
+      for_each_run(s, k.stat_stride, [&](const Run& r) {
         const auto [a, b] = grad_sums_run<scalar_t, decltype(A)::value>(
             dY + r.offset, X + r.offset, R ? R + r.offset : nullptr, r.count, k.mean[r.stat], k.rstd[r.stat],
             k.gamma[r.chan], k.beta[r.chan], sl);
@@ -472,11 +493,11 @@ void channel_grad_input(const scalar_t* dY, const scalar_t* X, const scalar_t* R
   using acc_t = at::opmath_type<scalar_t>;
   dispatch_grad_activation(act, [&](auto A) {
     if (!s.channels_last) {
-      for_each_run(s, k.stat_stride, [&](auto per_elem, const Run& r) {
-        grad_input_run<scalar_t, decltype(A)::value, decltype(per_elem)::value>(
+      for_each_run(s, k.stat_stride, [&](const Run& r) {
+        grad_input_run<scalar_t, decltype(A)::value>(
             dY + r.offset, X + r.offset, R ? R + r.offset : nullptr, dX ? dX + r.offset : nullptr,
-            dR ? dR + r.offset : nullptr, r.count, r.rows, k.mean + r.stat, k.rstd + r.stat, k.gamma + r.chan,
-            k.beta + r.chan, g.a + r.stat, g.b + r.stat, g.c + r.stat, acc_t(slope));
+            dR ? dR + r.offset : nullptr, r.count, k.mean[r.stat], k.rstd[r.stat], k.gamma[r.chan],
+            k.beta[r.chan], g.a[r.stat], g.b[r.stat], g.c[r.stat], acc_t(slope));
       });
       return;
     }

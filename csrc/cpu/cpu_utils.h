@@ -17,7 +17,7 @@
 
 // Every CPU kernel is compiled once per capability (setup.py), each build in its own namespace.
 #ifndef CPU_CAPABILITY
-#error "compile the CPU kernels with -DCPU_CAPABILITY=DEFAULT or AVX2 (see setup.py)"
+#error "compile the CPU kernels with -DCPU_CAPABILITY=DEFAULT, AVX2 or AVX512 (see setup.py)"
 #endif
 
 namespace normext::cpu::CPU_CAPABILITY {

@@ -21,34 +21,46 @@ NORMEXT_DECLARE_REGISTER(DEFAULT)
 #ifdef NORMEXT_CPU_AVX2
 NORMEXT_DECLARE_REGISTER(AVX2)
 #endif
+#ifdef NORMEXT_CPU_AVX512
+NORMEXT_DECLARE_REGISTER(AVX512)
+#endif
 #undef NORMEXT_DECLARE_REGISTER
 
 const char* capability() {
-#ifdef NORMEXT_CPU_AVX2
-  // AVX512 machines run the AVX2 build: normext has no AVX512 one.
-  static const bool avx2 = [] {
-    const std::string cap = at::get_cpu_capability();
-    return cap == "AVX2" || cap == "AVX512";
-  }();
-  return avx2 ? "AVX2" : "DEFAULT";
-#else
-  return "DEFAULT";
+  static const char* const cap = [] {
+    [[maybe_unused]] const std::string aten = at::get_cpu_capability();
+#ifdef NORMEXT_CPU_AVX512
+    if (aten == "AVX512") return "AVX512";
 #endif
+#ifdef NORMEXT_CPU_AVX2
+    if (aten == "AVX2" || aten == "AVX512") return "AVX2";
+#endif
+    return "DEFAULT";
+  }();
+  return cap;
 }
 
 }  // namespace normext::cpu
 
+#define NORMEXT_REGISTER(CAP)  \
+  CAP::register_group_norm(m); \
+  CAP::register_layer_norm(m); \
+  CAP::register_batch_norm(m)
+
 TORCH_LIBRARY_IMPL(normext, CPU, m) {
   using namespace normext::cpu;
-#ifdef NORMEXT_CPU_AVX2
-  if (std::string(capability()) == "AVX2") {
-    AVX2::register_group_norm(m);
-    AVX2::register_layer_norm(m);
-    AVX2::register_batch_norm(m);
+  [[maybe_unused]] const std::string cap = capability();
+#ifdef NORMEXT_CPU_AVX512
+  if (cap == "AVX512") {
+    NORMEXT_REGISTER(AVX512);
     return;
   }
 #endif
-  DEFAULT::register_group_norm(m);
-  DEFAULT::register_layer_norm(m);
-  DEFAULT::register_batch_norm(m);
+#ifdef NORMEXT_CPU_AVX2
+  if (cap == "AVX2") {
+    NORMEXT_REGISTER(AVX2);
+    return;
+  }
+#endif
+  NORMEXT_REGISTER(DEFAULT);
 }

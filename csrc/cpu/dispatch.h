@@ -1,4 +1,5 @@
-// Which build of the CPU kernels (csrc/cpu/dispatch.cpp) this process registered: "AVX2" or "DEFAULT".
+// Which build of the CPU kernels (csrc/cpu/dispatch.cpp) this process registered: "AVX512", "AVX2" or
+// "DEFAULT".
 #pragma once
 
 namespace normext::cpu {

@@ -76,9 +76,9 @@ std::tuple<Tensor, Tensor, Tensor> group_norm_fwd_cpu(const Tensor& X_in, const 
             finish(ng, row_moments(X + o, D * HxW));
             for (int64_t d = 0; d < D; ++d) {
               const int64_t oc = o + d * HxW;
-              apply_run<scalar_t, decltype(A)::value, false>(X + oc, R ? R + oc : nullptr, Yp + oc, HxW, 1,
-                                                             mean_p + ng, rstd_p + ng, gamma_p + c0 + d,
-                                                             beta_p + c0 + d, acc_t(slope));
+              apply_run<scalar_t, decltype(A)::value>(X + oc, R ? R + oc : nullptr, Yp + oc, HxW, mean_p[ng],
+                                                      rstd_p[ng] * gamma_p[c0 + d], beta_p[c0 + d],
+                                                      acc_t(slope));
             }
           }
         });
@@ -88,10 +88,7 @@ std::tuple<Tensor, Tensor, Tensor> group_norm_fwd_cpu(const Tensor& X_in, const 
     std::vector<double> m_nc(N * C), q_nc(N * C);
     channel_moments(X, s, m_nc.data(), q_nc.data());
     for (int64_t ng = 0; ng < N * G; ++ng) {
-      Moments w{0.0, 0.0, 0.0};
-      for (int64_t d = 0; d < D; ++d)
-        w = welford_merge(w, Moments{m_nc[ng * D + d], q_nc[ng * D + d], double(HxW)});
-      finish(ng, w);
+      finish(ng, merge_equal_parts(m_nc.data() + ng * D, q_nc.data() + ng * D, D, 1, double(HxW)));
     }
     const auto mean_c = expand_groups(mean_p, N, G, D);
     const auto rstd_c = expand_groups(rstd_p, N, G, D);
@@ -151,18 +148,22 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> group_norm_bwd_cpu(
     };
     if (!s.channels_last) {
       // Per (n, group): the D channels' Σdz, Σdz·x̂, then dx = ca·dz + cb·x̂ + cc while x and dy are in cache.
+      // Behind an activation, the first pass also keeps dz (float, one group a task) for the second.
       const acc_t sl = acc_t(slope);
       dispatch_grad_activation(act, [&](auto A) {
         constexpr int64_t kAct = decltype(A)::value;
+        const bool keep_dz = base_activation(kAct) != kIdentity && (dXp != nullptr || dRp != nullptr);
         at::parallel_for(0, N * G, grain_for(D * HxW), [&](int64_t begin, int64_t end) {
+          std::vector<acc_t> dz(keep_dz ? D * HxW : 0);
           for (int64_t ng = begin; ng < end; ++ng) {
             const int64_t c0 = (ng % G) * D, nc0 = (ng / G) * C + c0;
             const acc_t r = rstd_p[ng];
             for (int64_t d = 0; d < D; ++d) {
               const int64_t o = (nc0 + d) * HxW, c = c0 + d;
               const auto [xm, xp] = xhat_coef(act, mean_p[ng], r, gamma_p[c], beta_p[c]);
-              std::tie(sdz[nc0 + d], sdzx[nc0 + d]) = grad_sums_run<scalar_t, kAct>(
-                  dYp + o, X + o, R ? R + o : nullptr, HxW, xm, xp, gamma_p[c], beta_p[c], sl);
+              std::tie(sdz[nc0 + d], sdzx[nc0 + d]) =
+                  grad_sums_run<scalar_t, kAct>(dYp + o, X + o, R ? R + o : nullptr, HxW, xm, xp, gamma_p[c],
+                                                beta_p[c], sl, keep_dz ? dz.data() + d * HxW : nullptr);
             }
             if (dXp == nullptr && dRp == nullptr) continue;
             const auto [cb, cc] =
@@ -171,9 +172,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> group_norm_bwd_cpu(
               const int64_t o = (nc0 + d) * HxW, c = c0 + d;
               const acc_t ca = gamma_p[c] * r;
               const auto [xm, xp] = xhat_coef(act, mean_p[ng], r, gamma_p[c], beta_p[c]);
-              grad_input_run<scalar_t, kAct, false>(dYp + o, X + o, R ? R + o : nullptr,
-                                                    dXp ? dXp + o : nullptr, dRp ? dRp + o : nullptr, HxW, 1,
-                                                    &xm, &xp, gamma_p + c, beta_p + c, &ca, &cb, &cc, sl);
+              scalar_t* dx = dXp ? dXp + o : nullptr;
+              scalar_t* dr = dRp ? dRp + o : nullptr;
+              if (keep_dz) {
+                grad_input_from_dz_run<scalar_t, kAct>(dz.data() + d * HxW, X + o, R ? R + o : nullptr, dx,
+                                                       dr, HxW, xm, xp, ca, cb, cc, sl);
+              } else {
+                grad_input_run<scalar_t, kAct>(dYp + o, X + o, R ? R + o : nullptr, dx, dr, HxW, xm, xp,
+                                               gamma_p[c], beta_p[c], ca, cb, cc, sl);
+              }
             }
           }
         });

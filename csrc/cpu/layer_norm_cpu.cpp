@@ -63,8 +63,8 @@ void forward_row(const in_t* x, const scalar_t* res, scalar_t* y, int64_t D, con
   *rstd_out = rstd;
   for_simd_and_tail<scalar_t>(D, [&](auto zero, int64_t j) {
     using T = decltype(zero);
-    const T scale = T(rstd) * coef<true, T>(gamma, j);
-    T z = (load_as<in_t, T>(x + j) - T(mean)) * scale + coef<true, T>(beta, j);
+    const T scale = T(rstd) * coef<T>(gamma, j);
+    T z = (load_as<in_t, T>(x + j) - T(mean)) * scale + coef<T>(beta, j);
     if (res != nullptr) z = z + load_as<scalar_t, T>(res + j);
     store_as<scalar_t, T>(y + j, act_forward(z, kAct, slope));
   });
@@ -137,14 +137,14 @@ void backward_row(const scalar_t* dy, const scalar_t* x, const scalar_t* res, sc
   acc_t t1 = 0, t2 = 0;
   for_simd_and_tail<scalar_t>(D, [&](auto zero, int64_t j) {
     using T = decltype(zero);
-    const T g = coef<true, T>(gamma, j), b = coef<true, T>(beta, j);
+    const T g = coef<T>(gamma, j), b = coef<T>(beta, j);
     // From the output x̂ = (v − β)/γ per element (xhat_source.h); else (x − mean)·rstd of the row.
     const auto [xhat, dz] = from_output(kAct) ? xhat_dz<kAct>(dy, x, res, j, b, T(acc_t(1)) / g, g, b, slope)
                                               : xhat_dz<kAct>(dy, x, res, j, T(mean), T(rstd), g, b, slope);
     if constexpr (kScratch) store_as<acc_t, T>(scratch + j, dz);
     if (dres != nullptr) store_as<scalar_t, T>(dres + j, dz);
-    if (pg != nullptr) store_as<acc_t, T>(pg + j, coef<true, T>(pg, j) + dz * xhat);
-    if (pb != nullptr) store_as<acc_t, T>(pb + j, coef<true, T>(pb, j) + dz);
+    if (pg != nullptr) store_as<acc_t, T>(pg + j, coef<T>(pg, j) + dz * xhat);
+    if (pb != nullptr) store_as<acc_t, T>(pb + j, coef<T>(pb, j) + dz);
     const T gdz = g * dz;
     if constexpr (std::is_same_v<T, acc_t>) {
       t1 += gdz;
@@ -160,16 +160,16 @@ void backward_row(const scalar_t* dy, const scalar_t* x, const scalar_t* res, sc
   const acc_t c2 = (at::vec::vec_reduce_all(add, v2) + t2) / acc_t(D);
   for_simd_and_tail<scalar_t>(D, [&](auto zero, int64_t j) {
     using T = decltype(zero);
-    const T xhat = from_output(kAct) ? xhat_at<kAct>(x, res, j, coef<true, T>(beta, j),
-                                                     T(acc_t(1)) / coef<true, T>(gamma, j), slope)
-                                     : xhat_at<kAct>(x, res, j, T(mean), T(rstd), slope);
+    const T xhat = from_output(kAct)
+                       ? xhat_at<kAct>(x, res, j, coef<T>(beta, j), T(acc_t(1)) / coef<T>(gamma, j), slope)
+                       : xhat_at<kAct>(x, res, j, T(mean), T(rstd), slope);
     T dz;
     if constexpr (kScratch) {
       dz = load_as<acc_t, T>(scratch + j);
     } else {
       dz = load_as<scalar_t, T>(dy + j);
     }
-    store_as<scalar_t, T>(dx + j, T(rstd) * (coef<true, T>(gamma, j) * dz - T(c1) - xhat * T(c2)));
+    store_as<scalar_t, T>(dx + j, T(rstd) * (coef<T>(gamma, j) * dz - T(c1) - xhat * T(c2)));
   });
 }
 
@@ -605,7 +605,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_norm_bwd_cpu(
     const Tensor& rstd_in, const c10::optional<Tensor>& gamma, const c10::optional<Tensor>& beta,
     at::IntArrayRef normalized_shape, int64_t act, double slope, std::array<bool, 4> mask) {
   constexpr const char* op = "layer_norm_bwd";
-  const auto a = check_layer_norm(X_in, normalized_shape, gamma, beta, residual, check_grad_activation(act, op), op);
+  const auto a =
+      check_layer_norm(X_in, normalized_shape, gamma, beta, residual, check_grad_activation(act, op), op);
   return rows_bwd(dY_in, a, mean_in, rstd_in, normalized_shape, act, slope, mask, op);
 }
 
@@ -617,7 +618,7 @@ std::tuple<Tensor, Tensor, Tensor> rms_norm_bwd_cpu(const Tensor& dY_in, const T
                                                     double slope, std::array<bool, 3> mask) {
   constexpr const char* op = "rms_norm_bwd";
   const auto a = check_layer_norm(X_in, normalized_shape, gamma, c10::nullopt, residual,
-                                check_grad_activation(act, op), op);
+                                  check_grad_activation(act, op), op);
   auto [dX, dgamma, dbeta, dR] = rows_bwd(dY_in, a, Tensor(), rstd_in, normalized_shape, act, slope,
                                           {mask[0], mask[1], false, mask[2]}, op);
   return {dX, dgamma, dR};
@@ -682,8 +683,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_norm_2d_bwd_cpu(
     const Tensor& rstd_in, const c10::optional<Tensor>& gamma, const c10::optional<Tensor>& beta, int64_t act,
     double slope, std::array<bool, 4> mask) {
   constexpr const char* op = "layer_norm_2d_bwd";
-  return bwd_2d(dY_in, check_channel_norm(X_in, gamma, beta, residual, check_grad_activation(act, op), op), mean_in, rstd_in, act, slope,
-                mask, op);
+  return bwd_2d(dY_in, check_channel_norm(X_in, gamma, beta, residual, check_grad_activation(act, op), op),
+                mean_in, rstd_in, act, slope, mask, op);
 }
 
 std::tuple<Tensor, Tensor, Tensor> rms_norm_2d_bwd_cpu(const Tensor& dY_in, const Tensor& X_in,
@@ -692,9 +693,9 @@ std::tuple<Tensor, Tensor, Tensor> rms_norm_2d_bwd_cpu(const Tensor& dY_in, cons
                                                        const c10::optional<Tensor>& gamma, int64_t act,
                                                        double slope, std::array<bool, 3> mask) {
   constexpr const char* op = "rms_norm_2d_bwd";
-  auto [dX, dgamma, dbeta, dR] =
-      bwd_2d(dY_in, check_channel_norm(X_in, gamma, c10::nullopt, residual, check_grad_activation(act, op), op), Tensor(), rstd_in, act,
-             slope, {mask[0], mask[1], false, mask[2]}, op);
+  auto [dX, dgamma, dbeta, dR] = bwd_2d(
+      dY_in, check_channel_norm(X_in, gamma, c10::nullopt, residual, check_grad_activation(act, op), op),
+      Tensor(), rstd_in, act, slope, {mask[0], mask[1], false, mask[2]}, op);
   return {dX, dgamma, dR};
 }
 
