@@ -13,7 +13,8 @@ def build_info():
         "torch CUDA": torch.version.cuda or "-",
         "GPU visible": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no",
         "CPU threads": torch.get_num_threads(),
-        # The build of the CPU kernels in use (the widest of AVX512, AVX2, DEFAULT that torch's own kernels run: ATEN_CPU_CAPABILITY lowers both).
+        # The build of the CPU kernels in use: the widest of AVX512, AVX2, DEFAULT that torch's own kernels
+        # run (ATEN_CPU_CAPABILITY lowers both).
         "CPU kernels": getattr(_C, "cpu_capability", "-"),
     }
 
