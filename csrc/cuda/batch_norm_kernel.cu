@@ -33,6 +33,10 @@ template <int VEC>
 constexpr int kReduceUnroll = VEC >= 8 ? 2 : 4;
 template <int VEC>
 constexpr int kApplyUnroll = VEC >= 8 ? 1 : 2;
+// The rows-view backward sums hold 4 per-channel constants per lane as well: 8-wide vectors there load one
+// row at a time (two made the bf16 kernel spill 190 bytes at its 128-register bound).
+template <int VEC>
+constexpr int kGradUnroll = VEC >= 8 ? 1 : kReduceUnroll<VEC>;
 // Minimum blocks per SM of the streaming kernels: 2 with vectors, which holds them within 128 registers
 // without spills (ptxas -v: up to 170 before); none with scalar access, which fits 50% occupancy on sm_90
 // as it is (a bound of 4 only let ptxas use more registers).
@@ -43,13 +47,6 @@ constexpr int kStreamBlocks = VEC == 1 ? 1 : 2;
 constexpr int64_t kReduceBlocks = 1024;
 constexpr int64_t kApplyBlocks = 4096;
 constexpr int64_t kMinPerThread = 4;  // rows / tiles per thread row that make a partition worth a block
-
-// a / b and a % b for non-negative a, b: 32-bit division when both fit (64-bit division is a long
-// instruction sequence), else 64-bit.
-__device__ __forceinline__ int64_t div_idx(int64_t a, int64_t b) {
-  if (a <= UINT32_MAX && b <= UINT32_MAX) return static_cast<uint32_t>(a) / static_cast<uint32_t>(b);
-  return a / b;
-}
 
 // Per-channel statistics and parameters, float and contiguous. `second` holds rstd, or the variance
 // (then rstd = 1/sqrt(var + eps)) when second_is_var. gamma/beta may be null (1 and 0).
@@ -156,10 +153,10 @@ __global__ void __launch_bounds__(kBlock, kStreamBlocks<VEC>)
     if (active) ch.at(c + e, mean[e], rstd[e], g[e], b[e]);
   }
   if (active) {
-    for (int64_t r = r0 + y; r < r1; r += kReduceUnroll<VEC> * kRows) {
-      AlignedVector<scalar_t, VEC> xv[kReduceUnroll<VEC>], dv[kReduceUnroll<VEC>], rv[kReduceUnroll<VEC>];
+    for (int64_t r = r0 + y; r < r1; r += kGradUnroll<VEC> * kRows) {
+      AlignedVector<scalar_t, VEC> xv[kGradUnroll<VEC>], dv[kGradUnroll<VEC>], rv[kGradUnroll<VEC>];
 #pragma unroll
-      for (int u = 0; u < kReduceUnroll<VEC>; ++u) {
+      for (int u = 0; u < kGradUnroll<VEC>; ++u) {
         if (r + u * kRows < r1) {
           const int64_t o = (r + u * kRows) * C + c;
           xv[u] = load_vec<VEC>(X, o);
@@ -168,7 +165,7 @@ __global__ void __launch_bounds__(kBlock, kStreamBlocks<VEC>)
         }
       }
 #pragma unroll
-      for (int u = 0; u < kReduceUnroll<VEC>; ++u) {
+      for (int u = 0; u < kGradUnroll<VEC>; ++u) {
         if (r + u * kRows >= r1) continue;
 #pragma unroll
         for (int e = 0; e < VEC; ++e) {
@@ -519,10 +516,12 @@ constexpr int64_t kSmallNumel = 65536;
 struct SmallView {
   int64_t C, HxW, count;  // count = N·HxW values per channel
   bool rows;
+  double unbias;  // 1 / (count - 1), from the host: the unbiased variance without a division in the kernel
 
+  // Indices below kSmallNumel: 32-bit division.
   __device__ __forceinline__ int64_t at(int64_t c, int64_t k) const {
     if (rows) return k * C + c;
-    const int64_t n = div_idx(k, HxW);
+    const int64_t n = div32(k, HxW);
     return (n * C + c) * HxW + (k - n * HxW);
   }
 };
@@ -543,14 +542,14 @@ __global__ void __launch_bounds__(kBlock)
   const float shift = static_cast<float>(X[v.at(c, 0)]);
   float s = 0.f;
   for (int64_t k = lane; k < v.count; k += kWarpSize) s += static_cast<float>(X[v.at(c, k)]) - shift;
-  const float mean = shift + group_allsum(s, kWarpSize) / n;
+  const float mean = shift + nx_div(group_allsum(s, kWarpSize), n);
   float q = 0.f;
   for (int64_t k = lane; k < v.count; k += kWarpSize) {
     const float d = static_cast<float>(X[v.at(c, k)]) - mean;
     q += d * d;
   }
   const float m2 = group_allsum(q, kWarpSize);
-  const float rstd = rsqrt_rn(m2 / n + eps);
+  const float rstd = rsqrt_rn(nx_div(m2, n) + eps);
   if (lane == 0) {
     out_mean[c] = mean;
     out_rstd[c] = rstd;
@@ -560,7 +559,7 @@ __global__ void __launch_bounds__(kBlock)
     }
     if (running_var != nullptr) {
       float& r = running_var[c * rv_stride];
-      r = float((1.0 - momentum) * double(r) + momentum * (double(m2) / (double(v.count) - 1.0)));
+      r = float((1.0 - momentum) * double(r) + momentum * (double(m2) * v.unbias));
     }
   }
   const float scale = (gamma != nullptr ? gamma[c] : 1.f) * rstd, b = beta != nullptr ? beta[c] : 0.f;
@@ -683,7 +682,7 @@ const scalar_t* ptr_or_null(const c10::optional<Tensor>& t) {
 std::optional<SmallView> small_view(const ChannelNormArgs& a) {
   const int64_t count = a.dims.N * a.dims.HxW;
   if (count > kSmallCount || count * a.dims.C > kSmallNumel) return std::nullopt;
-  return SmallView{a.dims.C, a.dims.HxW, count, a.rows};
+  return SmallView{a.dims.C, a.dims.HxW, count, a.rows, 1.0 / (double(count) - 1.0)};
 }
 
 unsigned small_blocks(int64_t C) { return unsigned(ceil_div<int64_t>(C, kBlock / kWarpSize)); }
