@@ -245,7 +245,7 @@ def main():
             " hold no compute_90 PTX for ptxas (a TORCH_CUDA_ARCH_LIST with 9.0+PTX, the default, embeds it)"
         )
     if wide:
-        print("cuda-report: above 128 registers (the target of issue 11, not enforced):", *wide, sep="\n  ")
+        print("cuda-report: above 128 registers (fails with --max-regs 128, as make cuda-report runs it):", *wide, sep="\n  ")
     if known:
         print("cuda-report: known spills (KNOWN_SPILLS):", *known, sep="\n  ")
     if problems:

@@ -26,8 +26,10 @@ constexpr int kFwdRegs = 32;
 constexpr int kBwdRegs = 16;
 constexpr int kMaxBlock = 512;  // fused kernels
 constexpr int kBlock = 256;     // streaming kernels
-// The fused kernels (and the streaming ones ptxas otherwise held to 64 / 80 registers with a few spilled)
-// say min blocks 1 explicitly: with the block size alone ptxas chose a tighter register budget and spilled.
+// Register budgets are ptxas heuristics as much as bounds: given the block size alone, ptxas held some
+// kernels (fused channels-last forward, fused NCHW backward, channels-last apply and dx) to 64 / 80 registers
+// and spilled a few, so those state min blocks 1 (a 128 / 255 budget); for others that same bound made ptxas
+// spill at 128, so they keep the block size alone. tools/cuda_report.py checks the result.
 // Streaming kernels carry no minimum blocks per SM: with scalar access they already fit 4 x 256 threads (50%
 // occupancy on sm_90) and a bound of 4 only let ptxas use more registers (100% -> 75% for some); with vectors
 // their VEC-wide per-channel constants need 80-170 registers, and a cap of 128 made some spill (fold first).
@@ -152,7 +154,7 @@ __device__ __forceinline__ float rstd_of(const WelfordF& w, float eps) {
 // (M <= tpg * kFwdRegs) in registers, so x is read once and mean / M2 are exact two-pass sums.
 // Needs M % VEC == 0 and X, R, Y VEC-aligned, so every group starts aligned.
 template <typename scalar_t, int VEC>
-__global__ void __launch_bounds__(kMaxBlock, 1) gn_fwd_fused_nchw_kernel(FwdParams<scalar_t> p, int tpg) {
+__global__ void __launch_bounds__(kMaxBlock) gn_fwd_fused_nchw_kernel(FwdParams<scalar_t> p, int tpg) {
   constexpr int kSlots = kFwdRegs / VEC;
   NORMEXT_SHARED(float, red, kMaxBlock / kWarpSize);
   const int r = threadIdx.x % tpg;
@@ -605,7 +607,7 @@ __global__ void __launch_bounds__(kMaxBlock, 1)
 // set; one warp per group forms (P, Q); dx comes from registers. Needs C % VEC == 0,
 // gpb*D % VEC == 0 and X, dY, R, dX, dR VEC-aligned.
 template <typename scalar_t, int VEC>
-__global__ void __launch_bounds__(kMaxBlock, 1)
+__global__ void __launch_bounds__(kMaxBlock)
     gn_bwd_fused_nhwc_kernel(BwdParams<scalar_t> p, int64_t gpb, int64_t chunks, int bdx, int bdy,
                              Sum2* __restrict__ sums) {
   constexpr int kRows = kBwdRegs / VEC;
@@ -811,8 +813,8 @@ __device__ Sum2 group_pq(const Sum2* __restrict__ sums, const float* __restrict_
 }
 
 // dgamma / dbeta (either may be null) of the 32 channels of block b (a block index counted from the first
-// such block): each channel's sums over n and the tiles, in 8 row slices of n merged in order. red needs
-// kBlock entries.
+// such block): warp y sums entries k = y, y + ny, ... of each channel's N*T (n, tile) sums (k = n*T + t), so
+// all ny warps work whatever N is, and the ny warp totals are added in order. red needs kBlock entries.
 __device__ void channel_sums(const Sum2* __restrict__ sums, float* __restrict__ dgamma,
                              float* __restrict__ dbeta, int64_t b, int64_t N, int64_t C, int64_t T,
                              Sum2* red) {
@@ -821,8 +823,9 @@ __device__ void channel_sums(const Sum2* __restrict__ sums, float* __restrict__ 
   const int64_t c = b * kWarpSize + x;
   Sum2 acc{0.f, 0.f};
   if (c < C) {
-    for (int64_t n = y; n < N; n += ny) {
-      for (int64_t t = 0; t < T; ++t) acc = acc + sums[(n * C + c) * T + t];
+    for (int64_t k = y; k < N * T; k += ny) {
+      const int64_t n = div32(k, T);
+      acc = acc + sums[(n * C + c) * T + (k - n * T)];
     }
   }
   red[threadIdx.x] = acc;
@@ -957,7 +960,7 @@ __global__ void __launch_bounds__(kBlock, 1)
   const int x = threadIdx.x % bdx, y = threadIdx.x / bdx;
   if (y >= bdy || c0 + x * VEC >= p.C) return;
   const int64_t c = c0 + x * VEC;
-  const float M = static_cast<float>(p.D * p.L);
+  const float inv_m = nx_recip(static_cast<float>(p.D * p.L));
   float mu[VEC], rs[VEC], gam[VEC], bet[VEC], pm[VEC], qm[VEC];
 #pragma unroll
   for (int e = 0; e < VEC; ++e) {
@@ -973,8 +976,8 @@ __global__ void __launch_bounds__(kBlock, 1)
     } else if (ds.sums && p.dX) {
       v = gpq[g - g_first];
     }
-    pm[e] = nx_div(v.a, M);
-    qm[e] = nx_div(v.b, M);
+    pm[e] = v.a * inv_m;
+    qm[e] = v.b * inv_m;
   }
   const int64_t end = std::min(p.L, (t + 1) * rows_per_tile);
   const int64_t stride = bdy;
@@ -1296,8 +1299,11 @@ void bwd_nhwc(const BwdParams<scalar_t>& p, BwdOut out, const at::Tensor& X, cud
   const int dbdx = static_cast<int>(std::min<int64_t>(cv, 2 * kWarpSize));
   const int dbdy = std::max(1, kBlock / dbdx);
   const int64_t dchunks = ceil_div(cv, int64_t(dbdx));
-  const int64_t drows = std::min<int64_t>(p.L, int64_t(dbdy) * kUnroll<SV> * 2);
-  const int64_t Td = ceil_div(p.L, drows);
+  // Row tiles: kTargetBlocks blocks overall where each thread still gets 2 unrolled steps, else fewer, longer
+  // tiles (each block loads its per-lane constants once: more rows per block amortize them).
+  const int64_t Td0 = std::clamp<int64_t>(ceil_div(kTargetBlocks, p.N * dchunks), 1,
+                                          std::max<int64_t>(1, p.L / (int64_t(dbdy) * kUnroll<SV> * 2)));
+  const int64_t drows = ceil_div(p.L, Td0), Td = ceil_div(p.L, drows);
   at::Tensor ws, pq_ws;
   DxSums ds{nullptr, nullptr, 1, nullptr, nullptr, p.N * Td * dchunks};
   if (want_pq || want_sums_c) {
