@@ -27,8 +27,8 @@ SMEM_PER_SM = 228 * 1024
 SMEM_RESERVED_PER_BLOCK = 1024  # the runtime's own per-block shared memory
 SMEM_ALLOC_UNIT = 128
 ARCH = "sm_90"
-# Spills known and explained in the code, reported but not failing the report: any other spill fails it. Empty:
-# no kernel spills (issue 11). An entry names a kernel instantiation as the report prints it, with the reason.
+# Spills known and explained in the code, reported but not failing the report: any other spill fails it.
+# Empty: no kernel spills (issue 11). An entry maps a kernel instantiation, as the report prints it, to why.
 KNOWN_SPILLS: dict[str, str] = {}
 
 
@@ -245,7 +245,11 @@ def main():
             " hold no compute_90 PTX for ptxas (a TORCH_CUDA_ARCH_LIST with 9.0+PTX, the default, embeds it)"
         )
     if wide:
-        print("cuda-report: above 128 registers (fails with --max-regs 128, as make cuda-report runs it):", *wide, sep="\n  ")
+        print(
+            "cuda-report: above 128 registers (fails with --max-regs 128, as make cuda-report runs it):",
+            *wide,
+            sep="\n  ",
+        )
     if known:
         print("cuda-report: known spills (KNOWN_SPILLS):", *known, sep="\n  ")
     if problems:

@@ -23,9 +23,9 @@ namespace {
 using at::Tensor;
 
 constexpr int kBlock = 256;
-// Rows view: a block is kCols vector columns (VEC channels each) x kRows thread rows.
-constexpr int kCols = kWarpSize;
-constexpr int kRows = kBlock / kCols;
+// Rows view: a block is `cols` vector columns (VEC channels each; a power of two up to 32, the fewest that
+// cover C, so that a small C such as 64 bf16 channels keeps every lane busy) x kBlock / cols thread rows.
+constexpr int kMaxCols = kWarpSize;
 // Loads in flight per thread: the reduction loops do one Welford step or two sums per value; the
 // elementwise loops carry VEC-wide per-channel constants, so they keep fewer. 8-wide vectors keep half as
 // many (their constants alone take 32-56 registers), which keeps those kernels within 128 registers.
@@ -84,21 +84,23 @@ struct GradSums {
 // kFromOutput: X then holds y); z is recomputed, never saved.
 
 // ------------------------------------------------------------------------------ rows view kernels
-// X is rows x C, row-major. Thread (x, y) = (threadIdx.x % kCols, threadIdx.x / kCols) owns the VEC
-// channels starting at c = (blockIdx.x * kCols + x) * VEC (VEC > 1 only when C % VEC == 0 and every
-// pointer is VEC-aligned, so a vector never straddles rows) and walks rows y, y + kRows, ...
+// X is rows x C, row-major. Thread (x, y) = (threadIdx.x % cols, threadIdx.x / cols) owns the VEC
+// channels starting at c = (blockIdx.x * cols + x) * VEC (VEC > 1 only when C % VEC == 0 and every
+// pointer is VEC-aligned, so a vector never straddles rows) and walks rows y, y + trows, ... (trows =
+// kBlock / cols).
 
 // Partial moments of partition p = blockIdx.y, rows [p * rows_per_part, ...) (never empty). Each lane
 // runs Welford on x - K, K the partition's first row, so float rounding scales with the spread and
-// not with the magnitude; column_reduce merges the kRows states of each channel. Writes the partial
+// not with the magnitude; column_reduce merges the trows states of each channel. Writes the partial
 // (mean, M2) at [p * C + c] and its count at counts[p].
 template <typename scalar_t, int VEC>
 __global__ void __launch_bounds__(kBlock, kStreamBlocks<VEC>)
-    rows_moments_kernel(const scalar_t* __restrict__ X, int64_t rows, int64_t C, int64_t rows_per_part,
-                        float* __restrict__ means, float* __restrict__ m2s, float* __restrict__ counts) {
+    rows_moments_kernel(const scalar_t* __restrict__ X, int64_t rows, int64_t C, int cols,
+                        int64_t rows_per_part, float* __restrict__ means, float* __restrict__ m2s,
+                        float* __restrict__ counts) {
   NORMEXT_SHARED(WelfordF, buf, kBlock * VEC);
-  const int x = threadIdx.x % kCols, y = threadIdx.x / kCols;
-  const int64_t c = (int64_t(blockIdx.x) * kCols + x) * VEC;
+  const int x = threadIdx.x % cols, y = threadIdx.x / cols, trows = kBlock / cols;
+  const int64_t c = (int64_t(blockIdx.x) * cols + x) * VEC;
   const int64_t r0 = int64_t(blockIdx.y) * rows_per_part;
   const int64_t r1 = std::min(rows, r0 + rows_per_part);
   const bool active = c < C;
@@ -106,22 +108,22 @@ __global__ void __launch_bounds__(kBlock, kStreamBlocks<VEC>)
   WelfordLanes<VEC> w = welford_lanes_zero<VEC>();
   if (active) {
     shift = to_lanes(load_vec<VEC>(X, r0 * C + c));
-    for (int64_t r = r0 + y; r < r1; r += kReduceUnroll<VEC> * kRows) {
+    for (int64_t r = r0 + y; r < r1; r += kReduceUnroll<VEC> * trows) {
       AlignedVector<scalar_t, VEC> v[kReduceUnroll<VEC>];
 #pragma unroll
       for (int u = 0; u < kReduceUnroll<VEC>; ++u) {
-        if (r + u * kRows < r1) v[u] = load_vec<VEC>(X, (r + u * kRows) * C + c);
+        if (r + u * trows < r1) v[u] = load_vec<VEC>(X, (r + u * trows) * C + c);
       }
 #pragma unroll
       for (int u = 0; u < kReduceUnroll<VEC>; ++u) {
-        if (r + u * kRows < r1) welford_push(w, to_lanes(v[u]) - shift);
+        if (r + u * trows < r1) welford_push(w, to_lanes(v[u]) - shift);
       }
     }
   }
   WelfordF lanes[VEC];
 #pragma unroll
   for (int e = 0; e < VEC; ++e) lanes[e] = welford_lane(w, e);
-  column_reduce<VEC>(lanes, buf, y, x, kRows, kCols, WelfordOp{});
+  column_reduce<VEC>(lanes, buf, y, x, trows, cols, WelfordOp{});
   if (y != 0 || !active) return;
 #pragma unroll
   for (int e = 0; e < VEC; ++e) {
@@ -137,11 +139,12 @@ __global__ void __launch_bounds__(kBlock, kStreamBlocks<VEC>)
 template <typename scalar_t, int VEC>
 __global__ void __launch_bounds__(kBlock, kStreamBlocks<VEC>)
     rows_grad_sums_kernel(const scalar_t* __restrict__ dY, const scalar_t* __restrict__ X,
-                          const scalar_t* __restrict__ R, int64_t rows, int64_t C, int64_t rows_per_part,
-                          Channels ch, int64_t act, float slope, Sum2* __restrict__ partial) {
+                          const scalar_t* __restrict__ R, int64_t rows, int64_t C, int cols,
+                          int64_t rows_per_part, Channels ch, int64_t act, float slope,
+                          Sum2* __restrict__ partial) {
   NORMEXT_SHARED(Sum2, buf, kBlock * VEC);
-  const int x = threadIdx.x % kCols, y = threadIdx.x / kCols;
-  const int64_t c = (int64_t(blockIdx.x) * kCols + x) * VEC;
+  const int x = threadIdx.x % cols, y = threadIdx.x / cols, trows = kBlock / cols;
+  const int64_t c = (int64_t(blockIdx.x) * cols + x) * VEC;
   const int64_t r0 = int64_t(blockIdx.y) * rows_per_part;
   const int64_t r1 = std::min(rows, r0 + rows_per_part);
   const bool active = c < C;
@@ -153,12 +156,12 @@ __global__ void __launch_bounds__(kBlock, kStreamBlocks<VEC>)
     if (active) ch.at(c + e, mean[e], rstd[e], g[e], b[e]);
   }
   if (active) {
-    for (int64_t r = r0 + y; r < r1; r += kGradUnroll<VEC> * kRows) {
+    for (int64_t r = r0 + y; r < r1; r += kGradUnroll<VEC> * trows) {
       AlignedVector<scalar_t, VEC> xv[kGradUnroll<VEC>], dv[kGradUnroll<VEC>], rv[kGradUnroll<VEC>];
 #pragma unroll
       for (int u = 0; u < kGradUnroll<VEC>; ++u) {
-        if (r + u * kRows < r1) {
-          const int64_t o = (r + u * kRows) * C + c;
+        if (r + u * trows < r1) {
+          const int64_t o = (r + u * trows) * C + c;
           xv[u] = load_vec<VEC>(X, o);
           dv[u] = load_vec<VEC>(dY, o);
           rv[u] = load_vec_or_zero<VEC>(R, o);
@@ -166,7 +169,7 @@ __global__ void __launch_bounds__(kBlock, kStreamBlocks<VEC>)
       }
 #pragma unroll
       for (int u = 0; u < kGradUnroll<VEC>; ++u) {
-        if (r + u * kRows >= r1) continue;
+        if (r + u * trows >= r1) continue;
 #pragma unroll
         for (int e = 0; e < VEC; ++e) {
           const float xv_e = static_cast<float>(xv[u].val[e]), rv_e = static_cast<float>(rv[u].val[e]);
@@ -179,20 +182,20 @@ __global__ void __launch_bounds__(kBlock, kStreamBlocks<VEC>)
       }
     }
   }
-  column_reduce<VEC>(acc, buf, y, x, kRows, kCols, SumOp{});
+  column_reduce<VEC>(acc, buf, y, x, trows, cols, SumOp{});
   if (y != 0 || !active) return;
 #pragma unroll
   for (int e = 0; e < VEC; ++e) partial[blockIdx.y * C + c + e] = buf[x * VEC + e];
 }
 
-// Y = act((x - mean)·(gamma·rstd) + beta + R); rows blockIdx.y·kRows + y, grid-strided.
+// Y = act((x - mean)·(gamma·rstd) + beta + R); rows blockIdx.y·trows + y, grid-strided.
 template <typename scalar_t, int VEC>
 __global__ void __launch_bounds__(kBlock, kStreamBlocks<VEC>)
     rows_apply_kernel(const scalar_t* __restrict__ X, const scalar_t* __restrict__ R,
-                      scalar_t* __restrict__ Y, int64_t rows, int64_t C, Channels ch, int64_t act,
+                      scalar_t* __restrict__ Y, int64_t rows, int64_t C, int cols, Channels ch, int64_t act,
                       float slope) {
-  const int x = threadIdx.x % kCols, y = threadIdx.x / kCols;
-  const int64_t c = (int64_t(blockIdx.x) * kCols + x) * VEC;
+  const int x = threadIdx.x % cols, y = threadIdx.x / cols, trows = kBlock / cols;
+  const int64_t c = (int64_t(blockIdx.x) * cols + x) * VEC;
   if (c >= C) return;
   float mean[VEC], scale[VEC], beta[VEC];
 #pragma unroll
@@ -201,8 +204,8 @@ __global__ void __launch_bounds__(kBlock, kStreamBlocks<VEC>)
     ch.at(c + e, mean[e], rstd, g, beta[e]);
     scale[e] = g * rstd;
   }
-  const int64_t step = int64_t(gridDim.y) * kRows;
-  for (int64_t r = int64_t(blockIdx.y) * kRows + y; r < rows; r += kApplyUnroll<VEC> * step) {
+  const int64_t step = int64_t(gridDim.y) * trows;
+  for (int64_t r = int64_t(blockIdx.y) * trows + y; r < rows; r += kApplyUnroll<VEC> * step) {
     AlignedVector<scalar_t, VEC> xv[kApplyUnroll<VEC>], rv[kApplyUnroll<VEC>];
 #pragma unroll
     for (int u = 0; u < kApplyUnroll<VEC>; ++u) {
@@ -230,10 +233,11 @@ __global__ void __launch_bounds__(kBlock, kStreamBlocks<VEC>)
 template <typename scalar_t, int VEC>
 __global__ void __launch_bounds__(kBlock, kStreamBlocks<VEC>)
     rows_grad_input_kernel(const scalar_t* __restrict__ dY, const scalar_t* __restrict__ X,
-                           const scalar_t* __restrict__ R, int64_t rows, int64_t C, Channels ch, GradSums gs,
-                           int64_t act, float slope, scalar_t* __restrict__ dX, scalar_t* __restrict__ dR) {
-  const int x = threadIdx.x % kCols, y = threadIdx.x / kCols;
-  const int64_t c = (int64_t(blockIdx.x) * kCols + x) * VEC;
+                           const scalar_t* __restrict__ R, int64_t rows, int64_t C, int cols, Channels ch,
+                           GradSums gs, int64_t act, float slope, scalar_t* __restrict__ dX,
+                           scalar_t* __restrict__ dR) {
+  const int x = threadIdx.x % cols, y = threadIdx.x / cols, trows = kBlock / cols;
+  const int64_t c = (int64_t(blockIdx.x) * cols + x) * VEC;
   if (c >= C) return;
   float mean[VEC], rstd[VEC], g[VEC], b[VEC], ka[VEC], kb[VEC], kc[VEC];
 #pragma unroll
@@ -241,8 +245,8 @@ __global__ void __launch_bounds__(kBlock, kStreamBlocks<VEC>)
     ch.at(c + e, mean[e], rstd[e], g[e], b[e]);
     gs.coefs(c + e, g[e], rstd[e], ka[e], kb[e], kc[e]);
   }
-  const int64_t step = int64_t(gridDim.y) * kRows;
-  for (int64_t r = int64_t(blockIdx.y) * kRows + y; r < rows; r += kApplyUnroll<VEC> * step) {
+  const int64_t step = int64_t(gridDim.y) * trows;
+  for (int64_t r = int64_t(blockIdx.y) * trows + y; r < rows; r += kApplyUnroll<VEC> * step) {
     AlignedVector<scalar_t, VEC> xv[kApplyUnroll<VEC>], dv[kApplyUnroll<VEC>], rv[kApplyUnroll<VEC>];
 #pragma unroll
     for (int u = 0; u < kApplyUnroll<VEC>; ++u) {
@@ -605,6 +609,7 @@ struct Plan {
   bool rows_view;
   int64_t N, C, HxW, rows;  // rows = N * HxW (rows view)
   int vec;
+  int cols;          // rows view: vector columns per block
   int64_t blocks_x;  // rows view: channel blocks
   int tx;            // planes view: threads per tile
   int64_t S;         // planes view: tiles per plane
@@ -622,9 +627,11 @@ Plan make_plan(const ChannelNormArgs& a, int vec) {
   p.rows = p.N * p.HxW;
   p.vec = vec;
   if (p.rows_view) {
-    p.blocks_x = ceil_div<int64_t>(p.C, int64_t(kCols) * vec);
+    p.cols = kMaxCols;
+    while (p.cols > 1 && int64_t(p.cols / 2) * vec >= p.C) p.cols /= 2;
+    p.blocks_x = ceil_div<int64_t>(p.C, int64_t(p.cols) * vec);
     const int64_t parts = std::clamp<int64_t>(ceil_div(kReduceBlocks, p.blocks_x), 1,
-                                              ceil_div<int64_t>(p.rows, kRows * kMinPerThread));
+                                              ceil_div<int64_t>(p.rows, (kBlock / p.cols) * kMinPerThread));
     p.rows_per_part = ceil_div(p.rows, parts);
     p.parts = ceil_div(p.rows, p.rows_per_part);  // no empty partition
   } else {
@@ -696,7 +703,7 @@ void launch_moments(const ChannelNormArgs& a, const Plan& p, float* means, float
     constexpr int VEC = decltype(vec)::value;
     if (p.rows_view) {
       NORMEXT_LAUNCH((rows_moments_kernel<scalar_t, VEC>), dim3(unsigned(p.blocks_x), unsigned(p.parts)),
-                     kBlock, 0, stream, X, p.rows, p.C, p.rows_per_part, means, m2s, counts);
+                     kBlock, 0, stream, X, p.rows, p.C, p.cols, p.rows_per_part, means, m2s, counts);
     } else {
       NORMEXT_LAUNCH((planes_moments_kernel<scalar_t, VEC>), dim3(unsigned(p.C), unsigned(p.parts)), kBlock,
                      0, stream, X, p.C, p.HxW, p.tx, p.S, p.N * p.S, p.tiles_per_part, means, m2s, counts);
@@ -733,10 +740,11 @@ void launch_apply(const ChannelNormArgs& a, const Channels& ch, int64_t act, dou
   with_vec<scalar_t>(p, [&](auto vec) {
     constexpr int VEC = decltype(vec)::value;
     if (p.rows_view) {
-      const int64_t by = std::clamp<int64_t>(ceil_div(kApplyBlocks, p.blocks_x), 1,
-                                             std::min<int64_t>(65535, ceil_div<int64_t>(p.rows, kRows)));
+      const int64_t by =
+          std::clamp<int64_t>(ceil_div(kApplyBlocks, p.blocks_x), 1,
+                              std::min<int64_t>(65535, ceil_div<int64_t>(p.rows, kBlock / p.cols)));
       NORMEXT_LAUNCH((rows_apply_kernel<scalar_t, VEC>), dim3(unsigned(p.blocks_x), unsigned(by)), kBlock, 0,
-                     stream, X, R, out, p.rows, p.C, ch, act, float(slope));
+                     stream, X, R, out, p.rows, p.C, p.cols, ch, act, float(slope));
     } else {
       const int64_t tiles = p.N * p.C * p.S;
       const int64_t bx = std::clamp<int64_t>(ceil_div<int64_t>(tiles, kBlock / p.tx), 1, kApplyBlocks * 8);
@@ -896,7 +904,7 @@ std::tuple<Tensor, Tensor> batch_norm_bwd_reduce_cuda(const Tensor& dY_in, const
       constexpr int VEC = decltype(vec)::value;
       if (p.rows_view) {
         NORMEXT_LAUNCH((rows_grad_sums_kernel<scalar_t, VEC>), dim3(unsigned(p.blocks_x), unsigned(p.parts)),
-                       kBlock, 0, stream, dy, X, R, p.rows, C, p.rows_per_part, ch, act, float(slope),
+                       kBlock, 0, stream, dy, X, R, p.rows, C, p.cols, p.rows_per_part, ch, act, float(slope),
                        partial);
       } else {
         NORMEXT_LAUNCH((planes_grad_sums_kernel<scalar_t, VEC>), dim3(unsigned(C), unsigned(p.parts)), kBlock,
@@ -948,10 +956,11 @@ std::tuple<Tensor, Tensor> batch_norm_bwd_elemt_cuda(
     with_vec<scalar_t>(p, [&](auto vec) {
       constexpr int VEC = decltype(vec)::value;
       if (p.rows_view) {
-        const int64_t by = std::clamp<int64_t>(ceil_div(kApplyBlocks, p.blocks_x), 1,
-                                               std::min<int64_t>(65535, ceil_div<int64_t>(p.rows, kRows)));
+        const int64_t by =
+            std::clamp<int64_t>(ceil_div(kApplyBlocks, p.blocks_x), 1,
+                                std::min<int64_t>(65535, ceil_div<int64_t>(p.rows, kBlock / p.cols)));
         NORMEXT_LAUNCH((rows_grad_input_kernel<scalar_t, VEC>), dim3(unsigned(p.blocks_x), unsigned(by)),
-                       kBlock, 0, stream, dy, X, R, p.rows, C, ch, gs, act, float(slope), dx, dr);
+                       kBlock, 0, stream, dy, X, R, p.rows, C, p.cols, ch, gs, act, float(slope), dx, dr);
       } else {
         const int64_t tiles = p.N * C * p.S;
         const int64_t bx = std::clamp<int64_t>(ceil_div<int64_t>(tiles, kBlock / p.tx), 1, kApplyBlocks * 8);
