@@ -36,8 +36,9 @@ constexpr int kGroupThreads = 128;
 constexpr int kMaxFwdRowThreads = 512;
 constexpr int kMaxBwdRowThreads = 512;
 constexpr int kLongRowThreads = 256;
-// Every row kernel states its minimum blocks per SM, a budget of 128 registers: given the block size alone,
-// ptxas held some to 64 / 80 registers and spilled a few (tools/cuda_report.py).
+// The register-held row kernels and the long-row backward state their minimum blocks per SM, a budget of
+// 128 registers: given the block size alone, ptxas held some to 64 / 80 registers and spilled a few
+// (tools/cuda_report.py).
 constexpr int64_t kMaxGrid = 1 << 30;
 constexpr int k2dThreads = 256;
 
@@ -195,7 +196,7 @@ __global__ void __launch_bounds__(kBlock ? kMaxFwdRowThreads : kGroupThreads,
 // block merges the states in a fixed tree, and the apply re-reads the row (mostly from L2). With A
 // (add_*_norm) the first pass writes s = x + a to S and the apply re-reads S (the same thread's vectors).
 template <typename scalar_t, int VEC, typename res_t = scalar_t>
-__global__ void __launch_bounds__(kLongRowThreads, 2)
+__global__ void __launch_bounds__(kLongRowThreads)
     ln_fwd_long_kernel(const scalar_t* __restrict__ X, const scalar_t* __restrict__ R,
                        scalar_t* __restrict__ Y, const float* __restrict__ gamma,
                        const float* __restrict__ beta, float* __restrict__ mean_out,
