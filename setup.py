@@ -1,6 +1,6 @@
 # Builds normext._C: a CUDAExtension when torch has CUDA and a toolkit is found, else CPU-only.
 # Knobs: TORCH_CUDA_ARCH_LIST (default without a visible GPU: 8.0;9.0+PTX), MAX_JOBS,
-# NORMEXT_FORCE_CUDA=1 (fail instead of building CPU-only), NORMEXT_CPU_AVX2=0/1 (default: auto).
+# NORMEXT_FORCE_CUDA=1 (fail instead of building CPU-only), NORMEXT_CPU_AVX2=0 (portable CPU kernels only).
 import glob
 import os
 import platform
@@ -32,15 +32,42 @@ from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, C
 DEFAULT_ARCHS = "8.0;9.0+PTX"
 
 
-def cpu_has_avx2():
-    if platform.machine() not in ("x86_64", "AMD64"):
+def build_avx2_kernels():
+    """The CPU kernels get a second, AVX2+FMA build on x86-64 (chosen at run time, csrc/cpu/dispatch.cpp)."""
+    if os.environ.get("NORMEXT_CPU_AVX2") == "0":
         return False
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return all(f" {flag}" in flags for flag in ("avx2", "fma", "f16c"))
+    return platform.machine() in ("x86_64", "AMD64")
+
+
+# The CPU kernel translation units, compiled once per CPU capability as ATen compiles its own (each in
+# namespace normext::cpu::<CAPABILITY>); the rest of the extension is compiled once, for any CPU.
+CPU_KERNELS = sorted(glob.glob("csrc/cpu/*_cpu.cpp"))
+# The flags match those of ATen's AVX2 kernels; at::vec picks its AVX2 implementation from the macros.
+CPU_CAPABILITIES = {
+    "DEFAULT": ["-DCPU_CAPABILITY=DEFAULT"],
+    "AVX2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"],
+}
+
+
+class BuildWithCpuKernels(BuildExtension):
+    """Compiles CPU_KERNELS per capability into their own folders (ninja, incremental) and links the objects
+    into the extension, the portable ones first: an inline function that several objects define (a
+    std:: or c10 template) is taken from the first, so code the DEFAULT kernels reach never holds AVX2."""
+
+    def build_extension(self, ext):
+        capabilities = ["DEFAULT", "AVX2"] if build_avx2_kernels() else ["DEFAULT"]
+        cxx = ext.extra_compile_args["cxx"]
+        objects = []
+        for cap in capabilities:
+            objects += self.compiler.compile(
+                CPU_KERNELS,
+                output_dir=os.path.join(self.build_temp, "cpu-" + cap.lower()),
+                macros=ext.define_macros,
+                include_dirs=ext.include_dirs,
+                extra_postargs={"cxx": cxx + CPU_CAPABILITIES[cap]},
+            )
+        ext.extra_objects = objects + [o for o in ext.extra_objects if o not in objects]
+        super().build_extension(ext)
 
 
 def want_cuda():
@@ -67,7 +94,7 @@ def cuda_arch_list():
 
 
 def extension():
-    sources = ["csrc/normext.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
+    sources = ["csrc/normext.cpp", *[p for p in sorted(glob.glob("csrc/cpu/*.cpp")) if p not in CPU_KERNELS]]
     cxx = ["-O3", "-std=c++20", "-Wno-unknown-pragmas"]
     # at::parallel_for is an inline `#pragma omp parallel` (ATen/ParallelOpenMP.h): without -fopenmp the
     # CPU kernels run on one thread. libgomp.so.1 is the runtime torch itself loads, so it is shared.
@@ -75,11 +102,8 @@ def extension():
     if platform.system() == "Linux":
         cxx.append("-fopenmp")
         link.append("-fopenmp")
-    avx2 = os.environ.get("NORMEXT_CPU_AVX2")
-    if avx2 == "1" or (avx2 is None and cpu_has_avx2()):
-        # at::vec picks its AVX2 implementation from these macros; the flags match what ATen's
-        # own AVX2 kernels are compiled with.
-        cxx += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"]
+    if build_avx2_kernels():
+        cxx.append("-DNORMEXT_CPU_AVX2")
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
     if want_cuda():
         archs = cuda_arch_list()
@@ -106,6 +130,6 @@ def extension():
 setup(
     packages=find_packages(include=["normext", "normext.*"]),
     ext_modules=[extension()],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": BuildWithCpuKernels.with_options(use_ninja=True)},
     python_requires=">=3.10",
 )

@@ -9,6 +9,8 @@
 namespace normext::emu {
 void bind_python(pybind11::module_& m);  // csrc/cuda/emu/runtime.cpp
 }
+#else
+#include "cpu/dispatch.h"
 #endif
 
 #ifndef NORMEXT_CUDA_ARCHS
@@ -136,5 +138,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   normext::emu::bind_python(m);
 #else
   m.attr("cuda_emulated") = false;
+  m.attr("cpu_capability") = normext::cpu::capability();
 #endif
 }

@@ -13,6 +13,8 @@ def build_info():
         "torch CUDA": torch.version.cuda or "-",
         "GPU visible": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no",
         "CPU threads": torch.get_num_threads(),
+        # The build of the CPU kernels in use (AVX2 where the CPU has it, unless ATEN_CPU_CAPABILITY=default).
+        "CPU kernels": getattr(_C, "cpu_capability", "-"),
     }
 
 

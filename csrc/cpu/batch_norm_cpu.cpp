@@ -11,7 +11,7 @@
 #include "channel_kernels.h"
 #include "normext/checks.h"
 
-namespace normext::cpu {
+namespace normext::cpu::CPU_CAPABILITY {
 namespace {
 
 using at::Tensor;
@@ -25,51 +25,7 @@ ChannelShape bn_shape(const ChannelNormArgs& a) {
 }
 
 // ---------------------------------------------------------------- rows view (channels-last, (N, C))
-// Column passes over M rows of C channels, SIMD across channels, per-channel coefficients and
-// accumulators in arrays of C. With few channels those arrays stay in L1 and rows are walked one after
-// the other (a few sequential streams, which the prefetcher follows); with many channels they outgrow
-// L1, and rows are taken kRowGroup at a time so each coefficient load serves kRowGroup rows.
-
-constexpr int64_t kRowGroup = 4;
-constexpr int64_t kGroupRowsFromChannels = 1024;
-
-// Walks the rows of [r0, r1) in groups of G and, in each, the SIMD vectors (T = Vectorized) then the
-// scalar tail (T = acc_t) of the C channels: Step::template run<T>(o, j, rows, C, args...) with o =
-// first row · C + j. `rows` is a compile-time G for full groups (so the step's row loop unrolls), an
-// int64_t for the last partial one. Steps get every pointer by value, so hot loops keep them in
-// registers.
-template <typename scalar_t, typename Step, int64_t G, typename... Args>
-inline void walk_rows(int64_t r0, int64_t r1, int64_t C, Args... args) {
-  using IO = VecIO<scalar_t>;
-  const auto group = [&](int64_t r, auto rows) {
-    int64_t j = 0;
-    for (; j + IO::kSize <= C; j += IO::kSize) {
-      Step::template run<typename IO::Vec>(r * C + j, j, rows, C, args...);
-    }
-    for (; j < C; ++j) Step::template run<typename IO::acc_t>(r * C + j, j, rows, C, args...);
-  };
-  int64_t r = r0;
-  for (; r + G <= r1; r += G) group(r, std::integral_constant<int64_t, G>{});
-  if (r < r1) group(r, r1 - r);
-}
-
-template <typename scalar_t, typename Step, typename... Args>
-inline void for_rows(int64_t r0, int64_t r1, int64_t C, Args... args) {
-  if (C >= kGroupRowsFromChannels) {
-    walk_rows<scalar_t, Step, kRowGroup>(r0, r1, C, args...);
-  } else {
-    walk_rows<scalar_t, Step, 1>(r0, r1, C, args...);
-  }
-}
-
-template <typename T>
-inline T madd(const T& a, const T& b, const T& c) {
-  if constexpr (std::is_floating_point_v<T>) {
-    return a * b + c;
-  } else {
-    return at::vec::fmadd(a, b, c);
-  }
-}
+// Column passes over M rows of C channels on the row walkers of channel_kernels.h (for_rows).
 
 // out[c] += Σ_rows F::f(x, k[c]).
 template <typename F>
@@ -134,60 +90,6 @@ void rows_moments(const scalar_t* X, int64_t M, int64_t C, acc_t* mean, acc_t* m
     m2[c] = acc_t(std::max(0.0, sq[c] - double(M) * e * e));
   }
 }
-
-// Y = act((x - mean)·scale + beta + R), scale = gamma·rstd per channel.
-template <int64_t kAct>
-struct ApplyStep {
-  template <typename T, typename Rows, typename scalar_t, typename acc_t>
-  static void run(int64_t o, int64_t j, Rows rows, int64_t C, const scalar_t* X, const scalar_t* R,
-                  scalar_t* Y, const acc_t* mean, const acc_t* scale, const acc_t* beta, acc_t slope) {
-    const T m = coef<true, T>(mean, j), a = coef<true, T>(scale, j), b = coef<true, T>(beta, j);
-    for (int64_t q = 0; q < rows; ++q, o += C) {
-      T z = madd(load_as<scalar_t, T>(X + o) - m, a, b);
-      if (R != nullptr) z = z + load_as<scalar_t, T>(R + o);
-      store_as<scalar_t, T>(Y + o, act_forward(z, kAct, slope));
-    }
-  }
-};
-
-// Adds Σdz and Σdz·x̂ of the rows into per-channel accumulators sdz, sdzx.
-template <int64_t kAct>
-struct GradSumsStep {
-  template <typename T, typename Rows, typename scalar_t, typename acc_t>
-  static void run(int64_t o, int64_t j, Rows rows, int64_t C, const scalar_t* dY, const scalar_t* X,
-                  const scalar_t* R, const acc_t* mean, const acc_t* rstd, const acc_t* gamma,
-                  const acc_t* beta, acc_t slope, acc_t* sdz, acc_t* sdzx) {
-    const T m = coef<true, T>(mean, j), rs = coef<true, T>(rstd, j);
-    const T g = coef<true, T>(gamma, j), b = coef<true, T>(beta, j);
-    T a0 = coef<true, T>(sdz, j), a1 = coef<true, T>(sdzx, j);
-    for (int64_t q = 0; q < rows; ++q, o += C) {
-      const auto [xhat, dz] = xhat_dz<kAct>(dY, X, R, o, m, rs, g, b, slope);
-      a0 = a0 + dz;
-      a1 = madd(dz, xhat, a1);
-    }
-    store_as<acc_t, T>(sdz + j, a0);
-    store_as<acc_t, T>(sdzx + j, a1);
-  }
-};
-
-// dX = a·dz + b·x̂ + c and dR = dz (either may be null).
-template <int64_t kAct>
-struct GradInputStep {
-  template <typename T, typename Rows, typename scalar_t, typename acc_t>
-  static void run(int64_t o, int64_t j, Rows rows, int64_t C, const scalar_t* dY, const scalar_t* X,
-                  const scalar_t* R, const acc_t* mean, const acc_t* rstd, const acc_t* gamma,
-                  const acc_t* beta, const acc_t* ka, const acc_t* kb, const acc_t* kc, acc_t slope,
-                  scalar_t* dX, scalar_t* dR) {
-    const T m = coef<true, T>(mean, j), rs = coef<true, T>(rstd, j);
-    const T g = coef<true, T>(gamma, j), b = coef<true, T>(beta, j);
-    const T a = coef<true, T>(ka, j), bb = coef<true, T>(kb, j), cc = coef<true, T>(kc, j);
-    for (int64_t q = 0; q < rows; ++q, o += C) {
-      const auto [xhat, dz] = xhat_dz<kAct>(dY, X, R, o, m, rs, g, b, slope);
-      if (dR != nullptr) store_as<scalar_t, T>(dR + o, dz);
-      if (dX != nullptr) store_as<scalar_t, T>(dX + o, madd(a, dz, madd(bb, xhat, cc)));
-    }
-  }
-};
 
 // Runs body(r0, r1) over row ranges of about 32k elements in parallel.
 template <typename F>
@@ -499,7 +401,8 @@ std::tuple<Tensor, Tensor> batch_norm_bwd_elemt_cpu(
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(normext, CPU, m) {
+// Called by csrc/cpu/dispatch.cpp when this capability's build is the one in use.
+void register_batch_norm(torch::Library& m) {
   m.impl("batch_norm_fwd", &batch_norm_fwd_cpu);
   m.impl("batch_norm_stats", &batch_norm_stats_cpu);
   m.impl("batch_norm_merge", &batch_norm_merge_cpu);
@@ -508,4 +411,4 @@ TORCH_LIBRARY_IMPL(normext, CPU, m) {
   m.impl("batch_norm_bwd_elemt", &batch_norm_bwd_elemt_cpu);
 }
 
-}  // namespace normext::cpu
+}  // namespace normext::cpu::CPU_CAPABILITY

@@ -4,12 +4,13 @@
 // channels-first walks contiguous HxW runs of one channel, channels-last walks runs of C channels.
 #pragma once
 
+#include <tuple>
 #include <utility>
 #include <vector>
 
 #include "cpu_utils.h"
 
-namespace normext::cpu {
+namespace normext::cpu::CPU_CAPABILITY {
 
 struct ChannelShape {
   int64_t N, C, HxW;
@@ -29,19 +30,25 @@ struct ChannelCoefs {
   const acc_t* beta;
 };
 
-// (m, p) of x̂ = (v − m)·p per statistic index i < count (channel i % C): mean and rstd, or, in a backward
-// from the output, beta and 1/gamma, written to `store` (zeros for relu, whose x̂ is never used).
+// (m, p) of x̂ = (v − m)·p for one channel: (mean, rstd), or, in a backward from the output, (β, 1/γ)
+// (zeros for relu, whose x̂ is never used).
+template <typename acc_t>
+std::pair<acc_t, acc_t> xhat_coef(int64_t act, acc_t mean, acc_t rstd, acc_t gamma, acc_t beta) {
+  if (!from_output(act)) return {mean, rstd};
+  if (base_activation(act) == kRelu) return {acc_t(0), acc_t(0)};
+  return {beta, acc_t(1) / gamma};
+}
+
+// xhat_coef per statistic index i < count (channel i % C), written to `store` in a backward from the
+// output.
 template <typename acc_t>
 std::pair<const acc_t*, const acc_t*> xhat_coefs(int64_t act, const acc_t* mean, const acc_t* rstd,
                                                  int64_t count, int64_t C, const acc_t* gamma,
                                                  const acc_t* beta, std::vector<acc_t>& store) {
   if (!from_output(act)) return {mean, rstd};
-  store.assign(2 * count, acc_t(0));
-  if (base_activation(act) != kRelu) {
-    for (int64_t i = 0; i < count; ++i) {
-      store[i] = beta[i % C];
-      store[count + i] = acc_t(1) / gamma[i % C];
-    }
+  store.resize(2 * count);
+  for (int64_t i = 0; i < count; ++i) {
+    std::tie(store[i], store[count + i]) = xhat_coef(act, mean[i], rstd[i], gamma[i % C], beta[i % C]);
   }
   return {store.data(), store.data() + count};
 }
@@ -54,9 +61,7 @@ struct GradCoefs {
   const acc_t* c;
 };
 
-// A run of elements of one sample: the HxW elements of channel `chan` (channels-first, rows = 1), or
-// `rows` consecutive spatial positions of C channels each (channels-last, chan = 0), which the
-// kernels walk channel-vector by channel-vector so each coefficient is loaded once per run.
+// A run of elements of one sample: the HxW elements of channel `chan` (channels-first; rows = 1).
 struct Run {
   int64_t offset;  // element offset of the run in X
   int64_t count;   // elements per row
@@ -65,28 +70,15 @@ struct Run {
   int64_t chan;    // channel of the run's first element
 };
 
-// Calls body(std::bool_constant<channels_last>, run) for every run of X, in parallel.
+// Calls body(std::false_type, run) for every channels-first run of X, in parallel.
 template <typename Body>
 void for_each_run(const ChannelShape& s, int64_t stat_stride, const Body& body) {
-  if (!s.channels_last) {
-    at::parallel_for(0, s.N * s.C, grain_for(s.HxW), [&](int64_t begin, int64_t end) {
-      for (int64_t nc = begin; nc < end; ++nc) {
-        const int64_t n = nc / s.C, c = nc % s.C;
-        body(std::false_type{}, Run{nc * s.HxW, s.HxW, 1, n * stat_stride + c, c});
-      }
-    });
-  } else {
-    // Blocks of about 4k values that stay in L1 while the kernel walks them channel-vector-wise.
-    const int64_t rows = std::min(s.HxW, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, s.C)));
-    const int64_t blocks = (s.HxW + rows - 1) / rows;
-    at::parallel_for(0, s.N * blocks, grain_for(rows * s.C), [&](int64_t begin, int64_t end) {
-      for (int64_t t = begin; t < end; ++t) {
-        const int64_t n = t / blocks, r0 = (t % blocks) * rows;
-        body(std::true_type{},
-             Run{(n * s.HxW + r0) * s.C, s.C, std::min(rows, s.HxW - r0), n * stat_stride, 0});
-      }
-    });
-  }
+  at::parallel_for(0, s.N * s.C, grain_for(s.HxW), [&](int64_t begin, int64_t end) {
+    for (int64_t nc = begin; nc < end; ++nc) {
+      const int64_t n = nc / s.C, c = nc % s.C;
+      body(std::false_type{}, Run{nc * s.HxW, s.HxW, 1, n * stat_stride + c, c});
+    }
+  });
 }
 
 // Calls f(T{}, j) for the SIMD body (T = Vectorized, j stepping by its width) and the scalar tail
@@ -205,60 +197,137 @@ std::pair<acc_t, acc_t> grad_sums_run(const scalar_t* dy, const scalar_t* x, con
   return {at::vec::vec_reduce_all(add, v_dz) + t_dz, at::vec::vec_reduce_all(add, v_dzx) + t_dzx};
 }
 
-// Σ dz and Σ dz·x̂ per channel over `rows` channels-last rows, walking down the rows per SIMD vector
-// of channels so the accumulators and coefficients stay in registers.
-template <typename scalar_t, int64_t kAct, typename acc_t = at::opmath_type<scalar_t>>
-void grad_sums_chunk(const scalar_t* dy, const scalar_t* x, const scalar_t* res, int64_t rows, int64_t C,
-                     const acc_t* mean, const acc_t* rstd, const acc_t* gamma, const acc_t* beta, acc_t slope,
-                     acc_t* sdz, acc_t* sdzx) {
-  for_simd_and_tail<scalar_t>(C, [&](auto zero, int64_t j) {
-    using T = decltype(zero);
-    const T m = coef<true, T>(mean, j), r = coef<true, T>(rstd, j);
-    const T g = coef<true, T>(gamma, j), b = coef<true, T>(beta, j);
-    T a0(0), a1(0);
-    for (int64_t o = j; o < rows * C; o += C) {
-      const auto [xhat, dz] = xhat_dz<kAct>(dy, x, res, o, m, r, g, b, slope);
-      a0 = a0 + dz;
-      a1 = a1 + dz * xhat;
+// ------------------------------------------------------------------ channels-last rows
+// Column passes over rows of C channels (channels-last; BatchNorm's (N·HxW, C) view): SIMD across
+// channels, per-channel coefficients and accumulators in arrays of C. Rows are walked in memory order
+// (sequential streams the prefetcher follows; a walk down one column of channels at a time strides
+// by C and crosses a page every few rows); with many channels those arrays outgrow L1, and rows are
+// taken kRowGroup at a time so each coefficient load serves kRowGroup rows.
+
+constexpr int64_t kRowGroup = 4;
+constexpr int64_t kGroupRowsFromChannels = 1024;
+
+// Walks the rows of [r0, r1) in groups of G and, in each, the SIMD vectors (T = Vectorized) then the
+// scalar tail (T = acc_t) of the C channels: Step::template run<T>(o, j, rows, C, args...) with o =
+// first row · C + j. `rows` is a compile-time G for full groups (so the step's row loop unrolls), an
+// int64_t for the last partial one. Steps get every pointer by value, so hot loops keep them in
+// registers.
+template <typename scalar_t, typename Step, int64_t G, typename... Args>
+inline void walk_rows(int64_t r0, int64_t r1, int64_t C, Args... args) {
+  using IO = VecIO<scalar_t>;
+  const auto group = [&](int64_t r, auto rows) {
+    int64_t j = 0;
+    for (; j + IO::kSize <= C; j += IO::kSize) {
+      Step::template run<typename IO::Vec>(r * C + j, j, rows, C, args...);
     }
-    store_as<acc_t, T>(sdz + j, a0);
-    store_as<acc_t, T>(sdzx + j, a1);
+    for (; j < C; ++j) Step::template run<typename IO::acc_t>(r * C + j, j, rows, C, args...);
+  };
+  int64_t r = r0;
+  for (; r + G <= r1; r += G) group(r, std::integral_constant<int64_t, G>{});
+  if (r < r1) group(r, r1 - r);
+}
+
+template <typename scalar_t, typename Step, typename... Args>
+inline void for_rows(int64_t r0, int64_t r1, int64_t C, Args... args) {
+  if (C >= kGroupRowsFromChannels) {
+    walk_rows<scalar_t, Step, kRowGroup>(r0, r1, C, args...);
+  } else {
+    walk_rows<scalar_t, Step, 1>(r0, r1, C, args...);
+  }
+}
+
+template <typename T>
+inline T madd(const T& a, const T& b, const T& c) {
+  if constexpr (std::is_floating_point_v<T>) {
+    return a * b + c;
+  } else {
+    return at::vec::fmadd(a, b, c);
+  }
+}
+
+// Runs body(n, r0, r1) over rows [r0, r1) of sample n, in parallel tasks of about 32k elements.
+template <typename F>
+void for_sample_rows(const ChannelShape& s, const F& body) {
+  at::parallel_for(0, s.N * s.HxW, grain_for(s.C), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end;) {
+      const int64_t n = i / s.HxW, r0 = i % s.HxW, r1 = std::min(s.HxW, r0 + (end - i));
+      body(n, r0, r1);
+      i += r1 - r0;
+    }
   });
 }
 
-// Per-channel moments of `rows` channels-last rows in one pass: sums of d = x - x0 and d² where x0 is
-// the first row (a shift: |x0 - mean| is on the scale of the spread, so the variance
-// Σd²/n - (Σd/n)² does not cancel the way E[x²] - E[x]² does for off-centre data). The SIMD
-// accumulators stay in registers while walking down the rows; results per channel in double.
-template <typename scalar_t>
-void chunk_moments(const scalar_t* x, int64_t rows, int64_t C, double* mean, double* m2) {
-  using acc_t = at::opmath_type<scalar_t>;
-  constexpr int64_t kV = VecIO<scalar_t>::kSize;
-  const auto finish = [&](int64_t c, acc_t shift, acc_t s1, acc_t s2) {
-    const double ms = double(s1) / double(rows);
-    mean[c] = double(shift) + ms;
-    m2[c] = std::max(0.0, double(s2) - ms * double(s1));
-  };
-  for_simd_and_tail<scalar_t>(C, [&](auto zero, int64_t j) {
-    using T = decltype(zero);
-    const T x0 = load_as<scalar_t, T>(x + j);
-    T s1(0), s2(0);
-    for (int64_t r = 1; r < rows; ++r) {
-      const T d = load_as<scalar_t, T>(x + r * C + j) - x0;
-      s1 = s1 + d;
-      s2 = s2 + d * d;
+// Adds Σd and Σd² of the rows, d = x - k[c] (k: a row of X, so the float sums scale with the spread of
+// the values, not their magnitude), into s1, s2.
+struct ShiftedSumsStep {
+  template <typename T, typename Rows, typename scalar_t, typename acc_t>
+  static void run(int64_t o, int64_t j, Rows rows, int64_t C, const scalar_t* X, const scalar_t* k, acc_t* s1,
+                  acc_t* s2) {
+    const T kv = load_as<scalar_t, T>(k + j);
+    T a = coef<true, T>(s1, j), b = coef<true, T>(s2, j);
+    for (int64_t q = 0; q < rows; ++q, o += C) {
+      const T d = load_as<scalar_t, T>(X + o) - kv;
+      a = a + d;
+      b = madd(d, d, b);
     }
-    if constexpr (std::is_same_v<T, acc_t>) {
-      finish(j, x0, s1, s2);
-    } else {
-      acc_t l0[kV], l1[kV], l2[kV];
-      x0.store(l0);
-      s1.store(l1);
-      s2.store(l2);
-      for (int64_t l = 0; l < kV; ++l) finish(j + l, l0[l], l1[l], l2[l]);
+    store_as<acc_t, T>(s1 + j, a);
+    store_as<acc_t, T>(s2 + j, b);
+  }
+};
+
+// Y = act((x - mean)·scale + beta + R), scale = gamma·rstd per channel.
+template <int64_t kAct>
+struct ApplyStep {
+  template <typename T, typename Rows, typename scalar_t, typename acc_t>
+  static void run(int64_t o, int64_t j, Rows rows, int64_t C, const scalar_t* X, const scalar_t* R,
+                  scalar_t* Y, const acc_t* mean, const acc_t* scale, const acc_t* beta, acc_t slope) {
+    const T m = coef<true, T>(mean, j), a = coef<true, T>(scale, j), b = coef<true, T>(beta, j);
+    for (int64_t q = 0; q < rows; ++q, o += C) {
+      T z = madd(load_as<scalar_t, T>(X + o) - m, a, b);
+      if (R != nullptr) z = z + load_as<scalar_t, T>(R + o);
+      store_as<scalar_t, T>(Y + o, act_forward(z, kAct, slope));
     }
-  });
-}
+  }
+};
+
+// Adds Σdz and Σdz·x̂ of the rows into per-channel accumulators sdz, sdzx.
+template <int64_t kAct>
+struct GradSumsStep {
+  template <typename T, typename Rows, typename scalar_t, typename acc_t>
+  static void run(int64_t o, int64_t j, Rows rows, int64_t C, const scalar_t* dY, const scalar_t* X,
+                  const scalar_t* R, const acc_t* mean, const acc_t* rstd, const acc_t* gamma,
+                  const acc_t* beta, acc_t slope, acc_t* sdz, acc_t* sdzx) {
+    const T m = coef<true, T>(mean, j), rs = coef<true, T>(rstd, j);
+    const T g = coef<true, T>(gamma, j), b = coef<true, T>(beta, j);
+    T a0 = coef<true, T>(sdz, j), a1 = coef<true, T>(sdzx, j);
+    for (int64_t q = 0; q < rows; ++q, o += C) {
+      const auto [xhat, dz] = xhat_dz<kAct>(dY, X, R, o, m, rs, g, b, slope);
+      a0 = a0 + dz;
+      a1 = madd(dz, xhat, a1);
+    }
+    store_as<acc_t, T>(sdz + j, a0);
+    store_as<acc_t, T>(sdzx + j, a1);
+  }
+};
+
+// dX = a·dz + b·x̂ + c and dR = dz (either may be null).
+template <int64_t kAct>
+struct GradInputStep {
+  template <typename T, typename Rows, typename scalar_t, typename acc_t>
+  static void run(int64_t o, int64_t j, Rows rows, int64_t C, const scalar_t* dY, const scalar_t* X,
+                  const scalar_t* R, const acc_t* mean, const acc_t* rstd, const acc_t* gamma,
+                  const acc_t* beta, const acc_t* ka, const acc_t* kb, const acc_t* kc, acc_t slope,
+                  scalar_t* dX, scalar_t* dR) {
+    const T m = coef<true, T>(mean, j), rs = coef<true, T>(rstd, j);
+    const T g = coef<true, T>(gamma, j), b = coef<true, T>(beta, j);
+    const T a = coef<true, T>(ka, j), bb = coef<true, T>(kb, j), cc = coef<true, T>(kc, j);
+    for (int64_t q = 0; q < rows; ++q, o += C) {
+      const auto [xhat, dz] = xhat_dz<kAct>(dY, X, R, o, m, rs, g, b, slope);
+      if (dR != nullptr) store_as<scalar_t, T>(dR + o, dz);
+      if (dX != nullptr) store_as<scalar_t, T>(dX + o, madd(a, dz, madd(bb, xhat, cc)));
+    }
+  }
+};
 
 // Channels-last reductions over HxW: each sample's rows are cut into fixed chunks (RowChunks), each
 // chunk reduced by one task into C accumulators per output; chunk_fn(n, r0, r1, out0, out1).
@@ -280,9 +349,12 @@ RowChunks reduce_channels_last(const ChannelShape& s, std::vector<acc_t>& out0, 
 }
 
 // Per-(n, c) moments over HxW (count HxW each), in double (see Moments): a row_moments per contiguous
-// run (channels-first), or chunk_moments per fixed chunk of rows merged in chunk order (channels-last).
+// run (channels-first), or per fixed chunk of rows the sums of x - x0 and (x - x0)² (x0 the chunk's
+// first row: a shift on the scale of the spread, so Σd²/n - (Σd/n)² does not cancel the way
+// E[x²] - E[x]² does for off-centre data), merged in chunk order (channels-last).
 template <typename scalar_t>
 void channel_moments(const scalar_t* X, const ChannelShape& s, double* mean, double* m2) {
+  using acc_t = at::opmath_type<scalar_t>;
   if (!s.channels_last) {
     at::parallel_for(0, s.N * s.C, grain_for(s.HxW), [&](int64_t begin, int64_t end) {
       for (int64_t nc = begin; nc < end; ++nc) {
@@ -293,10 +365,11 @@ void channel_moments(const scalar_t* X, const ChannelShape& s, double* mean, dou
     });
     return;
   }
-  std::vector<double> pm, pq;
+  std::vector<acc_t> ps1, ps2;
   const RowChunks rc =
-      reduce_channels_last(s, pm, pq, [&](int64_t n, int64_t r0, int64_t r1, double* cm, double* cq) {
-        chunk_moments(X + (n * s.HxW + r0) * s.C, r1 - r0, s.C, cm, cq);
+      reduce_channels_last(s, ps1, ps2, [&](int64_t n, int64_t r0, int64_t r1, acc_t* s1, acc_t* s2) {
+        const scalar_t* xn = X + n * s.HxW * s.C;
+        for_rows<scalar_t, ShiftedSumsStep>(r0 + 1, r1, s.C, xn, xn + r0 * s.C, s1, s2);
       });
   at::parallel_for(0, s.N * s.C, grain_for(rc.count), [&](int64_t begin, int64_t end) {
     for (int64_t nc = begin; nc < end; ++nc) {
@@ -306,7 +379,10 @@ void channel_moments(const scalar_t* X, const ChannelShape& s, double* mean, dou
         const int64_t r0 = k * rc.rows_per_chunk;
         const int64_t rows = std::min(s.HxW, r0 + rc.rows_per_chunk) - r0;
         const int64_t i = (n * rc.count + k) * s.C + c;
-        w = welford_merge(w, Moments{pm[i], pq[i], double(rows)});
+        const double ms = double(ps1[i]) / double(rows);
+        const double shift = double(acc_t(X[(n * s.HxW + r0) * s.C + c]));
+        w = welford_merge(
+            w, Moments{shift + ms, std::max(0.0, double(ps2[i]) - ms * double(ps1[i])), double(rows)});
       }
       mean[nc] = w.mean;
       m2[nc] = w.m2;
@@ -319,11 +395,28 @@ template <typename scalar_t>
 void channel_apply(const scalar_t* X, const scalar_t* R, scalar_t* Y, const ChannelShape& s,
                    const ChannelCoefs<at::opmath_type<scalar_t>>& k, int64_t act, double slope) {
   using acc_t = at::opmath_type<scalar_t>;
+  if (!s.channels_last) {
+    dispatch_activation(act, [&](auto A) {
+      for_each_run(s, k.stat_stride, [&](auto per_elem, const Run& r) {
+        apply_run<scalar_t, decltype(A)::value, decltype(per_elem)::value>(
+            X + r.offset, R ? R + r.offset : nullptr, Y + r.offset, r.count, r.rows, k.mean + r.stat,
+            k.rstd + r.stat, k.gamma + r.chan, k.beta + r.chan, acc_t(slope));
+      });
+    });
+    return;
+  }
+  // scale = gamma·rstd per sample (or once, for per-channel statistics) and channel.
+  const int64_t samples = k.stat_stride == 0 ? 1 : s.N;
+  std::vector<acc_t> scale(samples * s.C);
+  for (int64_t n = 0; n < samples; ++n) {
+    for (int64_t c = 0; c < s.C; ++c) scale[n * s.C + c] = k.gamma[c] * k.rstd[n * k.stat_stride + c];
+  }
   dispatch_activation(act, [&](auto A) {
-    for_each_run(s, k.stat_stride, [&](auto per_elem, const Run& r) {
-      apply_run<scalar_t, decltype(A)::value, decltype(per_elem)::value>(
-          X + r.offset, R ? R + r.offset : nullptr, Y + r.offset, r.count, r.rows, k.mean + r.stat,
-          k.rstd + r.stat, k.gamma + r.chan, k.beta + r.chan, acc_t(slope));
+    for_sample_rows(s, [&](int64_t n, int64_t r0, int64_t r1) {
+      const int64_t o = n * s.HxW * s.C;
+      const acc_t* sc = scale.data() + (k.stat_stride == 0 ? 0 : n * s.C);
+      for_rows<scalar_t, ApplyStep<decltype(A)::value>>(r0, r1, s.C, X + o, R ? R + o : nullptr, Y + o,
+                                                        k.mean + n * k.stat_stride, sc, k.beta, acc_t(slope));
     });
   });
 }
@@ -350,10 +443,10 @@ void channel_grad_sums(const scalar_t* dY, const scalar_t* X, const scalar_t* R,
     std::vector<acc_t> pdz, pdzx;
     const RowChunks rc =
         reduce_channels_last(s, pdz, pdzx, [&](int64_t n, int64_t r0, int64_t r1, acc_t* cdz, acc_t* cdzx) {
-          const int64_t o = (n * s.HxW + r0) * s.C;
-          grad_sums_chunk<scalar_t, decltype(A)::value>(
-              dY + o, X + o, R ? R + o : nullptr, r1 - r0, s.C, k.mean + n * k.stat_stride,
-              k.rstd + n * k.stat_stride, k.gamma, k.beta, sl, cdz, cdzx);
+          const int64_t o = n * s.HxW * s.C, st = n * k.stat_stride;
+          for_rows<scalar_t, GradSumsStep<decltype(A)::value>>(r0, r1, s.C, dY + o, X + o,
+                                                               R ? R + o : nullptr, k.mean + st, k.rstd + st,
+                                                               k.gamma, k.beta, sl, cdz, cdzx);
         });
     at::parallel_for(0, s.N * s.C, grain_for(rc.count), [&](int64_t begin, int64_t end) {
       for (int64_t nc = begin; nc < end; ++nc) {
@@ -378,13 +471,22 @@ void channel_grad_input(const scalar_t* dY, const scalar_t* X, const scalar_t* R
                         scalar_t* dX, scalar_t* dR) {
   using acc_t = at::opmath_type<scalar_t>;
   dispatch_grad_activation(act, [&](auto A) {
-    for_each_run(s, k.stat_stride, [&](auto per_elem, const Run& r) {
-      grad_input_run<scalar_t, decltype(A)::value, decltype(per_elem)::value>(
-          dY + r.offset, X + r.offset, R ? R + r.offset : nullptr, dX ? dX + r.offset : nullptr,
-          dR ? dR + r.offset : nullptr, r.count, r.rows, k.mean + r.stat, k.rstd + r.stat, k.gamma + r.chan,
-          k.beta + r.chan, g.a + r.stat, g.b + r.stat, g.c + r.stat, acc_t(slope));
+    if (!s.channels_last) {
+      for_each_run(s, k.stat_stride, [&](auto per_elem, const Run& r) {
+        grad_input_run<scalar_t, decltype(A)::value, decltype(per_elem)::value>(
+            dY + r.offset, X + r.offset, R ? R + r.offset : nullptr, dX ? dX + r.offset : nullptr,
+            dR ? dR + r.offset : nullptr, r.count, r.rows, k.mean + r.stat, k.rstd + r.stat, k.gamma + r.chan,
+            k.beta + r.chan, g.a + r.stat, g.b + r.stat, g.c + r.stat, acc_t(slope));
+      });
+      return;
+    }
+    for_sample_rows(s, [&](int64_t n, int64_t r0, int64_t r1) {
+      const int64_t o = n * s.HxW * s.C, st = n * k.stat_stride;
+      for_rows<scalar_t, GradInputStep<decltype(A)::value>>(
+          r0, r1, s.C, dY + o, X + o, R ? R + o : nullptr, k.mean + st, k.rstd + st, k.gamma, k.beta,
+          g.a + st, g.b + st, g.c + st, acc_t(slope), dX ? dX + o : nullptr, dR ? dR + o : nullptr);
     });
   });
 }
 
-}  // namespace normext::cpu
+}  // namespace normext::cpu::CPU_CAPABILITY

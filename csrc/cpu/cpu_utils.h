@@ -15,7 +15,12 @@
 #include "normext/math.h"
 #include "normext/xhat_source.h"
 
-namespace normext::cpu {
+// Every CPU kernel is compiled once per capability (setup.py), each build in its own namespace.
+#ifndef CPU_CAPABILITY
+#error "compile the CPU kernels with -DCPU_CAPABILITY=DEFAULT or AVX2 (see setup.py)"
+#endif
+
+namespace normext::cpu::CPU_CAPABILITY {
 
 // Loads/stores kSize elements of scalar_t as one Vectorized<acc_t> (float for half/bf16/float,
 // double for double), so every kernel computes in the accumulation type.
@@ -161,4 +166,4 @@ const acc_t* param_or(const c10::optional<at::Tensor>& p, std::vector<acc_t>& st
   return storage.data();
 }
 
-}  // namespace normext::cpu
+}  // namespace normext::cpu::CPU_CAPABILITY

@@ -1,15 +1,18 @@
-// GroupNorm / InstanceNorm on the CPU: host entry points registered at the CPU key. moments → fold
-// → apply with the shared channel passes of channel_kernels.h; the fold merges the D per-channel
-// moments of each (n, group) with Chan's formula.
+// GroupNorm / InstanceNorm on the CPU: host entry points registered at the CPU key. Channels-first, a
+// group is one contiguous run of D·HxW values, and one task per (n, group) does all of its work while the
+// group is in cache (moments then apply; backward sums then dx). Channels-last uses the shared channel
+// passes of channel_kernels.h, and the fold merges the D per-channel moments of each group (Chan).
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
 #include <cmath>
+#include <tuple>
+#include <utility>
 
 #include "channel_kernels.h"
 #include "normext/checks.h"
 
-namespace normext::cpu {
+namespace normext::cpu::CPU_CAPABILITY {
 namespace {
 
 using at::Tensor;
@@ -20,6 +23,19 @@ std::vector<acc_t> expand_groups(const acc_t* v, int64_t N, int64_t G, int64_t D
   std::vector<acc_t> out(N * G * D);
   for (int64_t ng = 0; ng < N * G; ++ng) std::fill_n(out.begin() + ng * D, D, v[ng]);
   return out;
+}
+
+// A group's dx coefficients from its D channels' sums: dx = gamma·rstd·dz + b·x̂ + c with
+// b = -rstd·Σ gamma·Σdz·x̂ / m and c = -rstd·Σ gamma·Σdz / m (m = D·HxW); returns {b, c}.
+template <typename acc_t>
+std::pair<acc_t, acc_t> group_grad_coefs(const acc_t* gamma, const acc_t* sdz, const acc_t* sdzx, int64_t D,
+                                         acc_t rstd, acc_t inv_m) {
+  acc_t P = 0, Q = 0;
+  for (int64_t d = 0; d < D; ++d) {
+    P += gamma[d] * sdz[d];
+    Q += gamma[d] * sdzx[d];
+  }
+  return {-rstd * Q * inv_m, -rstd * P * inv_m};
 }
 
 std::tuple<Tensor, Tensor, Tensor> group_norm_fwd_cpu(const Tensor& X_in, const c10::optional<Tensor>& gamma,
@@ -47,28 +63,40 @@ std::tuple<Tensor, Tensor, Tensor> group_norm_fwd_cpu(const Tensor& X_in, const 
       mean_p[ng] = acc_t(w.mean);
       rstd_p[ng] = acc_t(1) / std::sqrt(acc_t(w.m2 / w.n) + acc_t(eps));
     };
-    if (!s.channels_last) {
-      // A channels-first group is one contiguous run of D·HxW values.
-      at::parallel_for(0, N * G, grain_for(D * HxW), [&](int64_t begin, int64_t end) {
-        for (int64_t ng = begin; ng < end; ++ng) finish(ng, row_moments(X + ng * D * HxW, D * HxW));
-      });
-    } else {
-      std::vector<double> m_nc(N * C), q_nc(N * C);
-      channel_moments(X, s, m_nc.data(), q_nc.data());
-      for (int64_t ng = 0; ng < N * G; ++ng) {
-        Moments w{0.0, 0.0, 0.0};
-        for (int64_t d = 0; d < D; ++d)
-          w = welford_merge(w, Moments{m_nc[ng * D + d], q_nc[ng * D + d], double(HxW)});
-        finish(ng, w);
-      }
-    }
     std::vector<acc_t> ones, zeros;
+    const acc_t* gamma_p = param_or(a.gamma, ones, C, acc_t(1));
+    const acc_t* beta_p = param_or(a.beta, zeros, C, acc_t(0));
+    const scalar_t* R = a.residual ? a.residual->const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* Yp = Y.data_ptr<scalar_t>();
+    if (!s.channels_last) {
+      dispatch_activation(act, [&](auto A) {
+        at::parallel_for(0, N * G, grain_for(D * HxW), [&](int64_t begin, int64_t end) {
+          for (int64_t ng = begin; ng < end; ++ng) {
+            const int64_t o = ng * D * HxW, c0 = (ng % G) * D;
+            finish(ng, row_moments(X + o, D * HxW));
+            for (int64_t d = 0; d < D; ++d) {
+              const int64_t oc = o + d * HxW;
+              apply_run<scalar_t, decltype(A)::value, false>(X + oc, R ? R + oc : nullptr, Yp + oc, HxW, 1,
+                                                             mean_p + ng, rstd_p + ng, gamma_p + c0 + d,
+                                                             beta_p + c0 + d, acc_t(slope));
+            }
+          }
+        });
+      });
+      return;
+    }
+    std::vector<double> m_nc(N * C), q_nc(N * C);
+    channel_moments(X, s, m_nc.data(), q_nc.data());
+    for (int64_t ng = 0; ng < N * G; ++ng) {
+      Moments w{0.0, 0.0, 0.0};
+      for (int64_t d = 0; d < D; ++d)
+        w = welford_merge(w, Moments{m_nc[ng * D + d], q_nc[ng * D + d], double(HxW)});
+      finish(ng, w);
+    }
     const auto mean_c = expand_groups(mean_p, N, G, D);
     const auto rstd_c = expand_groups(rstd_p, N, G, D);
-    const ChannelCoefs<acc_t> k{mean_c.data(), rstd_c.data(), C, param_or(a.gamma, ones, C, acc_t(1)),
-                                param_or(a.beta, zeros, C, acc_t(0))};
-    const scalar_t* R = a.residual ? a.residual->const_data_ptr<scalar_t>() : nullptr;
-    channel_apply(X, R, Y.data_ptr<scalar_t>(), s, k, act, slope);
+    const ChannelCoefs<acc_t> k{mean_c.data(), rstd_c.data(), C, gamma_p, beta_p};
+    channel_apply(X, R, Yp, s, k, act, slope);
   });
   return {Y, mean, rstd};
 }
@@ -100,16 +128,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> group_norm_bwd_cpu(
     std::vector<acc_t> ones, zeros;
     const acc_t* gamma_p = param_or(a.gamma, ones, C, acc_t(1));
     const acc_t* beta_p = param_or(a.beta, zeros, C, acc_t(0));
-    const auto mean_c = expand_groups(mean.const_data_ptr<acc_t>(), N, G, D);
-    const auto rstd_c = expand_groups(rstd.const_data_ptr<acc_t>(), N, G, D);
-    std::vector<acc_t> store;
-    const auto [xm, xp] = xhat_coefs(act, mean_c.data(), rstd_c.data(), N * C, C, gamma_p, beta_p, store);
-    const ChannelCoefs<acc_t> k{xm, xp, C, gamma_p, beta_p};
+    const acc_t* mean_p = mean.const_data_ptr<acc_t>();
+    const acc_t* rstd_p = rstd.const_data_ptr<acc_t>();
     const scalar_t* X = a.X.const_data_ptr<scalar_t>();
     const scalar_t* R = a.residual ? a.residual->const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* dYp = dY.const_data_ptr<scalar_t>();
+    scalar_t* dXp = mask[0] ? dX.data_ptr<scalar_t>() : nullptr;
+    scalar_t* dRp = mask[3] ? dR.data_ptr<scalar_t>() : nullptr;
+    const acc_t inv_m = acc_t(1) / acc_t(D * HxW);
     std::vector<acc_t> sdz(N * C), sdzx(N * C);
-    channel_grad_sums(dY.const_data_ptr<scalar_t>(), X, R, s, k, act, slope, sdz.data(), sdzx.data());
-    if (mask[1] || mask[2]) {
+    const auto sum_params = [&] {
+      if (!mask[1] && !mask[2]) return;
       for (int64_t c = 0; c < C; ++c) {
         acc_t dg = 0, db = 0;
         for (int64_t n = 0; n < N; ++n) {
@@ -119,36 +148,71 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> group_norm_bwd_cpu(
         if (mask[1]) dgamma.data_ptr<acc_t>()[c] = dg;
         if (mask[2]) dbeta.data_ptr<acc_t>()[c] = db;
       }
+    };
+    if (!s.channels_last) {
+      // Per (n, group): the D channels' Σdz, Σdz·x̂, then dx = ca·dz + cb·x̂ + cc while x and dy are in cache.
+      const acc_t sl = acc_t(slope);
+      dispatch_grad_activation(act, [&](auto A) {
+        constexpr int64_t kAct = decltype(A)::value;
+        at::parallel_for(0, N * G, grain_for(D * HxW), [&](int64_t begin, int64_t end) {
+          for (int64_t ng = begin; ng < end; ++ng) {
+            const int64_t c0 = (ng % G) * D, nc0 = (ng / G) * C + c0;
+            const acc_t r = rstd_p[ng];
+            for (int64_t d = 0; d < D; ++d) {
+              const int64_t o = (nc0 + d) * HxW, c = c0 + d;
+              const auto [xm, xp] = xhat_coef(act, mean_p[ng], r, gamma_p[c], beta_p[c]);
+              std::tie(sdz[nc0 + d], sdzx[nc0 + d]) = grad_sums_run<scalar_t, kAct>(
+                  dYp + o, X + o, R ? R + o : nullptr, HxW, xm, xp, gamma_p[c], beta_p[c], sl);
+            }
+            if (dXp == nullptr && dRp == nullptr) continue;
+            const auto [cb, cc] =
+                group_grad_coefs(gamma_p + c0, sdz.data() + nc0, sdzx.data() + nc0, D, r, inv_m);
+            for (int64_t d = 0; d < D; ++d) {
+              const int64_t o = (nc0 + d) * HxW, c = c0 + d;
+              const acc_t ca = gamma_p[c] * r;
+              const auto [xm, xp] = xhat_coef(act, mean_p[ng], r, gamma_p[c], beta_p[c]);
+              grad_input_run<scalar_t, kAct, false>(dYp + o, X + o, R ? R + o : nullptr,
+                                                    dXp ? dXp + o : nullptr, dRp ? dRp + o : nullptr, HxW, 1,
+                                                    &xm, &xp, gamma_p + c, beta_p + c, &ca, &cb, &cc, sl);
+            }
+          }
+        });
+      });
+      sum_params();
+      return;
     }
-    if (!mask[0] && !mask[3]) return;
+    const auto mean_c = expand_groups(mean_p, N, G, D);
+    const auto rstd_c = expand_groups(rstd_p, N, G, D);
+    std::vector<acc_t> store;
+    const auto [xm, xp] = xhat_coefs(act, mean_c.data(), rstd_c.data(), N * C, C, gamma_p, beta_p, store);
+    const ChannelCoefs<acc_t> k{xm, xp, C, gamma_p, beta_p};
+    channel_grad_sums(dYp, X, R, s, k, act, slope, sdz.data(), sdzx.data());
+    sum_params();
+    if (dXp == nullptr && dRp == nullptr) return;
     std::vector<acc_t> ca(N * C), cb(N * C), cc(N * C);
-    const acc_t inv_m = acc_t(1) / acc_t(D * HxW);
     for (int64_t ng = 0; ng < N * G; ++ng) {
-      const int64_t g = ng % G;
-      acc_t P = 0, Q = 0;
+      const int64_t c0 = (ng % G) * D;
+      const acc_t r = rstd_p[ng];
+      const auto [b, c] =
+          group_grad_coefs(gamma_p + c0, sdz.data() + ng * D, sdzx.data() + ng * D, D, r, inv_m);
       for (int64_t d = 0; d < D; ++d) {
-        P += gamma_p[g * D + d] * sdz[ng * D + d];
-        Q += gamma_p[g * D + d] * sdzx[ng * D + d];
-      }
-      const acc_t r = rstd_c[ng * D];
-      for (int64_t d = 0; d < D; ++d) {
-        ca[ng * D + d] = gamma_p[g * D + d] * r;
-        cb[ng * D + d] = -r * Q * inv_m;
-        cc[ng * D + d] = -r * P * inv_m;
+        ca[ng * D + d] = gamma_p[c0 + d] * r;
+        cb[ng * D + d] = b;
+        cc[ng * D + d] = c;
       }
     }
-    channel_grad_input(
-        dY.const_data_ptr<scalar_t>(), X, R, s, k, GradCoefs<acc_t>{ca.data(), cb.data(), cc.data()}, act,
-        slope, mask[0] ? dX.data_ptr<scalar_t>() : nullptr, mask[3] ? dR.data_ptr<scalar_t>() : nullptr);
+    channel_grad_input(dYp, X, R, s, k, GradCoefs<acc_t>{ca.data(), cb.data(), cc.data()}, act, slope, dXp,
+                       dRp);
   });
   return {dX, dgamma, dbeta, dR};
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(normext, CPU, m) {
+// Called by csrc/cpu/dispatch.cpp when this capability's build is the one in use.
+void register_group_norm(torch::Library& m) {
   m.impl("group_norm_fwd", &group_norm_fwd_cpu);
   m.impl("group_norm_bwd", &group_norm_bwd_cpu);
 }
 
-}  // namespace normext::cpu
+}  // namespace normext::cpu::CPU_CAPABILITY

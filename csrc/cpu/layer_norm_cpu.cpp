@@ -12,7 +12,7 @@
 #include "channel_kernels.h"
 #include "normext/checks.h"
 
-namespace normext::cpu {
+namespace normext::cpu::CPU_CAPABILITY {
 namespace {
 
 using at::Tensor;
@@ -700,7 +700,8 @@ std::tuple<Tensor, Tensor, Tensor> rms_norm_2d_bwd_cpu(const Tensor& dY_in, cons
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(normext, CPU, m) {
+// Called by csrc/cpu/dispatch.cpp when this capability's build is the one in use.
+void register_layer_norm(torch::Library& m) {
   m.impl("layer_norm_fwd", &layer_norm_fwd_cpu);
   m.impl("layer_norm_bwd", &layer_norm_bwd_cpu);
   m.impl("layer_norm_2d_fwd", &layer_norm_2d_fwd_cpu);
@@ -713,4 +714,4 @@ TORCH_LIBRARY_IMPL(normext, CPU, m) {
   m.impl("add_rms_norm_fwd", &add_rms_norm_fwd_cpu);
 }
 
-}  // namespace normext::cpu
+}  // namespace normext::cpu::CPU_CAPABILITY
