@@ -170,6 +170,18 @@ def test_odd_shapes(device, shape, fmt):
     check_all(x, w, b, "silu", res, torch.float32, True, fmt)
 
 
+@pytest.mark.parametrize("shape", [(4, 64, 24, 24), (2, 48, 40, 40)], ids=["C64", "C48"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_channels_last_few_channels(device, shape):
+    """Channels-last with few channels (ResNet's stem C = 64; C = 48) and too many values for the one-launch
+    path: on CUDA a block of only as many vector columns as cover C (8 for bfloat16's 8-wide vectors, all
+    busy at C = 64, 6 of 8 at C = 48) and correspondingly more rows."""
+    x = make_input(shape, torch.bfloat16, device, "channels_last")
+    res = make_input(shape, torch.bfloat16, device, "channels_last")
+    w, b = make_params(shape[1], torch.float32, device)
+    check_all(x, w, b, "relu", res, torch.bfloat16, True, "channels_last", torch.float32)
+
+
 @pytest.mark.parametrize("residual", [False, True], ids=["nores", "res"])
 @pytest.mark.parametrize("affine", [False, True], ids=["noaffine", "affine"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])

@@ -28,34 +28,8 @@ SMEM_RESERVED_PER_BLOCK = 1024  # the runtime's own per-block shared memory
 SMEM_ALLOC_UNIT = 128
 ARCH = "sm_90"
 # Spills known and explained in the code, reported but not failing the report: any other spill fails it.
-KNOWN_SPILLS = {
-    # Spilled before issue 11 and not fixed yet: the fused NCHW backward's divisions (as above) and the 8-wide
-    # channels-last backward sums' per-channel constants.
-    "gn_bwd_fused_nchw_kernel<bf16, 1>": "not fixed yet",
-    "gn_bwd_fused_nchw_kernel<float, 1>": "not fixed yet",
-    "gn_bwd_fused_nchw_kernel<half, 1>": "not fixed yet",
-    "gn_bwd_sums_nhwc_kernel<bf16, 8>": "not fixed yet",
-    # The one-launch small BatchNorm forward's two divisions per channel (a latency-bound kernel).
-    "small_fwd_kernel<bf16>": "registers saved around the IEEE division's call",
-    "small_fwd_kernel<half>": "registers saved around the IEEE division's call",
-    # Appeared when issue 11's register bounds were merged with the backward from the output
-    # (memory_efficient: x̂ and act'(z) recovered from y) and the RMS mode; not fixed yet.
-    "rows_grad_sums_kernel<bf16, 8>": "since the issue 11/13/14 merge, not fixed yet",
-    "gn_bwd_sums_nchw_kernel<half, 8>": "since the issue 11/13/14 merge, not fixed yet",
-    "ln2d_nchw_bwd_kernel<bf16, 8>": "since the issue 11/13/14 merge, not fixed yet",
-    "ln2d_nchw_bwd_kernel<half, 8>": "since the issue 11/13/14 merge, not fixed yet",
-    # The warp-per-row forward with add&norm's residual stream (res_t): 12-40 bytes; passing 1/D from the host
-    # removed 16 of them, the rest not analysed yet.
-    "ln_fwd_rows_kernel<bf16, 1, false, bf16>": "since the issue 11/13/14 merge, not analysed yet",
-    "ln_fwd_rows_kernel<bf16, 1, false, float>": "since the issue 11/13/14 merge, not analysed yet",
-    "ln_fwd_rows_kernel<bf16, 8, false, bf16>": "since the issue 11/13/14 merge, not analysed yet",
-    "ln_fwd_rows_kernel<bf16, 8, false, float>": "since the issue 11/13/14 merge, not analysed yet",
-    "ln_fwd_rows_kernel<float, 1, false, float>": "since the issue 11/13/14 merge, not analysed yet",
-    "ln_fwd_rows_kernel<float, 4, false, float>": "since the issue 11/13/14 merge, not analysed yet",
-    "ln_fwd_rows_kernel<half, 1, false, float>": "since the issue 11/13/14 merge, not analysed yet",
-    "ln_fwd_rows_kernel<half, 1, false, half>": "since the issue 11/13/14 merge, not analysed yet",
-    "ln_fwd_rows_kernel<half, 8, false, half>": "since the issue 11/13/14 merge, not analysed yet",
-}
+# Empty: no kernel spills (issue 11). An entry maps a kernel instantiation, as the report prints it, to why.
+KNOWN_SPILLS: dict[str, str] = {}
 
 
 def occupancy(regs, smem, threads):
@@ -271,7 +245,11 @@ def main():
             " hold no compute_90 PTX for ptxas (a TORCH_CUDA_ARCH_LIST with 9.0+PTX, the default, embeds it)"
         )
     if wide:
-        print("cuda-report: above 128 registers (the target of issue 11, not enforced):", *wide, sep="\n  ")
+        print(
+            "cuda-report: above 128 registers (fails with --max-regs 128, as make cuda-report runs it):",
+            *wide,
+            sep="\n  ",
+        )
     if known:
         print("cuda-report: known spills (KNOWN_SPILLS):", *known, sep="\n  ")
     if problems:

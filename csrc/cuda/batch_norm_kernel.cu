@@ -23,9 +23,9 @@ namespace {
 using at::Tensor;
 
 constexpr int kBlock = 256;
-// Rows view: a block is kCols vector columns (VEC channels each) x kRows thread rows.
-constexpr int kCols = kWarpSize;
-constexpr int kRows = kBlock / kCols;
+// Rows view: a block is `cols` vector columns (VEC channels each; a power of two up to 32, the fewest that
+// cover C, so that a small C such as 64 bf16 channels keeps every lane busy) x kBlock / cols thread rows.
+constexpr int kMaxCols = kWarpSize;
 // Loads in flight per thread: the reduction loops do one Welford step or two sums per value; the
 // elementwise loops carry VEC-wide per-channel constants, so they keep fewer. 8-wide vectors keep half as
 // many (their constants alone take 32-56 registers), which keeps those kernels within 128 registers.
@@ -33,6 +33,10 @@ template <int VEC>
 constexpr int kReduceUnroll = VEC >= 8 ? 2 : 4;
 template <int VEC>
 constexpr int kApplyUnroll = VEC >= 8 ? 1 : 2;
+// The rows-view backward sums hold 4 per-channel constants per lane as well: 8-wide vectors there load one
+// row at a time (two made the bf16 kernel spill 190 bytes at its 128-register bound).
+template <int VEC>
+constexpr int kGradUnroll = VEC >= 8 ? 1 : kReduceUnroll<VEC>;
 // Minimum blocks per SM of the streaming kernels: 2 with vectors, which holds them within 128 registers
 // without spills (ptxas -v: up to 170 before); none with scalar access, which fits 50% occupancy on sm_90
 // as it is (a bound of 4 only let ptxas use more registers).
@@ -43,13 +47,6 @@ constexpr int kStreamBlocks = VEC == 1 ? 1 : 2;
 constexpr int64_t kReduceBlocks = 1024;
 constexpr int64_t kApplyBlocks = 4096;
 constexpr int64_t kMinPerThread = 4;  // rows / tiles per thread row that make a partition worth a block
-
-// a / b and a % b for non-negative a, b: 32-bit division when both fit (64-bit division is a long
-// instruction sequence), else 64-bit.
-__device__ __forceinline__ int64_t div_idx(int64_t a, int64_t b) {
-  if (a <= UINT32_MAX && b <= UINT32_MAX) return static_cast<uint32_t>(a) / static_cast<uint32_t>(b);
-  return a / b;
-}
 
 // Per-channel statistics and parameters, float and contiguous. `second` holds rstd, or the variance
 // (then rstd = 1/sqrt(var + eps)) when second_is_var. gamma/beta may be null (1 and 0).
@@ -87,21 +84,23 @@ struct GradSums {
 // kFromOutput: X then holds y); z is recomputed, never saved.
 
 // ------------------------------------------------------------------------------ rows view kernels
-// X is rows x C, row-major. Thread (x, y) = (threadIdx.x % kCols, threadIdx.x / kCols) owns the VEC
-// channels starting at c = (blockIdx.x * kCols + x) * VEC (VEC > 1 only when C % VEC == 0 and every
-// pointer is VEC-aligned, so a vector never straddles rows) and walks rows y, y + kRows, ...
+// X is rows x C, row-major. Thread (x, y) = (threadIdx.x % cols, threadIdx.x / cols) owns the VEC
+// channels starting at c = (blockIdx.x * cols + x) * VEC (VEC > 1 only when C % VEC == 0 and every
+// pointer is VEC-aligned, so a vector never straddles rows) and walks rows y, y + trows, ... (trows =
+// kBlock / cols).
 
 // Partial moments of partition p = blockIdx.y, rows [p * rows_per_part, ...) (never empty). Each lane
 // runs Welford on x - K, K the partition's first row, so float rounding scales with the spread and
-// not with the magnitude; column_reduce merges the kRows states of each channel. Writes the partial
+// not with the magnitude; column_reduce merges the trows states of each channel. Writes the partial
 // (mean, M2) at [p * C + c] and its count at counts[p].
 template <typename scalar_t, int VEC>
 __global__ void __launch_bounds__(kBlock, kStreamBlocks<VEC>)
-    rows_moments_kernel(const scalar_t* __restrict__ X, int64_t rows, int64_t C, int64_t rows_per_part,
-                        float* __restrict__ means, float* __restrict__ m2s, float* __restrict__ counts) {
+    rows_moments_kernel(const scalar_t* __restrict__ X, int64_t rows, int64_t C, int cols,
+                        int64_t rows_per_part, float* __restrict__ means, float* __restrict__ m2s,
+                        float* __restrict__ counts) {
   NORMEXT_SHARED(WelfordF, buf, kBlock * VEC);
-  const int x = threadIdx.x % kCols, y = threadIdx.x / kCols;
-  const int64_t c = (int64_t(blockIdx.x) * kCols + x) * VEC;
+  const int x = threadIdx.x % cols, y = threadIdx.x / cols, trows = kBlock / cols;
+  const int64_t c = (int64_t(blockIdx.x) * cols + x) * VEC;
   const int64_t r0 = int64_t(blockIdx.y) * rows_per_part;
   const int64_t r1 = std::min(rows, r0 + rows_per_part);
   const bool active = c < C;
@@ -109,22 +108,22 @@ __global__ void __launch_bounds__(kBlock, kStreamBlocks<VEC>)
   WelfordLanes<VEC> w = welford_lanes_zero<VEC>();
   if (active) {
     shift = to_lanes(load_vec<VEC>(X, r0 * C + c));
-    for (int64_t r = r0 + y; r < r1; r += kReduceUnroll<VEC> * kRows) {
+    for (int64_t r = r0 + y; r < r1; r += kReduceUnroll<VEC> * trows) {
       AlignedVector<scalar_t, VEC> v[kReduceUnroll<VEC>];
 #pragma unroll
       for (int u = 0; u < kReduceUnroll<VEC>; ++u) {
-        if (r + u * kRows < r1) v[u] = load_vec<VEC>(X, (r + u * kRows) * C + c);
+        if (r + u * trows < r1) v[u] = load_vec<VEC>(X, (r + u * trows) * C + c);
       }
 #pragma unroll
       for (int u = 0; u < kReduceUnroll<VEC>; ++u) {
-        if (r + u * kRows < r1) welford_push(w, to_lanes(v[u]) - shift);
+        if (r + u * trows < r1) welford_push(w, to_lanes(v[u]) - shift);
       }
     }
   }
   WelfordF lanes[VEC];
 #pragma unroll
   for (int e = 0; e < VEC; ++e) lanes[e] = welford_lane(w, e);
-  column_reduce<VEC>(lanes, buf, y, x, kRows, kCols, WelfordOp{});
+  column_reduce<VEC>(lanes, buf, y, x, trows, cols, WelfordOp{});
   if (y != 0 || !active) return;
 #pragma unroll
   for (int e = 0; e < VEC; ++e) {
@@ -140,11 +139,12 @@ __global__ void __launch_bounds__(kBlock, kStreamBlocks<VEC>)
 template <typename scalar_t, int VEC>
 __global__ void __launch_bounds__(kBlock, kStreamBlocks<VEC>)
     rows_grad_sums_kernel(const scalar_t* __restrict__ dY, const scalar_t* __restrict__ X,
-                          const scalar_t* __restrict__ R, int64_t rows, int64_t C, int64_t rows_per_part,
-                          Channels ch, int64_t act, float slope, Sum2* __restrict__ partial) {
+                          const scalar_t* __restrict__ R, int64_t rows, int64_t C, int cols,
+                          int64_t rows_per_part, Channels ch, int64_t act, float slope,
+                          Sum2* __restrict__ partial) {
   NORMEXT_SHARED(Sum2, buf, kBlock * VEC);
-  const int x = threadIdx.x % kCols, y = threadIdx.x / kCols;
-  const int64_t c = (int64_t(blockIdx.x) * kCols + x) * VEC;
+  const int x = threadIdx.x % cols, y = threadIdx.x / cols, trows = kBlock / cols;
+  const int64_t c = (int64_t(blockIdx.x) * cols + x) * VEC;
   const int64_t r0 = int64_t(blockIdx.y) * rows_per_part;
   const int64_t r1 = std::min(rows, r0 + rows_per_part);
   const bool active = c < C;
@@ -156,20 +156,20 @@ __global__ void __launch_bounds__(kBlock, kStreamBlocks<VEC>)
     if (active) ch.at(c + e, mean[e], rstd[e], g[e], b[e]);
   }
   if (active) {
-    for (int64_t r = r0 + y; r < r1; r += kReduceUnroll<VEC> * kRows) {
-      AlignedVector<scalar_t, VEC> xv[kReduceUnroll<VEC>], dv[kReduceUnroll<VEC>], rv[kReduceUnroll<VEC>];
+    for (int64_t r = r0 + y; r < r1; r += kGradUnroll<VEC> * trows) {
+      AlignedVector<scalar_t, VEC> xv[kGradUnroll<VEC>], dv[kGradUnroll<VEC>], rv[kGradUnroll<VEC>];
 #pragma unroll
-      for (int u = 0; u < kReduceUnroll<VEC>; ++u) {
-        if (r + u * kRows < r1) {
-          const int64_t o = (r + u * kRows) * C + c;
+      for (int u = 0; u < kGradUnroll<VEC>; ++u) {
+        if (r + u * trows < r1) {
+          const int64_t o = (r + u * trows) * C + c;
           xv[u] = load_vec<VEC>(X, o);
           dv[u] = load_vec<VEC>(dY, o);
           rv[u] = load_vec_or_zero<VEC>(R, o);
         }
       }
 #pragma unroll
-      for (int u = 0; u < kReduceUnroll<VEC>; ++u) {
-        if (r + u * kRows >= r1) continue;
+      for (int u = 0; u < kGradUnroll<VEC>; ++u) {
+        if (r + u * trows >= r1) continue;
 #pragma unroll
         for (int e = 0; e < VEC; ++e) {
           const float xv_e = static_cast<float>(xv[u].val[e]), rv_e = static_cast<float>(rv[u].val[e]);
@@ -182,20 +182,20 @@ __global__ void __launch_bounds__(kBlock, kStreamBlocks<VEC>)
       }
     }
   }
-  column_reduce<VEC>(acc, buf, y, x, kRows, kCols, SumOp{});
+  column_reduce<VEC>(acc, buf, y, x, trows, cols, SumOp{});
   if (y != 0 || !active) return;
 #pragma unroll
   for (int e = 0; e < VEC; ++e) partial[blockIdx.y * C + c + e] = buf[x * VEC + e];
 }
 
-// Y = act((x - mean)·(gamma·rstd) + beta + R); rows blockIdx.y·kRows + y, grid-strided.
+// Y = act((x - mean)·(gamma·rstd) + beta + R); rows blockIdx.y·trows + y, grid-strided.
 template <typename scalar_t, int VEC>
 __global__ void __launch_bounds__(kBlock, kStreamBlocks<VEC>)
     rows_apply_kernel(const scalar_t* __restrict__ X, const scalar_t* __restrict__ R,
-                      scalar_t* __restrict__ Y, int64_t rows, int64_t C, Channels ch, int64_t act,
+                      scalar_t* __restrict__ Y, int64_t rows, int64_t C, int cols, Channels ch, int64_t act,
                       float slope) {
-  const int x = threadIdx.x % kCols, y = threadIdx.x / kCols;
-  const int64_t c = (int64_t(blockIdx.x) * kCols + x) * VEC;
+  const int x = threadIdx.x % cols, y = threadIdx.x / cols, trows = kBlock / cols;
+  const int64_t c = (int64_t(blockIdx.x) * cols + x) * VEC;
   if (c >= C) return;
   float mean[VEC], scale[VEC], beta[VEC];
 #pragma unroll
@@ -204,8 +204,8 @@ __global__ void __launch_bounds__(kBlock, kStreamBlocks<VEC>)
     ch.at(c + e, mean[e], rstd, g, beta[e]);
     scale[e] = g * rstd;
   }
-  const int64_t step = int64_t(gridDim.y) * kRows;
-  for (int64_t r = int64_t(blockIdx.y) * kRows + y; r < rows; r += kApplyUnroll<VEC> * step) {
+  const int64_t step = int64_t(gridDim.y) * trows;
+  for (int64_t r = int64_t(blockIdx.y) * trows + y; r < rows; r += kApplyUnroll<VEC> * step) {
     AlignedVector<scalar_t, VEC> xv[kApplyUnroll<VEC>], rv[kApplyUnroll<VEC>];
 #pragma unroll
     for (int u = 0; u < kApplyUnroll<VEC>; ++u) {
@@ -233,10 +233,11 @@ __global__ void __launch_bounds__(kBlock, kStreamBlocks<VEC>)
 template <typename scalar_t, int VEC>
 __global__ void __launch_bounds__(kBlock, kStreamBlocks<VEC>)
     rows_grad_input_kernel(const scalar_t* __restrict__ dY, const scalar_t* __restrict__ X,
-                           const scalar_t* __restrict__ R, int64_t rows, int64_t C, Channels ch, GradSums gs,
-                           int64_t act, float slope, scalar_t* __restrict__ dX, scalar_t* __restrict__ dR) {
-  const int x = threadIdx.x % kCols, y = threadIdx.x / kCols;
-  const int64_t c = (int64_t(blockIdx.x) * kCols + x) * VEC;
+                           const scalar_t* __restrict__ R, int64_t rows, int64_t C, int cols, Channels ch,
+                           GradSums gs, int64_t act, float slope, scalar_t* __restrict__ dX,
+                           scalar_t* __restrict__ dR) {
+  const int x = threadIdx.x % cols, y = threadIdx.x / cols, trows = kBlock / cols;
+  const int64_t c = (int64_t(blockIdx.x) * cols + x) * VEC;
   if (c >= C) return;
   float mean[VEC], rstd[VEC], g[VEC], b[VEC], ka[VEC], kb[VEC], kc[VEC];
 #pragma unroll
@@ -244,8 +245,8 @@ __global__ void __launch_bounds__(kBlock, kStreamBlocks<VEC>)
     ch.at(c + e, mean[e], rstd[e], g[e], b[e]);
     gs.coefs(c + e, g[e], rstd[e], ka[e], kb[e], kc[e]);
   }
-  const int64_t step = int64_t(gridDim.y) * kRows;
-  for (int64_t r = int64_t(blockIdx.y) * kRows + y; r < rows; r += kApplyUnroll<VEC> * step) {
+  const int64_t step = int64_t(gridDim.y) * trows;
+  for (int64_t r = int64_t(blockIdx.y) * trows + y; r < rows; r += kApplyUnroll<VEC> * step) {
     AlignedVector<scalar_t, VEC> xv[kApplyUnroll<VEC>], dv[kApplyUnroll<VEC>], rv[kApplyUnroll<VEC>];
 #pragma unroll
     for (int u = 0; u < kApplyUnroll<VEC>; ++u) {
@@ -519,10 +520,12 @@ constexpr int64_t kSmallNumel = 65536;
 struct SmallView {
   int64_t C, HxW, count;  // count = N·HxW values per channel
   bool rows;
+  double unbias;  // 1 / (count - 1), from the host: the unbiased variance without a division in the kernel
 
+  // Indices below kSmallNumel: 32-bit division.
   __device__ __forceinline__ int64_t at(int64_t c, int64_t k) const {
     if (rows) return k * C + c;
-    const int64_t n = div_idx(k, HxW);
+    const int64_t n = div32(k, HxW);
     return (n * C + c) * HxW + (k - n * HxW);
   }
 };
@@ -543,14 +546,14 @@ __global__ void __launch_bounds__(kBlock)
   const float shift = static_cast<float>(X[v.at(c, 0)]);
   float s = 0.f;
   for (int64_t k = lane; k < v.count; k += kWarpSize) s += static_cast<float>(X[v.at(c, k)]) - shift;
-  const float mean = shift + group_allsum(s, kWarpSize) / n;
+  const float mean = shift + nx_div(group_allsum(s, kWarpSize), n);
   float q = 0.f;
   for (int64_t k = lane; k < v.count; k += kWarpSize) {
     const float d = static_cast<float>(X[v.at(c, k)]) - mean;
     q += d * d;
   }
   const float m2 = group_allsum(q, kWarpSize);
-  const float rstd = rsqrt_rn(m2 / n + eps);
+  const float rstd = rsqrt_rn(nx_div(m2, n) + eps);
   if (lane == 0) {
     out_mean[c] = mean;
     out_rstd[c] = rstd;
@@ -560,7 +563,7 @@ __global__ void __launch_bounds__(kBlock)
     }
     if (running_var != nullptr) {
       float& r = running_var[c * rv_stride];
-      r = float((1.0 - momentum) * double(r) + momentum * (double(m2) / (double(v.count) - 1.0)));
+      r = float((1.0 - momentum) * double(r) + momentum * (double(m2) * v.unbias));
     }
   }
   const float scale = (gamma != nullptr ? gamma[c] : 1.f) * rstd, b = beta != nullptr ? beta[c] : 0.f;
@@ -606,6 +609,7 @@ struct Plan {
   bool rows_view;
   int64_t N, C, HxW, rows;  // rows = N * HxW (rows view)
   int vec;
+  int cols;          // rows view: vector columns per block
   int64_t blocks_x;  // rows view: channel blocks
   int tx;            // planes view: threads per tile
   int64_t S;         // planes view: tiles per plane
@@ -623,9 +627,11 @@ Plan make_plan(const ChannelNormArgs& a, int vec) {
   p.rows = p.N * p.HxW;
   p.vec = vec;
   if (p.rows_view) {
-    p.blocks_x = ceil_div<int64_t>(p.C, int64_t(kCols) * vec);
+    p.cols = kMaxCols;
+    while (p.cols > 1 && int64_t(p.cols / 2) * vec >= p.C) p.cols /= 2;
+    p.blocks_x = ceil_div<int64_t>(p.C, int64_t(p.cols) * vec);
     const int64_t parts = std::clamp<int64_t>(ceil_div(kReduceBlocks, p.blocks_x), 1,
-                                              ceil_div<int64_t>(p.rows, kRows * kMinPerThread));
+                                              ceil_div<int64_t>(p.rows, (kBlock / p.cols) * kMinPerThread));
     p.rows_per_part = ceil_div(p.rows, parts);
     p.parts = ceil_div(p.rows, p.rows_per_part);  // no empty partition
   } else {
@@ -683,7 +689,7 @@ const scalar_t* ptr_or_null(const c10::optional<Tensor>& t) {
 std::optional<SmallView> small_view(const ChannelNormArgs& a) {
   const int64_t count = a.dims.N * a.dims.HxW;
   if (count > kSmallCount || count * a.dims.C > kSmallNumel) return std::nullopt;
-  return SmallView{a.dims.C, a.dims.HxW, count, a.rows};
+  return SmallView{a.dims.C, a.dims.HxW, count, a.rows, 1.0 / (double(count) - 1.0)};
 }
 
 unsigned small_blocks(int64_t C) { return unsigned(ceil_div<int64_t>(C, kBlock / kWarpSize)); }
@@ -697,7 +703,7 @@ void launch_moments(const ChannelNormArgs& a, const Plan& p, float* means, float
     constexpr int VEC = decltype(vec)::value;
     if (p.rows_view) {
       NORMEXT_LAUNCH((rows_moments_kernel<scalar_t, VEC>), dim3(unsigned(p.blocks_x), unsigned(p.parts)),
-                     kBlock, 0, stream, X, p.rows, p.C, p.rows_per_part, means, m2s, counts);
+                     kBlock, 0, stream, X, p.rows, p.C, p.cols, p.rows_per_part, means, m2s, counts);
     } else {
       NORMEXT_LAUNCH((planes_moments_kernel<scalar_t, VEC>), dim3(unsigned(p.C), unsigned(p.parts)), kBlock,
                      0, stream, X, p.C, p.HxW, p.tx, p.S, p.N * p.S, p.tiles_per_part, means, m2s, counts);
@@ -734,10 +740,11 @@ void launch_apply(const ChannelNormArgs& a, const Channels& ch, int64_t act, dou
   with_vec<scalar_t>(p, [&](auto vec) {
     constexpr int VEC = decltype(vec)::value;
     if (p.rows_view) {
-      const int64_t by = std::clamp<int64_t>(ceil_div(kApplyBlocks, p.blocks_x), 1,
-                                             std::min<int64_t>(65535, ceil_div<int64_t>(p.rows, kRows)));
+      const int64_t by =
+          std::clamp<int64_t>(ceil_div(kApplyBlocks, p.blocks_x), 1,
+                              std::min<int64_t>(65535, ceil_div<int64_t>(p.rows, kBlock / p.cols)));
       NORMEXT_LAUNCH((rows_apply_kernel<scalar_t, VEC>), dim3(unsigned(p.blocks_x), unsigned(by)), kBlock, 0,
-                     stream, X, R, out, p.rows, p.C, ch, act, float(slope));
+                     stream, X, R, out, p.rows, p.C, p.cols, ch, act, float(slope));
     } else {
       const int64_t tiles = p.N * p.C * p.S;
       const int64_t bx = std::clamp<int64_t>(ceil_div<int64_t>(tiles, kBlock / p.tx), 1, kApplyBlocks * 8);
@@ -897,7 +904,7 @@ std::tuple<Tensor, Tensor> batch_norm_bwd_reduce_cuda(const Tensor& dY_in, const
       constexpr int VEC = decltype(vec)::value;
       if (p.rows_view) {
         NORMEXT_LAUNCH((rows_grad_sums_kernel<scalar_t, VEC>), dim3(unsigned(p.blocks_x), unsigned(p.parts)),
-                       kBlock, 0, stream, dy, X, R, p.rows, C, p.rows_per_part, ch, act, float(slope),
+                       kBlock, 0, stream, dy, X, R, p.rows, C, p.cols, p.rows_per_part, ch, act, float(slope),
                        partial);
       } else {
         NORMEXT_LAUNCH((planes_grad_sums_kernel<scalar_t, VEC>), dim3(unsigned(C), unsigned(p.parts)), kBlock,
@@ -949,10 +956,11 @@ std::tuple<Tensor, Tensor> batch_norm_bwd_elemt_cuda(
     with_vec<scalar_t>(p, [&](auto vec) {
       constexpr int VEC = decltype(vec)::value;
       if (p.rows_view) {
-        const int64_t by = std::clamp<int64_t>(ceil_div(kApplyBlocks, p.blocks_x), 1,
-                                               std::min<int64_t>(65535, ceil_div<int64_t>(p.rows, kRows)));
+        const int64_t by =
+            std::clamp<int64_t>(ceil_div(kApplyBlocks, p.blocks_x), 1,
+                                std::min<int64_t>(65535, ceil_div<int64_t>(p.rows, kBlock / p.cols)));
         NORMEXT_LAUNCH((rows_grad_input_kernel<scalar_t, VEC>), dim3(unsigned(p.blocks_x), unsigned(by)),
-                       kBlock, 0, stream, dy, X, R, p.rows, C, ch, gs, act, float(slope), dx, dr);
+                       kBlock, 0, stream, dy, X, R, p.rows, C, p.cols, ch, gs, act, float(slope), dx, dr);
       } else {
         const int64_t tiles = p.N * C * p.S;
         const int64_t bx = std::clamp<int64_t>(ceil_div<int64_t>(tiles, kBlock / p.tx), 1, kApplyBlocks * 8);

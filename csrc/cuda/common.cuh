@@ -39,6 +39,20 @@ C10_HOST_DEVICE constexpr T round_up(T a, T b) {
 // spills in kernels that hold many values (tools/cuda_report.py).
 __device__ __forceinline__ float rsqrt_rn(float v) { return __frsqrt_rn(v); }
 
+// a / b for non-negative a, b: 32-bit division when both fit (64-bit division is a long instruction
+// sequence, a subroutine call), else 64-bit.
+__device__ __forceinline__ int64_t div_idx(int64_t a, int64_t b) {
+  if (a <= UINT32_MAX && b <= UINT32_MAX) return static_cast<uint32_t>(a) / static_cast<uint32_t>(b);
+  return a / b;
+}
+
+// a / b for 0 <= a, b < 2^32 in 32 bits: block and group indices (a 1-D grid has fewer than 2^31 blocks, and
+// the per-block counts the host divides it by are smaller still). No 64-bit division subroutine call, whose
+// register saves ptxas counts as spills.
+__device__ __forceinline__ int64_t div32(int64_t a, int64_t b) {
+  return static_cast<uint32_t>(a) / static_cast<uint32_t>(b);
+}
+
 // Elements of scalar_t per 16-byte access.
 template <typename scalar_t>
 constexpr int kMaxVec = 16 / static_cast<int>(sizeof(scalar_t));

@@ -26,6 +26,10 @@ constexpr int kFwdRegs = 32;
 constexpr int kBwdRegs = 16;
 constexpr int kMaxBlock = 512;  // fused kernels
 constexpr int kBlock = 256;     // streaming kernels
+// Register budgets are ptxas heuristics as much as bounds: given the block size alone, ptxas held some
+// kernels (fused channels-last forward, fused NCHW backward, channels-last apply and dx) to 64 / 80 registers
+// and spilled a few, so those state min blocks 1 (a 128 / 255 budget); for others that same bound made ptxas
+// spill at 128, so they keep the block size alone. tools/cuda_report.py checks the result.
 // Streaming kernels carry no minimum blocks per SM: with scalar access they already fit 4 x 256 threads (50%
 // occupancy on sm_90) and a bound of 4 only let ptxas use more registers (100% -> 75% for some); with vectors
 // their VEC-wide per-channel constants need 80-170 registers, and a cap of 128 made some spill (fold first).
@@ -96,7 +100,7 @@ struct Chunk {
 
 __device__ __forceinline__ Chunk chunk_at(const ChunkPlan& plan, int64_t ci, int64_t D, int64_t G) {
   if (plan.parts > 1) {
-    const int64_t g = ci / plan.parts, part = ci % plan.parts;
+    const int64_t g = div32(ci, plan.parts), part = ci - g * plan.parts;
     const int64_t width = std::min(plan.width, D - part * plan.width);
     return {g * D + part * plan.width, width, g, 1, width, part};
   }
@@ -138,7 +142,9 @@ __device__ __forceinline__ float group_shift_nhwc(const FwdParams<scalar_t>& p, 
   return static_cast<float>(p.X[n * p.L * p.C + g * p.D]);
 }
 
-__device__ __forceinline__ float rstd_of(const WelfordF& w, float eps) { return rsqrt_rn(w.m2 / w.n + eps); }
+__device__ __forceinline__ float rstd_of(const WelfordF& w, float eps) {
+  return rsqrt_rn(nx_div(w.m2, w.n) + eps);
+}
 
 // =============================================================================================
 // Forward
@@ -171,7 +177,7 @@ __global__ void __launch_bounds__(kMaxBlock) gn_fwd_fused_nchw_kernel(FwdParams<
     }
   }
   const int seg_warps = tpg / kWarpSize;
-  const float mu = K + block_allreduce(sum, SumOp{}, red, seg_warps) / static_cast<float>(M);
+  const float mu = K + nx_div(block_allreduce(sum, SumOp{}, red, seg_warps), static_cast<float>(M));
   float m2 = 0.f;
 #pragma unroll
   for (int k = 0; k < kSlots; ++k) {
@@ -183,14 +189,14 @@ __global__ void __launch_bounds__(kMaxBlock) gn_fwd_fused_nchw_kernel(FwdParams<
       }
     }
   }
-  const float var = block_allreduce(m2, SumOp{}, red, seg_warps) / static_cast<float>(M);
+  const float var = nx_div(block_allreduce(m2, SumOp{}, red, seg_warps), static_cast<float>(M));
   const float rs = rsqrt_rn(var + p.eps);
   if (nvec > 0 && r == 0) {
     p.mean[j] = mu;
     p.rstd[j] = rs;
   }
 
-  const int64_t c0 = (j % p.G) * p.D;
+  const int64_t c0 = (j - div32(j, p.G) * p.G) * p.D;
 #pragma unroll
   for (int k = 0; k < kSlots; ++k) {
     const int v = r + k * tpg;
@@ -216,7 +222,7 @@ __global__ void __launch_bounds__(kMaxBlock) gn_fwd_fused_nchw_kernel(FwdParams<
 // the registers (mean, then M2) make the moments exact. Needs C % VEC == 0, gpb*D % VEC == 0 and
 // X, R, Y VEC-aligned, so every row segment of a chunk starts aligned.
 template <typename scalar_t, int VEC>
-__global__ void __launch_bounds__(kMaxBlock)
+__global__ void __launch_bounds__(kMaxBlock, 1)
     gn_fwd_fused_nhwc_kernel(FwdParams<scalar_t> p, int64_t gpb, int64_t chunks, int bdx, int bdy) {
   constexpr int kRows = fwd_nhwc_rows(VEC);
   unsigned char* smem = dynamic_smem();
@@ -224,8 +230,8 @@ __global__ void __launch_bounds__(kMaxBlock)
   float* gmean = cols + bdy * bdx * VEC;         // gpb
   float* grstd = gmean + gpb;                    // gpb
   const int x = threadIdx.x % bdx, y = threadIdx.x / bdx;
-  const int64_t n = blockIdx.x / chunks;
-  const int64_t g0 = blockIdx.x % chunks * gpb;
+  const int64_t n = div32(blockIdx.x, chunks);
+  const int64_t g0 = (blockIdx.x - n * chunks) * gpb;
   const int64_t ng = std::min(gpb, p.G - g0);
   const int D = static_cast<int>(p.D), L = static_cast<int>(p.L);
   const bool active = y < bdy && x * VEC < ng * D;
@@ -235,7 +241,7 @@ __global__ void __launch_bounds__(kMaxBlock)
   float v[kRows][VEC], K[VEC];
   float s[VEC] = {};
 #pragma unroll
-  for (int e = 0; e < VEC; ++e) K[e] = active ? group_shift_nhwc(p, n, (c + e) / D) : 0.f;
+  for (int e = 0; e < VEC; ++e) K[e] = active ? group_shift_nhwc(p, n, static_cast<int>(c + e) / D) : 0.f;
 #pragma unroll
   for (int k = 0; k < kRows; ++k) {
     const int row = y + k * bdy;
@@ -248,7 +254,7 @@ __global__ void __launch_bounds__(kMaxBlock)
   const auto col_sum = [&](int64_t g, int64_t i) { return cols[g * D + i]; };
   column_reduce<VEC>(s, cols, y, x, bdy, bdx, SumOp{});
   warp_per_segment(ng, D, 0.f, col_sum, SumOp{},
-                   [&](int64_t g, float t) { gmean[g] = group_shift_nhwc(p, n, g0 + g) + t / M; });
+                   [&](int64_t g, float t) { gmean[g] = group_shift_nhwc(p, n, g0 + g) + nx_div(t, M); });
   __syncthreads();
 
   float mu[VEC], q[VEC] = {};
@@ -266,7 +272,7 @@ __global__ void __launch_bounds__(kMaxBlock)
   }
   column_reduce<VEC>(q, cols, y, x, bdy, bdx, SumOp{});
   warp_per_segment(ng, D, 0.f, col_sum, SumOp{}, [&](int64_t g, float t) {
-    const float rs = rsqrt_rn(t / M + p.eps);
+    const float rs = rsqrt_rn(nx_div(t, M) + p.eps);
     grstd[g] = rs;
     p.mean[n * p.G + g0 + g] = gmean[g];
     p.rstd[n * p.G + g0 + g] = rs;
@@ -309,7 +315,7 @@ template <typename scalar_t, int VEC>
 __global__ void __launch_bounds__(kBlock)
     gn_moments_nchw_kernel(FwdParams<scalar_t> p, int64_t tile, int64_t T, WelfordF* __restrict__ partial) {
   NORMEXT_SHARED(WelfordF, red, kBlock / kWarpSize);
-  const int64_t j = blockIdx.x / T, t = blockIdx.x % T;
+  const int64_t j = div32(blockIdx.x, T), t = blockIdx.x - j * T;
   const int64_t M = p.D * p.L;
   const int64_t end = std::min(M, (t + 1) * tile);
   const int64_t stride = int64_t(blockDim.x) * VEC;
@@ -339,7 +345,7 @@ template <typename scalar_t, int VEC>
 __global__ void __launch_bounds__(kBlock) gn_apply_nchw_kernel(FwdParams<scalar_t> p, int64_t tile, int64_t T,
                                                                const WelfordF* __restrict__ partial) {
   NORMEXT_SHARED(float, stat, 2);
-  const int64_t j = blockIdx.x / T, t = blockIdx.x % T;
+  const int64_t j = div32(blockIdx.x, T), t = blockIdx.x - j * T;
   if (threadIdx.x < kWarpSize) {
     const WelfordF w = warp_reduce_range(
         T, WelfordF{0.f, 0.f, 0.f}, [&](int64_t i) { return partial[j * T + i]; }, WelfordOp{});
@@ -355,7 +361,7 @@ __global__ void __launch_bounds__(kBlock) gn_apply_nchw_kernel(FwdParams<scalar_
   }
   __syncthreads();
   const float mu = stat[0], rs = stat[1];
-  const int64_t M = p.D * p.L, base = j * M, c0 = (j % p.G) * p.D;
+  const int64_t M = p.D * p.L, base = j * M, c0 = (j - div32(j, p.G) * p.G) * p.D;
   const int64_t end = std::min(M, (t + 1) * tile);
   const int64_t stride = int64_t(blockDim.x) * VEC;
   const int64_t first = t * tile + int64_t(threadIdx.x) * VEC;
@@ -398,8 +404,8 @@ __global__ void __launch_bounds__(kBlock)
                            WelfordF* __restrict__ partial) {
   unsigned char* smem = dynamic_smem();
   WelfordF* cols = reinterpret_cast<WelfordF*>(smem);  // bdy x bdx*VEC
-  const int64_t ci = blockIdx.x % plan.count, nt = blockIdx.x / plan.count;
-  const int64_t t = nt % T, n = nt / T;
+  const int64_t nt = div32(blockIdx.x, plan.count), ci = blockIdx.x - nt * plan.count;
+  const int64_t n = div32(nt, T), t = nt - n * T;
   const Chunk ch = chunk_at(plan, ci, p.D, p.G);
   const int x = threadIdx.x % plan.bdx, y = threadIdx.x / plan.bdx;
   const bool active = y < plan.bdy && x * VEC < ch.width;
@@ -408,7 +414,8 @@ __global__ void __launch_bounds__(kBlock)
   const int64_t stride = plan.bdy;
   Lanes<VEC> K(0.f);
 #pragma unroll
-  for (int e = 0; e < VEC; ++e) K.v[e] = active ? group_shift_nhwc(p, n, (c + e) / p.D) : 0.f;
+  for (int e = 0; e < VEC; ++e)
+    K.v[e] = active ? group_shift_nhwc(p, n, static_cast<int>(c + e) / static_cast<int>(p.D)) : 0.f;
   WelfordLanes<VEC> w = welford_lanes_zero<VEC>();
   if (active) {
     for (int64_t row = t * rows_per_tile + y; row < end; row += kMomentsUnroll * stride) {
@@ -443,14 +450,14 @@ __global__ void __launch_bounds__(kBlock)
 // [t*rows_per_tile, ...) stepping by bdy. Needs C and the plan's width multiples of VEC and X, R, Y
 // VEC-aligned.
 template <typename scalar_t, int VEC>
-__global__ void __launch_bounds__(kBlock)
+__global__ void __launch_bounds__(kBlock, 1)
     gn_apply_nhwc_kernel(FwdParams<scalar_t> p, ChunkPlan plan, int64_t rows_per_tile, int64_t T,
                          const WelfordF* __restrict__ partial, int64_t S) {
   unsigned char* smem = dynamic_smem();
   float* gmean = reinterpret_cast<float*>(smem);  // gpb
   float* grstd = gmean + plan.gpb;                // gpb
-  const int64_t ci = blockIdx.x % plan.count, nt = blockIdx.x / plan.count;
-  const int64_t t = nt % T, n = nt / T;
+  const int64_t nt = div32(blockIdx.x, plan.count), ci = blockIdx.x - nt * plan.count;
+  const int64_t n = div32(nt, T), t = nt - n * T;
   const Chunk ch = chunk_at(plan, ci, p.D, p.G);
   warp_per_segment(
       ch.segs, S, WelfordF{0.f, 0.f, 0.f},
@@ -472,7 +479,7 @@ __global__ void __launch_bounds__(kBlock)
   float mu[VEC], a[VEC], b[VEC];
 #pragma unroll
   for (int e = 0; e < VEC; ++e) {
-    const int64_t s = (x * VEC + e) / ch.seg;
+    const int s = (x * VEC + e) / static_cast<int>(ch.seg);
     mu[e] = gmean[s];
     a[e] = param_or(p.gamma, c + e, 1.f) * grstd[s];
     b[e] = param_or(p.beta, c + e, 0.f);
@@ -518,14 +525,14 @@ __global__ void __launch_bounds__(kBlock)
 // from registers, so x and dy are read once. Writes the per-(n, c) sums for dgamma / dbeta when
 // `sums` is set. Needs L % VEC == 0 and X, dY, R, dX, dR VEC-aligned (every row starts aligned).
 template <typename scalar_t, int VEC>
-__global__ void __launch_bounds__(kMaxBlock)
+__global__ void __launch_bounds__(kMaxBlock, 1)
     gn_bwd_fused_nchw_kernel(BwdParams<scalar_t> p, int S, Sum2* __restrict__ sums) {
   constexpr int kSlots = kBwdRegs / VEC;
   constexpr int kMaxUnits = kMaxBlock / kWarpSize * kSlots;
   NORMEXT_SHARED(Sum2, unit_sums, kMaxUnits);
   NORMEXT_SHARED(Sum2, chan, kMaxUnits);  // gamma-weighted channel sums; D <= units
   NORMEXT_SHARED_SCALAR(Sum2, pq);
-  const int64_t j = blockIdx.x, g = j % p.G;
+  const int64_t j = blockIdx.x, g = j - div32(j, p.G) * p.G;
   const int lane = threadIdx.x % kWarpSize, w = threadIdx.x / kWarpSize;
   const int W = blockDim.x / kWarpSize;
   const int D = static_cast<int>(p.D), L = static_cast<int>(p.L);
@@ -575,7 +582,7 @@ __global__ void __launch_bounds__(kMaxBlock)
   __syncthreads();
 
   const float M = static_cast<float>(D * L);
-  const float pm = pq.a / M, qm = pq.b / M;
+  const float pm = nx_div(pq.a, M), qm = nx_div(pq.b, M);
 #pragma unroll
   for (int k = 0; k < kSlots; ++k) {
     const int u = w + k * W;
@@ -608,8 +615,8 @@ __global__ void __launch_bounds__(kMaxBlock)
   Sum2* cols = reinterpret_cast<Sum2*>(smem);  // bdy x bdx*VEC
   Sum2* gpq = cols + bdy * bdx * VEC;          // gpb
   const int x = threadIdx.x % bdx, y = threadIdx.x / bdx;
-  const int64_t n = blockIdx.x / chunks;
-  const int64_t g0 = blockIdx.x % chunks * gpb;
+  const int64_t n = div32(blockIdx.x, chunks);
+  const int64_t g0 = (blockIdx.x - n * chunks) * gpb;
   const int64_t ng = std::min(gpb, p.G - g0);
   const int D = static_cast<int>(p.D), L = static_cast<int>(p.L);
   const bool active = y < bdy && x * VEC < ng * D;
@@ -664,8 +671,8 @@ __global__ void __launch_bounds__(kMaxBlock)
 #pragma unroll
   for (int e = 0; e < VEC; ++e) {
     const Sum2 t = gpq[(x * VEC + e) / D];
-    pm[e] = t.a / M;
-    qm[e] = t.b / M;
+    pm[e] = nx_div(t.a, M);
+    qm[e] = nx_div(t.b, M);
   }
 #pragma unroll
   for (int k = 0; k < kRows; ++k) {
@@ -692,8 +699,8 @@ __global__ void __launch_bounds__(kBlock)
   const int64_t gw = int64_t(blockIdx.x) * (blockDim.x / kWarpSize) + threadIdx.x / kWarpSize;
   if (gw >= p.N * p.C * T) return;
   const int lane = threadIdx.x % kWarpSize;
-  const int64_t row = gw / T, t = gw % T;
-  const int64_t c = row % p.C, ng = row / p.C * p.G + c / p.D;
+  const int64_t row = div_idx(gw, T), t = gw - row * T;
+  const int64_t nrow = div_idx(row, p.C), c = row - nrow * p.C, ng = nrow * p.G + div_idx(c, p.D);
   const float mu = p.mean[ng], rs = p.rstd[ng];
   const float gam = param_or(p.gamma, c, 1.f), bet = param_or(p.beta, c, 0.f);
   const int64_t end = std::min(p.L / VEC, (t + 1) * tile_v);
@@ -739,8 +746,8 @@ __global__ void __launch_bounds__(kBlock)
                             int64_t T, Sum2* __restrict__ sums) {
   unsigned char* smem = dynamic_smem();
   Sum2* cols = reinterpret_cast<Sum2*>(smem);  // bdy x bdx*VEC
-  const int64_t ci = blockIdx.x % chunks, nt = blockIdx.x / chunks;
-  const int64_t t = nt % T, n = nt / T;
+  const int64_t nt = div32(blockIdx.x, chunks), ci = blockIdx.x - nt * chunks;
+  const int64_t n = div32(nt, T), t = nt - n * T;
   const int64_t c0 = ci * bdx * VEC, width = std::min<int64_t>(bdx * VEC, p.C - c0);
   const int x = threadIdx.x % bdx, y = threadIdx.x / bdx;
   const bool active = y < bdy && x * VEC < width;
@@ -748,7 +755,7 @@ __global__ void __launch_bounds__(kBlock)
   float mu[VEC], rs[VEC], gam[VEC], bet[VEC];
 #pragma unroll
   for (int e = 0; e < VEC; ++e) {
-    const int64_t ng = n * p.G + (active ? (c + e) / p.D : 0);
+    const int64_t ng = n * p.G + (active ? static_cast<int>(c + e) / static_cast<int>(p.D) : 0);
     mu[e] = p.mean[ng];
     rs[e] = p.rstd[ng];
     gam[e] = active ? param_or(p.gamma, c + e, 1.f) : 0.f;
@@ -790,34 +797,35 @@ __global__ void __launch_bounds__(kBlock)
   for (int64_t i = threadIdx.x; i < width; i += blockDim.x) sums[(n * p.C + c0 + i) * T + t] = cols[i];
 }
 
-// Backward combine: two independent fixed-order reductions of the per-(n, c, tile) sums in one
-// launch. Blocks [0, pq_blocks) each form (P, Q) of group j = blockIdx.x over its D*T entries
-// (thread-strided, then a block tree); the remaining blocks each reduce 32 channels over n and the
-// tiles (8 row slices of n, merged in order) into dgamma / dbeta (either may be null).
-__global__ void __launch_bounds__(kBlock)
-    gn_bwd_combine_kernel(const Sum2* __restrict__ sums, const float* __restrict__ gamma,
-                          Sum2* __restrict__ pq, float* __restrict__ dgamma, float* __restrict__ dbeta,
-                          int64_t N, int64_t C, int64_t G, int64_t T, int64_t pq_blocks) {
-  NORMEXT_SHARED(Sum2, red, kBlock);
-  if (blockIdx.x < pq_blocks) {
-    const int64_t j = blockIdx.x, D = C / G, c0 = (j % G) * D;
-    const Sum2* s = sums + j * D * T;  // (n*C + g*D) == j*D: the group's entries are contiguous
-    Sum2 acc{0.f, 0.f};
-    for (int64_t i = threadIdx.x; i < D * T; i += blockDim.x) {
-      const float ga = param_or(gamma, c0 + i / T, 1.f);
-      acc = acc + Sum2{ga * s[i].a, ga * s[i].b};
-    }
-    acc = block_allreduce(acc, SumOp{}, red, blockDim.x / kWarpSize);
-    if (threadIdx.x == 0) pq[j] = acc;
-    return;
+// (P, Q) of group j = (n, g) from the per-(n, c, tile) sums: its D*T entries are contiguous (n*C + g*D ==
+// j*D), gamma-weighted, thread-strided, then a block tree (the same order in every block that calls it).
+// Every thread of the block must call it; the total is returned to all of them. red needs kBlock entries.
+__device__ Sum2 group_pq(const Sum2* __restrict__ sums, const float* __restrict__ gamma, int64_t j, int64_t D,
+                         int64_t G, int64_t T, Sum2* red) {
+  const int64_t c0 = (j - div32(j, G) * G) * D;
+  const Sum2* s = sums + j * D * T;
+  Sum2 acc{0.f, 0.f};
+  for (int64_t i = threadIdx.x; i < D * T; i += blockDim.x) {
+    const float ga = param_or(gamma, c0 + div32(i, T), 1.f);
+    acc = acc + Sum2{ga * s[i].a, ga * s[i].b};
   }
+  return block_allreduce(acc, SumOp{}, red, blockDim.x / kWarpSize);
+}
+
+// dgamma / dbeta (either may be null) of the 32 channels of block b (a block index counted from the first
+// such block): warp y sums entries k = y, y + ny, ... of each channel's N*T (n, tile) sums (k = n*T + t), so
+// all ny warps work whatever N is, and the ny warp totals are added in order. red needs kBlock entries.
+__device__ void channel_sums(const Sum2* __restrict__ sums, float* __restrict__ dgamma,
+                             float* __restrict__ dbeta, int64_t b, int64_t N, int64_t C, int64_t T,
+                             Sum2* red) {
   const int x = threadIdx.x % kWarpSize, y = threadIdx.x / kWarpSize;
   const int ny = blockDim.x / kWarpSize;
-  const int64_t c = (blockIdx.x - pq_blocks) * kWarpSize + x;
+  const int64_t c = b * kWarpSize + x;
   Sum2 acc{0.f, 0.f};
   if (c < C) {
-    for (int64_t n = y; n < N; n += ny) {
-      for (int64_t t = 0; t < T; ++t) acc = acc + sums[(n * C + c) * T + t];
+    for (int64_t k = y; k < N * T; k += ny) {
+      const int64_t n = div32(k, T);
+      acc = acc + sums[(n * C + c) * T + (k - n * T)];
     }
   }
   red[threadIdx.x] = acc;
@@ -830,17 +838,55 @@ __global__ void __launch_bounds__(kBlock)
   }
 }
 
+// Backward combine: two independent fixed-order reductions of the per-(n, c, tile) sums in one launch.
+// Blocks [0, pq_blocks) each form (P, Q) of group j = blockIdx.x (group_pq); the remaining blocks reduce 32
+// channels each into dgamma / dbeta (channel_sums).
+__global__ void __launch_bounds__(kBlock)
+    gn_bwd_combine_kernel(const Sum2* __restrict__ sums, const float* __restrict__ gamma,
+                          Sum2* __restrict__ pq, float* __restrict__ dgamma, float* __restrict__ dbeta,
+                          int64_t N, int64_t C, int64_t G, int64_t T, int64_t pq_blocks) {
+  NORMEXT_SHARED(Sum2, red, kBlock);
+  if (blockIdx.x < pq_blocks) {
+    const Sum2 t = group_pq(sums, gamma, blockIdx.x, C / G, G, T, red);
+    if (threadIdx.x == 0) pq[blockIdx.x] = t;
+    return;
+  }
+  channel_sums(sums, dgamma, dbeta, blockIdx.x - pq_blocks, N, C, T, red);
+}
+
+// Where a dx kernel takes each group's (P, Q) from, and the dgamma / dbeta blocks that may follow its dx
+// blocks, so that a two-kernel backward is two launches (sums, then dx) when the groups' sums are few.
+struct DxSums {
+  const Sum2* pq;    // per-group (P, Q) from gn_bwd_combine_kernel, or null
+  const Sum2* sums;  // else the per-(n, c, tile) sums, (P, Q) formed in the block (null with pq: no dx)
+  int64_t T;         // tiles per (n, c) in sums
+  float* dgamma;     // blocks >= dx_blocks reduce sums into dgamma / dbeta (channel_sums)
+  float* dbeta;
+  int64_t dx_blocks;
+};
+
 // Two-kernel path, NCHW, dx / dresidual. Block (j, t) covers elements [t*tile, ...) of group j's
-// contiguous run with a ChannelCursor (as the forward apply); pq (null when dX is not requested)
-// holds the group's (P, Q). Needs tile and M multiples of VEC and X, dY, R, dX, dR VEC-aligned.
+// contiguous run with a ChannelCursor (as the forward apply); (P, Q) of group j from ds (zero when dX is not
+// requested). Blocks past ds.dx_blocks form dgamma / dbeta. Needs tile and M multiples of VEC and X, dY, R,
+// dX, dR VEC-aligned.
 template <typename scalar_t, int VEC>
 __global__ void __launch_bounds__(kBlock)
-    gn_bwd_dx_nchw_kernel(BwdParams<scalar_t> p, int64_t tile, int64_t T, const Sum2* __restrict__ pq) {
-  const int64_t j = blockIdx.x / T, t = blockIdx.x % T;
-  const int64_t M = p.D * p.L, base = j * M, c0 = (j % p.G) * p.D;
+    gn_bwd_dx_nchw_kernel(BwdParams<scalar_t> p, int64_t tile, int64_t T, DxSums ds) {
+  NORMEXT_SHARED(Sum2, red, kBlock);
+  if (blockIdx.x >= ds.dx_blocks) {
+    channel_sums(ds.sums, ds.dgamma, ds.dbeta, blockIdx.x - ds.dx_blocks, p.N, p.C, ds.T, red);
+    return;
+  }
+  const int64_t j = div32(blockIdx.x, T), t = blockIdx.x - j * T;
+  const int64_t M = p.D * p.L, base = j * M, c0 = (j - div32(j, p.G) * p.G) * p.D;
   const float mu = p.mean[j], rs = p.rstd[j];
-  const float pm = pq ? pq[j].a / static_cast<float>(M) : 0.f;
-  const float qm = pq ? pq[j].b / static_cast<float>(M) : 0.f;
+  Sum2 pqj{0.f, 0.f};
+  if (ds.pq) {
+    pqj = ds.pq[j];
+  } else if (ds.sums && p.dX) {  // uniform over the block
+    pqj = group_pq(ds.sums, p.gamma, j, p.D, p.G, ds.T, red);
+  }
+  const float pm = nx_div(pqj.a, static_cast<float>(M)), qm = nx_div(pqj.b, static_cast<float>(M));
   const int64_t end = std::min(M, (t + 1) * tile);
   const int64_t stride = int64_t(blockDim.x) * VEC;
   const int64_t first = t * tile + int64_t(threadIdx.x) * VEC;
@@ -878,30 +924,60 @@ __global__ void __launch_bounds__(kBlock)
   }
 }
 
-// Two-kernel path, channels-last, dx / dresidual. Block (n, t, ci) as gn_bwd_sums_nhwc_kernel;
-// per-lane constants (group stats, P/M, Q/M, gamma, beta) are loaded once, then rows stream.
-// Needs C % VEC == 0 and X, dY, R, dX, dR VEC-aligned.
+// Two-kernel path, channels-last, dx / dresidual. Block (n, t, ci) as gn_bwd_sums_nhwc_kernel; (P, Q) of
+// the groups its channels touch from ds (ds.pq, or merged here from ds.sums, one warp per group, into
+// dynamic shared memory: a slot per group, at most bdx*VEC + 1). Per-lane constants (group stats, P/M, Q/M,
+// gamma, beta) are loaded once, then rows stream. Blocks past ds.dx_blocks form dgamma / dbeta. Needs
+// C % VEC == 0 and X, dY, R, dX, dR VEC-aligned.
 template <typename scalar_t, int VEC>
-__global__ void __launch_bounds__(kBlock)
+__global__ void __launch_bounds__(kBlock, 1)
     gn_bwd_dx_nhwc_kernel(BwdParams<scalar_t> p, int bdx, int bdy, int64_t chunks, int64_t rows_per_tile,
-                          int64_t T, const Sum2* __restrict__ pq) {
-  const int64_t ci = blockIdx.x % chunks, nt = blockIdx.x / chunks;
-  const int64_t t = nt % T, n = nt / T;
+                          int64_t T, DxSums ds) {
+  NORMEXT_SHARED(Sum2, red, kBlock);
+  if (blockIdx.x >= ds.dx_blocks) {
+    channel_sums(ds.sums, ds.dgamma, ds.dbeta, blockIdx.x - ds.dx_blocks, p.N, p.C, ds.T, red);
+    return;
+  }
+  Sum2* gpq = reinterpret_cast<Sum2*>(dynamic_smem());
+  const int64_t nt = div32(blockIdx.x, chunks), ci = blockIdx.x - nt * chunks;
+  const int64_t n = div32(nt, T), t = nt - n * T;
   const int64_t c0 = ci * bdx * VEC;
+  const int D = static_cast<int>(p.D);
+  const int g_first = static_cast<int>(c0) / D;
+  if (!ds.pq && ds.sums && p.dX) {  // uniform over the block
+    const int64_t c_end = std::min<int64_t>(p.C, c0 + int64_t(bdx) * VEC);
+    const int segs = static_cast<int>(c_end - 1) / D - g_first + 1;
+    warp_per_segment(
+        segs, p.D * ds.T, Sum2{0.f, 0.f},
+        [&](int64_t s, int64_t i) {
+          const int64_t g = g_first + s, k = (n * p.C + g * p.D) * ds.T + i;
+          const float ga = param_or(p.gamma, g * p.D + div32(i, ds.T), 1.f);
+          return Sum2{ga * ds.sums[k].a, ga * ds.sums[k].b};
+        },
+        SumOp{}, [&](int64_t s, const Sum2& v) { gpq[s] = v; });
+    __syncthreads();
+  }
   const int x = threadIdx.x % bdx, y = threadIdx.x / bdx;
   if (y >= bdy || c0 + x * VEC >= p.C) return;
   const int64_t c = c0 + x * VEC;
-  const float M = static_cast<float>(p.D * p.L);
+  const float inv_m = nx_recip(static_cast<float>(p.D * p.L));
   float mu[VEC], rs[VEC], gam[VEC], bet[VEC], pm[VEC], qm[VEC];
 #pragma unroll
   for (int e = 0; e < VEC; ++e) {
-    const int64_t ng = n * p.G + (c + e) / p.D;
+    const int g = static_cast<int>(c + e) / D;
+    const int64_t ng = n * p.G + g;
     mu[e] = p.mean[ng];
     rs[e] = p.rstd[ng];
     gam[e] = param_or(p.gamma, c + e, 1.f);
     bet[e] = param_or(p.beta, c + e, 0.f);
-    pm[e] = pq ? pq[ng].a / M : 0.f;
-    qm[e] = pq ? pq[ng].b / M : 0.f;
+    Sum2 v{0.f, 0.f};
+    if (ds.pq) {
+      v = ds.pq[ng];
+    } else if (ds.sums && p.dX) {
+      v = gpq[g - g_first];
+    }
+    pm[e] = v.a * inv_m;
+    qm[e] = v.b * inv_m;
   }
   const int64_t end = std::min(p.L, (t + 1) * rows_per_tile);
   const int64_t stride = bdy;
@@ -1123,6 +1199,14 @@ bool bwd_fused_nchw(const BwdParams<scalar_t>& p, BwdOut out, const at::Tensor& 
   return true;
 }
 
+// Whether the dx blocks form (P, Q) from the per-(n, c, tile) sums themselves (DxSums), each merging
+// `entries` of them: two backward launches (sums, then dx with dgamma / dbeta in its last blocks) instead of
+// three (sums, combine, dx), bought with redundant merges, allowed while they read at most numel / 4 entries
+// in all (the small inputs, where the launch count decides; large ones keep the combine kernel).
+bool merge_in_dx(int64_t dx_blocks, int64_t entries, int64_t numel) {
+  return dx_blocks * entries * 4 <= numel;
+}
+
 template <typename scalar_t>
 void bwd_nchw(const BwdParams<scalar_t>& p, BwdOut out, const at::Tensor& X, cudaStream_t stream) {
   constexpr int kVec = kMaxVec<scalar_t>;
@@ -1139,16 +1223,21 @@ void bwd_nchw(const BwdParams<scalar_t>& p, BwdOut out, const at::Tensor& X, cud
   const int64_t NG = p.N * p.G;
   const int vec_rows = row_vec ? kVec : 1;
   const bool want_pq = p.dX != nullptr;
+  const bool want_dx = p.dX || p.dR;
   const bool want_sums = want_pq || out.dgamma || out.dbeta;
   const int64_t lv = p.L / vec_rows;
   const int64_t tile_v = std::max<int64_t>(256, ceil_div(lv, kMaxTiles));
   const int64_t T = ceil_div(lv, tile_v);
+  const int64_t M = p.D * p.L;
+  const bool flat_vec = aligned && M % kVec == 0;
+  const auto [tile, Tx] = flat_tiles(M, NG, flat_vec ? kVec : 1);
+  const bool pq_in_dx = want_dx && merge_in_dx(NG * Tx, p.D * T, p.N * p.C * p.L);
   at::Tensor ws, pq_ws;
-  Sum2* sums = nullptr;
-  Sum2* pq = nullptr;
+  DxSums ds{nullptr, nullptr, T, nullptr, nullptr, NG * Tx};
   if (want_sums) {
     ws = sums_workspace(X, p.N * p.C * T);
-    sums = as_sum2(ws);
+    Sum2* sums = as_sum2(ws);
+    ds.sums = sums;
     const int64_t warps_per_block = kBlock / kWarpSize;
     const dim3 grid = grid_of(ceil_div(p.N * p.C * T, warps_per_block));
     if (row_vec) {
@@ -1157,22 +1246,26 @@ void bwd_nchw(const BwdParams<scalar_t>& p, BwdOut out, const at::Tensor& X, cud
       NORMEXT_LAUNCH((gn_bwd_sums_nchw_kernel<scalar_t, 1>), grid, kBlock, 0, stream, p, tile_v, T, sums);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    if (want_pq) {
-      pq_ws = sums_workspace(X, NG);
-      pq = as_sum2(pq_ws);
+    if (pq_in_dx) {
+      ds.dgamma = out.dgamma;
+      ds.dbeta = out.dbeta;
+    } else {
+      Sum2* pq = nullptr;
+      if (want_pq) {
+        pq_ws = sums_workspace(X, NG);
+        pq = as_sum2(pq_ws);
+      }
+      launch_combine(ds.sums, p.gamma, pq, out.dgamma, out.dbeta, p.N, p.C, p.G, T, stream);
+      ds.pq = pq;
     }
-    launch_combine(sums, p.gamma, pq, out.dgamma, out.dbeta, p.N, p.C, p.G, T, stream);
   }
-  if (!p.dX && !p.dR) return;
-  const int64_t M = p.D * p.L;
-  const bool flat_vec = aligned && M % kVec == 0;
-  const auto [tile, Tx] = flat_tiles(M, NG, flat_vec ? kVec : 1);
+  if (!want_dx) return;
+  const int64_t dg_blocks = (ds.dgamma || ds.dbeta) ? ceil_div(p.C, int64_t(kWarpSize)) : 0;
+  const dim3 grid = grid_of(NG * Tx + dg_blocks);
   if (flat_vec) {
-    NORMEXT_LAUNCH((gn_bwd_dx_nchw_kernel<scalar_t, kVec>), grid_of(NG * Tx), kBlock, 0, stream, p, tile, Tx,
-                   pq);
+    NORMEXT_LAUNCH((gn_bwd_dx_nchw_kernel<scalar_t, kVec>), grid, kBlock, 0, stream, p, tile, Tx, ds);
   } else {
-    NORMEXT_LAUNCH((gn_bwd_dx_nchw_kernel<scalar_t, 1>), grid_of(NG * Tx), kBlock, 0, stream, p, tile, Tx,
-                   pq);
+    NORMEXT_LAUNCH((gn_bwd_dx_nchw_kernel<scalar_t, 1>), grid, kBlock, 0, stream, p, tile, Tx, ds);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -1197,10 +1290,22 @@ void bwd_nhwc(const BwdParams<scalar_t>& p, BwdOut out, const at::Tensor& X, cud
     return;
   }
 
-  const int64_t cv = p.C / VEC;
+  // The streaming kernels take at most 4 values per vector (8 bytes of a 16-bit type): their per-lane
+  // constants (group statistics, P/M, Q/M, gamma, beta: 6 x VEC floats) at 8 lanes took 150-160 registers.
+  constexpr int SV = VEC < 4 ? VEC : 4;
+  const int64_t cv = p.C / SV;
   const bool want_pq = p.dX != nullptr;
+  const bool want_dx = p.dX || p.dR;
+  const int dbdx = static_cast<int>(std::min<int64_t>(cv, 2 * kWarpSize));
+  const int dbdy = std::max(1, kBlock / dbdx);
+  const int64_t dchunks = ceil_div(cv, int64_t(dbdx));
+  // Row tiles: kTargetBlocks blocks overall where each thread still gets 2 unrolled steps, else fewer, longer
+  // tiles (each block loads its per-lane constants once: more rows per block amortize them).
+  const int64_t Td0 = std::clamp<int64_t>(ceil_div(kTargetBlocks, p.N * dchunks), 1,
+                                          std::max<int64_t>(1, p.L / (int64_t(dbdy) * kUnroll<SV> * 2)));
+  const int64_t drows = ceil_div(p.L, Td0), Td = ceil_div(p.L, drows);
   at::Tensor ws, pq_ws;
-  Sum2* pq = nullptr;
+  DxSums ds{nullptr, nullptr, 1, nullptr, nullptr, p.N * Td * dchunks};
   if (want_pq || want_sums_c) {
     const int bdx = static_cast<int>(std::min<int64_t>(cv, kWarpSize));
     const int bdy = kBlock / bdx;
@@ -1208,24 +1313,30 @@ void bwd_nhwc(const BwdParams<scalar_t>& p, BwdOut out, const at::Tensor& X, cud
     const auto [rows, T] = row_tiles(p.L, p.N * chunks, bdy, kMaxSumTiles);
     ws = sums_workspace(X, p.N * p.C * T);
     Sum2* sums = as_sum2(ws);
-    if (want_pq) {
-      pq_ws = sums_workspace(X, p.N * p.G);
-      pq = as_sum2(pq_ws);
-    }
-    const size_t smem = size_t(bdy) * bdx * VEC * sizeof(Sum2);
-    NORMEXT_LAUNCH((gn_bwd_sums_nhwc_kernel<scalar_t, VEC>), grid_of(p.N * T * chunks), threads_for(bdx, bdy),
+    ds.sums = sums;
+    ds.T = T;
+    const size_t smem = size_t(bdy) * bdx * SV * sizeof(Sum2);
+    NORMEXT_LAUNCH((gn_bwd_sums_nhwc_kernel<scalar_t, SV>), grid_of(p.N * T * chunks), threads_for(bdx, bdy),
                    smem, stream, p, bdx, bdy, chunks, rows, T, sums);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    launch_combine(sums, p.gamma, pq, out.dgamma, out.dbeta, p.N, p.C, p.G, T, stream);
+    if (want_dx && merge_in_dx(ds.dx_blocks, (int64_t(dbdx) * SV + p.D) * T, p.N * p.C * p.L)) {
+      ds.dgamma = out.dgamma;
+      ds.dbeta = out.dbeta;
+    } else {
+      Sum2* pq = nullptr;
+      if (want_pq) {
+        pq_ws = sums_workspace(X, p.N * p.G);
+        pq = as_sum2(pq_ws);
+      }
+      launch_combine(ds.sums, p.gamma, pq, out.dgamma, out.dbeta, p.N, p.C, p.G, T, stream);
+      ds.pq = pq;
+    }
   }
-  if (!p.dX && !p.dR) return;
-  const int bdx = static_cast<int>(std::min<int64_t>(cv, 2 * kWarpSize));
-  const int bdy = std::max(1, kBlock / bdx);
-  const int64_t chunks = ceil_div(cv, int64_t(bdx));
-  const int64_t rows = std::min<int64_t>(p.L, int64_t(bdy) * kUnroll<VEC> * 2);
-  const int64_t T = ceil_div(p.L, rows);
-  NORMEXT_LAUNCH((gn_bwd_dx_nhwc_kernel<scalar_t, VEC>), grid_of(p.N * T * chunks), threads_for(bdx, bdy), 0,
-                 stream, p, bdx, bdy, chunks, rows, T, pq);
+  if (!want_dx) return;
+  const int64_t dg_blocks = (ds.dgamma || ds.dbeta) ? ceil_div(p.C, int64_t(kWarpSize)) : 0;
+  const size_t smem = (size_t(dbdx) * SV + 1) * sizeof(Sum2);
+  NORMEXT_LAUNCH((gn_bwd_dx_nhwc_kernel<scalar_t, SV>), grid_of(ds.dx_blocks + dg_blocks),
+                 threads_for(dbdx, dbdy), smem, stream, p, dbdx, dbdy, dchunks, drows, Td, ds);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

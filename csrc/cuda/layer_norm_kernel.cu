@@ -36,6 +36,9 @@ constexpr int kGroupThreads = 128;
 constexpr int kMaxFwdRowThreads = 512;
 constexpr int kMaxBwdRowThreads = 512;
 constexpr int kLongRowThreads = 256;
+// The register-held row kernels and the long-row backward state their minimum blocks per SM, a budget of
+// 128 registers: given the block size alone, ptxas held some to 64 / 80 registers and spilled a few
+// (tools/cuda_report.py).
 constexpr int64_t kMaxGrid = 1 << 30;
 constexpr int k2dThreads = 256;
 
@@ -123,7 +126,8 @@ __device__ __forceinline__ void apply_vec(const float (&x)[VEC], float mean, flo
 // (rows ≥ M only skip memory), so shuffles and barriers stay convergent. With A (add_*_norm) the row held
 // is s = x + a, also written to S. mean_out null: RMSNorm.
 template <typename scalar_t, int VEC, bool kBlock, typename res_t = scalar_t>
-__global__ void __launch_bounds__(kBlock ? kMaxFwdRowThreads : kGroupThreads)
+__global__ void __launch_bounds__(kBlock ? kMaxFwdRowThreads : kGroupThreads,
+                                  kBlock ? 1 : kMaxFwdRowThreads / kGroupThreads)
     ln_fwd_rows_kernel(const scalar_t* __restrict__ X, const scalar_t* __restrict__ R,
                        scalar_t* __restrict__ Y, const float* __restrict__ gamma,
                        const float* __restrict__ beta, float* __restrict__ mean_out,
@@ -220,7 +224,7 @@ __global__ void __launch_bounds__(kLongRowThreads)
     w = block_allreduce(w, WelfordOp{}, red, blockDim.x / kWarpSize);
     const bool rms = mean_out == nullptr;
     const float mean = shift + w.mean;
-    const float rstd = rsqrt_rn(norm_var(mean, w.m2 / static_cast<float>(D), rms) + eps);
+    const float rstd = rsqrt_rn(norm_var(mean, nx_div(w.m2, static_cast<float>(D)), rms) + eps);
     if (threadIdx.x == 0) {
       if (!rms) mean_out[row] = mean;
       rstd_out[row] = rstd;
@@ -275,7 +279,7 @@ __global__ void __launch_bounds__(kBlock ? kMaxBwdRowThreads : kGroupThreads,
   const int groups = kBlock ? 1 : blockDim.x / W;
   const int group = kBlock ? 0 : threadIdx.x / W;
   const int nvec = D / VEC;
-  const float inv_d = 1.f / static_cast<float>(D);
+  const float inv_d = nx_recip(static_cast<float>(D));
   float pg[kIters][VEC], pb[kIters][VEC];
 #pragma unroll
   for (int i = 0; i < kIters; ++i) {
@@ -377,7 +381,7 @@ __global__ void __launch_bounds__(kBlock ? kMaxBwdRowThreads : kGroupThreads,
 // and dy for Σ gamma·dz and Σ gamma·dz·x̂, the second re-reads them (mostly from L2) for dx.
 // dgamma/dbeta come from ln_bwd_long_params_kernel. mean_in null: RMSNorm, as in ln_bwd_rows_kernel.
 template <typename scalar_t, int VEC>
-__global__ void __launch_bounds__(kLongRowThreads)
+__global__ void __launch_bounds__(kLongRowThreads, 2)
     ln_bwd_long_kernel(const scalar_t* __restrict__ dY, const scalar_t* __restrict__ X,
                        const scalar_t* __restrict__ R, const float* __restrict__ mean_in,
                        const float* __restrict__ rstd_in, const float* __restrict__ gamma,
@@ -385,7 +389,7 @@ __global__ void __launch_bounds__(kLongRowThreads)
                        int64_t M, int D, int act, float slope) {
   NORMEXT_SHARED(Sum2, red, kWarpSize);
   const int nvec = D / VEC;
-  const float inv_d = 1.f / static_cast<float>(D);
+  const float inv_d = nx_recip(static_cast<float>(D));
   // One vector's x̂, dz and gamma.
   auto grads = [&](int64_t off, int64_t j, float mean, float rstd, float (&xhat)[VEC], float (&dz)[VEC],
                    float (&g)[VEC]) {
@@ -510,8 +514,9 @@ __device__ __forceinline__ Tile2d tile_2d(int C, int64_t HxW, int64_t blocks_per
   t.TY = blockDim.y;
   t.tx = threadIdx.x;
   t.ty = threadIdx.y;
-  t.n = blockIdx.x / blocks_per_n;
-  t.p = (blockIdx.x % blocks_per_n) * static_cast<int64_t>(t.TX) * VEC + static_cast<int64_t>(t.tx) * VEC;
+  t.n = div32(blockIdx.x, blocks_per_n);
+  t.p =
+      (blockIdx.x - t.n * blocks_per_n) * static_cast<int64_t>(t.TX) * VEC + static_cast<int64_t>(t.tx) * VEC;
   t.valid = t.p < HxW;
   t.iters = (C + t.TY - 1) / t.TY;
   return t;
@@ -549,7 +554,7 @@ __global__ void __launch_bounds__(k2dThreads)
   for (int k = 0; k < VEC; ++k) {
     const WelfordF m = st[t.tx * VEC + k];
     mean[k] = shift.v[k] + m.mean;
-    rstd[k] = rsqrt_rn(norm_var(mean[k], m.m2 / static_cast<float>(C), rms) + eps);
+    rstd[k] = rsqrt_rn(norm_var(mean[k], nx_div(m.m2, static_cast<float>(C)), rms) + eps);
   }
   if (t.ty == 0) {
     const int64_t o = t.n * HxW + t.p;
@@ -643,7 +648,7 @@ __global__ void __launch_bounds__(k2dThreads)
   if (dX == nullptr) return;  // uniform over the grid
   column_reduce<VEC>(s, sums, t.ty, t.tx, t.TY, t.TX, SumOp{});
   if (!t.valid) return;
-  const float inv_c = 1.f / static_cast<float>(C);
+  const float inv_c = nx_recip(static_cast<float>(C));
   float c1[VEC], c2[VEC];
 #pragma unroll
   for (int k = 0; k < VEC; ++k) {

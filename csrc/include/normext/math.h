@@ -40,6 +40,30 @@ NORMEXT_HD double nx_relu(double x) { return (x > 0.0 || x != x) ? x : 0.0; }
 // pos_select(z, a, b) = z > 0 ? a : b; NaN in z selects b, as torch's relu/leaky_relu backward do.
 NORMEXT_HD float nx_pos_select(float z, float a, float b) { return z > 0.f ? a : b; }
 NORMEXT_HD double nx_pos_select(double z, double a, double b) { return z > 0.0 ? a : b; }
+// a / b. The CUDA kernels' float version (and the emulated build's, which runs the same sequence) is a times
+// 1/b refined once from the hardware's approximate reciprocal, within an ulp of the IEEE quotient: the IEEE
+// division's slow-path subroutine call makes ptxas save live registers around it, which it reports as spills
+// (tools/cuda_report.py). Special values as IEEE: 1/±0 = ±inf, 1/±inf = ±0, NaN stays NaN; a |b| below
+// FLT_MIN counts as 0 and a 1/b below FLT_MIN is flushed to 0. The CPU path divides.
+#if defined(__CUDACC__) || defined(NORMEXT_CUDA_EMU)
+NORMEXT_HD float nx_recip(float b) {
+#ifdef __CUDA_ARCH__
+  float r;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(b));
+#else
+  const float r = 1.f / b;
+#endif
+  // |e| is about 2^-23 for a finite nonzero r; NaN or |e| >= 1 where r is ±inf, ±0 or NaN, which is final.
+  const float e = fmaf(-b, r, 1.f);
+  return fabsf(e) < 1.f ? fmaf(r, e, r) : r;
+}
+NORMEXT_HD float nx_div(float a, float b) { return a * nx_recip(b); }
+#else
+NORMEXT_HD float nx_recip(float b) { return 1.f / b; }
+NORMEXT_HD float nx_div(float a, float b) { return a / b; }
+#endif
+NORMEXT_HD double nx_recip(double b) { return 1.0 / b; }
+NORMEXT_HD double nx_div(double a, double b) { return a / b; }
 
 }  // namespace normext
 
@@ -65,6 +89,10 @@ inline at::vec::Vectorized<T> nx_relu(const at::vec::Vectorized<T>& x) {
   return at::vec::maximum(x, at::vec::Vectorized<T>(T(0)));
 }
 template <typename T>
+inline at::vec::Vectorized<T> nx_div(const at::vec::Vectorized<T>& a, const at::vec::Vectorized<T>& b) {
+  return a / b;
+}
+template <typename T>
 inline at::vec::Vectorized<T> nx_pos_select(const at::vec::Vectorized<T>& z, const at::vec::Vectorized<T>& a,
                                             const at::vec::Vectorized<T>& b) {
   return at::vec::Vectorized<T>::blendv(b, a, z > at::vec::Vectorized<T>(T(0)));
@@ -83,7 +111,7 @@ NORMEXT_HD T act_forward(T z, int64_t act, S slope) {
     case kLeakyRelu:
       return nx_pos_select(z, z, z * T(slope));
     case kSilu:
-      return z / (one + nx_exp(T(S(0)) - z));
+      return nx_div(z, one + nx_exp(T(S(0)) - z));
     case kGelu:
       return z * half * (one + nx_erf(z * T(S(0.70710678118654752440))));
     case kGeluTanh: {
@@ -105,7 +133,7 @@ NORMEXT_HD T act_grad(T z, int64_t act, S slope) {
     case kLeakyRelu:
       return nx_pos_select(z, one, T(slope));
     case kSilu: {
-      const T s = one / (one + nx_exp(T(S(0)) - z));
+      const T s = nx_div(one, one + nx_exp(T(S(0)) - z));
       return s * (one + z * (one - s));
     }
     case kGelu: {
@@ -145,7 +173,7 @@ template <typename T, typename C>
 NORMEXT_HD void welford_push(Welford<T, C>& w, T x) {
   w.n += C(1);
   const T delta = x - w.mean;
-  w.mean = w.mean + delta * T(C(1) / w.n);
+  w.mean = w.mean + delta * T(nx_recip(w.n));
   w.m2 = w.m2 + delta * (x - w.mean);
 }
 
@@ -154,7 +182,7 @@ NORMEXT_HD void welford_push(Welford<T, C>& w, T x) {
 template <typename T, typename C>
 NORMEXT_HD Welford<T, C> welford_merge(const Welford<T, C>& a, const Welford<T, C>& b) {
   const C n = a.n + b.n;
-  const C wb = n > C(0) ? b.n / n : C(0);
+  const C wb = n > C(0) ? nx_div(b.n, n) : C(0);
   const T delta = b.mean - a.mean;
   Welford<T, C> r;
   r.mean = a.mean + delta * T(wb);

@@ -22,7 +22,7 @@ NORMEXT_HD constexpr int64_t base_activation(int64_t act) { return act & ~kFromO
 template <typename T, typename S>
 NORMEXT_HD T xhat_of(T u, T r, T m, T p, int64_t act, S slope) {
   if (!from_output(act)) return (u - m) * p;
-  if (base_activation(act) == kLeakyRelu) u = nx_pos_select(u, u, u * T(S(1) / slope));
+  if (base_activation(act) == kLeakyRelu) u = nx_pos_select(u, u, u * T(nx_recip(slope)));
   return (u - r - m) * p;
 }
 
@@ -33,7 +33,7 @@ NORMEXT_HD T xhat_of(T u, T r, T m, T p, int64_t act, S slope) {
 template <typename T, typename S>
 NORMEXT_HD T xhat_from(T u, T r, T mean, T rstd, T g, T b, int64_t act, S slope) {
   if (!from_output(act)) return xhat_of(u, r, mean, rstd, act, slope);
-  return xhat_of(u, r, b, g != T(S(0)) ? T(S(1)) / g : T(S(0)), act, slope);
+  return xhat_of(u, r, b, g != T(S(0)) ? nx_div(T(S(1)), g) : T(S(0)), act, slope);
 }
 
 // dz = dy·act'(z), the gradient at the pre-activation: z = x̂·γ + β + r recomputed from x̂, or, from the
