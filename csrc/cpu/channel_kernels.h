@@ -139,6 +139,19 @@ inline std::pair<T, T> xhat_dz(const scalar_t* dy, const scalar_t* x, const scal
   return {xhat, grad_pre_act(load_as<scalar_t, T>(dy + o), u, xhat, gamma, beta, r, kAct, slope)};
 }
 
+// a·b + c. Sums of more terms nest it, so each is contracted to an FMA in one way only: written as
+// a·b + c·d + e, the compiler may pick either product for the FMA, differently in the SIMD and scalar copies
+// of a loop (and those copies can be chosen at run time by the buffers' addresses), which made one run's
+// dx differ from the next by an ulp.
+template <typename T>
+inline T madd(const T& a, const T& b, const T& c) {
+  if constexpr (std::is_floating_point_v<T>) {
+    return a * b + c;
+  } else {
+    return at::vec::fmadd(a, b, c);
+  }
+}
+
 // The run-level kernels below work on one channel: its coefficients come by value (loop invariants the
 // compiler keeps in registers; read through pointers, they would be reloaded after every may-alias store).
 
@@ -162,7 +175,7 @@ void grad_input_run(const scalar_t* dy, const scalar_t* x, const scalar_t* res, 
     using T = decltype(zero);
     const auto [xhat, dz] = xhat_dz<kAct>(dy, x, res, j, T(m), T(p), T(gamma), T(beta), slope);
     if (dres != nullptr) store_as<scalar_t, T>(dres + j, dz);
-    if (dx != nullptr) store_as<scalar_t, T>(dx + j, T(ca) * dz + T(cb) * xhat + T(cc));
+    if (dx != nullptr) store_as<scalar_t, T>(dx + j, madd(T(ca), dz, madd(T(cb), xhat, T(cc))));
   });
 }
 
@@ -201,8 +214,10 @@ void grad_input_from_dz_run(const acc_t* dz, const scalar_t* x, const scalar_t* 
     using T = decltype(zero);
     const T d = load_as<acc_t, T>(dz + j);
     if (dres != nullptr) store_as<scalar_t, T>(dres + j, d);
-    if (dx != nullptr)
-      store_as<scalar_t, T>(dx + j, T(ca) * d + T(cb) * xhat_at<kAct>(x, res, j, T(m), T(p), slope) + T(cc));
+    if (dx != nullptr) {
+      const T xhat = xhat_at<kAct>(x, res, j, T(m), T(p), slope);
+      store_as<scalar_t, T>(dx + j, madd(T(ca), d, madd(T(cb), xhat, T(cc))));
+    }
   });
 }
 
@@ -242,15 +257,6 @@ inline void for_rows(int64_t r0, int64_t r1, int64_t C, Args... args) {
     walk_rows<scalar_t, Step, kRowGroup>(r0, r1, C, args...);
   } else {
     walk_rows<scalar_t, Step, 1>(r0, r1, C, args...);
-  }
-}
-
-template <typename T>
-inline T madd(const T& a, const T& b, const T& c) {
-  if constexpr (std::is_floating_point_v<T>) {
-    return a * b + c;
-  } else {
-    return at::vec::fmadd(a, b, c);
   }
 }
 
