@@ -179,19 +179,16 @@ void grad_input_run(const scalar_t* dy, const scalar_t* x, const scalar_t* res, 
   });
 }
 
-// Σ dz and Σ dz·x̂ over one channels-first run (one channel); dz itself is also written to dz_out when
-// given, so a pass after it need not evaluate the activation's derivative again.
+// Σ dz and Σ dz·x̂ over one channels-first run (one channel).
 template <typename scalar_t, int64_t kAct, typename acc_t = at::opmath_type<scalar_t>>
 std::pair<acc_t, acc_t> grad_sums_run(const scalar_t* dy, const scalar_t* x, const scalar_t* res, int64_t n,
-                                      acc_t mean, acc_t rstd, acc_t gamma, acc_t beta, acc_t slope,
-                                      acc_t* dz_out = nullptr) {
+                                      acc_t mean, acc_t rstd, acc_t gamma, acc_t beta, acc_t slope) {
   using Vec = typename VecIO<scalar_t>::Vec;
   Vec v_dz(0), v_dzx(0);
   acc_t t_dz = 0, t_dzx = 0;
   for_simd_and_tail<scalar_t>(n, [&](auto zero, int64_t j) {
     using T = decltype(zero);
     const auto [xhat, dz] = xhat_dz<kAct>(dy, x, res, j, T(mean), T(rstd), T(gamma), T(beta), slope);
-    if (dz_out != nullptr) store_as<acc_t, T>(dz_out + j, dz);
     if constexpr (std::is_same_v<T, acc_t>) {
       t_dz += dz;
       t_dzx += dz * xhat;
@@ -202,23 +199,6 @@ std::pair<acc_t, acc_t> grad_sums_run(const scalar_t* dy, const scalar_t* x, con
   });
   const auto add = [](Vec p, Vec q) { return p + q; };
   return {at::vec::vec_reduce_all(add, v_dz) + t_dz, at::vec::vec_reduce_all(add, v_dzx) + t_dzx};
-}
-
-// grad_input_run over one channels-first run (one channel) with dz read back from grad_sums_run's dz_out:
-// x (or y) and the residual are read again for x̂, the activation is not evaluated again.
-template <typename scalar_t, int64_t kAct, typename acc_t = at::opmath_type<scalar_t>>
-void grad_input_from_dz_run(const acc_t* dz, const scalar_t* x, const scalar_t* res, scalar_t* dx,
-                            scalar_t* dres, int64_t n, acc_t m, acc_t p, acc_t ca, acc_t cb, acc_t cc,
-                            acc_t slope) {
-  for_simd_and_tail<scalar_t>(n, [&](auto zero, int64_t j) {
-    using T = decltype(zero);
-    const T d = load_as<acc_t, T>(dz + j);
-    if (dres != nullptr) store_as<scalar_t, T>(dres + j, d);
-    if (dx != nullptr) {
-      const T xhat = xhat_at<kAct>(x, res, j, T(m), T(p), slope);
-      store_as<scalar_t, T>(dx + j, madd(T(ca), d, madd(T(cb), xhat, T(cc))));
-    }
-  });
 }
 
 // ------------------------------------------------------------------ channels-last rows
