@@ -80,33 +80,42 @@ def register_norm_autograd(qualname, fused_grads, reference, stats_args=(), grap
     op = torch._library.utils.lookup_op(qualname)
     names = [a.name for a in op._schema.arguments]
     positions = [names.index(n) if n in names else None for n in _GRAD_ARGS]
-    constants = [a.name for a in op._schema.arguments if "Tensor" not in str(a.type)]
+    i_x, i_gamma, i_beta, i_res = positions
+    i_act, i_slope = names.index("act"), names.index("slope")
+    i_stats = [names.index(n) for n in stats_args]
+    constants = [(a.name, i) for i, a in enumerate(op._schema.arguments) if "Tensor" not in str(a.type)]
+    no_grads = (None,) * len(names)
 
+    # Called on every forward that records a graph, so it reads the inputs by position (a small op's
+    # overhead is in this Python code, not in its kernels).
     def setup_context(ctx, inputs, output):
-        a = dict(zip(names, inputs, strict=True))
-        stats = [a[n] for n in stats_args] if stats_args else output[1:]
-        act, slope = a["act"], a["slope"]
-        needs = [i is not None and ctx.needs_input_grad[i] for i in positions]
-        free = graph_from_output is not None and _free_of_xhat(a["gamma"], a.get("beta"), act, slope, needs)
-        if from_output(act) and free:
-            residual, ctx.recovers_xhat = None, False
-        elif from_output(act):
-            if not invertible(act, slope):
+        act, slope = inputs[i_act], inputs[i_slope]
+        gamma = inputs[i_gamma]
+        beta = inputs[i_beta] if i_beta is not None else None
+        stats = [inputs[i] for i in i_stats] if stats_args else output[1:]
+        if not from_output(act):
+            # The residual only changes the gradients through a non-identity activation.
+            residual, ctx.recovers_xhat = (inputs[i_res] if act != IDENTITY else None), False
+            kept = inputs[i_x]
+        else:
+            needs = [i is not None and ctx.needs_input_grad[i] for i in positions]
+            if graph_from_output is not None and _free_of_xhat(gamma, beta, act, slope, needs):
+                residual, ctx.recovers_xhat = None, False
+            elif not invertible(act, slope):
                 raise not_invertible_error(
                     qualname, act, slope, "with a weight or bias that needs a gradient"
                 )
-            residual, ctx.recovers_xhat = a["residual"], True
-        else:
-            # The residual only changes the gradients through a non-identity activation.
-            residual, ctx.recovers_xhat = (a["residual"] if act != IDENTITY else None), False
-        Y = output if isinstance(output, torch.Tensor) else output[0]
-        ctx.save_for_backward(Y if from_output(act) else a["X"], a["gamma"], a.get("beta"), residual, *stats)
-        ctx.args = {n: a[n] for n in constants}
-        ctx.args["act"] = act
+            else:
+                residual, ctx.recovers_xhat = inputs[i_res], True
+            kept = output if isinstance(output, torch.Tensor) else output[0]
+        ctx.save_for_backward(kept, gamma, beta, residual, *stats)
+        ctx.args = {n: inputs[i] for n, i in constants}
         if not stats_args:
             ctx.mark_non_differentiable(*output[1:])
 
     def backward(ctx, dY, *_):
+        if dY is None:  # Y did not reach the loss (grads are not materialized: see _autograd_kernel)
+            return no_grads
         X, gamma, beta, residual, *stats = ctx.saved_tensors
         need = [i is not None and ctx.needs_input_grad[i] for i in positions]
         if ctx.recovers_xhat:
@@ -152,6 +161,13 @@ def register_add_norm_autograd(qualname, fused_grads, reference):
         ctx.mark_non_differentiable(*output[2:])
 
     def backward(ctx, dY, dS, *_):
+        need = ctx.needs_input_grad
+        if dY is None:  # Y did not reach the loss (see _autograd_kernel): dX = dR = dS, if S did
+            out = [None] * len(names)
+            if dS is not None:
+                out[i_x] = dS.to(ctx.dtypes[0]) if need[i_x] else None
+                out[i_r] = dS.to(ctx.dtypes[1]) if need[i_r] else None
+            return tuple(out)
         S, gamma, beta, *stats = ctx.saved_tensors
         if building_graph(dY, dS, S, gamma, beta):
             # The torch-ops gradient would be taken at S, this node's own output, and autograd then re-enters
@@ -160,14 +176,13 @@ def register_add_norm_autograd(qualname, fused_grads, reference):
                 f"{qualname}: double backward (create_graph=True) is not supported; for gradient penalties "
                 "add the residual and call layer_norm / rms_norm instead"
             )
-        need = ctx.needs_input_grad
         need_s = need[i_x] or need[i_r]
         wanted = [need_s, need[i_g], i_b is not None and need[i_b], False]
         dY = dY.to(S.dtype)
         grads = norm_backward(fused_grads, reference, dY, S, gamma, beta, None, stats, ctx.args, wanted)
         out = [None] * len(names)
         if need_s:
-            total = grads[0] + dS
+            total = grads[0] if dS is None else grads[0] + dS
             out[i_x] = total.to(ctx.dtypes[0]) if need[i_x] else None
             out[i_r] = total.to(ctx.dtypes[1]) if need[i_r] else None
         out[i_g] = grads[1]
@@ -202,6 +217,9 @@ def _autograd_kernel(op, i_act, setup_context, backward):
         with torch._C._AutoDispatchBelowAutograd():
             output = op.redispatch(keyset & below, *_forward_args(args, i_act))
         setup_context(ctx, args, output)
+        # The statistics outputs never take a gradient: zeros made for them on every backward would cost
+        # more than a small op's kernels, so an output's gradient is None when it does not reach the loss.
+        ctx.set_materialize_grads(False)
         return output
 
     def backward_with_keyset(ctx, *grads):

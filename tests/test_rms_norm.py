@@ -375,6 +375,35 @@ def test_add_rms_norm_eps_none_is_that_of_s(device):
     assert_fwd_close(out, ref, torch.bfloat16, F.rms_norm(s, (32,), w).to(torch.bfloat16))
 
 
+@pytest.mark.parametrize("used", ["out", "s"])
+@pytest.mark.parametrize("kind", ["layer", "rms"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_add_norm_one_output_in_the_loss(device, kind, used):
+    """A loss on out alone or on s alone: the other output's gradient is then None in the backward (none is
+    materialized as zeros), and the gradients are those of that one output (float64 reference)."""
+    x, r = make_input((4, 48), torch.float32, device), make_input((4, 48), torch.float32, device)
+    w, b = make_params(48, torch.float32, device)
+    b = b if kind == "layer" else None
+    tensors = [t for t in (x, r, w, b) if t is not None]
+    g = torch.randn(4, 48, device=device)
+
+    def grads(fn, ts, g_):
+        leaves = [leaf(t) for t in ts]
+        out, s = fn(*leaves)
+        return torch.autograd.grad(out if used == "out" else s, leaves, g_, allow_unused=True)
+
+    def call(fn):
+        return lambda x_, r_, w_, b_=None: fn(kind, x_, r_, w_, b_, 48)
+
+    got = grads(call(lambda *a: add_norm_call(*a, None)), tensors, g)
+    ref = grads(call(add_norm_ref), [to64(t) for t in tensors], to64(g))
+    for name, gi, gr in zip(("dinput", "dresidual", "dweight", "dbias"), got, ref, strict=False):
+        if used == "s" and name in ("dweight", "dbias"):
+            assert gi is None and gr is None, name
+        else:
+            assert_bwd_close(gi, gr, torch.float32, what=name)
+
+
 @pytest.mark.parametrize("kind", ["layer", "rms"])
 def test_add_norm_gradcheck(kind):
     x = make_input((3, 8), torch.float64, "cpu")

@@ -161,15 +161,11 @@ void batch_grad_sums(const scalar_t* dY, const scalar_t* X, const scalar_t* R, c
                                                            k.beta, acc_t(slope), cdz, cdzx);
     });
   });
-  for (int64_t c = 0; c < s.C; ++c) {
-    double a = 0, b = 0;
-    for (int64_t i = 0; i < rc.count; ++i) {
-      a += double(pdz[i * s.C + c]);
-      b += double(pdzx[i * s.C + c]);
-    }
-    sum_dz[c] = acc_t(a);
-    sum_dzx[c] = acc_t(b);
-  }
+  std::vector<double> a(s.C), b(s.C);
+  sum_chunks(pdz.data(), 1, rc.count, s.C, a.data());
+  sum_chunks(pdzx.data(), 1, rc.count, s.C, b.data());
+  std::copy(a.begin(), a.end(), sum_dz);
+  std::copy(b.begin(), b.end(), sum_dzx);
 }
 
 // dX = a·dz + b·x̂ + c and dR = dz with per-channel coefficients; either output may be null.
@@ -189,11 +185,20 @@ void batch_grad_input(const scalar_t* dY, const scalar_t* X, const scalar_t* R, 
   });
 }
 
-// running = (1 - momentum) * running + momentum * stat, computed in stat's (accumulation) type and
-// written back in the running statistic's dtype and strides.
-void update_running_stat(const c10::optional<Tensor>& running, const Tensor& stat, double momentum) {
+// running = (1 - momentum)·running + momentum·stat(c), computed in acc_t and written back in the running
+// statistic's dtype and stride: one loop, where tensor ops cost several allocations and dispatches per call
+// (tens of µs, as much as the whole forward of a small batch).
+template <typename acc_t, typename Stat>
+void update_running_stat(const c10::optional<Tensor>& running, double momentum, int64_t C, const Stat& stat) {
   if (!running.has_value() || !running->defined()) return;
-  running->copy_(running->to(stat.scalar_type()).mul(1.0 - momentum).add_(stat, momentum));
+  const acc_t keep = acc_t(1.0 - momentum), take = acc_t(momentum);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, running->scalar_type(), "update_running_stat",
+                                  [&] {
+                                    scalar_t* r = running->data_ptr<scalar_t>();
+                                    const int64_t st = running->stride(0);
+                                    for (int64_t c = 0; c < C; ++c)
+                                      r[c * st] = scalar_t(acc_t(r[c * st]) * keep + take * stat(c));
+                                  });
 }
 
 // The running-stat update from merged per-channel moments over `count` values: the mean and the
@@ -201,8 +206,14 @@ void update_running_stat(const c10::optional<Tensor>& running, const Tensor& sta
 void update_running_stats(const c10::optional<Tensor>& running_mean, const c10::optional<Tensor>& running_var,
                           const Tensor& mean, const Tensor& m2, double count, double momentum) {
   if (count == 0) return;
-  update_running_stat(running_mean, mean, momentum);
-  update_running_stat(running_var, m2 / (count - 1), momentum);
+  AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "update_running_stats", [&] {
+    const scalar_t* m = mean.const_data_ptr<scalar_t>();
+    const scalar_t* q = m2.const_data_ptr<scalar_t>();
+    const scalar_t unbiased = scalar_t(count - 1);
+    const int64_t C = mean.numel();
+    update_running_stat<scalar_t>(running_mean, momentum, C, [&](int64_t c) { return m[c]; });
+    update_running_stat<scalar_t>(running_var, momentum, C, [&](int64_t c) { return q[c] / unbiased; });
+  });
 }
 
 std::tuple<Tensor, Tensor, Tensor> batch_norm_fwd_cpu(

@@ -80,63 +80,80 @@ void for_each_run(const ChannelShape& s, int64_t stat_stride, const Body& body) 
   });
 }
 
-// Calls f(T{}, j) for the SIMD body (T = Vectorized, j stepping by its width) and the scalar tail
-// (T = acc_t) of n elements.
+// The count of a whole SIMD vector, for the loads and stores below.
+struct WholeVec {};
+
+// Calls f(Vec(0), j, count) over n elements: whole SIMD vectors (count = WholeVec{}), then one partial
+// vector of the last n % kSize (count = their number: loads fill the other lanes with 0, stores leave
+// them out). Element at a time, the tail of a short run (HxW = 49: 48 + 1) cost as much as its body.
 template <typename scalar_t, typename F>
-inline void for_simd_and_tail(int64_t n, const F& f) {
+inline void for_vectors(int64_t n, const F& f) {
   using IO = VecIO<scalar_t>;
   int64_t j = 0;
-  for (; j + IO::kSize <= n; j += IO::kSize) f(typename IO::Vec(0), j);
-  for (; j < n; ++j) f(typename IO::acc_t(0), j);
+  for (; j + IO::kSize <= n; j += IO::kSize) f(typename IO::Vec(0), j, WholeVec{});
+  if (j < n) f(typename IO::Vec(0), j, n - j);
+}
+
+// v with the lanes past count set to 0 (a partial vector's), so they add nothing to a sum.
+template <typename T>
+inline T keep_lanes(const T& v, int64_t count) {
+  return T::set(T(0), v, count);
 }
 
 // Per-channel coefficients of the consecutive channels j, j+1, ... as a T: one value (T = acc_t) or a SIMD
-// load of kSize of them.
-template <typename T, typename acc_t>
-inline T coef(const acc_t* p, int64_t j) {
+// load of kSize of them (or count, see for_vectors).
+template <typename T, typename acc_t, typename Count = WholeVec>
+inline T coef(const acc_t* p, int64_t j, Count count = {}) {
   if constexpr (std::is_same_v<T, acc_t>) {
     return p[j];
-  } else {
+  } else if constexpr (std::is_same_v<Count, WholeVec>) {
     return T::loadu(p + j);
+  } else {
+    return T::loadu(p + j, count);
   }
 }
 
-// One element (T = acc_t) or one SIMD vector (T = Vectorized) of a scalar_t array as T.
-template <typename scalar_t, typename T>
-inline T load_as(const scalar_t* p) {
+// One element (T = acc_t) or one SIMD vector (T = Vectorized; count elements of it) of a scalar_t array
+// as T.
+template <typename scalar_t, typename T, typename Count = WholeVec>
+inline T load_as(const scalar_t* p, Count count = {}) {
   if constexpr (std::is_same_v<T, at::opmath_type<scalar_t>>) {
     return T(*p);
-  } else {
+  } else if constexpr (std::is_same_v<Count, WholeVec>) {
     return VecIO<scalar_t>::load(p);
+  } else {
+    return VecIO<scalar_t>::load(p, count);
   }
 }
 
-template <typename scalar_t, typename T>
-inline void store_as(scalar_t* p, const T& v) {
+template <typename scalar_t, typename T, typename Count = WholeVec>
+inline void store_as(scalar_t* p, const T& v, Count count = {}) {
   if constexpr (std::is_same_v<T, at::opmath_type<scalar_t>>) {
     *p = scalar_t(v);
-  } else {
+  } else if constexpr (std::is_same_v<Count, WholeVec>) {
     VecIO<scalar_t>::store(p, v);
+  } else {
+    VecIO<scalar_t>::store(p, v, count);
   }
 }
 
 // x̂ of element o of a run, read from x, or from y with kFromOutput (then (m, p) are (β, 1/γ) and the
 // residual is part of the recovery; see xhat_source.h).
-template <int64_t kAct, typename scalar_t, typename T, typename acc_t>
-inline T xhat_at(const scalar_t* x, const scalar_t* res, int64_t o, T m, T p, acc_t slope) {
-  const T r = from_output(kAct) && res != nullptr ? load_as<scalar_t, T>(res + o) : T(acc_t(0));
-  return xhat_of(load_as<scalar_t, T>(x + o), r, m, p, kAct, slope);
+template <int64_t kAct, typename scalar_t, typename T, typename acc_t, typename Count = WholeVec>
+inline T xhat_at(const scalar_t* x, const scalar_t* res, int64_t o, T m, T p, acc_t slope, Count count = {}) {
+  const T r = from_output(kAct) && res != nullptr ? load_as<scalar_t, T>(res + o, count) : T(acc_t(0));
+  return xhat_of(load_as<scalar_t, T>(x + o, count), r, m, p, kAct, slope);
 }
 
 // x̂ and the pre-activation gradient dz = dy·act'(z) of element o, x (or y) and the residual read once.
-template <int64_t kAct, typename scalar_t, typename T, typename acc_t>
+template <int64_t kAct, typename scalar_t, typename T, typename acc_t, typename Count = WholeVec>
 inline std::pair<T, T> xhat_dz(const scalar_t* dy, const scalar_t* x, const scalar_t* res, int64_t o, T m,
-                               T p, T gamma, T beta, acc_t slope) {
-  const T u = load_as<scalar_t, T>(x + o);
+                               T p, T gamma, T beta, acc_t slope, Count count = {}) {
+  const T u = load_as<scalar_t, T>(x + o, count);
   const bool need_r = (base_activation(kAct) != kIdentity || from_output(kAct)) && res != nullptr;
-  const T r = need_r ? load_as<scalar_t, T>(res + o) : T(acc_t(0));
+  const T r = need_r ? load_as<scalar_t, T>(res + o, count) : T(acc_t(0));
   const T xhat = xhat_of(u, r, m, p, kAct, slope);
-  return {xhat, grad_pre_act(load_as<scalar_t, T>(dy + o), u, xhat, gamma, beta, r, kAct, slope)};
+  return {xhat, grad_pre_act(load_as<scalar_t, T>(dy + o, count), u, xhat, gamma, beta, r, kAct, slope)};
 }
 
 // a·b + c. Sums of more terms nest it, so each is contracted to an FMA in one way only: written as
@@ -158,11 +175,11 @@ inline T madd(const T& a, const T& b, const T& c) {
 template <typename scalar_t, int64_t kAct, typename acc_t = at::opmath_type<scalar_t>>
 void apply_run(const scalar_t* x, const scalar_t* res, scalar_t* y, int64_t n, acc_t mean, acc_t scale,
                acc_t beta, acc_t slope) {
-  for_simd_and_tail<scalar_t>(n, [&](auto zero, int64_t j) {
+  for_vectors<scalar_t>(n, [&](auto zero, int64_t j, auto count) {
     using T = decltype(zero);
-    T z = (load_as<scalar_t, T>(x + j) - T(mean)) * T(scale) + T(beta);
-    if (res != nullptr) z = z + load_as<scalar_t, T>(res + j);
-    store_as<scalar_t, T>(y + j, act_forward(z, kAct, slope));
+    T z = (load_as<scalar_t, T>(x + j, count) - T(mean)) * T(scale) + T(beta);
+    if (res != nullptr) z = z + load_as<scalar_t, T>(res + j, count);
+    store_as<scalar_t, T>(y + j, act_forward(z, kAct, slope), count);
   });
 }
 
@@ -171,11 +188,11 @@ template <typename scalar_t, int64_t kAct, typename acc_t = at::opmath_type<scal
 void grad_input_run(const scalar_t* dy, const scalar_t* x, const scalar_t* res, scalar_t* dx, scalar_t* dres,
                     int64_t n, acc_t m, acc_t p, acc_t gamma, acc_t beta, acc_t ca, acc_t cb, acc_t cc,
                     acc_t slope) {
-  for_simd_and_tail<scalar_t>(n, [&](auto zero, int64_t j) {
+  for_vectors<scalar_t>(n, [&](auto zero, int64_t j, auto count) {
     using T = decltype(zero);
-    const auto [xhat, dz] = xhat_dz<kAct>(dy, x, res, j, T(m), T(p), T(gamma), T(beta), slope);
-    if (dres != nullptr) store_as<scalar_t, T>(dres + j, dz);
-    if (dx != nullptr) store_as<scalar_t, T>(dx + j, madd(T(ca), dz, madd(T(cb), xhat, T(cc))));
+    const auto [xhat, dz] = xhat_dz<kAct>(dy, x, res, j, T(m), T(p), T(gamma), T(beta), slope, count);
+    if (dres != nullptr) store_as<scalar_t, T>(dres + j, dz, count);
+    if (dx != nullptr) store_as<scalar_t, T>(dx + j, madd(T(ca), dz, madd(T(cb), xhat, T(cc))), count);
   });
 }
 
@@ -185,31 +202,30 @@ std::pair<acc_t, acc_t> grad_sums_run(const scalar_t* dy, const scalar_t* x, con
                                       acc_t mean, acc_t rstd, acc_t gamma, acc_t beta, acc_t slope) {
   using Vec = typename VecIO<scalar_t>::Vec;
   Vec v_dz(0), v_dzx(0);
-  acc_t t_dz = 0, t_dzx = 0;
-  for_simd_and_tail<scalar_t>(n, [&](auto zero, int64_t j) {
+  for_vectors<scalar_t>(n, [&](auto zero, int64_t j, auto count) {
     using T = decltype(zero);
-    const auto [xhat, dz] = xhat_dz<kAct>(dy, x, res, j, T(mean), T(rstd), T(gamma), T(beta), slope);
-    if constexpr (std::is_same_v<T, acc_t>) {
-      t_dz += dz;
-      t_dzx += dz * xhat;
-    } else {
+    const auto [xhat, dz] = xhat_dz<kAct>(dy, x, res, j, T(mean), T(rstd), T(gamma), T(beta), slope, count);
+    if constexpr (std::is_same_v<decltype(count), WholeVec>) {
       v_dz = v_dz + dz;
       v_dzx = at::vec::fmadd(dz, xhat, v_dzx);
+    } else {
+      v_dz = v_dz + keep_lanes(dz, count);
+      v_dzx = v_dzx + keep_lanes(dz * xhat, count);
     }
   });
   const auto add = [](Vec p, Vec q) { return p + q; };
-  return {at::vec::vec_reduce_all(add, v_dz) + t_dz, at::vec::vec_reduce_all(add, v_dzx) + t_dzx};
+  return {at::vec::vec_reduce_all(add, v_dz), at::vec::vec_reduce_all(add, v_dzx)};
 }
 
 // ------------------------------------------------------------------ channels-last rows
 // Column passes over rows of C channels (channels-last; BatchNorm's (N·HxW, C) view): SIMD across
 // channels, per-channel coefficients and accumulators in arrays of C. Rows are walked in memory order
 // (sequential streams the prefetcher follows; a walk down one column of channels at a time strides
-// by C and crosses a page every few rows); with many channels those arrays outgrow L1, and rows are
-// taken kRowGroup at a time so each coefficient load serves kRowGroup rows.
+// by C and crosses a page every few rows). Rows are taken kRowGroup at a time, so each load of a
+// coefficient or an accumulator (and each store of one) serves kRowGroup rows: one row at a time, those
+// outnumbered the loads of the data (BatchNorm's backward at C = 256: 6 to 2).
 
 constexpr int64_t kRowGroup = 4;
-constexpr int64_t kGroupRowsFromChannels = 1024;
 
 // Walks the rows of [r0, r1) in groups of G and, in each, the SIMD vectors (T = Vectorized) then the
 // scalar tail (T = acc_t) of the C channels: Step::template run<T>(o, j, rows, C, args...) with o =
@@ -233,11 +249,7 @@ inline void walk_rows(int64_t r0, int64_t r1, int64_t C, Args... args) {
 
 template <typename scalar_t, typename Step, typename... Args>
 inline void for_rows(int64_t r0, int64_t r1, int64_t C, Args... args) {
-  if (C >= kGroupRowsFromChannels) {
-    walk_rows<scalar_t, Step, kRowGroup>(r0, r1, C, args...);
-  } else {
-    walk_rows<scalar_t, Step, 1>(r0, r1, C, args...);
-  }
+  walk_rows<scalar_t, Step, kRowGroup>(r0, r1, C, args...);
 }
 
 // Runs body(n, r0, r1) over rows [r0, r1) of sample n, in parallel tasks of about 32k elements.
@@ -343,6 +355,23 @@ RowChunks reduce_channels_last(const ChannelShape& s, std::vector<acc_t>& out0, 
   return rc;
 }
 
+// out[n·C + c] = Σ_k part[(n·chunks + k)·C + c] in Out, the chunks of reduce_channels_last added in chunk
+// order, so the sums do not depend on the thread count. The loops run along the channels: one channel at a
+// time, every load strided by C.
+template <typename Out, typename In>
+void sum_chunks(const In* part, int64_t N, int64_t chunks, int64_t C, Out* out) {
+  at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      Out* o = out + n * C;
+      std::fill(o, o + C, Out(0));
+      for (int64_t k = 0; k < chunks; ++k) {
+        const In* p = part + (n * chunks + k) * C;
+        for (int64_t c = 0; c < C; ++c) o[c] += Out(p[c]);
+      }
+    }
+  });
+}
+
 // Moments of `count` parts of n_each values each, part i's mean and M2 at mean[i·stride], m2[i·stride]: the
 // exact merge (as Chan's pairwise one), without a division per part: the mean of the means, then
 // Σ M2_i + n_each·Σ (mean_i − mean)².
@@ -382,19 +411,14 @@ void channel_moments(const scalar_t* X, const ChannelShape& s, double* mean, dou
         const scalar_t* xn = X + n * s.HxW * s.C;
         for_rows<scalar_t, ShiftedSumsStep>(std::max<int64_t>(r0, 1), r1, s.C, xn, xn, s1, s2);
       });
-  at::parallel_for(0, s.N * s.C, grain_for(rc.count), [&](int64_t begin, int64_t end) {
-    for (int64_t nc = begin; nc < end; ++nc) {
-      const int64_t n = nc / s.C, c = nc % s.C;
-      double s1 = 0.0, s2 = 0.0;
-      for (int64_t k = 0; k < rc.count; ++k) {
-        s1 += double(ps1[(n * rc.count + k) * s.C + c]);
-        s2 += double(ps2[(n * rc.count + k) * s.C + c]);
-      }
-      const double ms = s1 / double(s.HxW);
-      mean[nc] = double(acc_t(X[n * s.HxW * s.C + c])) + ms;
-      m2[nc] = std::max(0.0, s2 - ms * s1);
-    }
-  });
+  sum_chunks(ps1.data(), s.N, rc.count, s.C, mean);
+  sum_chunks(ps2.data(), s.N, rc.count, s.C, m2);
+  for (int64_t nc = 0; nc < s.N * s.C; ++nc) {
+    const int64_t n = nc / s.C, c = nc % s.C;
+    const double s1 = mean[nc], ms = s1 / double(s.HxW);
+    mean[nc] = double(acc_t(X[n * s.HxW * s.C + c])) + ms;
+    m2[nc] = std::max(0.0, m2[nc] - ms * s1);
+  }
 }
 
 // Y = act(x̂·gamma + beta + R).
@@ -455,18 +479,8 @@ void channel_grad_sums(const scalar_t* dY, const scalar_t* X, const scalar_t* R,
                                                                R ? R + o : nullptr, k.mean + st, k.rstd + st,
                                                                k.gamma, k.beta, sl, cdz, cdzx);
         });
-    at::parallel_for(0, s.N * s.C, grain_for(rc.count), [&](int64_t begin, int64_t end) {
-      for (int64_t nc = begin; nc < end; ++nc) {
-        const int64_t n = nc / s.C, c = nc % s.C;
-        acc_t a = 0, b = 0;
-        for (int64_t kk = 0; kk < rc.count; ++kk) {
-          a += pdz[(n * rc.count + kk) * s.C + c];
-          b += pdzx[(n * rc.count + kk) * s.C + c];
-        }
-        sdz[nc] = a;
-        sdzx[nc] = b;
-      }
-    });
+    sum_chunks(pdz.data(), s.N, rc.count, s.C, sdz);
+    sum_chunks(pdzx.data(), s.N, rc.count, s.C, sdzx);
   });
 }
 

@@ -9,6 +9,7 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -45,6 +46,25 @@ struct VecIO {
       v.store(p);
     } else {
       at::vec::convert_from_float<scalar_t>(v, v).store(p, kSize);
+    }
+  }
+
+  // The first count < kSize elements only; the other lanes of a load are 0. Masked loads where the
+  // capability has them (AVX-512): a copy through a buffer stalls on store-to-load forwarding.
+  static Vec load(const scalar_t* p, int64_t count) {
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      return Vec::loadu(p, count);
+    } else {
+      const auto v = at::vec::Vectorized<scalar_t>::loadu(p, static_cast<int16_t>(count));
+      return std::get<0>(at::vec::convert_to_float<scalar_t>(v));
+    }
+  }
+
+  static void store(scalar_t* p, const Vec& v, int64_t count) {
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      v.store(p, count);
+    } else {
+      at::vec::convert_from_float<scalar_t>(v, v).store(p, count);
     }
   }
 };
@@ -106,7 +126,8 @@ using Moments = Welford<double, double>;
 
 // Moments of L contiguous values: per block that stays in L1, a two-pass over x - x0 (x0 the block's
 // first value, so the sums stay small and exact for off-centre data): the shifted mean, then the
-// squared deviations from it; blocks merged with Chan's formula. Four SIMD accumulators hide latency.
+// squared deviations from it; blocks merged with Chan's formula. Four SIMD accumulators hide latency; the
+// last L % kSize values are one partial vector, its other lanes masked to 0.
 template <typename scalar_t>
 Moments row_moments(const scalar_t* __restrict x, int64_t L) {
   using IO = VecIO<scalar_t>;
@@ -130,8 +151,8 @@ Moments row_moments(const scalar_t* __restrict x, int64_t L) {
       s3 = s3 + (IO::load(p + i + 3 * kV) - k);
     }
     for (int64_t i = n4; i < n1; i += kV) s0 = s0 + (IO::load(p + i) - k);
-    acc_t sum = at::vec::vec_reduce_all(add, (s0 + s1) + (s2 + s3));
-    for (int64_t i = n1; i < n; ++i) sum += acc_t(p[i]) - shift;
+    if (n1 < n) s1 = s1 + Vec::set(Vec(0), IO::load(p + n1, n - n1) - k, n - n1);
+    const acc_t sum = at::vec::vec_reduce_all(add, (s0 + s1) + (s2 + s3));
     const acc_t ms = sum / acc_t(n);
     const Vec m(ms);
     Vec q0(0), q1(0), q2(0), q3(0);
@@ -147,11 +168,11 @@ Moments row_moments(const scalar_t* __restrict x, int64_t L) {
       const Vec d = (IO::load(p + i) - k) - m;
       q0 = at::vec::fmadd(d, d, q0);
     }
-    acc_t m2 = at::vec::vec_reduce_all(add, (q0 + q1) + (q2 + q3));
-    for (int64_t i = n1; i < n; ++i) {
-      const acc_t d = (acc_t(p[i]) - shift) - ms;
-      m2 += d * d;
+    if (n1 < n) {
+      const Vec d = Vec::set(Vec(0), (IO::load(p + n1, n - n1) - k) - m, n - n1);
+      q1 = at::vec::fmadd(d, d, q1);
     }
+    const acc_t m2 = at::vec::vec_reduce_all(add, (q0 + q1) + (q2 + q3));
     w = welford_merge(w, {double(shift) + double(sum) / double(n), double(m2), double(n)});
   }
   return w;

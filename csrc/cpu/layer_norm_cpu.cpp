@@ -61,12 +61,12 @@ void forward_row(const in_t* x, const scalar_t* res, scalar_t* y, int64_t D, con
   const acc_t mean = rms ? acc_t(0) : acc_t(w.mean), rstd = rstd_of(w.mean, w.m2, D, eps, rms);
   if (!rms) *mean_out = mean;
   *rstd_out = rstd;
-  for_simd_and_tail<scalar_t>(D, [&](auto zero, int64_t j) {
+  for_vectors<scalar_t>(D, [&](auto zero, int64_t j, auto count) {
     using T = decltype(zero);
-    const T scale = T(rstd) * coef<T>(gamma, j);
-    T z = (load_as<in_t, T>(x + j) - T(mean)) * scale + coef<T>(beta, j);
-    if (res != nullptr) z = z + load_as<scalar_t, T>(res + j);
-    store_as<scalar_t, T>(y + j, act_forward(z, kAct, slope));
+    const T scale = T(rstd) * coef<T>(gamma, j, count);
+    T z = (load_as<in_t, T>(x + j, count) - T(mean)) * scale + coef<T>(beta, j, count);
+    if (res != nullptr) z = z + load_as<scalar_t, T>(res + j, count);
+    store_as<scalar_t, T>(y + j, act_forward(z, kAct, slope), count);
   });
 }
 
@@ -82,10 +82,11 @@ struct AddPtrs {
 // normalization then reads from cache: x and a are read once, out is exactly norm(s).
 template <typename scalar_t, typename res_t, typename acc_t = at::opmath_type<scalar_t>>
 void add_row(const scalar_t* x, const res_t* a, res_t* s_out, acc_t* srow, int64_t D) {
-  for_simd_and_tail<scalar_t>(D, [&](auto zero, int64_t j) {
+  for_vectors<scalar_t>(D, [&](auto zero, int64_t j, auto count) {
     using T = decltype(zero);
-    store_as<res_t, T>(s_out + j, load_as<scalar_t, T>(x + j) + load_as<res_t, T>(a + j));
-    store_as<acc_t, T>(srow + j, load_as<res_t, T>(s_out + j));
+    store_as<res_t, T>(s_out + j, load_as<scalar_t, T>(x + j, count) + load_as<res_t, T>(a + j, count),
+                       count);
+    store_as<acc_t, T>(srow + j, load_as<res_t, T>(s_out + j, count), count);
   });
 }
 
@@ -134,42 +135,43 @@ void backward_row(const scalar_t* dy, const scalar_t* x, const scalar_t* res, sc
   using Vec = typename VecIO<scalar_t>::Vec;
   constexpr bool kScratch = base_activation(kAct) != kIdentity;
   Vec v1(0), v2(0);
-  acc_t t1 = 0, t2 = 0;
-  for_simd_and_tail<scalar_t>(D, [&](auto zero, int64_t j) {
+  for_vectors<scalar_t>(D, [&](auto zero, int64_t j, auto count) {
     using T = decltype(zero);
-    const T g = coef<T>(gamma, j), b = coef<T>(beta, j);
+    const T g = coef<T>(gamma, j, count), b = coef<T>(beta, j, count);
     // From the output x̂ = (v − β)/γ per element (xhat_source.h); else (x − mean)·rstd of the row.
-    const auto [xhat, dz] = from_output(kAct) ? xhat_dz<kAct>(dy, x, res, j, b, T(acc_t(1)) / g, g, b, slope)
-                                              : xhat_dz<kAct>(dy, x, res, j, T(mean), T(rstd), g, b, slope);
-    if constexpr (kScratch) store_as<acc_t, T>(scratch + j, dz);
-    if (dres != nullptr) store_as<scalar_t, T>(dres + j, dz);
-    if (pg != nullptr) store_as<acc_t, T>(pg + j, coef<T>(pg, j) + dz * xhat);
-    if (pb != nullptr) store_as<acc_t, T>(pb + j, coef<T>(pb, j) + dz);
+    const auto [xhat, dz] = from_output(kAct)
+                                ? xhat_dz<kAct>(dy, x, res, j, b, T(acc_t(1)) / g, g, b, slope, count)
+                                : xhat_dz<kAct>(dy, x, res, j, T(mean), T(rstd), g, b, slope, count);
+    if constexpr (kScratch) store_as<acc_t, T>(scratch + j, dz, count);
+    if (dres != nullptr) store_as<scalar_t, T>(dres + j, dz, count);
+    if (pg != nullptr) store_as<acc_t, T>(pg + j, coef<T>(pg, j, count) + dz * xhat, count);
+    if (pb != nullptr) store_as<acc_t, T>(pb + j, coef<T>(pb, j, count) + dz, count);
     const T gdz = g * dz;
-    if constexpr (std::is_same_v<T, acc_t>) {
-      t1 += gdz;
-      t2 += gdz * xhat;
-    } else {
+    if constexpr (std::is_same_v<decltype(count), WholeVec>) {
       v1 = v1 + gdz;
       v2 = at::vec::fmadd(gdz, xhat, v2);
+    } else {
+      v1 = v1 + keep_lanes(gdz, count);
+      v2 = v2 + keep_lanes(gdz * xhat, count);
     }
   });
   if (dx == nullptr) return;
   const auto add = [](Vec a, Vec b) { return a + b; };
-  const acc_t c1 = rms ? acc_t(0) : (at::vec::vec_reduce_all(add, v1) + t1) / acc_t(D);
-  const acc_t c2 = (at::vec::vec_reduce_all(add, v2) + t2) / acc_t(D);
-  for_simd_and_tail<scalar_t>(D, [&](auto zero, int64_t j) {
+  const acc_t c1 = rms ? acc_t(0) : at::vec::vec_reduce_all(add, v1) / acc_t(D);
+  const acc_t c2 = at::vec::vec_reduce_all(add, v2) / acc_t(D);
+  for_vectors<scalar_t>(D, [&](auto zero, int64_t j, auto count) {
     using T = decltype(zero);
+    const T g = coef<T>(gamma, j, count);
     const T xhat = from_output(kAct)
-                       ? xhat_at<kAct>(x, res, j, coef<T>(beta, j), T(acc_t(1)) / coef<T>(gamma, j), slope)
-                       : xhat_at<kAct>(x, res, j, T(mean), T(rstd), slope);
+                       ? xhat_at<kAct>(x, res, j, coef<T>(beta, j, count), T(acc_t(1)) / g, slope, count)
+                       : xhat_at<kAct>(x, res, j, T(mean), T(rstd), slope, count);
     T dz;
     if constexpr (kScratch) {
-      dz = load_as<acc_t, T>(scratch + j);
+      dz = load_as<acc_t, T>(scratch + j, count);
     } else {
-      dz = load_as<scalar_t, T>(dy + j);
+      dz = load_as<scalar_t, T>(dy + j, count);
     }
-    store_as<scalar_t, T>(dx + j, T(rstd) * (coef<T>(gamma, j) * dz - T(c1) - xhat * T(c2)));
+    store_as<scalar_t, T>(dx + j, T(rstd) * (g * dz - T(c1) - xhat * T(c2)), count);
   });
 }
 
