@@ -157,6 +157,8 @@ ODD_SHAPES = [
     (2, 37, 1, 3, 1),  # 3-D spatial with size-1 dims
     (64, 24, 2, 2),  # many samples, few values each
     (2, 8, 40, 41),  # few samples, large spatial
+    (4, 60, 24, 24),  # C = 60 past the one-launch size: 4-element channels-last vectors on CUDA
+    (32, 16, 7, 10),  # H*W = 70 past the one-launch size: 2-element NCHW vectors on CUDA
 ]
 
 
@@ -180,6 +182,19 @@ def test_channels_last_few_channels(device, shape):
     res = make_input(shape, torch.bfloat16, device, "channels_last")
     w, b = make_params(shape[1], torch.float32, device)
     check_all(x, w, b, "relu", res, torch.bfloat16, True, "channels_last", torch.float32)
+
+
+@pytest.mark.parametrize(
+    "shape,fmt", [((4, 60, 24, 24), "channels_last"), ((32, 16, 7, 10), "contiguous")], ids=["C60-cl", "HW70"]
+)
+@pytest.mark.parametrize("device", DEVICES)
+def test_bfloat16_odd_extents(device, shape, fmt):
+    """bfloat16 where the contiguous extent (C = 60 channels-last, H*W = 70 NCHW) is not a multiple of 8: on
+    CUDA the narrower vectors that divide it (4 and 2 elements) instead of scalars."""
+    x = make_input(shape, torch.bfloat16, device, fmt)
+    res = make_input(shape, torch.bfloat16, device, fmt)
+    w, b = make_params(shape[1], torch.float32, device)
+    check_all(x, w, b, "relu", res, torch.bfloat16, True, fmt, torch.float32)
 
 
 @pytest.mark.parametrize("residual", [False, True], ids=["nores", "res"])

@@ -648,26 +648,17 @@ Plan make_plan(const ChannelNormArgs& a, int vec) {
   return p;
 }
 
-// kMaxVec when every pointer is aligned to it and the contiguous extent (C for rows, HxW for planes)
-// is a multiple of it; else 1.
-template <typename scalar_t>
-int vec_for(const ChannelNormArgs& a, std::initializer_list<const scalar_t*> ptrs) {
-  constexpr int v = kMaxVec<scalar_t>;
-  if ((a.rows ? a.dims.C : a.dims.HxW) % v != 0) return 1;
-  for (const scalar_t* p : ptrs) {
-    if (p != nullptr && !vec_aligned(p, v)) return 1;
-  }
-  return v;
+// The widest vector (widest_vec) every pointer is aligned to and the contiguous extent (C for rows, HxW
+// for planes) is a multiple of: C = 60 in bfloat16 takes 8-byte vectors, HxW = 70 4-byte ones.
+template <typename scalar_t, typename... P>
+int vec_for(const ChannelNormArgs& a, const P*... ptrs) {
+  return widest_vec<scalar_t>(a.rows ? a.dims.C : a.dims.HxW, ptrs...);
 }
 
 // Calls f(std::integral_constant<int, VEC>) for the plan's vector width.
 template <typename scalar_t, typename F>
 void with_vec(const Plan& p, const F& f) {
-  if (p.vec > 1) {
-    f(std::integral_constant<int, kMaxVec<scalar_t>>{});
-  } else {
-    f(std::integral_constant<int, 1>{});
-  }
+  dispatch_vec<scalar_t>(p.vec, f);
 }
 
 Channels channels_of(const Tensor& mean, const Tensor& second, bool second_is_var, double eps,
@@ -736,7 +727,7 @@ void launch_apply(const ChannelNormArgs& a, const Channels& ch, int64_t act, dou
   const scalar_t* X = a.X.const_data_ptr<scalar_t>();
   const scalar_t* R = ptr_or_null<scalar_t>(a.residual);
   scalar_t* out = Y.data_ptr<scalar_t>();
-  const Plan p = make_plan(a, vec_for<scalar_t>(a, {X, R, out}));
+  const Plan p = make_plan(a, vec_for<scalar_t>(a, X, R, out));
   with_vec<scalar_t>(p, [&](auto vec) {
     constexpr int VEC = decltype(vec)::value;
     if (p.rows_view) {
@@ -790,7 +781,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_fwd_cuda(
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       return;
     }
-    const Plan p = make_plan(a, vec_for<scalar_t>(a, {a.X.const_data_ptr<scalar_t>()}));
+    const Plan p = make_plan(a, vec_for<scalar_t>(a, a.X.const_data_ptr<scalar_t>()));
     Tensor work = at::empty({p.parts * (2 * C + 1)}, f32);
     float* means = work.data_ptr<float>();
     float* m2s = means + p.parts * C;
@@ -813,7 +804,7 @@ std::tuple<Tensor, Tensor> batch_norm_stats_cuda(const Tensor& X_in) {
   Tensor mean = at::empty({C}, f32);
   Tensor m2 = at::empty({C}, f32);
   NORMEXT_DISPATCH_CUDA_TYPES(a.X.scalar_type(), "batch_norm_stats_cuda", [&] {
-    const Plan p = make_plan(a, vec_for<scalar_t>(a, {a.X.const_data_ptr<scalar_t>()}));
+    const Plan p = make_plan(a, vec_for<scalar_t>(a, a.X.const_data_ptr<scalar_t>()));
     Tensor work = at::empty({p.parts * (2 * C + 1)}, f32);
     float* means = work.data_ptr<float>();
     float* m2s = means + p.parts * C;
@@ -895,7 +886,7 @@ std::tuple<Tensor, Tensor> batch_norm_bwd_reduce_cuda(const Tensor& dY_in, const
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       return;
     }
-    const Plan p = make_plan(a, vec_for<scalar_t>(a, {X, dy, R}));
+    const Plan p = make_plan(a, vec_for<scalar_t>(a, X, dy, R));
     static_assert(sizeof(Sum2) == 2 * sizeof(float));
     Tensor work = at::empty({2 * p.parts * C}, f32);
     Sum2* partial = reinterpret_cast<Sum2*>(work.data_ptr<float>());
@@ -949,7 +940,7 @@ std::tuple<Tensor, Tensor> batch_norm_bwd_elemt_cuda(
     const scalar_t* R = ptr_or_null<scalar_t>(a.residual);
     scalar_t* dx = mask[0] ? dX.data_ptr<scalar_t>() : nullptr;
     scalar_t* dr = mask[1] ? dR.data_ptr<scalar_t>() : nullptr;
-    const Plan p = make_plan(a, vec_for<scalar_t>(a, {X, dy, R, dx, dr}));
+    const Plan p = make_plan(a, vec_for<scalar_t>(a, X, dy, R, dx, dr));
     const Channels ch = channels_of(mean, rstd, false, 0.0, a.gamma, a.beta);
     const GradSums gs{has_sums ? sum_dz.const_data_ptr<float>() : nullptr,
                       has_sums ? sum_dzx.const_data_ptr<float>() : nullptr, float(inv_count)};

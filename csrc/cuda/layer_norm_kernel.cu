@@ -682,20 +682,14 @@ struct Ptrs {
   scalar_t* dR;
 };
 
-// 16-byte vectors when every tensor is aligned to them and `extent` (the contiguous run a vector must
-// not cross: the row, or HxW) is a multiple of the vector width; calls f(integral_constant VEC). A and S
-// (add_*_norm's residual stream, of any element type) must be aligned to the same number of elements.
+// Calls f(integral_constant VEC) for the widest vector (widest_vec) that every tensor is aligned to and that
+// divides `extent` (the contiguous run a vector must not cross: the row, or HxW): D = 770 in bfloat16 takes
+// 4-byte vectors, not scalars. A and S (add_*_norm's residual stream, of any element type) must be aligned
+// to the same number of elements.
 template <typename scalar_t, typename F, typename res_t = scalar_t>
 void with_vec(const Ptrs<scalar_t>& p, int64_t extent, const F& f, const res_t* A = nullptr,
               const res_t* S = nullptr) {
-  constexpr int V = kMaxVec<scalar_t>;
-  const bool vec = extent % V == 0 && vec_aligned(p.X, V) && vec_aligned(p.R, V) && vec_aligned(p.dY, V) &&
-                   vec_aligned(p.out, V) && vec_aligned(p.dR, V) && vec_aligned(A, V) && vec_aligned(S, V);
-  if (vec) {
-    f(std::integral_constant<int, V>{});
-  } else {
-    f(std::integral_constant<int, 1>{});
-  }
+  dispatch_vec<scalar_t>(widest_vec<scalar_t>(extent, p.X, p.R, p.dY, p.out, p.dR, A, S), f);
 }
 
 // Row-kernel class of a row of nvec vectors: threads per row, and whether a warp (part) owns it.
