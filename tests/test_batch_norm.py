@@ -184,6 +184,17 @@ def test_channels_last_few_channels(device, shape):
     check_all(x, w, b, "relu", res, torch.bfloat16, True, "channels_last", torch.float32)
 
 
+@pytest.mark.parametrize("shape", [(2, 2, 256, 260), (2, 2, 256, 514)], ids=["K130", "K257"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_many_partials_per_channel(device, shape):
+    """Channels-last with C = 2 and 133K / 263K values per channel: on CUDA 130 / 257 partial results per
+    channel (1024 rows each), which the finalize kernels merge with 2 / 4 warps per channel (one warp up to
+    128) in a fixed tree."""
+    x = make_input(shape, torch.float32, device, "channels_last", mean=3.0)
+    w, b = make_params(shape[1], torch.float32, device)
+    check_all(x, w, b, None, None, torch.float32, True, "channels_last")
+
+
 @pytest.mark.parametrize(
     "shape,fmt", [((4, 60, 24, 24), "channels_last"), ((32, 16, 7, 10), "contiguous")], ids=["C60-cl", "HW70"]
 )

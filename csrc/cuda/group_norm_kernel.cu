@@ -449,6 +449,11 @@ __global__ void __launch_bounds__(kBlock)
 // part 0 write mean / rstd. Then thread (x, y) normalises its VEC channels for rows
 // [t*rows_per_tile, ...) stepping by bdy. Needs C and the plan's width multiples of VEC and X, R, Y
 // VEC-aligned.
+// Still a merge per block (lanes take partials l, l + 32, ..., then a tree: S / 32 steps, S <= kMaxTiles),
+// redundant across the Ta tiles: fwd_nhwc sizes tiles so that it stays under 1/16 of the traffic. Merging
+// once (the last moments block of each group, found with an integer counter per (n, g), writes mean / rstd)
+// needs a counter buffer zeroed before every forward: a memset launch, or counters the last block resets in
+// a workspace kept across calls. Not built yet.
 template <typename scalar_t, int VEC>
 __global__ void __launch_bounds__(kBlock, 1)
     gn_apply_nhwc_kernel(FwdParams<scalar_t> p, ChunkPlan plan, int64_t rows_per_tile, int64_t T,
