@@ -241,6 +241,60 @@ def test_launch_counts(case):
     assert counts == LAUNCH_PLANS[case]
 
 
+# ------------------------------------------------------------------------------------------ vector widths
+
+
+def _bf16_access_widths(fn):
+    """Access widths in bytes of the bfloat16 loads and stores fn() makes in the kernels."""
+    _C.emu_reset_launch_counts()
+    fn()
+    return {width for (elem, width) in _C.emu_vector_access_counts() if elem == 2}
+
+
+# (op, shape, layout, groups) -> bfloat16 access widths in bytes (forward, backward): the widest vector that
+# divides the contiguous extent each kernel walks (16, 8 or 4 bytes), instead of 2-byte scalars for the whole
+# op as soon as one extent is not a multiple of 8 values.
+VECTOR_WIDTHS = {
+    # HxW = 49 (RoI heads), D = 8: a group's span of 392 values is 16-byte vectors; the fused backward walks
+    # channel rows of 49 values, which start at odd offsets, so it stays scalar (see bwd_nchw).
+    ("group_norm", (2, 16, 7, 7), "contiguous", 2): ({16}, {2}),
+    # HxW = 70, D = 4: a span of 280 values (16 bytes), rows of 70 (4 bytes).
+    ("group_norm", (2, 16, 7, 10), "contiguous", 4): ({16}, {4}),
+    # C = 60 channels-last: rows of 60 values, 8-byte vectors.
+    ("group_norm", (2, 60, 6, 6), "channels_last", 6): ({8}, {8}),
+    # LayerNorm D = 770: rows of 770 values, 4-byte vectors.
+    ("layer_norm", (16, 770), None, None): ({4}, {4}),
+    # BatchNorm past the one-launch size: channels-last rows of C = 60 (8 bytes), NCHW planes of 70 (4 bytes).
+    ("batch_norm", (4, 60, 24, 24), "channels_last", None): ({8}, {8}),
+    ("batch_norm", (32, 16, 7, 10), "contiguous", None): ({4}, {4}),
+}
+
+
+@pytest.mark.parametrize(
+    "case", list(VECTOR_WIDTHS), ids=lambda c: f"{c[0]}-{'x'.join(map(str, c[1]))}-{c[2]}"
+)
+def test_odd_extents_take_the_widest_vector(case):
+    op, shape, fmt, G = case
+    C = shape[-1] if op == "layer_norm" else shape[1]
+    x = make_input(shape, torch.bfloat16, "cpu", fmt or "contiguous")
+    w, b = make_params(C, torch.float32, "cpu")
+    fn = {
+        "group_norm": lambda t, w_, b_: nxF.group_norm(t, G, w_, b_),
+        "layer_norm": lambda t, w_, b_: nxF.layer_norm(t, shape[-1:], w_, b_),
+        "batch_norm": lambda t, w_, b_: nxF.batch_norm(t, None, None, w_, b_, training=True),
+    }[op]
+    leaves = [t.detach().requires_grad_() for t in (x, w, b)]
+    y = None
+
+    def forward():
+        nonlocal y
+        y = fn(*leaves)
+
+    fwd = _bf16_access_widths(forward)
+    bwd = _bf16_access_widths(lambda: y.backward(torch.ones_like(y)))
+    assert (fwd, bwd) == VECTOR_WIDTHS[case]
+
+
 @pytest.mark.parametrize("op", ["layer_norm", "layer_norm_2d"])
 def test_backward_with_no_output_requested_reads_nothing(op):
     """An all-false output mask returns empty gradients without a launch (x and dy are not read); one wanted

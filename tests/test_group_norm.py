@@ -160,6 +160,9 @@ ODD_SHAPES = [
     ((1, 12, 2, 3, 3), 1),  # 3-D spatial, G = 1
     ((2, 32, 48, 48), 1),  # large groups (73728 elements each)
     ((2, 64, 33, 31), 32),  # many groups, odd H*W
+    ((3, 16, 7, 7), 2),  # H*W = 49 (RoI heads): groups of 8 x 49, rows of 49 values
+    ((2, 16, 7, 10), 4),  # H*W = 70: rows of 70 values (2-element vectors on CUDA)
+    ((2, 60, 6, 6), 6),  # C = 60, D = 10: channels-last rows of 60 (4-element vectors on CUDA)
 ]
 
 

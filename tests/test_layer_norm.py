@@ -53,7 +53,9 @@ ERRORS = (RuntimeError, ValueError, TypeError)
 # Row lengths: the list plus the edges of the CUDA kernel classes (a warp or part of one per row up
 # to 1024, a block per row with the row in registers up to 8192 in backward / 16384 in forward, two passes
 # beyond).
-ROW_LENGTHS = [1, 3, 7, 1000, 1024, 1025, 4097, 8200, 16500]
+# 770, 1020 and 1030: rows that take 2- and 4-element vectors on CUDA (not multiples of 8); 1030 in float32
+# is the block-per-row forward with 2-element vectors.
+ROW_LENGTHS = [1, 3, 7, 770, 1000, 1020, 1024, 1025, 1030, 4097, 8200, 16500]
 
 
 # The two families as (ours, float64 reference, torch-native chain) over (x, w, b, residual).

@@ -435,8 +435,36 @@ __global__ void __launch_bounds__(kBlock, kStreamBlocks<VEC>)
 }
 
 // ------------------------------------------------------------------------------ finalize kernels
-// One warp per channel c = blockIdx.x * (kBlock / 32) + warp, merging the channel's K parts with
-// warp_reduce_range (fixed order).
+// A run of wpc warps (finalize_warps(K)) per channel c = blockIdx.x * (kBlock / 32 / wpc) + warp / wpc:
+// thread i of the run merges parts i, i + 32*wpc, ... in turn, then a warp tree and the run's warps in order
+// (block_allreduce). The order is fixed by K (a function of the shape), and a large input's ~1024 parts are
+// at most kFinalizePerLane steps per lane and a tree, not a chain of K / 32 dependent steps in one warp.
+
+constexpr int kFinalizePerLane = 4;
+
+// Warps per channel: the fewest (a power of two up to a block) that leave each lane at most kFinalizePerLane
+// parts.
+int finalize_warps(int64_t K) {
+  int w = 1;
+  while (w < kBlock / kWarpSize && int64_t(w) * kWarpSize * kFinalizePerLane < K) w *= 2;
+  return w;
+}
+
+unsigned finalize_blocks(int64_t C, int wpc) {
+  return unsigned(ceil_div<int64_t>(C, (kBlock / kWarpSize) / wpc));
+}
+
+// This thread's channel and its index within the channel's run of wpc warps.
+struct FinalizeSlot {
+  int64_t c;
+  int i;
+};
+
+__device__ __forceinline__ FinalizeSlot finalize_slot(int wpc) {
+  const int warp = threadIdx.x / kWarpSize;
+  return {int64_t(blockIdx.x) * ((kBlock / kWarpSize) / wpc) + warp / wpc,
+          (warp % wpc) * kWarpSize + int(threadIdx.x % kWarpSize)};
+}
 
 enum FinalizeMode : int { kOutRstd = 0, kOutVar = 1, kOutM2 = 2 };
 
@@ -464,22 +492,23 @@ __device__ __forceinline__ ShiftedSums shfl_down(const ShiftedSums& v, int off) 
 template <typename R>
 __global__ void __launch_bounds__(kBlock)
     finalize_moments_kernel(const float* __restrict__ counts, const float* __restrict__ means,
-                            const float* __restrict__ m2s, int64_t K, int64_t C, int mode, double eps,
-                            double momentum, float* __restrict__ out_mean, float* __restrict__ out_second,
-                            R* running_mean, int64_t rm_stride, R* running_var, int64_t rv_stride) {
-  const int64_t c = int64_t(blockIdx.x) * (kBlock / kWarpSize) + threadIdx.x / kWarpSize;
-  if (c >= C) return;  // warp-uniform: all lanes of a warp share c
-  const double shift = K > 0 ? double(means[c]) : 0.0;
-  const ShiftedSums t = warp_reduce_range(
-      K, ShiftedSums{0.0, 0.0, 0.0},
-      [&](int64_t k) {
-        const double n = double(counts[k]), d = double(means[k * C + c]) - shift;
-        return ShiftedSums{n, n * d, double(m2s[k * C + c]) + n * d * d};
-      },
-      SumOp{});
+                            const float* __restrict__ m2s, int64_t K, int64_t C, int wpc, int mode,
+                            double eps, double momentum, float* __restrict__ out_mean,
+                            float* __restrict__ out_second, R* running_mean, int64_t rm_stride,
+                            R* running_var, int64_t rv_stride) {
+  NORMEXT_SHARED(ShiftedSums, red, kBlock / kWarpSize);
+  const auto [c, i] = finalize_slot(wpc);
+  const bool live = c < C;  // uniform across a run; every thread still takes part in the block reduction
+  const double shift = live && K > 0 ? double(means[c]) : 0.0;
+  ShiftedSums acc{0.0, 0.0, 0.0};
+  for (int64_t k = i; live && k < K; k += int64_t(wpc) * kWarpSize) {
+    const double n = double(counts[k]), d = double(means[k * C + c]) - shift;
+    acc = acc + ShiftedSums{n, n * d, double(m2s[k * C + c]) + n * d * d};
+  }
+  const ShiftedSums t = block_allreduce(acc, SumOp{}, red, wpc);
+  if (!live || i != 0) return;
   const double d = t.n > 0.0 ? t.s1 / t.n : 0.0;
   const WelfordD w{shift + d, std::max(t.s2 - t.s1 * d, 0.0), t.n};
-  if (threadIdx.x % kWarpSize != 0) return;
   const double var = w.m2 / w.n;
   out_mean[c] = float(w.mean);
   out_second[c] = float(mode == kOutRstd ? 1.0 / sqrt(var + eps) : mode == kOutVar ? var : w.m2);
@@ -496,12 +525,15 @@ __global__ void __launch_bounds__(kBlock)
 
 // Sums K partial backward sums per channel into sum_dz / sum_dzx.
 __global__ void __launch_bounds__(kBlock)
-    finalize_sums_kernel(const Sum2* __restrict__ partial, int64_t K, int64_t C, float* __restrict__ sum_dz,
-                         float* __restrict__ sum_dzx) {
-  const int64_t c = int64_t(blockIdx.x) * (kBlock / kWarpSize) + threadIdx.x / kWarpSize;
-  if (c >= C) return;
-  const Sum2 s = warp_reduce_range(K, Sum2{0.f, 0.f}, [&](int64_t k) { return partial[k * C + c]; }, SumOp{});
-  if (threadIdx.x % kWarpSize == 0) {
+    finalize_sums_kernel(const Sum2* __restrict__ partial, int64_t K, int64_t C, int wpc,
+                         float* __restrict__ sum_dz, float* __restrict__ sum_dzx) {
+  NORMEXT_SHARED(Sum2, red, kBlock / kWarpSize);
+  const auto [c, i] = finalize_slot(wpc);
+  const bool live = c < C;
+  Sum2 acc{0.f, 0.f};
+  for (int64_t k = i; live && k < K; k += int64_t(wpc) * kWarpSize) acc = acc + partial[k * C + c];
+  const Sum2 s = block_allreduce(acc, SumOp{}, red, wpc);
+  if (live && i == 0) {
     sum_dz[c] = s.a;
     sum_dzx[c] = s.b;
   }
@@ -648,26 +680,17 @@ Plan make_plan(const ChannelNormArgs& a, int vec) {
   return p;
 }
 
-// kMaxVec when every pointer is aligned to it and the contiguous extent (C for rows, HxW for planes)
-// is a multiple of it; else 1.
-template <typename scalar_t>
-int vec_for(const ChannelNormArgs& a, std::initializer_list<const scalar_t*> ptrs) {
-  constexpr int v = kMaxVec<scalar_t>;
-  if ((a.rows ? a.dims.C : a.dims.HxW) % v != 0) return 1;
-  for (const scalar_t* p : ptrs) {
-    if (p != nullptr && !vec_aligned(p, v)) return 1;
-  }
-  return v;
+// The widest vector (widest_vec) every pointer is aligned to and the contiguous extent (C for rows, HxW
+// for planes) is a multiple of: C = 60 in bfloat16 takes 8-byte vectors, HxW = 70 4-byte ones.
+template <typename scalar_t, typename... P>
+int vec_for(const ChannelNormArgs& a, const P*... ptrs) {
+  return widest_vec<scalar_t>(a.rows ? a.dims.C : a.dims.HxW, ptrs...);
 }
 
 // Calls f(std::integral_constant<int, VEC>) for the plan's vector width.
 template <typename scalar_t, typename F>
 void with_vec(const Plan& p, const F& f) {
-  if (p.vec > 1) {
-    f(std::integral_constant<int, kMaxVec<scalar_t>>{});
-  } else {
-    f(std::integral_constant<int, 1>{});
-  }
+  dispatch_vec<scalar_t>(p.vec, f);
 }
 
 Channels channels_of(const Tensor& mean, const Tensor& second, bool second_is_var, double eps,
@@ -719,13 +742,14 @@ void launch_finalize(const float* counts, const float* means, const float* m2s, 
   const auto stream = current_stream();
   const auto rtype =
       running_mean ? running_mean->scalar_type() : (running_var ? running_var->scalar_type() : at::kFloat);
-  const unsigned blocks = unsigned(ceil_div<int64_t>(C, kBlock / kWarpSize));
+  const int wpc = finalize_warps(K);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rtype, "batch_norm_finalize", [&] {
     scalar_t* rm = running_mean ? running_mean->data_ptr<scalar_t>() : nullptr;
     scalar_t* rv = running_var ? running_var->data_ptr<scalar_t>() : nullptr;
-    NORMEXT_LAUNCH(finalize_moments_kernel<scalar_t>, blocks, kBlock, 0, stream, counts, means, m2s, K, C,
-                   mode, eps, momentum, mean.data_ptr<float>(), second.data_ptr<float>(), rm,
-                   running_mean ? running_mean->stride(0) : 0, rv, running_var ? running_var->stride(0) : 0);
+    NORMEXT_LAUNCH(finalize_moments_kernel<scalar_t>, finalize_blocks(C, wpc), kBlock, 0, stream, counts,
+                   means, m2s, K, C, wpc, mode, eps, momentum, mean.data_ptr<float>(),
+                   second.data_ptr<float>(), rm, running_mean ? running_mean->stride(0) : 0, rv,
+                   running_var ? running_var->stride(0) : 0);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
@@ -736,7 +760,7 @@ void launch_apply(const ChannelNormArgs& a, const Channels& ch, int64_t act, dou
   const scalar_t* X = a.X.const_data_ptr<scalar_t>();
   const scalar_t* R = ptr_or_null<scalar_t>(a.residual);
   scalar_t* out = Y.data_ptr<scalar_t>();
-  const Plan p = make_plan(a, vec_for<scalar_t>(a, {X, R, out}));
+  const Plan p = make_plan(a, vec_for<scalar_t>(a, X, R, out));
   with_vec<scalar_t>(p, [&](auto vec) {
     constexpr int VEC = decltype(vec)::value;
     if (p.rows_view) {
@@ -790,7 +814,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_fwd_cuda(
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       return;
     }
-    const Plan p = make_plan(a, vec_for<scalar_t>(a, {a.X.const_data_ptr<scalar_t>()}));
+    const Plan p = make_plan(a, vec_for<scalar_t>(a, a.X.const_data_ptr<scalar_t>()));
     Tensor work = at::empty({p.parts * (2 * C + 1)}, f32);
     float* means = work.data_ptr<float>();
     float* m2s = means + p.parts * C;
@@ -813,7 +837,7 @@ std::tuple<Tensor, Tensor> batch_norm_stats_cuda(const Tensor& X_in) {
   Tensor mean = at::empty({C}, f32);
   Tensor m2 = at::empty({C}, f32);
   NORMEXT_DISPATCH_CUDA_TYPES(a.X.scalar_type(), "batch_norm_stats_cuda", [&] {
-    const Plan p = make_plan(a, vec_for<scalar_t>(a, {a.X.const_data_ptr<scalar_t>()}));
+    const Plan p = make_plan(a, vec_for<scalar_t>(a, a.X.const_data_ptr<scalar_t>()));
     Tensor work = at::empty({p.parts * (2 * C + 1)}, f32);
     float* means = work.data_ptr<float>();
     float* m2s = means + p.parts * C;
@@ -895,7 +919,7 @@ std::tuple<Tensor, Tensor> batch_norm_bwd_reduce_cuda(const Tensor& dY_in, const
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       return;
     }
-    const Plan p = make_plan(a, vec_for<scalar_t>(a, {X, dy, R}));
+    const Plan p = make_plan(a, vec_for<scalar_t>(a, X, dy, R));
     static_assert(sizeof(Sum2) == 2 * sizeof(float));
     Tensor work = at::empty({2 * p.parts * C}, f32);
     Sum2* partial = reinterpret_cast<Sum2*>(work.data_ptr<float>());
@@ -913,8 +937,9 @@ std::tuple<Tensor, Tensor> batch_norm_bwd_reduce_cuda(const Tensor& dY_in, const
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
-    NORMEXT_LAUNCH(finalize_sums_kernel, unsigned(ceil_div<int64_t>(C, kBlock / kWarpSize)), kBlock, 0,
-                   stream, partial, p.parts, C, sum_dz.data_ptr<float>(), sum_dzx.data_ptr<float>());
+    const int wpc = finalize_warps(p.parts);
+    NORMEXT_LAUNCH(finalize_sums_kernel, finalize_blocks(C, wpc), kBlock, 0, stream, partial, p.parts, C, wpc,
+                   sum_dz.data_ptr<float>(), sum_dzx.data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {sum_dz, sum_dzx};
@@ -949,7 +974,7 @@ std::tuple<Tensor, Tensor> batch_norm_bwd_elemt_cuda(
     const scalar_t* R = ptr_or_null<scalar_t>(a.residual);
     scalar_t* dx = mask[0] ? dX.data_ptr<scalar_t>() : nullptr;
     scalar_t* dr = mask[1] ? dR.data_ptr<scalar_t>() : nullptr;
-    const Plan p = make_plan(a, vec_for<scalar_t>(a, {X, dy, R, dx, dr}));
+    const Plan p = make_plan(a, vec_for<scalar_t>(a, X, dy, R, dx, dr));
     const Channels ch = channels_of(mean, rstd, false, 0.0, a.gamma, a.beta);
     const GradSums gs{has_sums ? sum_dz.const_data_ptr<float>() : nullptr,
                       has_sums ? sum_dzx.const_data_ptr<float>() : nullptr, float(inv_count)};

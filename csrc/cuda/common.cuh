@@ -7,6 +7,7 @@
 #include <c10/macros/Macros.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "normext/math.h"
 #include "runtime.cuh"
@@ -64,6 +65,43 @@ inline bool vec_aligned(const scalar_t* p, int vec) {
   return reinterpret_cast<uintptr_t>(p) % (sizeof(scalar_t) * vec) == 0;
 }
 
+// The widest vector, in elements of scalar_t (16, 8 or 4 bytes, else 1 element), that divides `extent` (the
+// contiguous run a vector must not cross: a row, a plane, a group's span) and to which every pointer is
+// aligned (pointers of another element type, e.g. a float32 residual stream, by the same element count). So
+// one odd extent narrows the vector (C = 60 in bfloat16: 8-byte vectors) instead of dropping to scalars.
+template <typename scalar_t, typename... P>
+int widest_vec(int64_t extent, const P*... ptrs) {
+  for (int v = kMaxVec<scalar_t>; v > 1; v /= 2) {
+    if (extent % v == 0 && (vec_aligned(ptrs, v) && ...)) return v;
+  }
+  return 1;
+}
+
+// Calls f(std::integral_constant<int, V>) for V = vec, one of the widths widest_vec returns. Only these
+// widths are instantiated: each changes the memory access.
+template <typename scalar_t, int V = kMaxVec<scalar_t>, typename F>
+void dispatch_vec(int vec, const F& f) {
+  if constexpr (V == 1) {
+    f(std::integral_constant<int, 1>{});
+  } else if (vec == V) {
+    f(std::integral_constant<int, V>{});
+  } else {
+    dispatch_vec<scalar_t, V / 2>(vec, f);
+  }
+}
+
+// f(integral_constant V) returning whether it could run at V, tried at V = vec, vec / 2, ..., 1 until it
+// does (f must succeed at V = 1).
+template <typename scalar_t, int V = kMaxVec<scalar_t>, typename F>
+void dispatch_vec_down(int vec, const F& f) {
+  if constexpr (V == 1) {
+    f(std::integral_constant<int, 1>{});
+  } else {
+    if (vec >= V && f(std::integral_constant<int, V>{})) return;
+    dispatch_vec_down<scalar_t, V / 2>(vec, f);
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Vector access. p must be VEC-element aligned and i a multiple of VEC: callers pick VEC > 1 only
 // after checking every base pointer and the contiguous extent (vec_aligned, sizes % VEC).
@@ -77,7 +115,7 @@ struct alignas(sizeof(scalar_t) * VEC) AlignedVector {
 // flight; convert with static_cast<float>(v.val[j]) when consuming them.
 template <int VEC, typename scalar_t>
 __device__ __forceinline__ AlignedVector<scalar_t, VEC> load_vec(const scalar_t* __restrict__ p, int64_t i) {
-  check_vector_access(p + i, sizeof(AlignedVector<scalar_t, VEC>));
+  check_vector_access(p + i, sizeof(AlignedVector<scalar_t, VEC>), sizeof(scalar_t));
   return *reinterpret_cast<const AlignedVector<scalar_t, VEC>*>(p + i);
 }
 
@@ -104,7 +142,7 @@ __device__ __forceinline__ void store_float(scalar_t* __restrict__ p, int64_t i,
   AlignedVector<scalar_t, VEC> v;
 #pragma unroll
   for (int j = 0; j < VEC; ++j) v.val[j] = static_cast<scalar_t>(in[j]);
-  check_vector_access(p + i, sizeof(v));
+  check_vector_access(p + i, sizeof(v), sizeof(scalar_t));
   *reinterpret_cast<AlignedVector<scalar_t, VEC>*>(p + i) = v;
 }
 

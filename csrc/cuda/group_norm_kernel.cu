@@ -449,6 +449,11 @@ __global__ void __launch_bounds__(kBlock)
 // part 0 write mean / rstd. Then thread (x, y) normalises its VEC channels for rows
 // [t*rows_per_tile, ...) stepping by bdy. Needs C and the plan's width multiples of VEC and X, R, Y
 // VEC-aligned.
+// Still a merge per block (lanes take partials l, l + 32, ..., then a tree: S / 32 steps, S <= kMaxTiles),
+// redundant across the Ta tiles: fwd_nhwc sizes tiles so that it stays under 1/16 of the traffic. Merging
+// once (the last moments block of each group, found with an integer counter per (n, g), writes mean / rstd)
+// needs a counter buffer zeroed before every forward: a memset launch, or counters the last block resets in
+// a workspace kept across calls. Not built yet.
 template <typename scalar_t, int VEC>
 __global__ void __launch_bounds__(kBlock, 1)
     gn_apply_nhwc_kernel(FwdParams<scalar_t> p, ChunkPlan plan, int64_t rows_per_tile, int64_t T,
@@ -1209,28 +1214,28 @@ bool merge_in_dx(int64_t dx_blocks, int64_t entries, int64_t numel) {
 
 template <typename scalar_t>
 void bwd_nchw(const BwdParams<scalar_t>& p, BwdOut out, const at::Tensor& X, cudaStream_t stream) {
-  constexpr int kVec = kMaxVec<scalar_t>;
-  const bool aligned = vec_aligned(p.X, kVec) && vec_aligned(p.dY, kVec) && vec_aligned(p.R, kVec) &&
-                       vec_aligned(p.dX, kVec) && vec_aligned(p.dR, kVec);
-  const bool row_vec = aligned && p.L % kVec == 0;
+  // The row kernels (fused, sums) take the widest vector a channel row allows, the flat dx kernel the widest
+  // a group's span allows: with HxW = 49 rows are scalar, but a span of 8 x 49 values is 16-byte vectors.
+  // Per-row vectors with a scalar head and tail are not built: rows of odd length start at odd offsets, so
+  // each row would need its own peel, and the fused kernel's order would then follow the row's alignment.
+  const int vec_rows = widest_vec<scalar_t>(p.L, p.X, p.dY, p.R, p.dX, p.dR);
+  const int64_t M = p.D * p.L;
+  const int vec_flat = widest_vec<scalar_t>(M, p.X, p.dY, p.R, p.dX, p.dR);
   // Scalar access is the second choice for the fused kernel: short rows waste less of its 32-vector
   // units, and one launch beats three on the small groups that take this path.
-  if ((row_vec && bwd_fused_nchw<scalar_t, kVec>(p, out, X, stream)) ||
-      bwd_fused_nchw<scalar_t, 1>(p, out, X, stream)) {
-    return;
-  }
+  bool fused = false;
+  dispatch_vec<scalar_t>(
+      vec_rows, [&](auto vec) { fused = bwd_fused_nchw<scalar_t, decltype(vec)::value>(p, out, X, stream); });
+  if (fused || (vec_rows > 1 && bwd_fused_nchw<scalar_t, 1>(p, out, X, stream))) return;
 
   const int64_t NG = p.N * p.G;
-  const int vec_rows = row_vec ? kVec : 1;
   const bool want_pq = p.dX != nullptr;
   const bool want_dx = p.dX || p.dR;
   const bool want_sums = want_pq || out.dgamma || out.dbeta;
   const int64_t lv = p.L / vec_rows;
   const int64_t tile_v = std::max<int64_t>(256, ceil_div(lv, kMaxTiles));
   const int64_t T = ceil_div(lv, tile_v);
-  const int64_t M = p.D * p.L;
-  const bool flat_vec = aligned && M % kVec == 0;
-  const auto [tile, Tx] = flat_tiles(M, NG, flat_vec ? kVec : 1);
+  const auto [tile, Tx] = flat_tiles(M, NG, vec_flat);
   const bool pq_in_dx = want_dx && merge_in_dx(NG * Tx, p.D * T, p.N * p.C * p.L);
   at::Tensor ws, pq_ws;
   DxSums ds{nullptr, nullptr, T, nullptr, nullptr, NG * Tx};
@@ -1240,11 +1245,10 @@ void bwd_nchw(const BwdParams<scalar_t>& p, BwdOut out, const at::Tensor& X, cud
     ds.sums = sums;
     const int64_t warps_per_block = kBlock / kWarpSize;
     const dim3 grid = grid_of(ceil_div(p.N * p.C * T, warps_per_block));
-    if (row_vec) {
-      NORMEXT_LAUNCH((gn_bwd_sums_nchw_kernel<scalar_t, kVec>), grid, kBlock, 0, stream, p, tile_v, T, sums);
-    } else {
-      NORMEXT_LAUNCH((gn_bwd_sums_nchw_kernel<scalar_t, 1>), grid, kBlock, 0, stream, p, tile_v, T, sums);
-    }
+    dispatch_vec<scalar_t>(vec_rows, [&](auto vec) {
+      constexpr int VEC = decltype(vec)::value;
+      NORMEXT_LAUNCH((gn_bwd_sums_nchw_kernel<scalar_t, VEC>), grid, kBlock, 0, stream, p, tile_v, T, sums);
+    });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (pq_in_dx) {
       ds.dgamma = out.dgamma;
@@ -1262,11 +1266,10 @@ void bwd_nchw(const BwdParams<scalar_t>& p, BwdOut out, const at::Tensor& X, cud
   if (!want_dx) return;
   const int64_t dg_blocks = (ds.dgamma || ds.dbeta) ? ceil_div(p.C, int64_t(kWarpSize)) : 0;
   const dim3 grid = grid_of(NG * Tx + dg_blocks);
-  if (flat_vec) {
-    NORMEXT_LAUNCH((gn_bwd_dx_nchw_kernel<scalar_t, kVec>), grid, kBlock, 0, stream, p, tile, Tx, ds);
-  } else {
-    NORMEXT_LAUNCH((gn_bwd_dx_nchw_kernel<scalar_t, 1>), grid, kBlock, 0, stream, p, tile, Tx, ds);
-  }
+  dispatch_vec<scalar_t>(vec_flat, [&](auto vec) {
+    constexpr int VEC = decltype(vec)::value;
+    NORMEXT_LAUNCH((gn_bwd_dx_nchw_kernel<scalar_t, VEC>), grid, kBlock, 0, stream, p, tile, Tx, ds);
+  });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -1364,7 +1367,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_fwd_cuda(
   }
   const cudaStream_t stream = current_stream();
   NORMEXT_DISPATCH_CUDA_TYPES(X.scalar_type(), "group_norm_fwd_cuda", [&] {
-    constexpr int kVec = kMaxVec<scalar_t>;
     const FwdParams<scalar_t> p{X.const_data_ptr<scalar_t>(),
                                 opt_data<scalar_t>(a.residual),
                                 opt_data<float>(a.gamma),
@@ -1380,15 +1382,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_fwd_cuda(
                                 static_cast<float>(eps),
                                 static_cast<int>(act),
                                 static_cast<float>(slope)};
-    const bool aligned = vec_aligned(p.X, kVec) && vec_aligned(p.R, kVec) && vec_aligned(p.Y, kVec);
+    // The widest vector a group's span (NCHW) or a row of C channels (channels-last) allows; channels-last
+    // narrows it further where no chunking of the groups exists at a width.
     if (a.layout == Layout::kChannelsFirst) {
-      if (aligned && (p.D * p.L) % kVec == 0) {
-        fwd_nchw<scalar_t, kVec>(p, X, stream);
-      } else {
-        fwd_nchw<scalar_t, 1>(p, X, stream);
-      }
-    } else if (!(aligned && p.C % kVec == 0 && fwd_nhwc<scalar_t, kVec>(p, X, stream))) {
-      fwd_nhwc<scalar_t, 1>(p, X, stream);
+      dispatch_vec<scalar_t>(widest_vec<scalar_t>(p.D * p.L, p.X, p.R, p.Y),
+                             [&](auto vec) { fwd_nchw<scalar_t, decltype(vec)::value>(p, X, stream); });
+    } else {
+      dispatch_vec_down<scalar_t>(widest_vec<scalar_t>(p.C, p.X, p.R, p.Y), [&](auto vec) {
+        return fwd_nhwc<scalar_t, decltype(vec)::value>(p, X, stream);
+      });
     }
   });
   return {Y, mean, rstd};
@@ -1426,7 +1428,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_norm_bwd_cuda(
   const BwdOut out{output_mask[1] ? dgamma.data_ptr<float>() : nullptr,
                    output_mask[2] ? dbeta.data_ptr<float>() : nullptr};
   NORMEXT_DISPATCH_CUDA_TYPES(X.scalar_type(), "group_norm_bwd_cuda", [&] {
-    constexpr int kVec = kMaxVec<scalar_t>;
     const BwdParams<scalar_t> p{dY.const_data_ptr<scalar_t>(),
                                 X.const_data_ptr<scalar_t>(),
                                 act == kIdentity ? nullptr : opt_data<scalar_t>(a.residual),
@@ -1447,13 +1448,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_norm_bwd_cuda(
       bwd_nchw<scalar_t>(p, out, X, stream);
       return;
     }
-    const bool aligned = vec_aligned(p.X, kVec) && vec_aligned(p.dY, kVec) && vec_aligned(p.R, kVec) &&
-                         vec_aligned(p.dX, kVec) && vec_aligned(p.dR, kVec);
-    if (aligned && C % kVec == 0) {
-      bwd_nhwc<scalar_t, kVec>(p, out, X, stream);
-    } else {
-      bwd_nhwc<scalar_t, 1>(p, out, X, stream);
-    }
+    dispatch_vec<scalar_t>(widest_vec<scalar_t>(C, p.X, p.dY, p.R, p.dX, p.dR),
+                           [&](auto vec) { bwd_nhwc<scalar_t, decltype(vec)::value>(p, out, X, stream); });
   });
   return {dX, dgamma, dbeta, dR};
 }

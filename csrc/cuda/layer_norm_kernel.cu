@@ -30,6 +30,12 @@ using at::Tensor;
 // took up to 246 registers: half of it keeps every backward row kernel within 128 registers.
 constexpr int kCap = 32;
 constexpr int kBwdCap = 16;
+// The forward's kCap for one instantiation: 24 in the block-per-row kernel with 8-byte float vectors, where
+// 32 took 128 registers and spilled 12 bytes (tools/cuda_report.py); those rows get more threads instead.
+template <typename scalar_t, int VEC, bool kBlock>
+constexpr int fwd_cap() {
+  return kBlock && VEC == 2 && sizeof(scalar_t) == 4 ? 24 : kCap;
+}
 // Block size of the kernels where a warp or part of one owns a row (several rows per block).
 constexpr int kGroupThreads = 128;
 // Block-per-row limits (rows up to 16384 / 8192 elements).
@@ -120,7 +126,7 @@ __device__ __forceinline__ void apply_vec(const float (&x)[VEC], float mean, flo
 // Forward over M rows of D = nvec·VEC elements, each row held in registers. A group of W threads owns a
 // row: W ≤ 32 lanes of a warp (kBlock = false, kGroupThreads / W rows per block), or the whole block
 // (kBlock, W = blockDim.x, a multiple of 32). Thread `lane` holds the row's vectors lane, lane + W, ...
-// (at most kCap / VEC), so each load of the group is one contiguous span. Statistics from registers:
+// (at most fwd_cap / VEC), so each load of the group is one contiguous span. Statistics from registers:
 // mean = x0 + Σ(x − x0)/D with x0 the row's first element (a mean far from zero keeps its low bits),
 // var = Σ(x − mean)²/D. Rows are strided over the grid; all threads of a block run the same iterations
 // (rows ≥ M only skip memory), so shuffles and barriers stay convergent. With A (add_*_norm) the row held
@@ -133,7 +139,7 @@ __global__ void __launch_bounds__(kBlock ? kMaxFwdRowThreads : kGroupThreads,
                        const float* __restrict__ beta, float* __restrict__ mean_out,
                        float* __restrict__ rstd_out, int64_t M, int D, float inv_d, int W, float eps, int act,
                        float slope, const res_t* __restrict__ A, res_t* __restrict__ S) {
-  constexpr int kIters = kCap / VEC;
+  constexpr int kIters = fwd_cap<scalar_t, VEC, kBlock>() / VEC;
   NORMEXT_SHARED(float, red, kWarpSize);
   const int lane = kBlock ? threadIdx.x : threadIdx.x % W;
   const int groups = kBlock ? 1 : blockDim.x / W;
@@ -682,20 +688,14 @@ struct Ptrs {
   scalar_t* dR;
 };
 
-// 16-byte vectors when every tensor is aligned to them and `extent` (the contiguous run a vector must
-// not cross: the row, or HxW) is a multiple of the vector width; calls f(integral_constant VEC). A and S
-// (add_*_norm's residual stream, of any element type) must be aligned to the same number of elements.
+// Calls f(integral_constant VEC) for the widest vector (widest_vec) that every tensor is aligned to and that
+// divides `extent` (the contiguous run a vector must not cross: the row, or HxW): D = 770 in bfloat16 takes
+// 4-byte vectors, not scalars. A and S (add_*_norm's residual stream, of any element type) must be aligned
+// to the same number of elements.
 template <typename scalar_t, typename F, typename res_t = scalar_t>
 void with_vec(const Ptrs<scalar_t>& p, int64_t extent, const F& f, const res_t* A = nullptr,
               const res_t* S = nullptr) {
-  constexpr int V = kMaxVec<scalar_t>;
-  const bool vec = extent % V == 0 && vec_aligned(p.X, V) && vec_aligned(p.R, V) && vec_aligned(p.dY, V) &&
-                   vec_aligned(p.out, V) && vec_aligned(p.dR, V) && vec_aligned(A, V) && vec_aligned(S, V);
-  if (vec) {
-    f(std::integral_constant<int, V>{});
-  } else {
-    f(std::integral_constant<int, 1>{});
-  }
+  dispatch_vec<scalar_t>(widest_vec<scalar_t>(extent, p.X, p.R, p.dY, p.out, p.dR, A, S), f);
 }
 
 // Row-kernel class of a row of nvec vectors: threads per row, and whether a warp (part) owns it.
@@ -724,7 +724,8 @@ void rows_forward(const Ptrs<scalar_t>& p, int64_t M, int D, float eps, int act,
       p, D,
       [&](auto vec) {
         constexpr int VEC = decltype(vec)::value;
-        const RowPlan plan = row_plan(D / VEC, VEC, kCap, kMaxFwdRowThreads);
+        RowPlan plan = row_plan(D / VEC, VEC, kCap, kMaxFwdRowThreads);
+        if (plan.block) plan = row_plan(D / VEC, VEC, fwd_cap<scalar_t, VEC, true>(), kMaxFwdRowThreads);
         if (plan.fits && !plan.block) {
           const int64_t blocks = std::min(ceil_div<int64_t>(M, kGroupThreads / plan.threads), kMaxGrid);
           NORMEXT_LAUNCH((ln_fwd_rows_kernel<scalar_t, VEC, false, res_t>), blocks, kGroupThreads, 0, stream,

@@ -71,8 +71,9 @@ __device__ __forceinline__ unsigned char* dynamic_smem() {
   return normext_dynamic_smem;
 }
 
-// Vector accesses call this with their address and width; the emulation checks the alignment.
-__device__ __forceinline__ void check_vector_access(const void*, size_t) {}
+// Vector accesses call this with their address, width and element size; the emulation checks the alignment
+// and counts the accesses by width.
+__device__ __forceinline__ void check_vector_access(const void*, size_t, size_t) {}
 
 }  // namespace normext::cuda
 #endif

@@ -147,6 +147,17 @@ Fiber* g_cur = nullptr;
 std::vector<char*> g_stacks;
 std::vector<Fiber> g_fibers;
 std::map<std::string, uint64_t> g_counts, g_totals;  // since the last reset / since load
+// Vector accesses (load_vec / store_float) since the last reset by element size and width:
+// g_vector_bytes[e][k] counts those of 2^k bytes of 2^e-byte elements. Written only by the thread running a
+// launch, which holds g_mutex.
+constexpr int kWidths = 5;  // 1 to 16 bytes
+uint64_t g_vector_bytes[kWidths][kWidths] = {};
+
+int log2_width(size_t bytes) {
+  int k = 0;
+  while (k + 1 < kWidths && (size_t(1) << k) < bytes) ++k;
+  return k;
+}
 std::map<const void*, size_t> g_smem_optin;
 const Profile* g_profile = &kProfiles[0];
 Order g_order = Order::kCycle;
@@ -565,7 +576,8 @@ void block_barrier() {
   switch_to_scheduler(false);
 }
 
-void check_alignment(const void* p, size_t bytes) {
+void check_vector_access(const void* p, size_t bytes, size_t elem_bytes) {
+  ++g_vector_bytes[log2_width(elem_bytes)][log2_width(bytes)];
   if (reinterpret_cast<uintptr_t>(p) % bytes != 0) {
     std::ostringstream s;
     s << "vector access of " << bytes << " bytes at " << p << ", which is not " << bytes << "-byte aligned";
@@ -611,9 +623,24 @@ void bind_python(pybind11::module_& m) {
         return g_totals;
       },
       "Launches per kernel since the library was loaded (what a coverage report counts).");
+  m.def(
+      "emu_vector_access_counts",
+      [] {
+        std::lock_guard<std::mutex> lock(g_mutex);
+        std::map<std::pair<int, int>, uint64_t> r;
+        for (int e = 0; e < kWidths; ++e) {
+          for (int k = 0; k < kWidths; ++k) {
+            if (g_vector_bytes[e][k] > 0) r[{1 << e, 1 << k}] = g_vector_bytes[e][k];
+          }
+        }
+        return r;
+      },
+      "Vector loads and stores of the kernels (one-element ones included) since the last reset, keyed by "
+      "(element bytes, access bytes).");
   m.def("emu_reset_launch_counts", [] {
     std::lock_guard<std::mutex> lock(g_mutex);
     g_counts.clear();
+    for (auto& row : g_vector_bytes) std::fill(std::begin(row), std::end(row), 0);
   });
   m.def(
       "emu_set_schedule",

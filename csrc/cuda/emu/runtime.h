@@ -68,7 +68,8 @@ enum class WarpOp : int { kShflIdx, kShflUp, kShflDown, kShflXor, kSync, kBallot
 uint64_t warp_collective(WarpOp op, unsigned mask, uint64_t bits, int arg, int width);
 void block_barrier();
 
-void check_alignment(const void* p, size_t bytes);
+// Fails the kernel unless p is `bytes`-aligned; counts the access (emu_vector_access_counts).
+void check_vector_access(const void* p, size_t bytes, size_t elem_bytes);
 
 int sm_count();
 int max_active_blocks_per_sm(const void* kernel, int threads, size_t smem);
@@ -186,7 +187,9 @@ void allow_dynamic_smem(void (*kernel)(KArgs...), size_t bytes) {
 
 inline unsigned char* dynamic_smem() { return emu::block_dynamic_smem(); }
 
-inline void check_vector_access(const void* p, size_t bytes) { emu::check_alignment(p, bytes); }
+inline void check_vector_access(const void* p, size_t bytes, size_t elem_bytes) {
+  emu::check_vector_access(p, bytes, elem_bytes);
+}
 
 }  // namespace normext::cuda
 
