@@ -85,15 +85,13 @@ struct WholeVec {};
 
 // Calls f(Vec(0), j, count) over n elements: whole SIMD vectors (count = WholeVec{}), then one partial
 // vector of the last n % kSize (count = their number: loads fill the other lanes with 0, stores leave
-// them out). Element at a time, the tail of a short run (HxW = 49: 48 + 1) cost as much as its body. The
-// tail is an out-of-line call: it runs once per run, and its copy of f (an activation's derivative, masked
-// loads) need not be inlined into every caller's loop.
+// them out). Element at a time, the tail of a short run (HxW = 49: 48 + 1) cost as much as its body.
 template <typename scalar_t, typename F>
 inline void for_vectors(int64_t n, const F& f) {
   using IO = VecIO<scalar_t>;
   int64_t j = 0;
   for (; j + IO::kSize <= n; j += IO::kSize) f(typename IO::Vec(0), j, WholeVec{});
-  if (j < n) [&]() __attribute__((noinline)) { f(typename IO::Vec(0), j, n - j); }();
+  if (j < n) f(typename IO::Vec(0), j, n - j);
 }
 
 // v with the lanes past count set to 0 (a partial vector's), so they add nothing to a sum.
