@@ -95,12 +95,6 @@ inline void for_vectors(int64_t n, const F& f) {
   if (j < n) f(typename IO::Vec(0), j, n - j);
 }
 
-// v with the lanes past count set to 0 (a partial vector's), so they add nothing to a sum.
-template <typename T>
-inline T keep_lanes(const T& v, int64_t count) {
-  return T::set(T(0), v, count);
-}
-
 // Per-channel coefficients of the consecutive channels j, j+1, ... as a T: one value (T = acc_t) or a SIMD
 // load of kSize of them (or count, see for_vectors).
 template <typename T, typename acc_t, typename Count = WholeVec>
@@ -228,13 +222,12 @@ std::pair<acc_t, acc_t> grad_sums_run(const scalar_t* dy, const scalar_t* x, con
 
 constexpr int64_t kRowGroup = 4;
 
-// Walks the rows of [r0, r1) in groups of G and, in each, the SIMD vectors (T = Vectorized) then the
-// scalar tail (T = acc_t) of the C channels: Step::template run<T>(o, j, rows, C, args...) with o =
-// first row · C + j. `rows` is a compile-time G for full groups (so the step's row loop unrolls), an
-// int64_t for the last partial one. Steps get every pointer by value, so hot loops keep them in
-// registers.
-template <typename scalar_t, typename Step, int64_t G, typename... Args>
-inline void walk_rows(int64_t r0, int64_t r1, int64_t C, Args... args) {
+// Walks the rows of [r0, r1) in groups of kRowGroup and, in each, the SIMD vectors (T = Vectorized) then the
+// scalar tail (T = acc_t) of the C channels: Step::template run<T>(o, j, rows, C, args...) with o = first
+// row · C + j. `rows` is a compile-time kRowGroup for full groups (so the step's row loop unrolls), an
+// int64_t for the last partial one. Steps get every pointer by value, so hot loops keep them in registers.
+template <typename scalar_t, typename Step, typename... Args>
+inline void for_rows(int64_t r0, int64_t r1, int64_t C, Args... args) {
   using IO = VecIO<scalar_t>;
   const auto group = [&](int64_t r, auto rows) {
     int64_t j = 0;
@@ -244,13 +237,8 @@ inline void walk_rows(int64_t r0, int64_t r1, int64_t C, Args... args) {
     for (; j < C; ++j) Step::template run<typename IO::acc_t>(r * C + j, j, rows, C, args...);
   };
   int64_t r = r0;
-  for (; r + G <= r1; r += G) group(r, std::integral_constant<int64_t, G>{});
+  for (; r + kRowGroup <= r1; r += kRowGroup) group(r, std::integral_constant<int64_t, kRowGroup>{});
   if (r < r1) group(r, r1 - r);
-}
-
-template <typename scalar_t, typename Step, typename... Args>
-inline void for_rows(int64_t r0, int64_t r1, int64_t C, Args... args) {
-  walk_rows<scalar_t, Step, kRowGroup>(r0, r1, C, args...);
 }
 
 // Runs body(n, r0, r1) over rows [r0, r1) of sample n, in parallel tasks of about 32k elements.
@@ -357,8 +345,8 @@ RowChunks reduce_channels_last(const ChannelShape& s, std::vector<acc_t>& out0, 
 }
 
 // out[n·C + c] = Σ_k part[(n·chunks + k)·C + c] in Out, the chunks of reduce_channels_last added in chunk
-// order, so the sums do not depend on the thread count. The loops run along the channels: one channel at a
-// time, every load strided by C.
+// order, so the sums do not depend on the thread count. The inner loop runs along the channels (contiguous);
+// summed one channel at a time, every load would stride by C.
 template <typename Out, typename In>
 void sum_chunks(const In* part, int64_t N, int64_t chunks, int64_t C, Out* out) {
   at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {

@@ -70,6 +70,12 @@ struct VecIO {
   }
 };
 
+// v with the lanes past count set to 0 (a partial vector's), so they add nothing to a sum.
+template <typename T>
+inline T keep_lanes(const T& v, int64_t count) {
+  return T::set(T(0), v, count);
+}
+
 // A reduction over `rows` rows is cut into chunks of a size that depends only on the shape, so the
 // order of every floating-point merge is the same whatever the number of threads.
 struct RowChunks {
@@ -152,7 +158,7 @@ Moments row_moments(const scalar_t* __restrict x, int64_t L) {
       s3 = s3 + (IO::load(p + i + 3 * kV) - k);
     }
     for (int64_t i = n4; i < n1; i += kV) s0 = s0 + (IO::load(p + i) - k);
-    if (n1 < n) s1 = s1 + Vec::set(Vec(0), IO::load(p + n1, n - n1) - k, n - n1);
+    if (n1 < n) s1 = s1 + keep_lanes(IO::load(p + n1, n - n1) - k, n - n1);
     const acc_t sum = at::vec::vec_reduce_all(add, (s0 + s1) + (s2 + s3));
     const acc_t ms = sum / acc_t(n);
     const Vec m(ms);
@@ -170,7 +176,7 @@ Moments row_moments(const scalar_t* __restrict x, int64_t L) {
       q0 = at::vec::fmadd(d, d, q0);
     }
     if (n1 < n) {
-      const Vec d = Vec::set(Vec(0), (IO::load(p + n1, n - n1) - k) - m, n - n1);
+      const Vec d = keep_lanes((IO::load(p + n1, n - n1) - k) - m, n - n1);
       q1 = at::vec::fmadd(d, d, q1);
     }
     const acc_t m2 = at::vec::vec_reduce_all(add, (q0 + q1) + (q2 + q3));
