@@ -86,8 +86,7 @@ def register_norm_autograd(qualname, fused_grads, reference, stats_args=(), grap
     constants = [(a.name, i) for i, a in enumerate(op._schema.arguments) if "Tensor" not in str(a.type)]
     no_grads = (None,) * len(names)
 
-    # Called on every forward that records a graph, so it reads the inputs by position (a small op's
-    # overhead is in this Python code, not in its kernels).
+    # Runs on every forward that records a graph: the inputs are read by position, with no dict built.
     def setup_context(ctx, inputs, output):
         act, slope = inputs[i_act], inputs[i_slope]
         gamma = inputs[i_gamma]
@@ -162,27 +161,27 @@ def register_add_norm_autograd(qualname, fused_grads, reference):
 
     def backward(ctx, dY, dS, *_):
         need = ctx.needs_input_grad
-        if dY is None:  # Y did not reach the loss (see _autograd_kernel): dX = dR = dS, if S did
-            out = [None] * len(names)
-            if dS is not None:
-                out[i_x] = dS.to(ctx.dtypes[0]) if need[i_x] else None
-                out[i_r] = dS.to(ctx.dtypes[1]) if need[i_r] else None
-            return tuple(out)
-        S, gamma, beta, *stats = ctx.saved_tensors
-        if building_graph(dY, dS, S, gamma, beta):
-            # The torch-ops gradient would be taken at S, this node's own output, and autograd then re-enters
-            # this backward without end (memory grows until the process dies): refuse it instead.
-            raise RuntimeError(
-                f"{qualname}: double backward (create_graph=True) is not supported; for gradient penalties "
-                "add the residual and call layer_norm / rms_norm instead"
-            )
         need_s = need[i_x] or need[i_r]
-        wanted = [need_s, need[i_g], i_b is not None and need[i_b], False]
-        dY = dY.to(S.dtype)
-        grads = norm_backward(fused_grads, reference, dY, S, gamma, beta, None, stats, ctx.args, wanted)
+        # A None gradient: that output did not reach the loss (see _autograd_kernel). Without dY the norm
+        # contributes nothing, and dX = dR = dS.
+        grads = [None] * 3
+        if dY is not None:
+            S, gamma, beta, *stats = ctx.saved_tensors
+            if building_graph(dY, dS, S, gamma, beta):
+                # The torch-ops gradient would be taken at S, this node's own output, and autograd then
+                # re-enters this backward without end (memory grows until the process dies): refuse it.
+                raise RuntimeError(
+                    f"{qualname}: double backward (create_graph=True) is not supported; for gradient "
+                    "penalties add the residual and call layer_norm / rms_norm instead"
+                )
+            wanted = [need_s, need[i_g], i_b is not None and need[i_b], False]
+            dY = dY.to(S.dtype)
+            grads = norm_backward(fused_grads, reference, dY, S, gamma, beta, None, stats, ctx.args, wanted)
         out = [None] * len(names)
-        if need_s:
-            total = grads[0] if dS is None else grads[0] + dS
+        total = grads[0]
+        if dS is not None:
+            total = dS if total is None else total + dS
+        if need_s and total is not None:
             out[i_x] = total.to(ctx.dtypes[0]) if need[i_x] else None
             out[i_r] = total.to(ctx.dtypes[1]) if need[i_r] else None
         out[i_g] = grads[1]
@@ -217,8 +216,8 @@ def _autograd_kernel(op, i_act, setup_context, backward):
         with torch._C._AutoDispatchBelowAutograd():
             output = op.redispatch(keyset & below, *_forward_args(args, i_act))
         setup_context(ctx, args, output)
-        # The statistics outputs never take a gradient: zeros made for them on every backward would cost
-        # more than a small op's kernels, so an output's gradient is None when it does not reach the loss.
+        # The statistics outputs never take a gradient: rather than zeros made for them on every backward, an
+        # output's gradient is None when it does not reach the loss.
         ctx.set_materialize_grads(False)
         return output
 
