@@ -191,15 +191,18 @@ void grad_input_run(const scalar_t* dy, const scalar_t* x, const scalar_t* res, 
   });
 }
 
-// Σ dz and Σ dz·x̂ over one channels-first run (one channel).
+// Σ dz and Σ dz·x̂ over one channels-first run (one channel); dz itself is also written to dz_out when
+// given, so a pass after it need not evaluate the activation's derivative again.
 template <typename scalar_t, int64_t kAct, typename acc_t = at::opmath_type<scalar_t>>
 std::pair<acc_t, acc_t> grad_sums_run(const scalar_t* dy, const scalar_t* x, const scalar_t* res, int64_t n,
-                                      acc_t mean, acc_t rstd, acc_t gamma, acc_t beta, acc_t slope) {
+                                      acc_t mean, acc_t rstd, acc_t gamma, acc_t beta, acc_t slope,
+                                      acc_t* dz_out = nullptr) {
   using Vec = typename VecIO<scalar_t>::Vec;
   Vec v_dz(0), v_dzx(0);
   for_vectors<scalar_t>(n, [&](auto zero, int64_t j, auto count) {
     using T = decltype(zero);
     const auto [xhat, dz] = xhat_dz<kAct>(dy, x, res, j, T(mean), T(rstd), T(gamma), T(beta), slope, count);
+    if (dz_out != nullptr) store_as<acc_t, T>(dz_out + j, dz, count);
     if constexpr (std::is_same_v<decltype(count), WholeVec>) {
       v_dz = v_dz + dz;
       v_dzx = at::vec::fmadd(dz, xhat, v_dzx);
@@ -210,6 +213,25 @@ std::pair<acc_t, acc_t> grad_sums_run(const scalar_t* dy, const scalar_t* x, con
   });
   const auto add = [](Vec p, Vec q) { return p + q; };
   return {at::vec::vec_reduce_all(add, v_dz), at::vec::vec_reduce_all(add, v_dzx)};
+}
+
+// grad_input_run with dz read back from grad_sums_run's dz_out: x (or y) and the residual are read again
+// for x̂, the activation's derivative is not evaluated again. Every element goes through one SIMD code
+// path (for_vectors): with a scalar tail, whose loop the compiler may vectorize behind a run-time check
+// of the buffers' addresses, one backward's dx differed from the next one's by an ulp.
+template <typename scalar_t, int64_t kAct, typename acc_t = at::opmath_type<scalar_t>>
+void grad_input_from_dz_run(const acc_t* dz, const scalar_t* x, const scalar_t* res, scalar_t* dx,
+                            scalar_t* dres, int64_t n, acc_t m, acc_t p, acc_t ca, acc_t cb, acc_t cc,
+                            acc_t slope) {
+  for_vectors<scalar_t>(n, [&](auto zero, int64_t j, auto count) {
+    using T = decltype(zero);
+    const T d = load_as<acc_t, T>(dz + j, count);
+    if (dres != nullptr) store_as<scalar_t, T>(dres + j, d, count);
+    if (dx != nullptr) {
+      const T xhat = xhat_at<kAct>(x, res, j, T(m), T(p), slope, count);
+      store_as<scalar_t, T>(dx + j, madd(T(ca), d, madd(T(cb), xhat, T(cc))), count);
+    }
+  });
 }
 
 // ------------------------------------------------------------------ channels-last rows

@@ -148,18 +148,22 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> group_norm_bwd_cpu(
     };
     if (!s.channels_last) {
       // Per (n, group): the D channels' Σdz, Σdz·x̂, then dx = ca·dz + cb·x̂ + cc while x and dy are in cache.
+      // Behind an activation, the first pass also keeps dz (float, one group a task) for the second.
       const acc_t sl = acc_t(slope);
       dispatch_grad_activation(act, [&](auto A) {
         constexpr int64_t kAct = decltype(A)::value;
+        const bool keep_dz = base_activation(kAct) != kIdentity && (dXp != nullptr || dRp != nullptr);
         at::parallel_for(0, N * G, grain_for(D * HxW), [&](int64_t begin, int64_t end) {
+          std::vector<acc_t> dz(keep_dz ? D * HxW : 0);
           for (int64_t ng = begin; ng < end; ++ng) {
             const int64_t c0 = (ng % G) * D, nc0 = (ng / G) * C + c0;
             const acc_t r = rstd_p[ng];
             for (int64_t d = 0; d < D; ++d) {
               const int64_t o = (nc0 + d) * HxW, c = c0 + d;
               const auto [xm, xp] = xhat_coef(act, mean_p[ng], r, gamma_p[c], beta_p[c]);
-              std::tie(sdz[nc0 + d], sdzx[nc0 + d]) = grad_sums_run<scalar_t, kAct>(
-                  dYp + o, X + o, R ? R + o : nullptr, HxW, xm, xp, gamma_p[c], beta_p[c], sl);
+              std::tie(sdz[nc0 + d], sdzx[nc0 + d]) =
+                  grad_sums_run<scalar_t, kAct>(dYp + o, X + o, R ? R + o : nullptr, HxW, xm, xp, gamma_p[c],
+                                                beta_p[c], sl, keep_dz ? dz.data() + d * HxW : nullptr);
             }
             if (dXp == nullptr && dRp == nullptr) continue;
             const auto [cb, cc] =
@@ -170,8 +174,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> group_norm_bwd_cpu(
               const auto [xm, xp] = xhat_coef(act, mean_p[ng], r, gamma_p[c], beta_p[c]);
               scalar_t* dx = dXp ? dXp + o : nullptr;
               scalar_t* dr = dRp ? dRp + o : nullptr;
-              grad_input_run<scalar_t, kAct>(dYp + o, X + o, R ? R + o : nullptr, dx, dr, HxW, xm, xp,
-                                             gamma_p[c], beta_p[c], ca, cb, cc, sl);
+              if (keep_dz) {
+                grad_input_from_dz_run<scalar_t, kAct>(dz.data() + d * HxW, X + o, R ? R + o : nullptr, dx,
+                                                       dr, HxW, xm, xp, ca, cb, cc, sl);
+              } else {
+                grad_input_run<scalar_t, kAct>(dYp + o, X + o, R ? R + o : nullptr, dx, dr, HxW, xm, xp,
+                                               gamma_p[c], beta_p[c], ca, cb, cc, sl);
+              }
             }
           }
         });
