@@ -204,12 +204,28 @@ def _no_graph_from_output(*_):
     )
 
 
+# The activation argument's position, by op, for run_op's path around the Autograd kernel.
+_ACT_POSITION = {}
+
+
+def run_op(op, *args):
+    """op(*args) for a norm op (an OpOverload) registered here. With no graph to record (grad mode off, or no
+    argument that requires grad) and outside a Dynamo trace, it goes to the kernels below the Autograd key
+    itself: through the Python Autograd kernel (arguments boxed for Python, then a redispatch) a 1×32×2×2
+    GroupNorm forward took 22 µs against 13 µs (torch's own: 10.5; thread CPU time, one thread)."""
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and torch._C._any_requires_grad(*args)):
+        return op(*args)
+    with torch._C._AutoDispatchBelowAutograd():
+        return op(*_forward_args(args, _ACT_POSITION[op]))
+
+
 def _autograd_kernel(op, i_act, setup_context, backward):
     """The op's Autograd-key kernel: what torch.library.register_autograd registers, for a mutating op as
     well (it refuses batch_norm_fwd, whose running statistics never take a gradient), so every norm is on
     one path that Dynamo traces as an op (an autograd.Function breaks the graph when one tensor is passed
     twice, residual=x). Without register_autograd's per-call re-reading of the schema (tens of us)."""
     below = torch._C._after_autograd_keyset
+    _ACT_POSITION[op] = i_act
 
     def forward(ctx, *args):
         *args, keyset = args

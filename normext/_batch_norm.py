@@ -13,6 +13,7 @@ from normext._autograd import (
     norm_backward,
     normalize,
     register_norm_autograd,
+    run_op,
 )
 from normext._ops import (
     IDENTITY,
@@ -139,7 +140,7 @@ register_norm_autograd(
 def normalize_with_stats(input, mean, var, weight, bias, eps, act, slope, residual):
     """y = act((x - mean) * rsqrt(var + eps) * weight + bias + residual) with given per-channel statistics
     (constants for autograd); shared by eval BatchNorm, FrozenBatchNorm2d and InstanceNorm."""
-    return _ops.batch_norm_apply(input, mean, var, weight, bias, residual, eps, act, slope)
+    return run_op(_ops.batch_norm_apply.default, input, mean, var, weight, bias, residual, eps, act, slope)
 
 
 # ------------------------------------------------------------------------------------- training
@@ -199,8 +200,18 @@ def batch_norm(
         _verify_batch_size(input.size())
         if eps <= 0.0:
             raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
-        return _ops.batch_norm_fwd(
-            input, weight, bias, residual, running_mean, running_var, momentum, eps, act, negative_slope
+        return run_op(
+            _ops.batch_norm_fwd.default,
+            input,
+            weight,
+            bias,
+            residual,
+            running_mean,
+            running_var,
+            momentum,
+            eps,
+            act,
+            negative_slope,
         )[0]
     if eps < 0.0:
         raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
@@ -327,7 +338,7 @@ class _SyncBatchNorm(torch.autograd.Function):
         mean, var = _ops.batch_norm_merge(
             counts, gathered[:, 1 : C + 1], gathered[:, C + 1 :], running_mean, running_var, momentum, eps
         )
-        Y = _ops.batch_norm_apply(X, mean, var, gamma, beta, residual, eps, act, slope)
+        Y = run_op(_ops.batch_norm_apply.default, X, mean, var, gamma, beta, residual, eps, act, slope)
         # memory_efficient (act | FROM_OUTPUT): Y and the residual in place of X, as in every other norm.
         kept = (Y, residual) if from_output(act) else (X, residual if act != IDENTITY else None)
         ctx.save_for_backward(*kept, gamma, beta, mean, torch.rsqrt(var + eps), counts.sum())

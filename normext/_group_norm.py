@@ -7,7 +7,7 @@ import warnings
 
 import torch
 
-from normext._autograd import affine_act, normalize, register_norm_autograd
+from normext._autograd import affine_act, normalize, register_norm_autograd, run_op
 from normext._batch_norm import normalize_with_stats
 from normext._ops import (
     FusedActivation,
@@ -74,8 +74,16 @@ def group_norm(
     """torch.nn.functional.group_norm, with y = act(group_norm(x) + residual) fused; memory_efficient keeps y
     instead of x for backward."""
     act = op_activation(activation, negative_slope, memory_efficient, "group_norm")
-    return torch.ops.normext.group_norm_fwd(
-        input, weight, bias, residual, num_groups, eps, act, negative_slope
+    return run_op(
+        torch.ops.normext.group_norm_fwd.default,
+        input,
+        weight,
+        bias,
+        residual,
+        num_groups,
+        eps,
+        act,
+        negative_slope,
     )[0]
 
 
@@ -127,7 +135,7 @@ def instance_norm(
         args = dict(G=G, eps=eps, act=base_activation(act), slope=negative_slope)
         Y = _reference(input, weight, bias, residual, (), args)
     else:
-        Y, mean, rstd = torch.ops.normext.group_norm_fwd(*op_args)
+        Y, mean, rstd = run_op(torch.ops.normext.group_norm_fwd.default, *op_args)
     # An empty input leaves the running statistics alone, as BatchNorm does (torch writes NaN into them).
     if (running_mean is not None or running_var is not None) and input.numel() > 0:
         with torch.no_grad():

@@ -7,7 +7,7 @@ import numbers
 
 import torch
 
-from normext._autograd import affine_act, normalize, register_norm_autograd
+from normext._autograd import affine_act, normalize, register_norm_autograd, run_op
 from normext._ops import FusedActivation, empty_in_native_layout, op_activation, register_fake, stat_dtype
 
 
@@ -88,8 +88,16 @@ def layer_norm(
     act = op_activation(activation, negative_slope, memory_efficient, "layer_norm")
     if isinstance(normalized_shape, numbers.Integral):
         normalized_shape = (normalized_shape,)
-    return torch.ops.normext.layer_norm_fwd(
-        input, weight, bias, residual, list(normalized_shape), eps, act, negative_slope
+    return run_op(
+        torch.ops.normext.layer_norm_fwd.default,
+        input,
+        weight,
+        bias,
+        residual,
+        list(normalized_shape),
+        eps,
+        act,
+        negative_slope,
     )[0]
 
 
@@ -107,7 +115,9 @@ def layer_norm_2d(
     (ConvNeXt / ViTDet LayerNorm2d), with y = act(norm(x) + residual) fused. Same result as
     permute(C last) -> F.layer_norm -> permute back, without the permutes; keeps the memory format."""
     act = op_activation(activation, negative_slope, memory_efficient, "layer_norm_2d")
-    return torch.ops.normext.layer_norm_2d_fwd(input, weight, bias, residual, eps, act, negative_slope)[0]
+    return run_op(
+        torch.ops.normext.layer_norm_2d_fwd.default, input, weight, bias, residual, eps, act, negative_slope
+    )[0]
 
 
 class LayerNorm(FusedActivation, torch.nn.LayerNorm):

@@ -7,7 +7,13 @@ import numbers
 
 import torch
 
-from normext._autograd import affine_act, register_add_norm_autograd, register_norm_autograd, rms_normalize
+from normext._autograd import (
+    affine_act,
+    register_add_norm_autograd,
+    register_norm_autograd,
+    rms_normalize,
+    run_op,
+)
 from normext._layer_norm import _layer_norm_grads, _layer_norm_reference
 from normext._ops import FusedActivation, empty_in_native_layout, op_activation, register_fake, stat_dtype
 
@@ -119,8 +125,15 @@ def rms_norm(
     """torch.nn.functional.rms_norm, with y = act(rms_norm(x) + residual) fused; memory_efficient keeps y
     instead of x for backward."""
     act = op_activation(activation, negative_slope, memory_efficient, "rms_norm")
-    return torch.ops.normext.rms_norm_fwd(
-        input, weight, residual, _as_shape(normalized_shape), _eps_for(input, eps), act, negative_slope
+    return run_op(
+        torch.ops.normext.rms_norm_fwd.default,
+        input,
+        weight,
+        residual,
+        _as_shape(normalized_shape),
+        _eps_for(input, eps),
+        act,
+        negative_slope,
     )[0]
 
 
@@ -130,8 +143,14 @@ def rms_norm_2d(
     """RMSNorm over the channels of an (N, C, *) input at every (n, position), per-channel weight (timm's
     RmsNorm2d), with y = act(norm(x) + residual) fused; keeps the memory format (NCHW or channels-last)."""
     act = op_activation(activation, negative_slope, memory_efficient, "rms_norm_2d")
-    return torch.ops.normext.rms_norm_2d_fwd(
-        input, weight, residual, _eps_for(input, eps), act, negative_slope
+    return run_op(
+        torch.ops.normext.rms_norm_2d_fwd.default,
+        input,
+        weight,
+        residual,
+        _eps_for(input, eps),
+        act,
+        negative_slope,
     )[0]
 
 
@@ -139,8 +158,15 @@ def add_layer_norm(input, residual, normalized_shape, weight=None, bias=None, ep
     """Pre-norm residual block: s = input + residual (summed in float32, stored as residual_dtype, default
     input's dtype), out = layer_norm(s) in input's dtype; returns (out, s). One pass reads input and
     residual once and writes both outputs; gradients from both flow into both inputs."""
-    out, s, _, _ = torch.ops.normext.add_layer_norm_fwd(
-        input, residual, weight, bias, _as_shape(normalized_shape), eps, residual_dtype
+    out, s, _, _ = run_op(
+        torch.ops.normext.add_layer_norm_fwd.default,
+        input,
+        residual,
+        weight,
+        bias,
+        _as_shape(normalized_shape),
+        eps,
+        residual_dtype,
     )
     return out, s
 
@@ -149,8 +175,14 @@ def add_rms_norm(input, residual, normalized_shape, weight=None, eps=None, resid
     """add_layer_norm with RMSNorm. eps=None: the machine epsilon of s's dtype (residual_dtype), as
     torch.nn.RMSNorm applied to s takes it."""
     eps = _eps_for(input, eps, residual_dtype)
-    out, s, _ = torch.ops.normext.add_rms_norm_fwd(
-        input, residual, weight, _as_shape(normalized_shape), eps, residual_dtype
+    out, s, _ = run_op(
+        torch.ops.normext.add_rms_norm_fwd.default,
+        input,
+        residual,
+        weight,
+        _as_shape(normalized_shape),
+        eps,
+        residual_dtype,
     )
     return out, s
 

@@ -203,6 +203,24 @@ def test_ln_off_centre_data(device, D, case):
             assert err < max(1e-4, 2 * nat_err), f"{name}: rel err {err:.3g} (torch float32: {nat_err:.3g})"
 
 
+@pytest.mark.parametrize("D", [4097, 16500])
+@pytest.mark.parametrize("device", DEVICES)
+def test_ln_rows_that_start_off_centre(device, D):
+    """The first 16 values of every 4096-value block 1000 away from the rest (std 1). A variance from sums
+    shifted by those values loses up to 8 bits in float32 (y off by ~4e-6 here), and a second pass without
+    its correction of the mean ~3e-7; with both, ~5e-8, as torch's Welford."""
+    x = make_input((3, D), torch.float32, device)
+    for j in range(16):
+        x[:, j::4096] += 1000.0
+    w, b = make_params(D, torch.float32, device)
+    ours, ref, _ = ln_fns((D,))
+    dy = torch.randn_like(x)
+    y, g = forward_backward(lambda *t: ours(*t, None), (x, w, b), dy)
+    y_ref, g_ref = forward_backward(lambda *t: ref(*t, None), [to64(t) for t in (x, w, b)], to64(dy))
+    for name, out, r in zip(("y", "dx", "dweight", "dbias"), [y, *g], [y_ref, *g_ref], strict=True):
+        assert rel_err(out, r) < 1.5e-7, f"{name}: rel err {rel_err(out, r):.3g}"
+
+
 @pytest.mark.parametrize("bad", ["nan", "inf"])
 @pytest.mark.parametrize("act", [None, "relu", "silu"])
 @pytest.mark.parametrize("device", DEVICES)

@@ -31,6 +31,17 @@ struct VecIO {
   using Vec = at::vec::Vectorized<acc_t>;
   static constexpr int64_t kSize = Vec::size();
 
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  // kSize float lanes rounded to 16-bit values, as convert_from_float rounds them.
+  static auto narrow(const Vec& v) {
+    if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+      return at::vec::cvtfp32_bf16(v);
+    } else {
+      return at::vec::cvtfp32_fp16(v);
+    }
+  }
+#endif
+
   static Vec load(const scalar_t* p) {
     if constexpr (std::is_same_v<scalar_t, acc_t>) {
       return Vec::loadu(p);
@@ -41,11 +52,19 @@ struct VecIO {
     }
   }
 
+  // One float vector to kSize 16-bit values: convert_from_float takes two float vectors, and given the same
+  // one twice it converts it twice (for bfloat16, a dozen integer operations per vector).
   static void store(scalar_t* p, const Vec& v) {
     if constexpr (std::is_same_v<scalar_t, acc_t>) {
       v.store(p);
     } else {
+#if defined(CPU_CAPABILITY_AVX512)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), narrow(v));
+#elif defined(CPU_CAPABILITY_AVX2)
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(p), narrow(v));
+#else
       at::vec::convert_from_float<scalar_t>(v, v).store(p, kSize);
+#endif
     }
   }
 
@@ -65,7 +84,11 @@ struct VecIO {
     if constexpr (std::is_same_v<scalar_t, acc_t>) {
       v.store(p, count);
     } else {
+#if defined(CPU_CAPABILITY_AVX512)
+      _mm256_mask_storeu_epi16(p, static_cast<__mmask16>((1u << count) - 1), narrow(v));
+#else
       at::vec::convert_from_float<scalar_t>(v, v).store(p, count);
+#endif
     }
   }
 };
@@ -131,10 +154,44 @@ inline void dispatch_grad_activation(int64_t act, const F& f) {
 // differences between block means that Chan's formula adds up. Per-element work stays in acc_t.
 using Moments = Welford<double, double>;
 
-// Moments of L contiguous values: per block that stays in L1, a two-pass over x - x0 (x0 the block's
-// first value, so the sums stay small and exact for off-centre data): the shifted mean, then the
-// squared deviations from it; blocks merged with Chan's formula. Four SIMD accumulators hide latency; the
-// last L % kSize values are one partial vector, its other lanes masked to 0.
+// Σ e and Σ e² of e = (x - k) - m over n contiguous values: row_moments' second pass. Σ e is the rounding
+// error of m as the mean of x - k, which the caller adds back (the corrected two-pass algorithm).
+template <typename scalar_t, typename Vec = typename VecIO<scalar_t>::Vec>
+std::pair<double, double> deviation_sums(const scalar_t* __restrict p, int64_t n, Vec k, Vec m) {
+  using IO = VecIO<scalar_t>;
+  constexpr int64_t kV = IO::kSize;
+  const int64_t n4 = n - n % (4 * kV), n1 = n - n % kV;
+  Vec e0(0), e1(0), q0(0), q1(0), q2(0), q3(0);
+  for (int64_t i = 0; i < n4; i += 4 * kV) {
+    const Vec d0 = (IO::load(p + i) - k) - m, d1 = (IO::load(p + i + kV) - k) - m;
+    const Vec d2 = (IO::load(p + i + 2 * kV) - k) - m, d3 = (IO::load(p + i + 3 * kV) - k) - m;
+    e0 = e0 + (d0 + d1);
+    e1 = e1 + (d2 + d3);
+    q0 = at::vec::fmadd(d0, d0, q0);
+    q1 = at::vec::fmadd(d1, d1, q1);
+    q2 = at::vec::fmadd(d2, d2, q2);
+    q3 = at::vec::fmadd(d3, d3, q3);
+  }
+  for (int64_t i = n4; i < n1; i += kV) {
+    const Vec d = (IO::load(p + i) - k) - m;
+    e0 = e0 + d;
+    q0 = at::vec::fmadd(d, d, q0);
+  }
+  if (n1 < n) {
+    const Vec d = keep_lanes((IO::load(p + n1, n - n1) - k) - m, n - n1);
+    e1 = e1 + d;
+    q1 = at::vec::fmadd(d, d, q1);
+  }
+  const auto add = [](Vec a, Vec b) { return a + b; };
+  return {at::vec::vec_reduce_all(add, e0 + e1), at::vec::vec_reduce_all(add, (q0 + q1) + (q2 + q3))};
+}
+
+// Moments of L contiguous values, per block that stays in L1: the sums of d = x - k and d² in one pass, k the
+// mean of the block's first kSize values, so the float sums scale with the spread, not the magnitude (exact
+// enough for off-centre data). Σd² - (Σd)²/n loses bits as (mean - k)² grows against the variance, by at
+// most n / kSize (the first kSize values alone add (mean - k)²·kSize / n to it): past (mean - k)² > variance,
+// a second pass sums the deviations from the mean instead. Blocks merged with Chan's formula. Four SIMD
+// accumulators hide latency; the last n % kSize values are one partial vector, its other lanes masked to 0.
 template <typename scalar_t>
 Moments row_moments(const scalar_t* __restrict x, int64_t L) {
   using IO = VecIO<scalar_t>;
@@ -147,40 +204,43 @@ Moments row_moments(const scalar_t* __restrict x, int64_t L) {
   for (int64_t b0 = 0; b0 < L; b0 += kBlock) {
     const scalar_t* p = x + b0;
     const int64_t n = std::min(kBlock, L - b0);
-    const int64_t n4 = n - n % (4 * kV), n1 = n - n % kV;
-    const acc_t shift = acc_t(p[0]);
+    const int64_t n4 = n - n % (4 * kV), n1 = n - n % kV, h = std::min(n, kV);
+    const acc_t shift = at::vec::vec_reduce_all(add, keep_lanes(IO::load(p, h), h)) / acc_t(h);
     const Vec k(shift);
-    Vec s0(0), s1(0), s2(0), s3(0);
+    Vec s0(0), s1(0), s2(0), s3(0), q0(0), q1(0), q2(0), q3(0);
     for (int64_t i = 0; i < n4; i += 4 * kV) {
-      s0 = s0 + (IO::load(p + i) - k);
-      s1 = s1 + (IO::load(p + i + kV) - k);
-      s2 = s2 + (IO::load(p + i + 2 * kV) - k);
-      s3 = s3 + (IO::load(p + i + 3 * kV) - k);
-    }
-    for (int64_t i = n4; i < n1; i += kV) s0 = s0 + (IO::load(p + i) - k);
-    if (n1 < n) s1 = s1 + keep_lanes(IO::load(p + n1, n - n1) - k, n - n1);
-    const acc_t sum = at::vec::vec_reduce_all(add, (s0 + s1) + (s2 + s3));
-    const acc_t ms = sum / acc_t(n);
-    const Vec m(ms);
-    Vec q0(0), q1(0), q2(0), q3(0);
-    for (int64_t i = 0; i < n4; i += 4 * kV) {
-      const Vec d0 = (IO::load(p + i) - k) - m, d1 = (IO::load(p + i + kV) - k) - m;
-      const Vec d2 = (IO::load(p + i + 2 * kV) - k) - m, d3 = (IO::load(p + i + 3 * kV) - k) - m;
+      const Vec d0 = IO::load(p + i) - k, d1 = IO::load(p + i + kV) - k;
+      const Vec d2 = IO::load(p + i + 2 * kV) - k, d3 = IO::load(p + i + 3 * kV) - k;
+      s0 = s0 + d0;
+      s1 = s1 + d1;
+      s2 = s2 + d2;
+      s3 = s3 + d3;
       q0 = at::vec::fmadd(d0, d0, q0);
       q1 = at::vec::fmadd(d1, d1, q1);
       q2 = at::vec::fmadd(d2, d2, q2);
       q3 = at::vec::fmadd(d3, d3, q3);
     }
     for (int64_t i = n4; i < n1; i += kV) {
-      const Vec d = (IO::load(p + i) - k) - m;
+      const Vec d = IO::load(p + i) - k;
+      s0 = s0 + d;
       q0 = at::vec::fmadd(d, d, q0);
     }
     if (n1 < n) {
-      const Vec d = keep_lanes((IO::load(p + n1, n - n1) - k) - m, n - n1);
+      const Vec d = keep_lanes(IO::load(p + n1, n - n1) - k, n - n1);
+      s1 = s1 + d;
       q1 = at::vec::fmadd(d, d, q1);
     }
-    const acc_t m2 = at::vec::vec_reduce_all(add, (q0 + q1) + (q2 + q3));
-    w = welford_merge(w, {double(shift) + double(sum) / double(n), double(m2), double(n)});
+    const double sum = at::vec::vec_reduce_all(add, (s0 + s1) + (s2 + s3));
+    const double sq = at::vec::vec_reduce_all(add, (q0 + q1) + (q2 + q3));
+    const double cross = sum * sum / double(n);
+    double mean = double(shift) + sum / double(n), m2 = sq - cross;
+    if (!(2.0 * cross <= sq)) {
+      const acc_t m = acc_t(sum / double(n));
+      const auto [e, q] = deviation_sums(p, n, k, Vec(m));
+      mean = double(shift) + double(m) + e / double(n);
+      m2 = q - e * e / double(n);
+    }
+    w = welford_merge(w, {mean, std::max(0.0, m2), double(n)});
   }
   return w;
 }
