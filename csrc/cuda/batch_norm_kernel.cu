@@ -30,8 +30,8 @@ constexpr int kMaxCols = kWarpSize;
 // per SM, 64 registers a thread: 50% theoretical occupancy on sm_90, which the unrolls below fit without
 // spills. The reduction loops do one Welford step per value; the elementwise loops carry VEC-wide
 // per-channel constants, so they keep fewer (8-wide vectors: one). The backward loops recompute x̂ and
-// dz = dy·act'(z) per value (the activation a run-time switch): with three streams (x, dy, r) per row they
-// load one row per step from 4-wide vectors up, two below (more spilled up to 1 KB at 64 registers). The
+// dz = dy·act'(z) per value (the activation a run-time switch) from three streams (x, dy, r): they load one
+// vector of each per step from 4-wide vectors up, two below (more spilled up to 1 KB at 64 registers). An
 // unroll never changes a thread's order of accumulation, only how many loads are in flight.
 template <int VEC>
 constexpr int kReduceUnroll = VEC >= 8 ? 2 : 4;
