@@ -267,6 +267,11 @@ VECTOR_WIDTHS = {
     # BatchNorm past the one-launch size: channels-last rows of C = 60 (8 bytes), NCHW planes of 70 (4 bytes).
     ("batch_norm", (4, 60, 24, 24), "channels_last", None): ({8}, {8}),
     ("batch_norm", (32, 16, 7, 10), "contiguous", None): ({4}, {4}),
+    # C = 64 channels-last: the forward in 16-byte vectors, the backward in 8-byte ones (kRowsGradVec: wider
+    # per-channel constants do not fit the registers of 50% occupancy).
+    ("batch_norm", (4, 64, 24, 24), "channels_last", None): ({16}, {8}),
+    # LayerNorm2d NCHW, HxW = 64: the same for the positions a thread holds (k2dBwdVec).
+    ("layer_norm_2d", (2, 16, 8, 8), None, None): ({16}, {8}),
 }
 
 
@@ -282,6 +287,7 @@ def test_odd_extents_take_the_widest_vector(case):
         "group_norm": lambda t, w_, b_: nxF.group_norm(t, G, w_, b_),
         "layer_norm": lambda t, w_, b_: nxF.layer_norm(t, shape[-1:], w_, b_),
         "batch_norm": lambda t, w_, b_: nxF.batch_norm(t, None, None, w_, b_, training=True),
+        "layer_norm_2d": nxF.layer_norm_2d,
     }[op]
     leaves = [t.detach().requires_grad_() for t in (x, w, b)]
     y = None

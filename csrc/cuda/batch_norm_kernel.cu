@@ -26,22 +26,20 @@ constexpr int kBlock = 256;
 // Rows view: a block is `cols` vector columns (VEC channels each; a power of two up to 32, the fewest that
 // cover C, so that a small C such as 64 bf16 channels keeps every lane busy) x kBlock / cols thread rows.
 constexpr int kMaxCols = kWarpSize;
-// Loads in flight per thread: the reduction loops do one Welford step or two sums per value; the
-// elementwise loops carry VEC-wide per-channel constants, so they keep fewer. 8-wide vectors keep half as
-// many (their constants alone take 32-56 registers), which keeps those kernels within 128 registers.
+// Loads in flight per thread. Every streaming kernel is bounded to kStreamBlocks blocks of kBlock threads
+// per SM, 64 registers a thread: 50% theoretical occupancy on sm_90, which the unrolls below fit without
+// spills. The reduction loops do one Welford step per value; the elementwise loops carry VEC-wide
+// per-channel constants, so they keep fewer (8-wide vectors: one). The backward loops recompute x̂ and
+// dz = dy·act'(z) per value (the activation a run-time switch) from three streams (x, dy, r): they load one
+// vector of each per step from 4-wide vectors up, two below (more spilled up to 1 KB at 64 registers). An
+// unroll never changes a thread's order of accumulation, only how many loads are in flight.
 template <int VEC>
 constexpr int kReduceUnroll = VEC >= 8 ? 2 : 4;
 template <int VEC>
 constexpr int kApplyUnroll = VEC >= 8 ? 1 : 2;
-// The rows-view backward sums hold 4 per-channel constants per lane as well: 8-wide vectors there load one
-// row at a time (two made the bf16 kernel spill 190 bytes at its 128-register bound).
 template <int VEC>
-constexpr int kGradUnroll = VEC >= 8 ? 1 : kReduceUnroll<VEC>;
-// Minimum blocks per SM of the streaming kernels: 2 with vectors, which holds them within 128 registers
-// without spills (ptxas -v: up to 170 before); none with scalar access, which fits 50% occupancy on sm_90
-// as it is (a bound of 4 only let ptxas use more registers).
-template <int VEC>
-constexpr int kStreamBlocks = VEC == 1 ? 1 : 2;
+constexpr int kGradUnroll = VEC >= 4 ? 1 : 2;
+constexpr int kStreamBlocks = 4;
 // Blocks to aim for. Constants rather than the device's SM count: the partition fixes the
 // reduction order, which must depend on the shape only.
 constexpr int64_t kReduceBlocks = 1024;
@@ -94,7 +92,7 @@ struct GradSums {
 // not with the magnitude; column_reduce merges the trows states of each channel. Writes the partial
 // (mean, M2) at [p * C + c] and its count at counts[p].
 template <typename scalar_t, int VEC>
-__global__ void __launch_bounds__(kBlock, kStreamBlocks<VEC>)
+__global__ void __launch_bounds__(kBlock, kStreamBlocks)
     rows_moments_kernel(const scalar_t* __restrict__ X, int64_t rows, int64_t C, int cols,
                         int64_t rows_per_part, float* __restrict__ means, float* __restrict__ m2s,
                         float* __restrict__ counts) {
@@ -137,7 +135,7 @@ __global__ void __launch_bounds__(kBlock, kStreamBlocks<VEC>)
 // Partial backward sums Σdz and Σdz·x̂ of partition p = blockIdx.y, merged over the thread rows by
 // column_reduce; written at [p * C + c].
 template <typename scalar_t, int VEC>
-__global__ void __launch_bounds__(kBlock, kStreamBlocks<VEC>)
+__global__ void __launch_bounds__(kBlock, kStreamBlocks)
     rows_grad_sums_kernel(const scalar_t* __restrict__ dY, const scalar_t* __restrict__ X,
                           const scalar_t* __restrict__ R, int64_t rows, int64_t C, int cols,
                           int64_t rows_per_part, Channels ch, int64_t act, float slope,
@@ -190,7 +188,7 @@ __global__ void __launch_bounds__(kBlock, kStreamBlocks<VEC>)
 
 // Y = act((x - mean)·(gamma·rstd) + beta + R); rows blockIdx.y·trows + y, grid-strided.
 template <typename scalar_t, int VEC>
-__global__ void __launch_bounds__(kBlock, kStreamBlocks<VEC>)
+__global__ void __launch_bounds__(kBlock, kStreamBlocks)
     rows_apply_kernel(const scalar_t* __restrict__ X, const scalar_t* __restrict__ R,
                       scalar_t* __restrict__ Y, int64_t rows, int64_t C, int cols, Channels ch, int64_t act,
                       float slope) {
@@ -231,7 +229,7 @@ __global__ void __launch_bounds__(kBlock, kStreamBlocks<VEC>)
 
 // dX = a·dz + b·x̂ + c and dR = dz (either may be null), rows as in rows_apply_kernel.
 template <typename scalar_t, int VEC>
-__global__ void __launch_bounds__(kBlock, kStreamBlocks<VEC>)
+__global__ void __launch_bounds__(kBlock, kStreamBlocks)
     rows_grad_input_kernel(const scalar_t* __restrict__ dY, const scalar_t* __restrict__ X,
                            const scalar_t* __restrict__ R, int64_t rows, int64_t C, int cols, Channels ch,
                            GradSums gs, int64_t act, float slope, scalar_t* __restrict__ dX,
@@ -246,10 +244,10 @@ __global__ void __launch_bounds__(kBlock, kStreamBlocks<VEC>)
     gs.coefs(c + e, g[e], rstd[e], ka[e], kb[e], kc[e]);
   }
   const int64_t step = int64_t(gridDim.y) * trows;
-  for (int64_t r = int64_t(blockIdx.y) * trows + y; r < rows; r += kApplyUnroll<VEC> * step) {
-    AlignedVector<scalar_t, VEC> xv[kApplyUnroll<VEC>], dv[kApplyUnroll<VEC>], rv[kApplyUnroll<VEC>];
+  for (int64_t r = int64_t(blockIdx.y) * trows + y; r < rows; r += kGradUnroll<VEC> * step) {
+    AlignedVector<scalar_t, VEC> xv[kGradUnroll<VEC>], dv[kGradUnroll<VEC>], rv[kGradUnroll<VEC>];
 #pragma unroll
-    for (int u = 0; u < kApplyUnroll<VEC>; ++u) {
+    for (int u = 0; u < kGradUnroll<VEC>; ++u) {
       if (r + u * step < rows) {
         const int64_t o = (r + u * step) * C + c;
         xv[u] = load_vec<VEC>(X, o);
@@ -258,7 +256,7 @@ __global__ void __launch_bounds__(kBlock, kStreamBlocks<VEC>)
       }
     }
 #pragma unroll
-    for (int u = 0; u < kApplyUnroll<VEC>; ++u) {
+    for (int u = 0; u < kGradUnroll<VEC>; ++u) {
       if (r + u * step >= rows) continue;
       float dz[VEC], dx[VEC];
 #pragma unroll
@@ -285,7 +283,7 @@ __global__ void __launch_bounds__(kBlock, kStreamBlocks<VEC>)
 // [p * tiles_per_part, ...) (never empty). Welford on x - K (K the partition's first element),
 // lanes merged in order, then the block by block_allreduce; writes [p * C + c] and counts[p].
 template <typename scalar_t, int VEC>
-__global__ void __launch_bounds__(kBlock, kStreamBlocks<VEC>)
+__global__ void __launch_bounds__(kBlock, kStreamBlocks)
     planes_moments_kernel(const scalar_t* __restrict__ X, int64_t C, int64_t HxW, int tx, int64_t S,
                           int64_t tiles, int64_t tiles_per_part, float* __restrict__ means,
                           float* __restrict__ m2s, float* __restrict__ counts) {
@@ -324,7 +322,7 @@ __global__ void __launch_bounds__(kBlock, kStreamBlocks<VEC>)
 
 // Partial backward sums Σdz and Σdz·x̂ of channel c = blockIdx.x over partition p = blockIdx.y.
 template <typename scalar_t, int VEC>
-__global__ void __launch_bounds__(kBlock, kStreamBlocks<VEC>)
+__global__ void __launch_bounds__(kBlock, kStreamBlocks)
     planes_grad_sums_kernel(const scalar_t* __restrict__ dY, const scalar_t* __restrict__ X,
                             const scalar_t* __restrict__ R, int64_t C, int64_t HxW, int tx, int64_t S,
                             int64_t tiles, int64_t tiles_per_part, Channels ch, int64_t act, float slope,
@@ -339,11 +337,11 @@ __global__ void __launch_bounds__(kBlock, kStreamBlocks<VEC>)
   ch.at(c, mean, rstd, g, b);
   Sum2 acc{0.f, 0.f};
   ChannelCursor cur(t0 + threadIdx.x / tx, ty, S);
-  for (int64_t t = t0 + threadIdx.x / tx; t < t1; t += kReduceUnroll<VEC> * ty) {
-    AlignedVector<scalar_t, VEC> xv[kReduceUnroll<VEC>], dv[kReduceUnroll<VEC>], rv[kReduceUnroll<VEC>];
-    bool ok[kReduceUnroll<VEC>];
+  for (int64_t t = t0 + threadIdx.x / tx; t < t1; t += kGradUnroll<VEC> * ty) {
+    AlignedVector<scalar_t, VEC> xv[kGradUnroll<VEC>], dv[kGradUnroll<VEC>], rv[kGradUnroll<VEC>];
+    bool ok[kGradUnroll<VEC>];
 #pragma unroll
-    for (int u = 0; u < kReduceUnroll<VEC>; ++u) {
+    for (int u = 0; u < kGradUnroll<VEC>; ++u) {
       const int64_t hw = cur.rem * tile_len + lane;
       ok[u] = t + u * ty < t1 && hw < HxW;
       if (ok[u]) {
@@ -355,7 +353,7 @@ __global__ void __launch_bounds__(kBlock, kStreamBlocks<VEC>)
       cur.advance(S);
     }
 #pragma unroll
-    for (int u = 0; u < kReduceUnroll<VEC>; ++u) {
+    for (int u = 0; u < kGradUnroll<VEC>; ++u) {
       if (!ok[u]) continue;
 #pragma unroll
       for (int e = 0; e < VEC; ++e) {
@@ -374,7 +372,7 @@ __global__ void __launch_bounds__(kBlock, kStreamBlocks<VEC>)
 // Elementwise over all N·C·S tiles t (plane nc = t / S, channel nc % C), grid-strided:
 // Y = act((x - mean)·(gamma·rstd) + beta + R).
 template <typename scalar_t, int VEC>
-__global__ void __launch_bounds__(kBlock, kStreamBlocks<VEC>)
+__global__ void __launch_bounds__(kBlock, kStreamBlocks)
     planes_apply_kernel(const scalar_t* __restrict__ X, const scalar_t* __restrict__ R,
                         scalar_t* __restrict__ Y, int64_t C, int64_t HxW, int tx, int64_t S, int64_t tiles,
                         Channels ch, int64_t act, float slope) {
@@ -402,7 +400,7 @@ __global__ void __launch_bounds__(kBlock, kStreamBlocks<VEC>)
 
 // dX = a·dz + b·x̂ + c and dR = dz over all tiles, as planes_apply_kernel.
 template <typename scalar_t, int VEC>
-__global__ void __launch_bounds__(kBlock, kStreamBlocks<VEC>)
+__global__ void __launch_bounds__(kBlock, kStreamBlocks)
     planes_grad_input_kernel(const scalar_t* __restrict__ dY, const scalar_t* __restrict__ X,
                              const scalar_t* __restrict__ R, int64_t C, int64_t HxW, int tx, int64_t S,
                              int64_t tiles, Channels ch, GradSums gs, int64_t act, float slope,
@@ -693,6 +691,27 @@ void with_vec(const Plan& p, const F& f) {
   dispatch_vec<scalar_t>(p.vec, f);
 }
 
+// The rows-view backward kernels take at most 4 values per vector (8 bytes of a 16-bit type): at 8 lanes
+// their per-channel constants (mean, rstd, gamma, beta and the three dx coefficients: 7 x 8 floats) do not
+// fit the 64 registers of kStreamBlocks (ptxas spilled 380-510 bytes). The planes view holds one channel's.
+constexpr int kRowsGradVec = 4;
+
+template <typename scalar_t, typename... P>
+int grad_vec_for(const ChannelNormArgs& a, const P*... ptrs) {
+  const int vec = vec_for<scalar_t>(a, ptrs...);
+  return a.rows ? std::min(vec, kRowsGradVec) : vec;
+}
+
+// with_vec for the backward: the rows view instantiated up to kRowsGradVec only.
+template <typename scalar_t, typename Rows, typename Planes>
+void with_grad_vec(const Plan& p, const Rows& rows, const Planes& planes) {
+  if (p.rows_view) {
+    dispatch_vec<scalar_t, std::min(kMaxVec<scalar_t>, kRowsGradVec)>(p.vec, rows);
+  } else {
+    dispatch_vec<scalar_t>(p.vec, planes);
+  }
+}
+
 Channels channels_of(const Tensor& mean, const Tensor& second, bool second_is_var, double eps,
                      const c10::optional<Tensor>& gamma, const c10::optional<Tensor>& beta) {
   return Channels{mean.const_data_ptr<float>(),
@@ -919,24 +938,24 @@ std::tuple<Tensor, Tensor> batch_norm_bwd_reduce_cuda(const Tensor& dY_in, const
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       return;
     }
-    const Plan p = make_plan(a, vec_for<scalar_t>(a, X, dy, R));
+    const Plan p = make_plan(a, grad_vec_for<scalar_t>(a, X, dy, R));
     static_assert(sizeof(Sum2) == 2 * sizeof(float));
     Tensor work = at::empty({2 * p.parts * C}, f32);
     Sum2* partial = reinterpret_cast<Sum2*>(work.data_ptr<float>());
     const Channels ch = channels_of(mean, rstd, false, 0.0, a.gamma, a.beta);
-    with_vec<scalar_t>(p, [&](auto vec) {
-      constexpr int VEC = decltype(vec)::value;
-      if (p.rows_view) {
-        NORMEXT_LAUNCH((rows_grad_sums_kernel<scalar_t, VEC>), dim3(unsigned(p.blocks_x), unsigned(p.parts)),
-                       kBlock, 0, stream, dy, X, R, p.rows, C, p.cols, p.rows_per_part, ch, act, float(slope),
-                       partial);
-      } else {
-        NORMEXT_LAUNCH((planes_grad_sums_kernel<scalar_t, VEC>), dim3(unsigned(C), unsigned(p.parts)), kBlock,
-                       0, stream, dy, X, R, C, p.HxW, p.tx, p.S, p.N * p.S, p.tiles_per_part, ch, act,
-                       float(slope), partial);
-      }
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
+    with_grad_vec<scalar_t>(
+        p,
+        [&](auto vec) {
+          NORMEXT_LAUNCH((rows_grad_sums_kernel<scalar_t, decltype(vec)::value>),
+                         dim3(unsigned(p.blocks_x), unsigned(p.parts)), kBlock, 0, stream, dy, X, R, p.rows,
+                         C, p.cols, p.rows_per_part, ch, act, float(slope), partial);
+        },
+        [&](auto vec) {
+          NORMEXT_LAUNCH((planes_grad_sums_kernel<scalar_t, decltype(vec)::value>),
+                         dim3(unsigned(C), unsigned(p.parts)), kBlock, 0, stream, dy, X, R, C, p.HxW, p.tx,
+                         p.S, p.N * p.S, p.tiles_per_part, ch, act, float(slope), partial);
+        });
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
     const int wpc = finalize_warps(p.parts);
     NORMEXT_LAUNCH(finalize_sums_kernel, finalize_blocks(C, wpc), kBlock, 0, stream, partial, p.parts, C, wpc,
                    sum_dz.data_ptr<float>(), sum_dzx.data_ptr<float>());
@@ -974,26 +993,28 @@ std::tuple<Tensor, Tensor> batch_norm_bwd_elemt_cuda(
     const scalar_t* R = ptr_or_null<scalar_t>(a.residual);
     scalar_t* dx = mask[0] ? dX.data_ptr<scalar_t>() : nullptr;
     scalar_t* dr = mask[1] ? dR.data_ptr<scalar_t>() : nullptr;
-    const Plan p = make_plan(a, vec_for<scalar_t>(a, X, dy, R, dx, dr));
+    const Plan p = make_plan(a, grad_vec_for<scalar_t>(a, X, dy, R, dx, dr));
     const Channels ch = channels_of(mean, rstd, false, 0.0, a.gamma, a.beta);
     const GradSums gs{has_sums ? sum_dz.const_data_ptr<float>() : nullptr,
                       has_sums ? sum_dzx.const_data_ptr<float>() : nullptr, float(inv_count)};
-    with_vec<scalar_t>(p, [&](auto vec) {
-      constexpr int VEC = decltype(vec)::value;
-      if (p.rows_view) {
-        const int64_t by =
-            std::clamp<int64_t>(ceil_div(kApplyBlocks, p.blocks_x), 1,
-                                std::min<int64_t>(65535, ceil_div<int64_t>(p.rows, kBlock / p.cols)));
-        NORMEXT_LAUNCH((rows_grad_input_kernel<scalar_t, VEC>), dim3(unsigned(p.blocks_x), unsigned(by)),
-                       kBlock, 0, stream, dy, X, R, p.rows, C, p.cols, ch, gs, act, float(slope), dx, dr);
-      } else {
-        const int64_t tiles = p.N * C * p.S;
-        const int64_t bx = std::clamp<int64_t>(ceil_div<int64_t>(tiles, kBlock / p.tx), 1, kApplyBlocks * 8);
-        NORMEXT_LAUNCH((planes_grad_input_kernel<scalar_t, VEC>), unsigned(bx), kBlock, 0, stream, dy, X, R,
-                       C, p.HxW, p.tx, p.S, tiles, ch, gs, act, float(slope), dx, dr);
-      }
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
+    with_grad_vec<scalar_t>(
+        p,
+        [&](auto vec) {
+          const int64_t by =
+              std::clamp<int64_t>(ceil_div(kApplyBlocks, p.blocks_x), 1,
+                                  std::min<int64_t>(65535, ceil_div<int64_t>(p.rows, kBlock / p.cols)));
+          NORMEXT_LAUNCH((rows_grad_input_kernel<scalar_t, decltype(vec)::value>),
+                         dim3(unsigned(p.blocks_x), unsigned(by)), kBlock, 0, stream, dy, X, R, p.rows, C,
+                         p.cols, ch, gs, act, float(slope), dx, dr);
+        },
+        [&](auto vec) {
+          const int64_t tiles = p.N * C * p.S;
+          const int64_t bx =
+              std::clamp<int64_t>(ceil_div<int64_t>(tiles, kBlock / p.tx), 1, kApplyBlocks * 8);
+          NORMEXT_LAUNCH((planes_grad_input_kernel<scalar_t, decltype(vec)::value>), unsigned(bx), kBlock, 0,
+                         stream, dy, X, R, C, p.HxW, p.tx, p.S, tiles, ch, gs, act, float(slope), dx, dr);
+        });
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {dX, dR};
 }

@@ -27,19 +27,31 @@ constexpr int kBwdRegs = 16;
 constexpr int kMaxBlock = 512;  // fused kernels
 constexpr int kBlock = 256;     // streaming kernels
 // Register budgets are ptxas heuristics as much as bounds: given the block size alone, ptxas held some
-// kernels (fused channels-last forward, fused NCHW backward, channels-last apply and dx) to 64 / 80 registers
-// and spilled a few, so those state min blocks 1 (a 128 / 255 budget); for others that same bound made ptxas
-// spill at 128, so they keep the block size alone. tools/cuda_report.py checks the result.
-// Streaming kernels carry no minimum blocks per SM: with scalar access they already fit 4 x 256 threads (50%
-// occupancy on sm_90) and a bound of 4 only let ptxas use more registers (100% -> 75% for some); with vectors
-// their VEC-wide per-channel constants need 80-170 registers, and a cap of 128 made some spill (fold first).
-// Independent loads in flight per thread in streaming loops. 8-wide vectors use 2: each load then
-// feeds twice the float temporaries (and channels-last per-lane constants), and 2 x 16 bytes per
-// array already keeps enough memory traffic in flight at the occupancy that leaves.
+// kernels (fused channels-last forward, fused NCHW backward) to 64 / 80 registers and spilled a few, so
+// those state min blocks 1 (a 128 / 255 budget); for others that same bound made ptxas spill at 128, so they
+// keep the block size alone. tools/cuda_report.py checks the result. The fused kernels hold a whole group in
+// registers (kFwdRegs / kBwdRegs values per thread) and so run at 25% occupancy: the price of reading x once.
+// The streaming kernels are bounded to kStreamBlocks blocks of kBlock threads per SM, 64 registers a
+// thread: 50% theoretical occupancy on sm_90. That fits without spills with the unrolls below (independent
+// loads in flight per thread) and, channels-last, with per-lane constants of at most 4 channels in the
+// backward (bwd_nhwc). The moments loops do one Welford step per value; apply carries its per-channel
+// constants; the backward loops recompute x̂ and dz = dy·act'(z) per value (the activation a run-time
+// switch) from three streams (x, dy, r), so they load one vector per step from 4 lanes up (two spilled up to
+// 1 KB at 64 registers). An unroll never changes a thread's order of accumulation, only the loads in flight.
+constexpr int kStreamBlocks = 4;
 template <int VEC>
-constexpr int kUnroll = VEC >= 8 ? 2 : 4;
-// The moments loops do little per value (one Welford step), so they keep 4 raw loads in flight.
-constexpr int kMomentsUnroll = 4;
+constexpr int kMomentsUnroll = VEC >= 8 ? 2 : 4;
+template <int VEC>
+constexpr int kApplyUnroll = VEC >= 8   ? 1
+                             : VEC >= 4 ? 2
+                                        : 4;
+template <int VEC>
+constexpr int kGradUnroll = VEC >= 4 ? 1 : 2;
+// Rows per thread that a channels-last apply or dx tile holds at least (dx: twice this), whatever the unroll:
+// each block first loads its per-lane constants and merges its groups' statistics, and longer tiles amortize
+// that (and keep the dgamma / dbeta merge inside the dx launch where merge_in_dx allows it).
+template <int VEC>
+constexpr int kMinTileRows = VEC >= 8 ? 2 : 4;
 // Tiling targets. Constants rather than the device's SM count: the tiling fixes the reduction
 // order, which must depend on the shape only.
 constexpr int64_t kTargetBlocks = 1024;
@@ -312,7 +324,7 @@ __global__ void __launch_bounds__(kMaxBlock, 1)
 // per thread, lanes merged in order, then warps and the block by fixed trees. Needs tile and M
 // multiples of VEC and X VEC-aligned.
 template <typename scalar_t, int VEC>
-__global__ void __launch_bounds__(kBlock)
+__global__ void __launch_bounds__(kBlock, kStreamBlocks)
     gn_moments_nchw_kernel(FwdParams<scalar_t> p, int64_t tile, int64_t T, WelfordF* __restrict__ partial) {
   NORMEXT_SHARED(WelfordF, red, kBlock / kWarpSize);
   const int64_t j = div32(blockIdx.x, T), t = blockIdx.x - j * T;
@@ -322,14 +334,14 @@ __global__ void __launch_bounds__(kBlock)
   const scalar_t* X = p.X + j * M;
   const Lanes<VEC> K(group_shift_nchw(p, j));
   WelfordLanes<VEC> w = welford_lanes_zero<VEC>();
-  for (int64_t i = t * tile + int64_t(threadIdx.x) * VEC; i < end; i += kMomentsUnroll * stride) {
-    AlignedVector<scalar_t, VEC> v[kMomentsUnroll];
+  for (int64_t i = t * tile + int64_t(threadIdx.x) * VEC; i < end; i += kMomentsUnroll<VEC> * stride) {
+    AlignedVector<scalar_t, VEC> v[kMomentsUnroll<VEC>];
 #pragma unroll
-    for (int u = 0; u < kMomentsUnroll; ++u) {
+    for (int u = 0; u < kMomentsUnroll<VEC>; ++u) {
       if (i + u * stride < end) v[u] = load_vec<VEC>(X, i + u * stride);
     }
 #pragma unroll
-    for (int u = 0; u < kMomentsUnroll; ++u) {
+    for (int u = 0; u < kMomentsUnroll<VEC>; ++u) {
       if (i + u * stride < end) normext::welford_push(w, to_lanes(v[u]) - K);
     }
   }
@@ -342,8 +354,9 @@ __global__ void __launch_bounds__(kBlock)
 // normalises the same tile as the moments pass. Thread i walks vectors i, i + blockDim.x, ... with
 // a ChannelCursor for gamma / beta. Needs tile and M multiples of VEC and X, R, Y VEC-aligned.
 template <typename scalar_t, int VEC>
-__global__ void __launch_bounds__(kBlock) gn_apply_nchw_kernel(FwdParams<scalar_t> p, int64_t tile, int64_t T,
-                                                               const WelfordF* __restrict__ partial) {
+__global__ void __launch_bounds__(kBlock, kStreamBlocks)
+    gn_apply_nchw_kernel(FwdParams<scalar_t> p, int64_t tile, int64_t T,
+                         const WelfordF* __restrict__ partial) {
   NORMEXT_SHARED(float, stat, 2);
   const int64_t j = div32(blockIdx.x, T), t = blockIdx.x - j * T;
   if (threadIdx.x < kWarpSize) {
@@ -366,17 +379,17 @@ __global__ void __launch_bounds__(kBlock) gn_apply_nchw_kernel(FwdParams<scalar_
   const int64_t stride = int64_t(blockDim.x) * VEC;
   const int64_t first = t * tile + int64_t(threadIdx.x) * VEC;
   ChannelCursor cur(first, stride, p.L);
-  for (int64_t i = first; i < end; i += kUnroll<VEC> * stride) {
-    AlignedVector<scalar_t, VEC> xv[kUnroll<VEC>], rv[kUnroll<VEC>];
+  for (int64_t i = first; i < end; i += kApplyUnroll<VEC> * stride) {
+    AlignedVector<scalar_t, VEC> xv[kApplyUnroll<VEC>], rv[kApplyUnroll<VEC>];
 #pragma unroll
-    for (int u = 0; u < kUnroll<VEC>; ++u) {
+    for (int u = 0; u < kApplyUnroll<VEC>; ++u) {
       if (i + u * stride < end) {
         xv[u] = load_vec<VEC>(p.X, base + i + u * stride);
         rv[u] = load_vec_or_zero<VEC>(p.R, base + i + u * stride);
       }
     }
 #pragma unroll
-    for (int u = 0; u < kUnroll<VEC>; ++u) {
+    for (int u = 0; u < kApplyUnroll<VEC>; ++u) {
       if (i + u * stride < end) {
         float gam[VEC], bet[VEC], out[VEC];
         span_params<VEC>(p.gamma, p.beta, c0, cur.c, cur.rem, p.L, gam, bet);
@@ -399,7 +412,7 @@ __global__ void __launch_bounds__(kBlock) gn_apply_nchw_kernel(FwdParams<scalar_
 // group, or a group's part) by one warp, into partial[(n*G + g)*parts*T + part*T + t]. Needs C and
 // the plan's width multiples of VEC and X VEC-aligned.
 template <typename scalar_t, int VEC>
-__global__ void __launch_bounds__(kBlock)
+__global__ void __launch_bounds__(kBlock, kStreamBlocks)
     gn_moments_nhwc_kernel(FwdParams<scalar_t> p, ChunkPlan plan, int64_t rows_per_tile, int64_t T,
                            WelfordF* __restrict__ partial) {
   unsigned char* smem = dynamic_smem();
@@ -418,15 +431,15 @@ __global__ void __launch_bounds__(kBlock)
     K.v[e] = active ? group_shift_nhwc(p, n, static_cast<int>(c + e) / static_cast<int>(p.D)) : 0.f;
   WelfordLanes<VEC> w = welford_lanes_zero<VEC>();
   if (active) {
-    for (int64_t row = t * rows_per_tile + y; row < end; row += kMomentsUnroll * stride) {
-      AlignedVector<scalar_t, VEC> v[kMomentsUnroll];
+    for (int64_t row = t * rows_per_tile + y; row < end; row += kMomentsUnroll<VEC> * stride) {
+      AlignedVector<scalar_t, VEC> v[kMomentsUnroll<VEC>];
 #pragma unroll
-      for (int u = 0; u < kMomentsUnroll; ++u) {
+      for (int u = 0; u < kMomentsUnroll<VEC>; ++u) {
         const int64_t ru = row + u * stride;
         if (ru < end) v[u] = load_vec<VEC>(p.X, (n * p.L + ru) * p.C + c);
       }
 #pragma unroll
-      for (int u = 0; u < kMomentsUnroll; ++u) {
+      for (int u = 0; u < kMomentsUnroll<VEC>; ++u) {
         if (row + u * stride < end) normext::welford_push(w, to_lanes(v[u]) - K);
       }
     }
@@ -455,7 +468,7 @@ __global__ void __launch_bounds__(kBlock)
 // needs a counter buffer zeroed before every forward: a memset launch, or counters the last block resets in
 // a workspace kept across calls. Not built yet.
 template <typename scalar_t, int VEC>
-__global__ void __launch_bounds__(kBlock, 1)
+__global__ void __launch_bounds__(kBlock, kStreamBlocks)
     gn_apply_nhwc_kernel(FwdParams<scalar_t> p, ChunkPlan plan, int64_t rows_per_tile, int64_t T,
                          const WelfordF* __restrict__ partial, int64_t S) {
   unsigned char* smem = dynamic_smem();
@@ -491,10 +504,10 @@ __global__ void __launch_bounds__(kBlock, 1)
   }
   const int64_t end = std::min(p.L, (t + 1) * rows_per_tile);
   const int64_t stride = plan.bdy;
-  for (int64_t row = t * rows_per_tile + y; row < end; row += kUnroll<VEC> * stride) {
-    AlignedVector<scalar_t, VEC> xv[kUnroll<VEC>], rv[kUnroll<VEC>];
+  for (int64_t row = t * rows_per_tile + y; row < end; row += kApplyUnroll<VEC> * stride) {
+    AlignedVector<scalar_t, VEC> xv[kApplyUnroll<VEC>], rv[kApplyUnroll<VEC>];
 #pragma unroll
-    for (int u = 0; u < kUnroll<VEC>; ++u) {
+    for (int u = 0; u < kApplyUnroll<VEC>; ++u) {
       const int64_t ru = row + u * stride;
       if (ru < end) {
         xv[u] = load_vec<VEC>(p.X, (n * p.L + ru) * p.C + c);
@@ -502,7 +515,7 @@ __global__ void __launch_bounds__(kBlock, 1)
       }
     }
 #pragma unroll
-    for (int u = 0; u < kUnroll<VEC>; ++u) {
+    for (int u = 0; u < kApplyUnroll<VEC>; ++u) {
       const int64_t ru = row + u * stride;
       if (ru < end) {
         float out[VEC];
@@ -699,7 +712,7 @@ __global__ void __launch_bounds__(kMaxBlock)
 // warp tree writes sums[row*T + t]. No block-level synchronisation, so warps past the end just
 // return. Needs L % VEC == 0 and X, dY, R VEC-aligned.
 template <typename scalar_t, int VEC>
-__global__ void __launch_bounds__(kBlock)
+__global__ void __launch_bounds__(kBlock, kStreamBlocks)
     gn_bwd_sums_nchw_kernel(BwdParams<scalar_t> p, int64_t tile_v, int64_t T, Sum2* __restrict__ sums) {
   const int64_t gw = int64_t(blockIdx.x) * (blockDim.x / kWarpSize) + threadIdx.x / kWarpSize;
   if (gw >= p.N * p.C * T) return;
@@ -711,10 +724,10 @@ __global__ void __launch_bounds__(kBlock)
   const int64_t end = std::min(p.L / VEC, (t + 1) * tile_v);
   const int64_t base = row * p.L;
   Sum2 acc{0.f, 0.f};
-  for (int64_t v = t * tile_v + lane; v < end; v += kUnroll<VEC> * kWarpSize) {
-    AlignedVector<scalar_t, VEC> xv[kUnroll<VEC>], dy[kUnroll<VEC>], rv[kUnroll<VEC>];
+  for (int64_t v = t * tile_v + lane; v < end; v += kGradUnroll<VEC> * kWarpSize) {
+    AlignedVector<scalar_t, VEC> xv[kGradUnroll<VEC>], dy[kGradUnroll<VEC>], rv[kGradUnroll<VEC>];
 #pragma unroll
-    for (int u = 0; u < kUnroll<VEC>; ++u) {
+    for (int u = 0; u < kGradUnroll<VEC>; ++u) {
       const int64_t vu = v + u * kWarpSize;
       if (vu < end) {
         xv[u] = load_vec<VEC>(p.X, base + vu * VEC);
@@ -723,7 +736,7 @@ __global__ void __launch_bounds__(kBlock)
       }
     }
 #pragma unroll
-    for (int u = 0; u < kUnroll<VEC>; ++u) {
+    for (int u = 0; u < kGradUnroll<VEC>; ++u) {
       if (v + u * kWarpSize < end) {
 #pragma unroll
         for (int e = 0; e < VEC; ++e) {
@@ -746,7 +759,7 @@ __global__ void __launch_bounds__(kBlock)
 // sums down rows y, y + bdy, ..., column_reduce merges the rows and the block writes
 // sums[(n*C + c)*T + t]. Needs C % VEC == 0 and X, dY, R VEC-aligned.
 template <typename scalar_t, int VEC>
-__global__ void __launch_bounds__(kBlock)
+__global__ void __launch_bounds__(kBlock, kStreamBlocks)
     gn_bwd_sums_nhwc_kernel(BwdParams<scalar_t> p, int bdx, int bdy, int64_t chunks, int64_t rows_per_tile,
                             int64_t T, Sum2* __restrict__ sums) {
   unsigned char* smem = dynamic_smem();
@@ -770,10 +783,10 @@ __global__ void __launch_bounds__(kBlock)
   const int64_t stride = bdy;
   Sum2 acc[VEC] = {};
   if (active) {
-    for (int64_t row = t * rows_per_tile + y; row < end; row += kUnroll<VEC> * stride) {
-      AlignedVector<scalar_t, VEC> xv[kUnroll<VEC>], dy[kUnroll<VEC>], rv[kUnroll<VEC>];
+    for (int64_t row = t * rows_per_tile + y; row < end; row += kGradUnroll<VEC> * stride) {
+      AlignedVector<scalar_t, VEC> xv[kGradUnroll<VEC>], dy[kGradUnroll<VEC>], rv[kGradUnroll<VEC>];
 #pragma unroll
-      for (int u = 0; u < kUnroll<VEC>; ++u) {
+      for (int u = 0; u < kGradUnroll<VEC>; ++u) {
         const int64_t ru = row + u * stride;
         if (ru < end) {
           const int64_t off = (n * p.L + ru) * p.C + c;
@@ -783,7 +796,7 @@ __global__ void __launch_bounds__(kBlock)
         }
       }
 #pragma unroll
-      for (int u = 0; u < kUnroll<VEC>; ++u) {
+      for (int u = 0; u < kGradUnroll<VEC>; ++u) {
         if (row + u * stride < end) {
 #pragma unroll
           for (int e = 0; e < VEC; ++e) {
@@ -875,7 +888,7 @@ struct DxSums {
 // requested). Blocks past ds.dx_blocks form dgamma / dbeta. Needs tile and M multiples of VEC and X, dY, R,
 // dX, dR VEC-aligned.
 template <typename scalar_t, int VEC>
-__global__ void __launch_bounds__(kBlock)
+__global__ void __launch_bounds__(kBlock, kStreamBlocks)
     gn_bwd_dx_nchw_kernel(BwdParams<scalar_t> p, int64_t tile, int64_t T, DxSums ds) {
   NORMEXT_SHARED(Sum2, red, kBlock);
   if (blockIdx.x >= ds.dx_blocks) {
@@ -896,10 +909,10 @@ __global__ void __launch_bounds__(kBlock)
   const int64_t stride = int64_t(blockDim.x) * VEC;
   const int64_t first = t * tile + int64_t(threadIdx.x) * VEC;
   ChannelCursor cur(first, stride, p.L);
-  for (int64_t i = first; i < end; i += kUnroll<VEC> * stride) {
-    AlignedVector<scalar_t, VEC> xv[kUnroll<VEC>], dy[kUnroll<VEC>], rv[kUnroll<VEC>];
+  for (int64_t i = first; i < end; i += kGradUnroll<VEC> * stride) {
+    AlignedVector<scalar_t, VEC> xv[kGradUnroll<VEC>], dy[kGradUnroll<VEC>], rv[kGradUnroll<VEC>];
 #pragma unroll
-    for (int u = 0; u < kUnroll<VEC>; ++u) {
+    for (int u = 0; u < kGradUnroll<VEC>; ++u) {
       const int64_t off = base + i + u * stride;
       if (i + u * stride < end) {
         xv[u] = load_vec<VEC>(p.X, off);
@@ -908,7 +921,7 @@ __global__ void __launch_bounds__(kBlock)
       }
     }
 #pragma unroll
-    for (int u = 0; u < kUnroll<VEC>; ++u) {
+    for (int u = 0; u < kGradUnroll<VEC>; ++u) {
       if (i + u * stride < end) {
         const int64_t off = base + i + u * stride;
         float gam[VEC], bet[VEC], dz[VEC], dx[VEC];
@@ -935,7 +948,7 @@ __global__ void __launch_bounds__(kBlock)
 // gamma, beta) are loaded once, then rows stream. Blocks past ds.dx_blocks form dgamma / dbeta. Needs
 // C % VEC == 0 and X, dY, R, dX, dR VEC-aligned.
 template <typename scalar_t, int VEC>
-__global__ void __launch_bounds__(kBlock, 1)
+__global__ void __launch_bounds__(kBlock, kStreamBlocks)
     gn_bwd_dx_nhwc_kernel(BwdParams<scalar_t> p, int bdx, int bdy, int64_t chunks, int64_t rows_per_tile,
                           int64_t T, DxSums ds) {
   NORMEXT_SHARED(Sum2, red, kBlock);
@@ -986,10 +999,10 @@ __global__ void __launch_bounds__(kBlock, 1)
   }
   const int64_t end = std::min(p.L, (t + 1) * rows_per_tile);
   const int64_t stride = bdy;
-  for (int64_t row = t * rows_per_tile + y; row < end; row += kUnroll<VEC> * stride) {
-    AlignedVector<scalar_t, VEC> xv[kUnroll<VEC>], dy[kUnroll<VEC>], rv[kUnroll<VEC>];
+  for (int64_t row = t * rows_per_tile + y; row < end; row += kGradUnroll<VEC> * stride) {
+    AlignedVector<scalar_t, VEC> xv[kGradUnroll<VEC>], dy[kGradUnroll<VEC>], rv[kGradUnroll<VEC>];
 #pragma unroll
-    for (int u = 0; u < kUnroll<VEC>; ++u) {
+    for (int u = 0; u < kGradUnroll<VEC>; ++u) {
       const int64_t ru = row + u * stride;
       if (ru < end) {
         const int64_t off = (n * p.L + ru) * p.C + c;
@@ -999,7 +1012,7 @@ __global__ void __launch_bounds__(kBlock, 1)
       }
     }
 #pragma unroll
-    for (int u = 0; u < kUnroll<VEC>; ++u) {
+    for (int u = 0; u < kGradUnroll<VEC>; ++u) {
       const int64_t ru = row + u * stride;
       if (ru < end) {
         const int64_t off = (n * p.L + ru) * p.C + c;
@@ -1144,8 +1157,8 @@ bool fwd_nhwc(const FwdParams<scalar_t>& p, const at::Tensor& X, cudaStream_t st
   const auto [rows_m, Tm] = row_tiles(p.L, p.N * pm.count, pm.bdy, kMaxTiles / pm.parts);
   const int64_t S = pm.parts * Tm;
   const int64_t segs = pa.parts > 1 ? 1 : pa.gpb;
-  const int64_t rows_a =
-      std::min(p.L, std::max<int64_t>(int64_t(pa.bdy) * kUnroll<VEC>, ceil_div(16 * segs * S, pa.width)));
+  const int64_t rows_a = std::min(
+      p.L, std::max<int64_t>(int64_t(pa.bdy) * kMinTileRows<VEC>, ceil_div(16 * segs * S, pa.width)));
   const int64_t Ta = ceil_div(p.L, rows_a);
 
   at::Tensor partial = at::empty({p.N * p.G * S * 3}, X.options().dtype(at::kFloat));
@@ -1302,10 +1315,10 @@ void bwd_nhwc(const BwdParams<scalar_t>& p, BwdOut out, const at::Tensor& X, cud
   const int dbdx = static_cast<int>(std::min<int64_t>(cv, 2 * kWarpSize));
   const int dbdy = std::max(1, kBlock / dbdx);
   const int64_t dchunks = ceil_div(cv, int64_t(dbdx));
-  // Row tiles: kTargetBlocks blocks overall where each thread still gets 2 unrolled steps, else fewer, longer
-  // tiles (each block loads its per-lane constants once: more rows per block amortize them).
+  // Row tiles: kTargetBlocks blocks overall where each thread still gets 2 x kMinTileRows rows, else fewer,
+  // longer tiles (each block loads its per-lane constants once: more rows per block amortize them).
   const int64_t Td0 = std::clamp<int64_t>(ceil_div(kTargetBlocks, p.N * dchunks), 1,
-                                          std::max<int64_t>(1, p.L / (int64_t(dbdy) * kUnroll<SV> * 2)));
+                                          std::max<int64_t>(1, p.L / (int64_t(dbdy) * kMinTileRows<SV> * 2)));
   const int64_t drows = ceil_div(p.L, Td0), Td = ceil_div(p.L, drows);
   at::Tensor ws, pq_ws;
   DxSums ds{nullptr, nullptr, 1, nullptr, nullptr, p.N * Td * dchunks};

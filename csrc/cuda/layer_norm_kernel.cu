@@ -42,9 +42,12 @@ constexpr int kGroupThreads = 128;
 constexpr int kMaxFwdRowThreads = 512;
 constexpr int kMaxBwdRowThreads = 512;
 constexpr int kLongRowThreads = 256;
-// The register-held row kernels and the long-row backward state their minimum blocks per SM, a budget of
-// 128 registers: given the block size alone, ptxas held some to 64 / 80 registers and spilled a few
-// (tools/cuda_report.py).
+// The register-held row kernels state their minimum blocks per SM, a budget of 128 registers: given the
+// block size alone, ptxas held some to 64 / 80 registers and spilled a few (tools/cuda_report.py). Holding a
+// row in registers (one read of x, and of dy) costs them occupancy: 25-44% on sm_90. The long-row backward
+// streams its row twice and is bounded to kLongBwdBlocks blocks, 64 registers a thread: 50% on sm_90,
+// without spills (8-wide vectors took 87 registers, 25%, under the 128 of 2 blocks).
+constexpr int kLongBwdBlocks = 4;
 constexpr int64_t kMaxGrid = 1 << 30;
 constexpr int k2dThreads = 256;
 
@@ -387,7 +390,7 @@ __global__ void __launch_bounds__(kBlock ? kMaxBwdRowThreads : kGroupThreads,
 // and dy for Σ gamma·dz and Σ gamma·dz·x̂, the second re-reads them (mostly from L2) for dx.
 // dgamma/dbeta come from ln_bwd_long_params_kernel. mean_in null: RMSNorm, as in ln_bwd_rows_kernel.
 template <typename scalar_t, int VEC>
-__global__ void __launch_bounds__(kLongRowThreads, 2)
+__global__ void __launch_bounds__(kLongRowThreads, kLongBwdBlocks)
     ln_bwd_long_kernel(const scalar_t* __restrict__ dY, const scalar_t* __restrict__ X,
                        const scalar_t* __restrict__ R, const float* __restrict__ mean_in,
                        const float* __restrict__ rstd_in, const float* __restrict__ gamma,
@@ -692,10 +695,12 @@ struct Ptrs {
 // divides `extent` (the contiguous run a vector must not cross: the row, or HxW): D = 770 in bfloat16 takes
 // 4-byte vectors, not scalars. A and S (add_*_norm's residual stream, of any element type) must be aligned
 // to the same number of elements.
-template <typename scalar_t, typename F, typename res_t = scalar_t>
+// kWidest caps the width (and the instantiations) for a kernel whose per-lane state does not fit wider.
+template <typename scalar_t, int kWidest = kMaxVec<scalar_t>, typename F, typename res_t = scalar_t>
 void with_vec(const Ptrs<scalar_t>& p, int64_t extent, const F& f, const res_t* A = nullptr,
               const res_t* S = nullptr) {
-  dispatch_vec<scalar_t>(widest_vec<scalar_t>(extent, p.X, p.R, p.dY, p.out, p.dR, A, S), f);
+  dispatch_vec<scalar_t, kWidest>(
+      std::min(kWidest, widest_vec<scalar_t>(extent, p.X, p.R, p.dY, p.out, p.dR, A, S)), f);
 }
 
 // Row-kernel class of a row of nvec vectors: threads per row, and whether a warp (part) owns it.
@@ -845,11 +850,16 @@ void nchw_forward(const Ptrs<scalar_t>& p, const ChannelDims& d, float eps, int 
   });
 }
 
+// The backward takes at most 4 positions per vector (8 bytes of a 16-bit type): a thread keeps mean, rstd and
+// two sums per position across its channel loop, which at 8 positions took 80 registers (38% occupancy on
+// sm_90) and at the 64 of 50% spilled 176 bytes.
+constexpr int k2dBwdVec = 4;
+
 template <typename scalar_t>
 void nchw_backward(const Ptrs<scalar_t>& p, const ChannelDims& d, int act, float slope, float* dgamma,
                    float* dbeta) {
   const auto stream = current_stream();
-  with_vec(p, d.HxW, [&](auto vec) {
+  with_vec<scalar_t, std::min(kMaxVec<scalar_t>, k2dBwdVec)>(p, d.HxW, [&](auto vec) {
     constexpr int VEC = decltype(vec)::value;
     const Plan2d plan = plan_2d(d.N, d.C, d.HxW, VEC);
     const int64_t P = d.N * plan.blocks_per_n;
