@@ -15,6 +15,7 @@ from conftest import (
     assert_fwd_close,
     assert_layout_kept,
     check_all,
+    devices_with_cuda_mark,
     forward_backward,
     leaf,
     make_input,
@@ -203,8 +204,15 @@ def test_ln_off_centre_data(device, D, case):
             assert err < max(1e-4, 2 * nat_err), f"{name}: rel err {err:.3g} (torch float32: {nat_err:.3g})"
 
 
+_CUDA_ROWS_LOSE_PRECISION = pytest.mark.xfail(
+    strict=True,
+    reason="known CUDA defect (issue 11): the LayerNorm row kernels' statistics lose precision on these "
+    "rows, y off by 6.4e-7 in the emulation (CPU kernels 3-4e-8, torch 3-7e-8)",
+)
+
+
 @pytest.mark.parametrize("D", [4097, 16500])
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", devices_with_cuda_mark(_CUDA_ROWS_LOSE_PRECISION))
 def test_ln_rows_that_start_off_centre(device, D):
     """The first 16 values of every 4096-value block 1000 away from the rest (std 1). A variance from sums
     shifted by those values loses up to 8 bits in float32 (y off by ~4e-6 here), and a second pass without
