@@ -5,6 +5,7 @@ import glob
 import os
 import platform
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -59,22 +60,47 @@ class BuildWithCpuKernels(BuildExtension):
     """Compiles CPU_KERNELS per capability into their own folders (ninja, incremental) and links the objects
     into the extension, the portable ones first: an inline function that several objects define (a
     std:: or c10 template) is taken from the first, so code the DEFAULT kernels reach never holds SIMD
-    instructions."""
+    instructions. The capabilities' ninja calls run in threads beside the extension's own (CUDA) call and the
+    link waits for all: called one after another, each would wait for its slowest file while the other
+    cores idle. MAX_JOBS (default: the core count) is shared out between the concurrent calls."""
 
     def build_extension(self, ext):
         capabilities = ["DEFAULT", *simd_capabilities()]
         cxx = ext.extra_compile_args["cxx"]
-        objects = []
-        for cap in capabilities:
-            objects += self.compiler.compile(
+        compile_all = self.compiler.compile
+        jobs = os.environ.get("MAX_JOBS", "")
+        total = int(jobs) if jobs.isdigit() else os.cpu_count() or 1
+        os.environ["MAX_JOBS"] = str(max(1, total // (len(capabilities) + 1)))
+        pool = ThreadPoolExecutor(len(capabilities))
+        cpu = [
+            pool.submit(
+                compile_all,
                 CPU_KERNELS,
                 output_dir=os.path.join(self.build_temp, "cpu-" + cap.lower()),
                 macros=ext.define_macros,
                 include_dirs=ext.include_dirs,
                 extra_postargs={"cxx": cxx + CPU_CAPABILITIES[cap]},
             )
-        ext.extra_objects = objects + [o for o in ext.extra_objects if o not in objects]
-        super().build_extension(ext)
+            for cap in capabilities
+        ]
+
+        def compile_then_join(*args, **kwargs):
+            # build_ext.build_extension compiles the sources, then reads ext.extra_objects to link.
+            objects = compile_all(*args, **kwargs)
+            kernels = [o for future in cpu for o in future.result()]
+            ext.extra_objects = kernels + [o for o in ext.extra_objects if o not in kernels]
+            return objects
+
+        self.compiler.compile = compile_then_join
+        try:
+            super().build_extension(ext)
+        finally:
+            self.compiler.compile = compile_all
+            pool.shutdown(wait=True)
+            if jobs:
+                os.environ["MAX_JOBS"] = jobs
+            else:
+                del os.environ["MAX_JOBS"]
 
 
 def want_cuda():

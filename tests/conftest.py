@@ -28,17 +28,6 @@ requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU visible")
 DEVICES = [pytest.param("cpu", id="cuda")] if EMU else ["cpu", pytest.param("cuda", marks=requires_cuda)]
 
 
-def devices_with_cuda_mark(mark):
-    """DEVICES with `mark` added to the entry that runs the CUDA kernels (e.g. a strict xfail for a known
-    CUDA defect: once fixed, the test fails until the mark goes)."""
-    cuda = (
-        pytest.param("cpu", id="cuda", marks=mark)
-        if EMU
-        else pytest.param("cuda", marks=[requires_cuda, mark])
-    )
-    return [cuda] if EMU else ["cpu", cuda]
-
-
 requires_emu = pytest.mark.skipif(not EMU, reason="runs in the emulated CUDA build only (make test-emu)")
 FORMATS = ["contiguous", "channels_last"]
 

@@ -15,7 +15,6 @@ from conftest import (
     assert_fwd_close,
     assert_layout_kept,
     check_all,
-    devices_with_cuda_mark,
     forward_backward,
     leaf,
     make_input,
@@ -43,6 +42,7 @@ from reference import (
     native_chain,
     permute_layer_norm_2d,
     rel_err,
+    rms_norm_ref,
     to64,
 )
 
@@ -204,29 +204,47 @@ def test_ln_off_centre_data(device, D, case):
             assert err < max(1e-4, 2 * nat_err), f"{name}: rel err {err:.3g} (torch float32: {nat_err:.3g})"
 
 
-_CUDA_ROWS_LOSE_PRECISION = pytest.mark.xfail(
-    strict=True,
-    reason="known CUDA defect (issue 11): the LayerNorm row kernels' statistics lose precision on these "
-    "rows, y off by 6.4e-7 in the emulation (CPU kernels 3-4e-8, torch 3-7e-8)",
-)
-
-
+@pytest.mark.parametrize("kind", ["layer", "add_layer", "rms"])
 @pytest.mark.parametrize("D", [4097, 16500])
-@pytest.mark.parametrize("device", devices_with_cuda_mark(_CUDA_ROWS_LOSE_PRECISION))
-def test_ln_rows_that_start_off_centre(device, D):
+@pytest.mark.parametrize("device", DEVICES)
+def test_ln_rows_that_start_off_centre(device, D, kind):
     """The first 16 values of every 4096-value block 1000 away from the rest (std 1). A variance from sums
     shifted by those values loses up to 8 bits in float32 (y off by ~4e-6 here), and a second pass without
-    its correction of the mean ~3e-7; with both, ~5e-8, as torch's Welford."""
+    its correction of the mean ~3e-7; with both, ~5e-8, as torch's Welford. add_layer normalizes s = x + r
+    as the op stores it (the reference starts from that float32 sum); rms divides by var + mean²."""
     x = make_input((3, D), torch.float32, device)
     for j in range(16):
         x[:, j::4096] += 1000.0
     w, b = make_params(D, torch.float32, device)
-    ours, ref, _ = ln_fns((D,))
+    s, tensors = x, (x, w, b)
+    if kind == "add_layer":
+        r = make_input((3, D), torch.float32, device)
+        s = x + r
+
+        def ours(x_, w_, b_):
+            return nxF.add_layer_norm(x_, r, (D,), w_, b_)[0]
+
+    elif kind == "rms":
+        tensors = (x, w)
+
+        def ours(x_, w_):
+            return nxF.rms_norm(x_, (D,), w_, 1e-6)
+
+    else:
+
+        def ours(x_, w_, b_):
+            return nxF.layer_norm(x_, (D,), w_, b_)
+
+    def ref(s_, w_, b_=None):
+        if kind == "rms":
+            return rms_norm_ref(s_, (D,), w_, 1e-6)
+        return layer_norm_ref(s_, (D,), w_, b_)
+
     dy = torch.randn_like(x)
-    y, g = forward_backward(lambda *t: ours(*t, None), (x, w, b), dy)
-    y_ref, g_ref = forward_backward(lambda *t: ref(*t, None), [to64(t) for t in (x, w, b)], to64(dy))
-    for name, out, r in zip(("y", "dx", "dweight", "dbias"), [y, *g], [y_ref, *g_ref], strict=True):
-        assert rel_err(out, r) < 1.5e-7, f"{name}: rel err {rel_err(out, r):.3g}"
+    y, g = forward_backward(ours, tensors, dy)
+    y_ref, g_ref = forward_backward(ref, [to64(t) for t in (s, *tensors[1:])], to64(dy))
+    for name, out, r_ in zip(("y", "dx", "dweight", "dbias"), [y, *g], [y_ref, *g_ref], strict=False):
+        assert rel_err(out, r_) < 1.5e-7, f"{name}: rel err {rel_err(out, r_):.3g}"
 
 
 @pytest.mark.parametrize("bad", ["nan", "inf"])

@@ -24,11 +24,10 @@ if [ -z "${PYTHON:-}" ]; then
     [ -x "$PYTHON" ] || PYTHON=$(command -v python3)
 fi
 TOTAL_S=${GPU_CHECK_TOTAL_S:-540}
-# A fresh build is mostly the CPU kernels: setup.py compiles each CPU capability (DEFAULT, AVX2, AVX512) in its
-# own ninja call, one after another, so however many cores the machine has it waits for the slowest of the
-# three files of each call, then for the CUDA call. In tools/gpu_machine_sim.sh on 2 loaded cores
-# (MAX_JOBS=1, sm_90 only) the slowest were 449 / 375 / 176 s and the CUDA files 65-116 s each: a fresh build
-# may not fit in 240 s; not measured on the GPU machine.
+# A fresh build is mostly the CPU kernels, compiled once per CPU capability (DEFAULT, AVX2, AVX512): setup.py
+# runs those three ninja calls and the CUDA one side by side, MAX_JOBS shared out between them, so the
+# build takes about as long as its slowest file once the machine has a core per file (14 files). Not
+# measured on the GPU machine: BUILD_S is a guess from this repository's 2-core machines.
 BUILD_S=${GPU_CHECK_BUILD_S:-240}
 TESTS_S=${GPU_CHECK_TESTS_S:-180}
 SANITIZER_S=${GPU_CHECK_SANITIZER_S:-50}

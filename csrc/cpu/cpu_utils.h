@@ -154,8 +154,10 @@ inline void dispatch_grad_activation(int64_t act, const F& f) {
 // differences between block means that Chan's formula adds up. Per-element work stays in acc_t.
 using Moments = Welford<double, double>;
 
-// Σ e and Σ e² of e = (x - k) - m over n contiguous values: row_moments' second pass. Σ e is the rounding
-// error of m as the mean of x - k, which the caller adds back (the corrected two-pass algorithm).
+// Σ e and Σ e² of e = (x - k) - m over n contiguous values: row_moments' one pass (m = 0) and its second
+// pass, where Σ e is the rounding error of m as the mean of x - k, which the caller adds back (the corrected
+// two-pass algorithm). Four SIMD accumulators hide latency; the last n % kSize values are one partial
+// vector, its other lanes masked to 0.
 template <typename scalar_t, typename Vec = typename VecIO<scalar_t>::Vec>
 std::pair<double, double> deviation_sums(const scalar_t* __restrict p, int64_t n, Vec k, Vec m) {
   using IO = VecIO<scalar_t>;
@@ -190,8 +192,7 @@ std::pair<double, double> deviation_sums(const scalar_t* __restrict p, int64_t n
 // mean of the block's first kSize values, so the float sums scale with the spread, not the magnitude (exact
 // enough for off-centre data). Σd² - (Σd)²/n loses bits as (mean - k)² grows against the variance, by at
 // most n / kSize (the first kSize values alone add (mean - k)²·kSize / n to it): past (mean - k)² > variance,
-// a second pass sums the deviations from the mean instead. Blocks merged with Chan's formula. Four SIMD
-// accumulators hide latency; the last n % kSize values are one partial vector, its other lanes masked to 0.
+// a second pass sums the deviations from the mean instead. Blocks merged with Chan's formula.
 template <typename scalar_t>
 Moments row_moments(const scalar_t* __restrict x, int64_t L) {
   using IO = VecIO<scalar_t>;
@@ -204,34 +205,10 @@ Moments row_moments(const scalar_t* __restrict x, int64_t L) {
   for (int64_t b0 = 0; b0 < L; b0 += kBlock) {
     const scalar_t* p = x + b0;
     const int64_t n = std::min(kBlock, L - b0);
-    const int64_t n4 = n - n % (4 * kV), n1 = n - n % kV, h = std::min(n, kV);
+    const int64_t h = std::min(n, kV);
     const acc_t shift = at::vec::vec_reduce_all(add, keep_lanes(IO::load(p, h), h)) / acc_t(h);
     const Vec k(shift);
-    Vec s0(0), s1(0), s2(0), s3(0), q0(0), q1(0), q2(0), q3(0);
-    for (int64_t i = 0; i < n4; i += 4 * kV) {
-      const Vec d0 = IO::load(p + i) - k, d1 = IO::load(p + i + kV) - k;
-      const Vec d2 = IO::load(p + i + 2 * kV) - k, d3 = IO::load(p + i + 3 * kV) - k;
-      s0 = s0 + d0;
-      s1 = s1 + d1;
-      s2 = s2 + d2;
-      s3 = s3 + d3;
-      q0 = at::vec::fmadd(d0, d0, q0);
-      q1 = at::vec::fmadd(d1, d1, q1);
-      q2 = at::vec::fmadd(d2, d2, q2);
-      q3 = at::vec::fmadd(d3, d3, q3);
-    }
-    for (int64_t i = n4; i < n1; i += kV) {
-      const Vec d = IO::load(p + i) - k;
-      s0 = s0 + d;
-      q0 = at::vec::fmadd(d, d, q0);
-    }
-    if (n1 < n) {
-      const Vec d = keep_lanes(IO::load(p + n1, n - n1) - k, n - n1);
-      s1 = s1 + d;
-      q1 = at::vec::fmadd(d, d, q1);
-    }
-    const double sum = at::vec::vec_reduce_all(add, (s0 + s1) + (s2 + s3));
-    const double sq = at::vec::vec_reduce_all(add, (q0 + q1) + (q2 + q3));
+    const auto [sum, sq] = deviation_sums(p, n, k, Vec(0));
     const double cross = sum * sum / double(n);
     double mean = double(shift) + sum / double(n), m2 = sq - cross;
     if (!(2.0 * cross <= sq)) {

@@ -103,6 +103,25 @@ __device__ __forceinline__ float first_value(const scalar_t* X, const res_t* A, 
   return static_cast<float>(X[off]) + (A != nullptr ? static_cast<float>(A[off]) : 0.f);
 }
 
+// The corrected second pass of a row's statistics (as the CPU path's deviation_sums): Σe and Σe² of
+// e = x − m over one vector, added to acc. m is the mean from sums shifted by the row's first value, which
+// can be far from the mean: Σe is what rounding left out of m, and correct_moments adds it back.
+template <int VEC>
+__device__ __forceinline__ void add_deviations(const float (&x)[VEC], float m, Sum2& acc) {
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) {
+    const float e = x[k] - m;
+    acc.a += e;
+    acc.b += e * e;
+  }
+}
+
+// mean = m + Σe/D and var = (Σe² − (Σe)²/D)/D from the row's total t of add_deviations.
+__device__ __forceinline__ void correct_moments(float m, Sum2 t, float inv_d, float& mean, float& var) {
+  mean = m + t.a * inv_d;
+  var = fmaxf(0.f, (t.b - t.a * t.a * inv_d) * inv_d);
+}
+
 // add_*_norm: x += a (in float32), rounded to res_t and stored to S; x keeps the rounded value, so the
 // row is normalized from exactly what S holds.
 template <int VEC, typename res_t>
@@ -130,10 +149,11 @@ __device__ __forceinline__ void apply_vec(const float (&x)[VEC], float mean, flo
 // row: W ≤ 32 lanes of a warp (kBlock = false, kGroupThreads / W rows per block), or the whole block
 // (kBlock, W = blockDim.x, a multiple of 32). Thread `lane` holds the row's vectors lane, lane + W, ...
 // (at most fwd_cap / VEC), so each load of the group is one contiguous span. Statistics from registers:
-// mean = x0 + Σ(x − x0)/D with x0 the row's first element (a mean far from zero keeps its low bits),
-// var = Σ(x − mean)²/D. Rows are strided over the grid; all threads of a block run the same iterations
-// (rows ≥ M only skip memory), so shuffles and barriers stay convergent. With A (add_*_norm) the row held
-// is s = x + a, also written to S. mean_out null: RMSNorm.
+// m = x0 + Σ(x − x0)/D with x0 the row's first element (a mean far from zero keeps its low bits), then the
+// corrected second pass over e = x − m (add_deviations), which also restores what rounding left out of m when
+// x0 is far from the mean (an outlier first). Rows are strided over the grid; all threads of a block run the
+// same iterations (rows ≥ M only skip memory), so shuffles and barriers stay convergent. With A (add_*_norm)
+// the row held is s = x + a, also written to S. mean_out null: RMSNorm.
 template <typename scalar_t, int VEC, bool kBlock, typename res_t = scalar_t>
 __global__ void __launch_bounds__(kBlock ? kMaxFwdRowThreads : kGroupThreads,
                                   kBlock ? 1 : kMaxFwdRowThreads / kGroupThreads)
@@ -144,6 +164,7 @@ __global__ void __launch_bounds__(kBlock ? kMaxFwdRowThreads : kGroupThreads,
                        float slope, const res_t* __restrict__ A, res_t* __restrict__ S) {
   constexpr int kIters = fwd_cap<scalar_t, VEC, kBlock>() / VEC;
   NORMEXT_SHARED(float, red, kWarpSize);
+  NORMEXT_SHARED(Sum2, red2, kWarpSize);
   const int lane = kBlock ? threadIdx.x : threadIdx.x % W;
   const int groups = kBlock ? 1 : blockDim.x / W;
   const int group = kBlock ? 0 : threadIdx.x / W;
@@ -167,18 +188,17 @@ __global__ void __launch_bounds__(kBlock ? kMaxFwdRowThreads : kGroupThreads,
       }
     }
     s = row_allsum<kBlock>(s, W, red);
-    const float mean = shift + s * inv_d;
-    float q = 0.f;
+    const float m = shift + s * inv_d;
+    Sum2 t{0.f, 0.f};
 #pragma unroll
     for (int i = 0; i < kIters; ++i) {
-      if (valid && i * W + lane < nvec) {
-#pragma unroll
-        for (int k = 0; k < VEC; ++k) q += (x[i][k] - mean) * (x[i][k] - mean);
-      }
+      if (valid && i * W + lane < nvec) add_deviations<VEC>(x[i], m, t);
     }
-    q = row_allsum<kBlock>(q, W, red);
+    t = row_allsum<kBlock>(t, W, red2);
+    float mean, var;
+    correct_moments(m, t, inv_d, mean, var);
     const bool rms = mean_out == nullptr;
-    const float rstd = rsqrt_rn(norm_var(mean, q * inv_d, rms) + eps);
+    const float rstd = rsqrt_rn(norm_var(mean, var, rms) + eps);
     const float centre = rms ? 0.f : mean;
     if (valid && lane == 0) {
       if (!rms) mean_out[row] = mean;
@@ -202,16 +222,20 @@ __global__ void __launch_bounds__(kBlock ? kMaxFwdRowThreads : kGroupThreads,
 
 // Forward of rows too long for registers: a block per row (grid-strided). Each thread folds one vector at
 // a time into its Welford state (an exact two-pass within the vector, then a Chan merge, on x − x0), the
-// block merges the states in a fixed tree, and the apply re-reads the row (mostly from L2). With A
+// block merges the states in a fixed tree, and the apply re-reads the row (mostly from L2). When x0 lies
+// more than a standard deviation from the mean, the merges' float means lose bits with |mean − x0|: then one
+// more pass over the row (block-uniform: every thread holds the same merged state) corrects the moments as
+// the register kernel does. With A
 // (add_*_norm) the first pass writes s = x + a to S and the apply re-reads S (the same thread's vectors).
 template <typename scalar_t, int VEC, typename res_t = scalar_t>
 __global__ void __launch_bounds__(kLongRowThreads)
     ln_fwd_long_kernel(const scalar_t* __restrict__ X, const scalar_t* __restrict__ R,
                        scalar_t* __restrict__ Y, const float* __restrict__ gamma,
                        const float* __restrict__ beta, float* __restrict__ mean_out,
-                       float* __restrict__ rstd_out, int64_t M, int D, float eps, int act, float slope,
-                       const res_t* __restrict__ A, res_t* __restrict__ S) {
+                       float* __restrict__ rstd_out, int64_t M, int D, float inv_d, float eps, int act,
+                       float slope, const res_t* __restrict__ A, res_t* __restrict__ S) {
   NORMEXT_SHARED(WelfordF, red, kWarpSize);
+  NORMEXT_SHARED(Sum2, red2, kWarpSize);
   const int nvec = D / VEC;
   for (int64_t row = blockIdx.x; row < M; row += gridDim.x) {
     const int64_t off = row * D;
@@ -231,9 +255,23 @@ __global__ void __launch_bounds__(kLongRowThreads)
       w = welford_merge(w, WelfordF{vm, q, static_cast<float>(VEC)});
     }
     w = block_allreduce(w, WelfordOp{}, red, blockDim.x / kWarpSize);
+    float mean = shift + w.mean, var = w.m2 * inv_d;
+    if (w.mean * w.mean > var) {
+      Sum2 t{0.f, 0.f};
+      for (int v = threadIdx.x; v < nvec; v += blockDim.x) {
+        const int64_t j = off + static_cast<int64_t>(v) * VEC;
+        float x[VEC];
+        if (S != nullptr) {
+          load_float<VEC>(S, j, x);
+        } else {
+          load_float<VEC>(X, j, x);
+        }
+        add_deviations<VEC>(x, mean, t);
+      }
+      correct_moments(mean, block_allreduce(t, SumOp{}, red2, blockDim.x / kWarpSize), inv_d, mean, var);
+    }
     const bool rms = mean_out == nullptr;
-    const float mean = shift + w.mean;
-    const float rstd = rsqrt_rn(norm_var(mean, nx_div(w.m2, static_cast<float>(D)), rms) + eps);
+    const float rstd = rsqrt_rn(norm_var(mean, var, rms) + eps);
     if (threadIdx.x == 0) {
       if (!rms) mean_out[row] = mean;
       rstd_out[row] = rstd;
@@ -742,8 +780,8 @@ void rows_forward(const Ptrs<scalar_t>& p, int64_t M, int D, float eps, int act,
                          inv_d, plan.threads, eps, act, slope, A, S);
         } else {
           NORMEXT_LAUNCH((ln_fwd_long_kernel<scalar_t, VEC, res_t>), std::min(M, kMaxGrid), kLongRowThreads,
-                         0, stream, p.X, p.R, p.out, p.gamma, p.beta, p.mean, p.rstd, M, D, eps, act, slope,
-                         A, S);
+                         0, stream, p.X, p.R, p.out, p.gamma, p.beta, p.mean, p.rstd, M, D, inv_d, eps, act,
+                         slope, A, S);
         }
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       },
