@@ -32,6 +32,7 @@ constexpr int kCap = 32;
 constexpr int kBwdCap = 16;
 // The forward's kCap for one instantiation: 24 in the block-per-row kernel with 8-byte float vectors, where
 // 32 took 128 registers and spilled 12 bytes (tools/cuda_report.py); those rows get more threads instead.
+// (24 for scalar access as well spilled 4-8 bytes there, where 32 does not.)
 template <typename scalar_t, int VEC, bool kBlock>
 constexpr int fwd_cap() {
   return kBlock && VEC == 2 && sizeof(scalar_t) == 4 ? 24 : kCap;
@@ -103,7 +104,7 @@ __device__ __forceinline__ float first_value(const scalar_t* X, const res_t* A, 
   return static_cast<float>(X[off]) + (A != nullptr ? static_cast<float>(A[off]) : 0.f);
 }
 
-// The corrected second pass of a row's statistics (as the CPU path's deviation_sums): Σe and Σe² of
+// The corrected second pass of a long row's statistics (as the CPU path's deviation_sums): Σe and Σe² of
 // e = x − m over one vector, added to acc. m is the mean from sums shifted by the row's first value, which
 // can be far from the mean: Σe is what rounding left out of m, and correct_moments adds it back.
 template <int VEC>
@@ -149,11 +150,12 @@ __device__ __forceinline__ void apply_vec(const float (&x)[VEC], float mean, flo
 // row: W ≤ 32 lanes of a warp (kBlock = false, kGroupThreads / W rows per block), or the whole block
 // (kBlock, W = blockDim.x, a multiple of 32). Thread `lane` holds the row's vectors lane, lane + W, ...
 // (at most fwd_cap / VEC), so each load of the group is one contiguous span. Statistics from registers:
-// m = x0 + Σ(x − x0)/D with x0 the row's first element (a mean far from zero keeps its low bits), then the
-// corrected second pass over e = x − m (add_deviations), which also restores what rounding left out of m when
-// x0 is far from the mean (an outlier first). Rows are strided over the grid; all threads of a block run the
-// same iterations (rows ≥ M only skip memory), so shuffles and barriers stay convergent. With A (add_*_norm)
-// the row held is s = x + a, also written to S. mean_out null: RMSNorm.
+// m = x0 + Σ(x − x0)/D with x0 the row's first element (a mean far from zero keeps its low bits), then
+// mean = m + Σ(x − m)/D, which restores what rounding left out of m when x0 is far from the mean (an outlier
+// first), and var = Σ(x − mean)²/D: three sweeps of the registers, each with one sum (two sums in one sweep
+// spilled the scalar-access block kernel beside a float residual stream). Rows are strided over the grid; all
+// threads of a block run the same iterations (rows ≥ M only skip memory), so shuffles and barriers stay
+// convergent. With A (add_*_norm) the row held is s = x + a, also written to S. mean_out null: RMSNorm.
 template <typename scalar_t, int VEC, bool kBlock, typename res_t = scalar_t>
 __global__ void __launch_bounds__(kBlock ? kMaxFwdRowThreads : kGroupThreads,
                                   kBlock ? 1 : kMaxFwdRowThreads / kGroupThreads)
@@ -164,7 +166,6 @@ __global__ void __launch_bounds__(kBlock ? kMaxFwdRowThreads : kGroupThreads,
                        float slope, const res_t* __restrict__ A, res_t* __restrict__ S) {
   constexpr int kIters = fwd_cap<scalar_t, VEC, kBlock>() / VEC;
   NORMEXT_SHARED(float, red, kWarpSize);
-  NORMEXT_SHARED(Sum2, red2, kWarpSize);
   const int lane = kBlock ? threadIdx.x : threadIdx.x % W;
   const int groups = kBlock ? 1 : blockDim.x / W;
   const int group = kBlock ? 0 : threadIdx.x / W;
@@ -189,16 +190,26 @@ __global__ void __launch_bounds__(kBlock ? kMaxFwdRowThreads : kGroupThreads,
     }
     s = row_allsum<kBlock>(s, W, red);
     const float m = shift + s * inv_d;
-    Sum2 t{0.f, 0.f};
+    float e = 0.f;
 #pragma unroll
     for (int i = 0; i < kIters; ++i) {
-      if (valid && i * W + lane < nvec) add_deviations<VEC>(x[i], m, t);
+      if (valid && i * W + lane < nvec) {
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) e += x[i][k] - m;
+      }
     }
-    t = row_allsum<kBlock>(t, W, red2);
-    float mean, var;
-    correct_moments(m, t, inv_d, mean, var);
+    const float mean = m + row_allsum<kBlock>(e, W, red) * inv_d;
+    float q = 0.f;
+#pragma unroll
+    for (int i = 0; i < kIters; ++i) {
+      if (valid && i * W + lane < nvec) {
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) q += (x[i][k] - mean) * (x[i][k] - mean);
+      }
+    }
+    q = row_allsum<kBlock>(q, W, red);
     const bool rms = mean_out == nullptr;
-    const float rstd = rsqrt_rn(norm_var(mean, var, rms) + eps);
+    const float rstd = rsqrt_rn(norm_var(mean, q * inv_d, rms) + eps);
     const float centre = rms ? 0.f : mean;
     if (valid && lane == 0) {
       if (!rms) mean_out[row] = mean;
