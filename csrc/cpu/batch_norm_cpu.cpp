@@ -153,17 +153,14 @@ void batch_grad_sums(const scalar_t* dY, const scalar_t* X, const scalar_t* R, c
     }
     return;
   }
-  std::vector<acc_t> pdz, pdzx;
-  RowChunks rc{};
-  dispatch_grad_activation(act, [&](auto A) {
-    rc = reduce_channels_last(s, pdz, pdzx, [&](int64_t, int64_t r0, int64_t r1, acc_t* cdz, acc_t* cdzx) {
-      for_rows<scalar_t, GradSumsStep<decltype(A)::value>>(r0, r1, s.C, dY, X, R, k.mean, k.rstd, k.gamma,
-                                                           k.beta, acc_t(slope), cdz, cdzx);
-    });
-  });
   std::vector<double> a(s.C), b(s.C);
-  sum_chunks(pdz.data(), 1, rc.count, s.C, a.data());
-  sum_chunks(pdzx.data(), 1, rc.count, s.C, b.data());
+  dispatch_grad_activation(act, [&](auto A) {
+    reduce_channels_last<acc_t>(
+        s, a.data(), b.data(), [&](int64_t, int64_t r0, int64_t r1, acc_t* cdz, acc_t* cdzx) {
+          for_rows<scalar_t, GradSumsStep<decltype(A)::value>>(r0, r1, s.C, dY, X, R, k.mean, k.rstd, k.gamma,
+                                                               k.beta, acc_t(slope), cdz, cdzx);
+        });
+  });
   std::copy(a.begin(), a.end(), sum_dz);
   std::copy(b.begin(), b.end(), sum_dzx);
 }

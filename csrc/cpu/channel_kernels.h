@@ -4,6 +4,7 @@
 // channels-first walks contiguous HxW runs of one channel, channels-last walks runs of C channels.
 #pragma once
 
+#include <memory>
 #include <tuple>
 #include <utility>
 #include <vector>
@@ -347,40 +348,42 @@ struct GradInputStep {
   }
 };
 
-// Channels-last reductions over HxW: each sample's rows are cut into fixed chunks (RowChunks), each
-// chunk reduced by one task into C accumulators per output; chunk_fn(n, r0, r1, out0, out1).
-// Returns the chunk layout; accumulators are [(n * chunks + k) * C + c].
-template <typename acc_t, typename ChunkFn>
-RowChunks reduce_channels_last(const ChannelShape& s, std::vector<acc_t>& out0, std::vector<acc_t>& out1,
-                               const ChunkFn& chunk_fn) {
+// Channels-last reductions over HxW, into sum0[n·C + c] and sum1[n·C + c] (type Out): each sample's rows are
+// cut into fixed chunks (RowChunks), each chunk reduced by one task into C accumulators per output (acc_t,
+// zeroed by the task, so in its cache: chunk_fn(n, r0, r1, acc0, acc1)), then each sample's chunks are added
+// in chunk order, so the sums do not depend on the thread count. That merge runs along the channels
+// (contiguous; one channel at a time every load would stride by C), in one parallel region for both outputs,
+// inline when small: a region's join can cost more than the adds.
+template <typename acc_t, typename Out, typename ChunkFn>
+void reduce_channels_last(const ChannelShape& s, Out* sum0, Out* sum1, const ChunkFn& chunk_fn) {
   const RowChunks rc = row_chunks(s.HxW, s.C);
-  out0.assign(s.N * rc.count * s.C, acc_t(0));
-  out1.assign(s.N * rc.count * s.C, acc_t(0));
+  const int64_t per_n = rc.count * s.C;
+  const auto part0 = std::make_unique_for_overwrite<acc_t[]>(s.N * per_n);
+  const auto part1 = std::make_unique_for_overwrite<acc_t[]>(s.N * per_n);
   at::parallel_for(0, s.N * rc.count, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t n = t / rc.count, k = t % rc.count;
       const int64_t r0 = k * rc.rows_per_chunk, r1 = std::min(s.HxW, r0 + rc.rows_per_chunk);
-      chunk_fn(n, r0, r1, out0.data() + t * s.C, out1.data() + t * s.C);
+      acc_t* acc0 = part0.get() + t * s.C;
+      acc_t* acc1 = part1.get() + t * s.C;
+      std::fill(acc0, acc0 + s.C, acc_t(0));
+      std::fill(acc1, acc1 + s.C, acc_t(0));
+      chunk_fn(n, r0, r1, acc0, acc1);
     }
   });
-  return rc;
-}
-
-// out[n·C + c] = Σ_k part[(n·chunks + k)·C + c] in Out, the chunks of reduce_channels_last added in chunk
-// order, so the sums do not depend on the thread count. The inner loop runs along the channels (contiguous);
-// summed one channel at a time, every load would stride by C.
-template <typename Out, typename In>
-void sum_chunks(const In* part, int64_t N, int64_t chunks, int64_t C, Out* out) {
-  at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n) {
-      Out* o = out + n * C;
-      std::fill(o, o + C, Out(0));
-      for (int64_t k = 0; k < chunks; ++k) {
-        const In* p = part + (n * chunks + k) * C;
-        for (int64_t c = 0; c < C; ++c) o[c] += Out(p[c]);
-      }
-    }
-  });
+  at::parallel_for(
+      0, s.N, std::max<int64_t>(1, kInlineSumElems / (2 * per_n)), [&](int64_t begin, int64_t end) {
+        for (int64_t n = begin; n < end; ++n) {
+          for (const auto& [part, sum] : {std::pair{part0.get(), sum0}, std::pair{part1.get(), sum1}}) {
+            Out* o = sum + n * s.C;
+            std::fill(o, o + s.C, Out(0));
+            for (int64_t k = 0; k < rc.count; ++k) {
+              const acc_t* p = part + n * per_n + k * s.C;
+              for (int64_t c = 0; c < s.C; ++c) o[c] += Out(p[c]);
+            }
+          }
+        }
+      });
 }
 
 // Moments of `count` parts of n_each values each, part i's mean and M2 at mean[i·stride], m2[i·stride]: the
@@ -416,14 +419,10 @@ void channel_moments(const scalar_t* X, const ChannelShape& s, double* mean, dou
     });
     return;
   }
-  std::vector<acc_t> ps1, ps2;
-  const RowChunks rc =
-      reduce_channels_last(s, ps1, ps2, [&](int64_t n, int64_t r0, int64_t r1, acc_t* s1, acc_t* s2) {
-        const scalar_t* xn = X + n * s.HxW * s.C;
-        for_rows<scalar_t, ShiftedSumsStep>(std::max<int64_t>(r0, 1), r1, s.C, xn, xn, s1, s2);
-      });
-  sum_chunks(ps1.data(), s.N, rc.count, s.C, mean);
-  sum_chunks(ps2.data(), s.N, rc.count, s.C, m2);
+  reduce_channels_last<acc_t>(s, mean, m2, [&](int64_t n, int64_t r0, int64_t r1, acc_t* s1, acc_t* s2) {
+    const scalar_t* xn = X + n * s.HxW * s.C;
+    for_rows<scalar_t, ShiftedSumsStep>(std::max<int64_t>(r0, 1), r1, s.C, xn, xn, s1, s2);
+  });
   // The shift, sample n's first row, is widened by SIMD loads into `first` so that the loop over the channels
   // vectorizes: element at a time, the 16-bit conversion and the division took most of the moments' merge.
   std::vector<acc_t> first(s.C);
@@ -493,16 +492,13 @@ void channel_grad_sums(const scalar_t* dY, const scalar_t* X, const scalar_t* R,
       });
       return;
     }
-    std::vector<acc_t> pdz, pdzx;
-    const RowChunks rc =
-        reduce_channels_last(s, pdz, pdzx, [&](int64_t n, int64_t r0, int64_t r1, acc_t* cdz, acc_t* cdzx) {
+    reduce_channels_last<acc_t>(
+        s, sdz, sdzx, [&](int64_t n, int64_t r0, int64_t r1, acc_t* cdz, acc_t* cdzx) {
           const int64_t o = n * s.HxW * s.C, st = n * k.stat_stride;
           for_rows<scalar_t, GradSumsStep<decltype(A)::value>>(r0, r1, s.C, dY + o, X + o,
                                                                R ? R + o : nullptr, k.mean + st, k.rstd + st,
                                                                k.gamma, k.beta, sl, cdz, cdzx);
         });
-    sum_chunks(pdz.data(), s.N, rc.count, s.C, sdz);
-    sum_chunks(pdzx.data(), s.N, rc.count, s.C, sdzx);
   });
 }
 

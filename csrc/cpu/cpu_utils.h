@@ -112,6 +112,10 @@ inline RowChunks row_chunks(int64_t rows, int64_t row_len) {
   return {per, std::max<int64_t>(1, (rows + per - 1) / per)};
 }
 
+// Partial sums (elements added) below which a merge of per-task partials runs in one task: on a busy machine
+// every parallel region's join can cost a scheduler tick, more than these adds.
+constexpr int64_t kInlineSumElems = 1 << 18;
+
 // Grain for at::parallel_for over items of `work` elements each: about 32k elements per task.
 inline int64_t grain_for(int64_t work) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, work)); }
 

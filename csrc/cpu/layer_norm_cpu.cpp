@@ -213,8 +213,7 @@ void rows_backward(const NormPtrs<scalar_t>& p, const GradPtrs<scalar_t>& gp, in
 template <typename acc_t>
 void sum_partials(const acc_t* part_g, const acc_t* part_b, int64_t count, int64_t D, acc_t* dgamma,
                   acc_t* dbeta) {
-  constexpr int64_t kInline = 1 << 18;  // partial elements per task
-  at::parallel_for(0, D, std::max<int64_t>(1, kInline / std::max<int64_t>(1, count)),
+  at::parallel_for(0, D, std::max<int64_t>(1, kInlineSumElems / std::max<int64_t>(1, count)),
                    [&](int64_t begin, int64_t end) {
                      for (const auto& [part, out] : {std::pair{part_g, dgamma}, std::pair{part_b, dbeta}}) {
                        if (out == nullptr) continue;
