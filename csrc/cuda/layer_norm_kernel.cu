@@ -233,11 +233,11 @@ __global__ void __launch_bounds__(kBlock ? kMaxFwdRowThreads : kGroupThreads,
 
 // Forward of rows too long for registers: a block per row (grid-strided). Each thread folds one vector at
 // a time into its Welford state (an exact two-pass within the vector, then a Chan merge, on x − x0), the
-// block merges the states in a fixed tree, and the apply re-reads the row (mostly from L2). When x0 lies
-// more than a standard deviation from the mean, the merges' float means lose bits with |mean − x0|: then one
-// more pass over the row (block-uniform: every thread holds the same merged state) corrects the moments as
-// the register kernel does. With A
+// block merges the states in a fixed tree, and the apply re-reads the row (mostly from L2). With A
 // (add_*_norm) the first pass writes s = x + a to S and the apply re-reads S (the same thread's vectors).
+// When x0 lies more than a standard deviation from the mean, the merges' float means lose bits with
+// |mean − x0|: then one more pass over the row (or S) corrects the moments as the register kernel does; the
+// branch is block-uniform, as every thread holds the same merged state.
 template <typename scalar_t, int VEC, typename res_t = scalar_t>
 __global__ void __launch_bounds__(kLongRowThreads)
     ln_fwd_long_kernel(const scalar_t* __restrict__ X, const scalar_t* __restrict__ R,
