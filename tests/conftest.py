@@ -26,8 +26,6 @@ HAS_CUDA = torch.cuda.is_available() and not EMU
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU visible")
 # Under emulation the one device is the CPU running the CUDA kernels; the test ids still say "cuda".
 DEVICES = [pytest.param("cpu", id="cuda")] if EMU else ["cpu", pytest.param("cuda", marks=requires_cuda)]
-
-
 requires_emu = pytest.mark.skipif(not EMU, reason="runs in the emulated CUDA build only (make test-emu)")
 FORMATS = ["contiguous", "channels_last"]
 
