@@ -90,7 +90,7 @@ struct GradSums {
 // Partial moments of partition p = blockIdx.y, rows [p * rows_per_part, ...) (never empty). Each lane
 // runs Welford on x - K, K the partition's first row, so float rounding scales with the spread and
 // not with the magnitude; column_reduce merges the trows states of each channel. Writes the partial
-// (mean, M2) at [p * C + c] and its count at counts[p].
+// (mean, M2) and its count at [p * C + c].
 template <typename scalar_t, int VEC>
 __global__ void __launch_bounds__(kBlock, kStreamBlocks)
     rows_moments_kernel(const scalar_t* __restrict__ X, int64_t rows, int64_t C, int cols,
@@ -128,7 +128,7 @@ __global__ void __launch_bounds__(kBlock, kStreamBlocks)
     const WelfordF t = buf[x * VEC + e];
     means[blockIdx.y * C + c + e] = shift.v[e] + t.mean;
     m2s[blockIdx.y * C + c + e] = t.m2;
-    if (c + e == 0) counts[blockIdx.y] = t.n;
+    counts[blockIdx.y * C + c + e] = t.n;
   }
 }
 
@@ -274,14 +274,25 @@ __global__ void __launch_bounds__(kBlock, kStreamBlocks)
 }
 
 // ---------------------------------------------------------------------------- planes view kernels
-// X is N x C x HxW. Each (n, c) plane is cut into S tiles of tx * VEC elements (VEC > 1 only when
-// HxW % VEC == 0 and every pointer is VEC-aligned); thread (threadIdx.x % tx, threadIdx.x / tx)
-// reads the VEC elements at (threadIdx.x % tx) * VEC of every (kBlock / tx)-th tile. tx is a power
-// of two dividing kBlock.
+// X is N x C x HxW. Plane nc = n * C + c starts (nc * HxW) % VEC elements past a VEC-aligned address (0 when
+// HxW % VEC == 0) and is cut, from that address, into S tiles of tx VEC-element chunks: a plane of odd HxW
+// (49 in RoI heads) keeps full vectors in its body and reads its head and tail chunks element by element
+// (chunk_part). Thread (threadIdx.x % tx, threadIdx.x / tx) takes chunk threadIdx.x % tx of every
+// (kBlock / tx)-th tile. VEC > 1 only when every pointer is VEC-aligned; tx is a power of two dividing
+// kBlock.
+
+// Where the chunk at element `lane` of tile s of plane nc starts, relative to the plane (< 0 at its head).
+template <int VEC>
+__device__ __forceinline__ int64_t plane_chunk_pos(int64_t nc, int64_t HxW, int64_t s, int64_t tile_len,
+                                                   int64_t lane) {
+  return s * tile_len + lane - ((nc * HxW) & (VEC - 1));
+}
 
 // Partial moments of channel c = blockIdx.x over its partition p = blockIdx.y of tiles t = n * S + s,
-// [p * tiles_per_part, ...) (never empty). Welford on x - K (K the partition's first element),
-// lanes merged in order, then the block by block_allreduce; writes [p * C + c] and counts[p].
+// [p * tiles_per_part, ...) (never empty). Welford on x - K (K the partition's first value of the channel):
+// full chunks lane-wise, head and tail values in one more running state, merged in order, then the block by
+// block_allreduce; writes [p * C + c] of means, m2s and counts (a partition's count differs between channels
+// when their planes' heads do).
 template <typename scalar_t, int VEC>
 __global__ void __launch_bounds__(kBlock, kStreamBlocks)
     planes_moments_kernel(const scalar_t* __restrict__ X, int64_t C, int64_t HxW, int tx, int64_t S,
@@ -294,29 +305,50 @@ __global__ void __launch_bounds__(kBlock, kStreamBlocks)
   const int64_t t0 = int64_t(blockIdx.y) * tiles_per_part;
   const int64_t t1 = std::min(tiles, t0 + tiles_per_part);
   const int64_t n0 = t0 / S;
-  const Lanes<VEC> shift(static_cast<float>(X[(n0 * C + c) * HxW + (t0 - n0 * S) * tile_len]));
+  const int64_t first = plane_chunk_pos<VEC>(n0 * C + c, HxW, t0 - n0 * S, tile_len, 0);
+  const float shift = static_cast<float>(X[(n0 * C + c) * HxW + std::clamp<int64_t>(first, 0, HxW - 1)]);
   WelfordLanes<VEC> w = welford_lanes_zero<VEC>();
+  WelfordF edge{0.f, 0.f, 0.f};
   ChannelCursor cur(t0 + threadIdx.x / tx, ty, S);  // (n, s) of tile t
   for (int64_t t = t0 + threadIdx.x / tx; t < t1; t += kReduceUnroll<VEC> * ty) {
     AlignedVector<scalar_t, VEC> v[kReduceUnroll<VEC>];
-    bool ok[kReduceUnroll<VEC>];
+    bool full[kReduceUnroll<VEC>];
 #pragma unroll
     for (int u = 0; u < kReduceUnroll<VEC>; ++u) {
-      const int64_t hw = cur.rem * tile_len + lane;
-      ok[u] = t + u * ty < t1 && hw < HxW;
-      if (ok[u]) v[u] = load_vec<VEC>(X, (cur.c * C + c) * HxW + hw);
+      const int64_t nc = cur.c * C + c, pos = plane_chunk_pos<VEC>(nc, HxW, cur.rem, tile_len, lane);
+      full[u] = t + u * ty < t1 && pos >= 0 && pos + VEC <= HxW;
+      if (full[u]) v[u] = load_vec<VEC>(X, nc * HxW + pos);
       cur.advance(S);
     }
 #pragma unroll
     for (int u = 0; u < kReduceUnroll<VEC>; ++u) {
-      if (ok[u]) welford_push(w, to_lanes(v[u]) - shift);
+      if (full[u]) welford_push(w, to_lanes(v[u]) - Lanes<VEC>(shift));
     }
   }
-  const WelfordF total = block_allreduce(welford_merge_lanes(w), WelfordOp{}, red, kBlock / kWarpSize);
+  // Heads and tails in a second walk over the same tiles: inside the unrolled loop their bounds and the
+  // scalar Welford steps spilled registers (ptxas, 28-56 bytes at VEC = 4 and 8).
+  if (VEC > 1 && HxW % VEC != 0) {
+    ChannelCursor edge_cur(t0 + threadIdx.x / tx, ty, S);
+    for (int64_t t = t0 + threadIdx.x / tx; t < t1; t += ty) {
+      const int64_t nc = edge_cur.c * C + c,
+                    pos = plane_chunk_pos<VEC>(nc, HxW, edge_cur.rem, tile_len, lane);
+      const ChunkPart part = chunk_part<VEC>(pos, HxW);
+      if (part.lo < part.hi && (part.lo > 0 || part.hi < VEC)) {
+        const auto e = load_vec_part<VEC>(X, nc * HxW + pos, part);
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) {
+          if (j >= part.lo && j < part.hi) welford_push(edge, static_cast<float>(e.val[j]) - shift);
+        }
+      }
+      edge_cur.advance(S);
+    }
+  }
+  const WelfordF total = block_allreduce(normext::welford_merge(welford_merge_lanes(w), edge), WelfordOp{},
+                                         red, kBlock / kWarpSize);
   if (threadIdx.x == 0) {
-    means[blockIdx.y * C + c] = shift.v[0] + total.mean;
+    means[blockIdx.y * C + c] = shift + total.mean;
     m2s[blockIdx.y * C + c] = total.m2;
-    if (c == 0) counts[blockIdx.y] = total.n;
+    counts[blockIdx.y * C + c] = total.n;
   }
 }
 
@@ -339,24 +371,24 @@ __global__ void __launch_bounds__(kBlock, kStreamBlocks)
   ChannelCursor cur(t0 + threadIdx.x / tx, ty, S);
   for (int64_t t = t0 + threadIdx.x / tx; t < t1; t += kGradUnroll<VEC> * ty) {
     AlignedVector<scalar_t, VEC> xv[kGradUnroll<VEC>], dv[kGradUnroll<VEC>], rv[kGradUnroll<VEC>];
-    bool ok[kGradUnroll<VEC>];
+    ChunkPart part[kGradUnroll<VEC>];
 #pragma unroll
     for (int u = 0; u < kGradUnroll<VEC>; ++u) {
-      const int64_t hw = cur.rem * tile_len + lane;
-      ok[u] = t + u * ty < t1 && hw < HxW;
-      if (ok[u]) {
-        const int64_t o = (cur.c * C + c) * HxW + hw;
-        xv[u] = load_vec<VEC>(X, o);
-        dv[u] = load_vec<VEC>(dY, o);
-        rv[u] = load_vec_or_zero<VEC>(R, o);
+      const int64_t nc = cur.c * C + c, pos = plane_chunk_pos<VEC>(nc, HxW, cur.rem, tile_len, lane);
+      part[u] = t + u * ty < t1 ? chunk_part<VEC>(pos, HxW) : ChunkPart{0, 0};
+      if (part[u].lo < part[u].hi) {
+        const int64_t o = nc * HxW + pos;
+        xv[u] = load_vec_part<VEC>(X, o, part[u]);
+        dv[u] = load_vec_part<VEC>(dY, o, part[u]);
+        rv[u] = load_vec_part<VEC>(R, o, part[u]);
       }
       cur.advance(S);
     }
 #pragma unroll
     for (int u = 0; u < kGradUnroll<VEC>; ++u) {
-      if (!ok[u]) continue;
 #pragma unroll
       for (int e = 0; e < VEC; ++e) {
+        if (e < part[u].lo || e >= part[u].hi) continue;
         const float xv_e = static_cast<float>(xv[u].val[e]), rv_e = static_cast<float>(rv[u].val[e]);
         const float xhat = xhat_from(xv_e, rv_e, mean, rstd, g, b, act, slope);
         const float dz = grad_pre_act(static_cast<float>(dv[u].val[e]), xv_e, xhat, g, b, rv_e, act, slope);
@@ -380,21 +412,20 @@ __global__ void __launch_bounds__(kBlock, kStreamBlocks)
   const int64_t tile_len = int64_t(tx) * VEC, lane = int64_t(threadIdx.x % tx) * VEC;
   for (int64_t t = int64_t(blockIdx.x) * ty + threadIdx.x / tx; t < tiles; t += int64_t(gridDim.x) * ty) {
     const int64_t nc = div_idx(t, S);
-    const int64_t hw = (t - nc * S) * tile_len + lane;
-    if (hw >= HxW) continue;
+    const int64_t pos = plane_chunk_pos<VEC>(nc, HxW, t - nc * S, tile_len, lane);
+    const ChunkPart part = chunk_part<VEC>(pos, HxW);
+    if (part.lo >= part.hi) continue;
     float mean, rstd, g, b;
     ch.at(nc - div_idx(nc, C) * C, mean, rstd, g, b);
     const float scale = g * rstd;
-    const int64_t o = nc * HxW + hw;
+    const int64_t o = nc * HxW + pos;
     float xv[VEC], rv[VEC], out[VEC];
-    load_float<VEC>(X, o, xv);
-    if (R != nullptr) load_float<VEC>(R, o, rv);
+    load_float_part<VEC>(X, o, part, xv);
+    load_float_part<VEC>(R, o, part, rv);
 #pragma unroll
-    for (int e = 0; e < VEC; ++e) {
-      const float z = (xv[e] - mean) * scale + b + (R != nullptr ? rv[e] : 0.f);
-      out[e] = act_forward<float, float>(z, act, slope);
-    }
-    store_float<VEC>(Y, o, out);
+    for (int e = 0; e < VEC; ++e)
+      out[e] = act_forward<float, float>((xv[e] - mean) * scale + b + rv[e], act, slope);
+    store_float_part<VEC>(Y, o, part, out);
   }
 }
 
@@ -409,26 +440,26 @@ __global__ void __launch_bounds__(kBlock, kStreamBlocks)
   const int64_t tile_len = int64_t(tx) * VEC, lane = int64_t(threadIdx.x % tx) * VEC;
   for (int64_t t = int64_t(blockIdx.x) * ty + threadIdx.x / tx; t < tiles; t += int64_t(gridDim.x) * ty) {
     const int64_t nc = div_idx(t, S);
-    const int64_t hw = (t - nc * S) * tile_len + lane;
-    if (hw >= HxW) continue;
+    const int64_t pos = plane_chunk_pos<VEC>(nc, HxW, t - nc * S, tile_len, lane);
+    const ChunkPart part = chunk_part<VEC>(pos, HxW);
+    if (part.lo >= part.hi) continue;
     const int64_t c = nc - div_idx(nc, C) * C;
     float mean, rstd, g, b, ka, kb, kc;
     ch.at(c, mean, rstd, g, b);
     gs.coefs(c, g, rstd, ka, kb, kc);
-    const int64_t o = nc * HxW + hw;
+    const int64_t o = nc * HxW + pos;
     float xv[VEC], dv[VEC], rv[VEC], dz[VEC], dx[VEC];
-    load_float<VEC>(X, o, xv);
-    load_float<VEC>(dY, o, dv);
-    if (R != nullptr) load_float<VEC>(R, o, rv);
+    load_float_part<VEC>(X, o, part, xv);
+    load_float_part<VEC>(dY, o, part, dv);
+    load_float_part<VEC>(R, o, part, rv);
 #pragma unroll
     for (int e = 0; e < VEC; ++e) {
-      const float r = R != nullptr ? rv[e] : 0.f;
-      const float xhat = xhat_from(xv[e], r, mean, rstd, g, b, act, slope);
-      dz[e] = grad_pre_act(dv[e], xv[e], xhat, g, b, r, act, slope);
+      const float xhat = xhat_from(xv[e], rv[e], mean, rstd, g, b, act, slope);
+      dz[e] = grad_pre_act(dv[e], xv[e], xhat, g, b, rv[e], act, slope);
       dx[e] = ka * dz[e] + kb * xhat + kc;
     }
-    if (dR != nullptr) store_float<VEC>(dR, o, dz);
-    if (dX != nullptr) store_float<VEC>(dX, o, dx);
+    if (dR != nullptr) store_float_part<VEC>(dR, o, part, dz);
+    if (dX != nullptr) store_float_part<VEC>(dX, o, part, dx);
   }
 }
 
@@ -481,7 +512,8 @@ __device__ __forceinline__ ShiftedSums shfl_down(const ShiftedSums& v, int off) 
   return {cuda::shfl_down(v.n, off), cuda::shfl_down(v.s1, off), cuda::shfl_down(v.s2, off)};
 }
 
-// Merges K partial moments (counts[k], means/m2s[k * C + c]) in double (the parts' means can be far
+// Merges K partial moments (means/m2s[k * C + c], counts[k * C + c], or counts[k] when !count_per_channel)
+// in double (the parts' means can be far
 // apart relative to the spread; this is K·C work, not numel) into out_mean and, by mode, rstd =
 // 1/sqrt(var + eps), the biased variance, or M2. Moves the running statistics (any strides) toward
 // the mean and the unbiased variance unless the total count is 0. The parts are summed about the first
@@ -489,18 +521,18 @@ __device__ __forceinline__ ShiftedSums shfl_down(const ShiftedSums& v, int off) 
 // double stays below float32 rounding unless the parts' means are ~10^4 standard deviations apart.
 template <typename R>
 __global__ void __launch_bounds__(kBlock)
-    finalize_moments_kernel(const float* __restrict__ counts, const float* __restrict__ means,
-                            const float* __restrict__ m2s, int64_t K, int64_t C, int wpc, int mode,
-                            double eps, double momentum, float* __restrict__ out_mean,
-                            float* __restrict__ out_second, R* running_mean, int64_t rm_stride,
-                            R* running_var, int64_t rv_stride) {
+    finalize_moments_kernel(const float* __restrict__ counts, bool count_per_channel,
+                            const float* __restrict__ means, const float* __restrict__ m2s, int64_t K,
+                            int64_t C, int wpc, int mode, double eps, double momentum,
+                            float* __restrict__ out_mean, float* __restrict__ out_second, R* running_mean,
+                            int64_t rm_stride, R* running_var, int64_t rv_stride) {
   NORMEXT_SHARED(ShiftedSums, red, kBlock / kWarpSize);
   const auto [c, i] = finalize_slot(wpc);
   const bool live = c < C;  // uniform across a run; every thread still takes part in the block reduction
   const double shift = live && K > 0 ? double(means[c]) : 0.0;
   ShiftedSums acc{0.0, 0.0, 0.0};
   for (int64_t k = i; live && k < K; k += int64_t(wpc) * kWarpSize) {
-    const double n = double(counts[k]), d = double(means[k * C + c]) - shift;
+    const double n = double(counts[count_per_channel ? k * C + c : k]), d = double(means[k * C + c]) - shift;
     acc = acc + ShiftedSums{n, n * d, double(m2s[k * C + c]) + n * d * d};
   }
   const ShiftedSums t = block_allreduce(acc, SumOp{}, red, wpc);
@@ -665,10 +697,12 @@ Plan make_plan(const ChannelNormArgs& a, int vec) {
     p.rows_per_part = ceil_div(p.rows, parts);
     p.parts = ceil_div(p.rows, p.rows_per_part);  // no empty partition
   } else {
+    // A plane whose start is not vec-aligned (HxW % vec != 0) spans up to vec - 1 more elements of chunks.
+    const int64_t span = p.HxW % vec == 0 ? p.HxW : p.HxW + vec - 1;
     int64_t tx = 1;
-    while (tx < kBlock && tx * vec < p.HxW) tx *= 2;
+    while (tx < kBlock && tx * vec < span) tx *= 2;
     p.tx = int(tx);
-    p.S = ceil_div<int64_t>(p.HxW, tx * vec);
+    p.S = ceil_div<int64_t>(span, tx * vec);
     const int64_t tiles = p.N * p.S;
     const int64_t parts = std::clamp<int64_t>(ceil_div(kReduceBlocks, p.C), 1,
                                               ceil_div<int64_t>(tiles, (kBlock / tx) * kMinPerThread));
@@ -678,11 +712,11 @@ Plan make_plan(const ChannelNormArgs& a, int vec) {
   return p;
 }
 
-// The widest vector (widest_vec) every pointer is aligned to and the contiguous extent (C for rows, HxW
-// for planes) is a multiple of: C = 60 in bfloat16 takes 8-byte vectors, HxW = 70 4-byte ones.
+// The widest vector (widest_vec) every pointer is aligned to and, for rows, C is a multiple of: C = 60 in
+// bfloat16 takes 8-byte vectors. Planes of any HxW take the widest vector, with a head and tail per plane.
 template <typename scalar_t, typename... P>
 int vec_for(const ChannelNormArgs& a, const P*... ptrs) {
-  return widest_vec<scalar_t>(a.rows ? a.dims.C : a.dims.HxW, ptrs...);
+  return widest_vec<scalar_t>(a.rows ? a.dims.C : kMaxVec<scalar_t>, ptrs...);
 }
 
 // Calls f(std::integral_constant<int, VEC>) for the plan's vector width.
@@ -736,7 +770,7 @@ std::optional<SmallView> small_view(const ChannelNormArgs& a) {
 
 unsigned small_blocks(int64_t C) { return unsigned(ceil_div<int64_t>(C, kBlock / kWarpSize)); }
 
-// Partial moments of X into means/m2s (parts x C) and counts (parts,).
+// Partial moments of X into means, m2s and counts (each parts x C).
 template <typename scalar_t>
 void launch_moments(const ChannelNormArgs& a, const Plan& p, float* means, float* m2s, float* counts) {
   const auto stream = current_stream();
@@ -754,10 +788,12 @@ void launch_moments(const ChannelNormArgs& a, const Plan& p, float* means, float
   });
 }
 
-// Merges K partial moments into (mean, second) by mode, updating the running statistics.
-void launch_finalize(const float* counts, const float* means, const float* m2s, int64_t K, int64_t C,
-                     int mode, double eps, double momentum, Tensor& mean, Tensor& second,
-                     const c10::optional<Tensor>& running_mean, const c10::optional<Tensor>& running_var) {
+// Merges K partial moments into (mean, second) by mode, updating the running statistics. Each part's count
+// is per channel (K x C, the moments kernels) or shared by all channels (K, batch_norm_merge's ranks).
+void launch_finalize(const float* counts, bool count_per_channel, const float* means, const float* m2s,
+                     int64_t K, int64_t C, int mode, double eps, double momentum, Tensor& mean,
+                     Tensor& second, const c10::optional<Tensor>& running_mean,
+                     const c10::optional<Tensor>& running_var) {
   const auto stream = current_stream();
   const auto rtype =
       running_mean ? running_mean->scalar_type() : (running_var ? running_var->scalar_type() : at::kFloat);
@@ -766,7 +802,7 @@ void launch_finalize(const float* counts, const float* means, const float* m2s, 
     scalar_t* rm = running_mean ? running_mean->data_ptr<scalar_t>() : nullptr;
     scalar_t* rv = running_var ? running_var->data_ptr<scalar_t>() : nullptr;
     NORMEXT_LAUNCH(finalize_moments_kernel<scalar_t>, finalize_blocks(C, wpc), kBlock, 0, stream, counts,
-                   means, m2s, K, C, wpc, mode, eps, momentum, mean.data_ptr<float>(),
+                   count_per_channel, means, m2s, K, C, wpc, mode, eps, momentum, mean.data_ptr<float>(),
                    second.data_ptr<float>(), rm, running_mean ? running_mean->stride(0) : 0, rv,
                    running_var ? running_var->stride(0) : 0);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -834,12 +870,12 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_fwd_cuda(
       return;
     }
     const Plan p = make_plan(a, vec_for<scalar_t>(a, a.X.const_data_ptr<scalar_t>()));
-    Tensor work = at::empty({p.parts * (2 * C + 1)}, f32);
+    Tensor work = at::empty({p.parts * 3 * C}, f32);
     float* means = work.data_ptr<float>();
     float* m2s = means + p.parts * C;
     float* counts = m2s + p.parts * C;
     launch_moments<scalar_t>(a, p, means, m2s, counts);
-    launch_finalize(counts, means, m2s, p.parts, C, kOutRstd, eps, momentum, mean, rstd, running_mean,
+    launch_finalize(counts, true, means, m2s, p.parts, C, kOutRstd, eps, momentum, mean, rstd, running_mean,
                     running_var);
     launch_apply<scalar_t>(a, channels_of(mean, rstd, false, eps, a.gamma, a.beta), act, slope, Y);
   });
@@ -857,12 +893,13 @@ std::tuple<Tensor, Tensor> batch_norm_stats_cuda(const Tensor& X_in) {
   Tensor m2 = at::empty({C}, f32);
   NORMEXT_DISPATCH_CUDA_TYPES(a.X.scalar_type(), "batch_norm_stats_cuda", [&] {
     const Plan p = make_plan(a, vec_for<scalar_t>(a, a.X.const_data_ptr<scalar_t>()));
-    Tensor work = at::empty({p.parts * (2 * C + 1)}, f32);
+    Tensor work = at::empty({p.parts * 3 * C}, f32);
     float* means = work.data_ptr<float>();
     float* m2s = means + p.parts * C;
     float* counts = m2s + p.parts * C;
     launch_moments<scalar_t>(a, p, means, m2s, counts);
-    launch_finalize(counts, means, m2s, p.parts, C, kOutM2, 0.0, 0.0, mean, m2, c10::nullopt, c10::nullopt);
+    launch_finalize(counts, true, means, m2s, p.parts, C, kOutM2, 0.0, 0.0, mean, m2, c10::nullopt,
+                    c10::nullopt);
   });
   return {mean, m2};
 }
@@ -887,8 +924,9 @@ std::tuple<Tensor, Tensor> batch_norm_merge_cuda(const Tensor& counts_in, const 
   Tensor mean = at::empty({C}, means.options());
   Tensor var = at::empty({C}, means.options());
   if (C == 0) return {mean, var};
-  launch_finalize(counts.const_data_ptr<float>(), means.const_data_ptr<float>(), m2s.const_data_ptr<float>(),
-                  K, C, kOutVar, eps, momentum, mean, var, running_mean, running_var);
+  launch_finalize(counts.const_data_ptr<float>(), false, means.const_data_ptr<float>(),
+                  m2s.const_data_ptr<float>(), K, C, kOutVar, eps, momentum, mean, var, running_mean,
+                  running_var);
   return {mean, var};
 }
 

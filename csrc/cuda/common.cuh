@@ -146,6 +146,59 @@ __device__ __forceinline__ void store_float(scalar_t* __restrict__ p, int64_t i,
   *reinterpret_cast<AlignedVector<scalar_t, VEC>*>(p + i) = v;
 }
 
+// The valid elements [lo, hi) of a VEC-aligned chunk that starts `pos` elements into an extent of `len`
+// values; pos < 0 at the head of an extent whose start is not VEC-aligned (a plane of 49 values at an odd
+// offset), hi < VEC at its tail, and the chunk is empty when hi <= lo.
+struct ChunkPart {
+  int lo, hi;
+};
+
+template <int VEC>
+__device__ __forceinline__ ChunkPart chunk_part(int64_t pos, int64_t len) {
+  return {int(pos < 0 ? -pos : 0), int(len - pos < VEC ? len - pos : VEC)};
+}
+
+// The chunk's valid elements, the others zero (all zero when p is null, an absent optional input): a full
+// chunk is one vector load, a head or tail one scalar load per valid element (never touching the
+// neighbouring extent or memory past the tensor).
+template <int VEC, typename scalar_t>
+__device__ __forceinline__ AlignedVector<scalar_t, VEC> load_vec_part(const scalar_t* __restrict__ p,
+                                                                      int64_t i, ChunkPart k) {
+  if (p == nullptr) k = ChunkPart{0, 0};
+  if (k.lo == 0 && k.hi == VEC) return load_vec<VEC>(p, i);
+  AlignedVector<scalar_t, VEC> v;
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) {
+    v.val[j] = j >= k.lo && j < k.hi ? load_vec<1>(p, i + j).val[0] : static_cast<scalar_t>(0.f);
+  }
+  return v;
+}
+
+template <int VEC, typename scalar_t>
+__device__ __forceinline__ void load_float_part(const scalar_t* __restrict__ p, int64_t i, ChunkPart k,
+                                                float (&out)[VEC]) {
+  const auto v = load_vec_part<VEC>(p, i, k);
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) out[j] = static_cast<float>(v.val[j]);
+}
+
+// Stores the chunk's valid elements only.
+template <int VEC, typename scalar_t>
+__device__ __forceinline__ void store_float_part(scalar_t* __restrict__ p, int64_t i, ChunkPart k,
+                                                 const float (&in)[VEC]) {
+  if (k.lo == 0 && k.hi == VEC) {
+    store_float<VEC>(p, i, in);
+    return;
+  }
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) {
+    if (j >= k.lo && j < k.hi) {
+      const float e[1] = {in[j]};
+      store_float<1>(p, i + j, e);
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Value types that reductions combine.
 

@@ -1396,7 +1396,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_fwd_cuda(
                                 static_cast<int>(act),
                                 static_cast<float>(slope)};
     // The widest vector a group's span (NCHW) or a row of C channels (channels-last) allows; channels-last
-    // narrows it further where no chunking of the groups exists at a width.
+    // narrows it further where no chunking of the groups exists at a width. InstanceNorm's span is one plane
+    // (D = 1), so HxW = 49 is scalar: a head and tail per span as BatchNorm's planes peel them would shift
+    // every register slot of the fused kernel by the span's offset; not built (InstanceNorm's users normalize
+    // large images and volumes, whose HxW are multiples of 8).
     if (a.layout == Layout::kChannelsFirst) {
       dispatch_vec<scalar_t>(widest_vec<scalar_t>(p.D * p.L, p.X, p.R, p.Y),
                              [&](auto vec) { fwd_nchw<scalar_t, decltype(vec)::value>(p, X, stream); });

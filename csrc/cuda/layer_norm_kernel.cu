@@ -886,6 +886,10 @@ Plan2d plan_2d(int64_t N, int C, int64_t HxW, int vec) {
   return {TX, TY, blocks_per_n};
 }
 
+// The vector must divide HxW (HxW = 49: scalars, still coalesced across threadIdx.x): channel row c starts
+// (c·HxW) % VEC past an aligned address, an offset that differs from channel to channel, while a thread holds
+// the same positions in every channel it reduces over, so a head and tail per row (BatchNorm's planes) cannot
+// be peeled here.
 template <typename scalar_t>
 void nchw_forward(const Ptrs<scalar_t>& p, const ChannelDims& d, float eps, int act, float slope) {
   const auto stream = current_stream();
