@@ -158,7 +158,7 @@ ODD_SHAPES = [
     (64, 24, 2, 2),  # many samples, few values each
     (2, 8, 40, 41),  # few samples, large spatial
     (4, 60, 24, 24),  # C = 60 past the one-launch size: 4-element channels-last vectors on CUDA
-    (32, 16, 7, 10),  # H*W = 70 past the one-launch size: NCHW planes at odd offsets (a head and tail on CUDA)
+    (32, 16, 7, 10),  # H*W = 70 past the one-launch size: NCHW planes at odd offsets (head and tail on CUDA)
     (48, 32, 7, 7),  # H*W = 49 (RoI heads, ResNet's last stage) past the one-launch size
     (4, 3, 45, 47),  # planes of 2115 values cut into 3 tiles on CUDA, a partition ending inside a plane
 ]
@@ -204,9 +204,9 @@ def test_many_partials_per_channel(device, shape):
 )
 @pytest.mark.parametrize("device", DEVICES)
 def test_bfloat16_odd_extents(device, shape, fmt):
-    """bfloat16 where the contiguous extent (C = 60 channels-last, H*W = 70 or 49 NCHW) is not a multiple of 8:
-    on CUDA 4-element vectors that divide C = 60, and for the planes 8-element vectors with each plane's head
-    and tail read element by element."""
+    """bfloat16 where the contiguous extent (C = 60 channels-last, H*W = 70 or 49 NCHW) is not a multiple of
+    8: on CUDA 4-element vectors that divide C = 60, and for the planes 8-element vectors with each plane's
+    head and tail read element by element."""
     x = make_input(shape, torch.bfloat16, device, fmt)
     res = make_input(shape, torch.bfloat16, device, fmt)
     w, b = make_params(shape[1], torch.float32, device)

@@ -264,8 +264,9 @@ VECTOR_WIDTHS = {
     ("group_norm", (2, 60, 6, 6), "channels_last", 6): ({8}, {8}),
     # LayerNorm D = 770: rows of 770 values, 4-byte vectors.
     ("layer_norm", (16, 770), None, None): ({4}, {4}),
-    # BatchNorm past the one-launch size: channels-last rows of C = 60 (8 bytes); NCHW planes of 70 or 49 values
-    # start at odd offsets, and each takes 16-byte vectors in its body and 2-byte values in its head and tail.
+    # BatchNorm past the one-launch size: channels-last rows of C = 60 (8 bytes); NCHW planes of 70 or 49
+    # values start at odd offsets, and each takes 16-byte vectors in its body, 2-byte values in its head and
+    # tail.
     ("batch_norm", (4, 60, 24, 24), "channels_last", None): ({8}, {8}),
     ("batch_norm", (32, 16, 7, 10), "contiguous", None): ({16, 2}, {16, 2}),
     ("batch_norm", (48, 32, 7, 7), "contiguous", None): ({16, 2}, {16, 2}),
