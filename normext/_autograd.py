@@ -282,13 +282,20 @@ def norm_backward(fused_grads, reference, dY, X, gamma, beta, residual, stats, a
         dX, dgamma, dbeta, dres = fused_grads(dY, X, residual, stats, gamma, beta, args, mask)
         grads = [
             dX if mask[0] else None,
-            dgamma.to(gamma.dtype) if mask[1] else None,
-            dbeta.to(beta.dtype) if mask[2] else None,
+            _as_dtype(dgamma, gamma) if mask[1] else None,
+            _as_dtype(dbeta, beta) if mask[2] else None,
             dres if mask[3] else None,
         ]
     if need[3] and identity:
         grads[3] = dY
     return grads
+
+
+def _as_dtype(grad, param):
+    """grad in param's dtype. The kernels' parameter gradients are float32, as the parameters usually are,
+    and a Tensor.to that changes nothing still parses its arguments: 2.5 us per call under cProfile, in a
+    2x256x7x7 BatchNorm backward of ~100 us."""
+    return grad if grad.dtype == param.dtype else grad.to(param.dtype)
 
 
 def _graph_grads(reference, dY, X, gamma, beta, residual, stats, args, need):
