@@ -316,7 +316,7 @@ __global__ void __launch_bounds__(kBlock, kStreamBlocks)
 #pragma unroll
     for (int u = 0; u < kReduceUnroll<VEC>; ++u) {
       const int64_t nc = cur.c * C + c, pos = plane_chunk_pos<VEC>(nc, HxW, cur.rem, tile_len, lane);
-      full[u] = t + u * ty < t1 && pos >= 0 && pos + VEC <= HxW;
+      full[u] = t + u * ty < t1 && chunk_part<VEC>(pos, HxW).full();
       if (full[u]) v[u] = load_vec<VEC>(X, nc * HxW + pos);
       cur.advance(S);
     }
@@ -332,12 +332,12 @@ __global__ void __launch_bounds__(kBlock, kStreamBlocks)
     for (int64_t t = t0 + threadIdx.x / tx; t < t1; t += ty) {
       const int64_t nc = edge_cur.c * C + c,
                     pos = plane_chunk_pos<VEC>(nc, HxW, edge_cur.rem, tile_len, lane);
-      const ChunkPart part = chunk_part<VEC>(pos, HxW);
-      if (part.lo < part.hi && (part.lo > 0 || part.hi < VEC)) {
+      const ChunkPart<VEC> part = chunk_part<VEC>(pos, HxW);
+      if (!part.empty() && !part.full()) {
         const auto e = load_vec_part<VEC>(X, nc * HxW + pos, part);
 #pragma unroll
         for (int j = 0; j < VEC; ++j) {
-          if (j >= part.lo && j < part.hi) welford_push(edge, static_cast<float>(e.val[j]) - shift);
+          if (part.has(j)) welford_push(edge, static_cast<float>(e.val[j]) - shift);
         }
       }
       edge_cur.advance(S);
@@ -371,12 +371,12 @@ __global__ void __launch_bounds__(kBlock, kStreamBlocks)
   ChannelCursor cur(t0 + threadIdx.x / tx, ty, S);
   for (int64_t t = t0 + threadIdx.x / tx; t < t1; t += kGradUnroll<VEC> * ty) {
     AlignedVector<scalar_t, VEC> xv[kGradUnroll<VEC>], dv[kGradUnroll<VEC>], rv[kGradUnroll<VEC>];
-    ChunkPart part[kGradUnroll<VEC>];
+    ChunkPart<VEC> part[kGradUnroll<VEC>];
 #pragma unroll
     for (int u = 0; u < kGradUnroll<VEC>; ++u) {
       const int64_t nc = cur.c * C + c, pos = plane_chunk_pos<VEC>(nc, HxW, cur.rem, tile_len, lane);
-      part[u] = t + u * ty < t1 ? chunk_part<VEC>(pos, HxW) : ChunkPart{0, 0};
-      if (part[u].lo < part[u].hi) {
+      part[u] = t + u * ty < t1 ? chunk_part<VEC>(pos, HxW) : ChunkPart<VEC>{0, 0};
+      if (!part[u].empty()) {
         const int64_t o = nc * HxW + pos;
         xv[u] = load_vec_part<VEC>(X, o, part[u]);
         dv[u] = load_vec_part<VEC>(dY, o, part[u]);
@@ -388,7 +388,7 @@ __global__ void __launch_bounds__(kBlock, kStreamBlocks)
     for (int u = 0; u < kGradUnroll<VEC>; ++u) {
 #pragma unroll
       for (int e = 0; e < VEC; ++e) {
-        if (e < part[u].lo || e >= part[u].hi) continue;
+        if (!part[u].has(e)) continue;
         const float xv_e = static_cast<float>(xv[u].val[e]), rv_e = static_cast<float>(rv[u].val[e]);
         const float xhat = xhat_from(xv_e, rv_e, mean, rstd, g, b, act, slope);
         const float dz = grad_pre_act(static_cast<float>(dv[u].val[e]), xv_e, xhat, g, b, rv_e, act, slope);
@@ -413,8 +413,8 @@ __global__ void __launch_bounds__(kBlock, kStreamBlocks)
   for (int64_t t = int64_t(blockIdx.x) * ty + threadIdx.x / tx; t < tiles; t += int64_t(gridDim.x) * ty) {
     const int64_t nc = div_idx(t, S);
     const int64_t pos = plane_chunk_pos<VEC>(nc, HxW, t - nc * S, tile_len, lane);
-    const ChunkPart part = chunk_part<VEC>(pos, HxW);
-    if (part.lo >= part.hi) continue;
+    const ChunkPart<VEC> part = chunk_part<VEC>(pos, HxW);
+    if (part.empty()) continue;
     float mean, rstd, g, b;
     ch.at(nc - div_idx(nc, C) * C, mean, rstd, g, b);
     const float scale = g * rstd;
@@ -441,8 +441,8 @@ __global__ void __launch_bounds__(kBlock, kStreamBlocks)
   for (int64_t t = int64_t(blockIdx.x) * ty + threadIdx.x / tx; t < tiles; t += int64_t(gridDim.x) * ty) {
     const int64_t nc = div_idx(t, S);
     const int64_t pos = plane_chunk_pos<VEC>(nc, HxW, t - nc * S, tile_len, lane);
-    const ChunkPart part = chunk_part<VEC>(pos, HxW);
-    if (part.lo >= part.hi) continue;
+    const ChunkPart<VEC> part = chunk_part<VEC>(pos, HxW);
+    if (part.empty()) continue;
     const int64_t c = nc - div_idx(nc, C) * C;
     float mean, rstd, g, b, ka, kb, kc;
     ch.at(c, mean, rstd, g, b);

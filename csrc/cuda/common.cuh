@@ -149,12 +149,16 @@ __device__ __forceinline__ void store_float(scalar_t* __restrict__ p, int64_t i,
 // The valid elements [lo, hi) of a VEC-aligned chunk that starts `pos` elements into an extent of `len`
 // values; pos < 0 at the head of an extent whose start is not VEC-aligned (a plane of 49 values at an odd
 // offset), hi < VEC at its tail, and the chunk is empty when hi <= lo.
+template <int VEC>
 struct ChunkPart {
   int lo, hi;
+  __device__ __forceinline__ bool empty() const { return hi <= lo; }
+  __device__ __forceinline__ bool full() const { return lo == 0 && hi == VEC; }
+  __device__ __forceinline__ bool has(int j) const { return j >= lo && j < hi; }
 };
 
 template <int VEC>
-__device__ __forceinline__ ChunkPart chunk_part(int64_t pos, int64_t len) {
+__device__ __forceinline__ ChunkPart<VEC> chunk_part(int64_t pos, int64_t len) {
   return {int(pos < 0 ? -pos : 0), int(len - pos < VEC ? len - pos : VEC)};
 }
 
@@ -163,19 +167,19 @@ __device__ __forceinline__ ChunkPart chunk_part(int64_t pos, int64_t len) {
 // neighbouring extent or memory past the tensor).
 template <int VEC, typename scalar_t>
 __device__ __forceinline__ AlignedVector<scalar_t, VEC> load_vec_part(const scalar_t* __restrict__ p,
-                                                                      int64_t i, ChunkPart k) {
-  if (p == nullptr) k = ChunkPart{0, 0};
-  if (k.lo == 0 && k.hi == VEC) return load_vec<VEC>(p, i);
+                                                                      int64_t i, ChunkPart<VEC> k) {
+  if (p == nullptr) k = ChunkPart<VEC>{0, 0};
+  if (k.full()) return load_vec<VEC>(p, i);
   AlignedVector<scalar_t, VEC> v;
 #pragma unroll
   for (int j = 0; j < VEC; ++j) {
-    v.val[j] = j >= k.lo && j < k.hi ? load_vec<1>(p, i + j).val[0] : static_cast<scalar_t>(0.f);
+    v.val[j] = k.has(j) ? load_vec<1>(p, i + j).val[0] : static_cast<scalar_t>(0.f);
   }
   return v;
 }
 
 template <int VEC, typename scalar_t>
-__device__ __forceinline__ void load_float_part(const scalar_t* __restrict__ p, int64_t i, ChunkPart k,
+__device__ __forceinline__ void load_float_part(const scalar_t* __restrict__ p, int64_t i, ChunkPart<VEC> k,
                                                 float (&out)[VEC]) {
   const auto v = load_vec_part<VEC>(p, i, k);
 #pragma unroll
@@ -184,15 +188,15 @@ __device__ __forceinline__ void load_float_part(const scalar_t* __restrict__ p, 
 
 // Stores the chunk's valid elements only.
 template <int VEC, typename scalar_t>
-__device__ __forceinline__ void store_float_part(scalar_t* __restrict__ p, int64_t i, ChunkPart k,
+__device__ __forceinline__ void store_float_part(scalar_t* __restrict__ p, int64_t i, ChunkPart<VEC> k,
                                                  const float (&in)[VEC]) {
-  if (k.lo == 0 && k.hi == VEC) {
+  if (k.full()) {
     store_float<VEC>(p, i, in);
     return;
   }
 #pragma unroll
   for (int j = 0; j < VEC; ++j) {
-    if (j >= k.lo && j < k.hi) {
+    if (k.has(j)) {
       const float e[1] = {in[j]};
       store_float<1>(p, i + j, e);
     }
