@@ -81,9 +81,6 @@ void for_each_run(const ChannelShape& s, int64_t stat_stride, const Body& body) 
   });
 }
 
-// The count of a whole SIMD vector, for the loads and stores below.
-struct WholeVec {};
-
 // Calls f(Vec(0), j, count) over n elements: whole SIMD vectors (count = WholeVec{}), then one partial
 // vector of the last n % kSize (count = their number: loads fill the other lanes with 0, stores leave
 // them out). Element at a time, the 6-element tail of a 70-element plane made a float16 apply about 3x slower

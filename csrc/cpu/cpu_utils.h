@@ -158,12 +158,25 @@ inline void dispatch_grad_activation(int64_t act, const F& f) {
 // differences between block means that Chan's formula adds up. Per-element work stays in acc_t.
 using Moments = Welford<double, double>;
 
+// The count of a whole SIMD vector, for loads, stores and the work done per vector.
+struct WholeVec {};
+
+// A no-op for deviation_sums' `side` work.
+struct NoSideWork {
+  template <typename Count>
+  void operator()(int64_t, Count) const {}
+};
+
 // Σ e and Σ e² of e = (x - k) - m over n contiguous values: row_moments' one pass (m = 0) and its second
 // pass, where Σ e is the rounding error of m as the mean of x - k, which the caller adds back (the corrected
 // two-pass algorithm). Four SIMD accumulators hide latency; the last n % kSize values are one partial
-// vector, its other lanes masked to 0.
-template <typename scalar_t, typename Vec = typename VecIO<scalar_t>::Vec>
-std::pair<double, double> deviation_sums(const scalar_t* __restrict p, int64_t n, Vec k, Vec m) {
+// vector, its other lanes masked to 0. side(j, count) runs with the loads of vector j (count as in
+// for_vectors): a row-at-a-time pass applies the row before this one there, so its loads and stores overlap
+// this row's (from L2 or L3), instead of waiting behind the reductions that end each row. The sums do not
+// depend on it.
+template <typename scalar_t, typename Vec = typename VecIO<scalar_t>::Vec, typename Side = NoSideWork>
+std::pair<double, double> deviation_sums(const scalar_t* __restrict p, int64_t n, Vec k, Vec m,
+                                         const Side& side = {}) {
   using IO = VecIO<scalar_t>;
   constexpr int64_t kV = IO::kSize;
   const int64_t n4 = n - n % (4 * kV), n1 = n - n % kV;
@@ -171,6 +184,7 @@ std::pair<double, double> deviation_sums(const scalar_t* __restrict p, int64_t n
   for (int64_t i = 0; i < n4; i += 4 * kV) {
     const Vec d0 = (IO::load(p + i) - k) - m, d1 = (IO::load(p + i + kV) - k) - m;
     const Vec d2 = (IO::load(p + i + 2 * kV) - k) - m, d3 = (IO::load(p + i + 3 * kV) - k) - m;
+    for (int64_t v = 0; v < 4; ++v) side(i + v * kV, WholeVec{});
     e0 = e0 + (d0 + d1);
     e1 = e1 + (d2 + d3);
     q0 = at::vec::fmadd(d0, d0, q0);
@@ -180,11 +194,13 @@ std::pair<double, double> deviation_sums(const scalar_t* __restrict p, int64_t n
   }
   for (int64_t i = n4; i < n1; i += kV) {
     const Vec d = (IO::load(p + i) - k) - m;
+    side(i, WholeVec{});
     e0 = e0 + d;
     q0 = at::vec::fmadd(d, d, q0);
   }
   if (n1 < n) {
     const Vec d = keep_lanes((IO::load(p + n1, n - n1) - k) - m, n - n1);
+    side(n1, n - n1);
     e1 = e1 + d;
     q1 = at::vec::fmadd(d, d, q1);
   }
@@ -192,36 +208,53 @@ std::pair<double, double> deviation_sums(const scalar_t* __restrict p, int64_t n
   return {at::vec::vec_reduce_all(add, e0 + e1), at::vec::vec_reduce_all(add, (q0 + q1) + (q2 + q3))};
 }
 
-// Moments of L contiguous values, per block that stays in L1: the sums of d = x - k and d² in one pass, k the
-// mean of the block's first kSize values, so the float sums scale with the spread, not the magnitude (exact
-// enough for off-centre data). Σd² - (Σd)²/n loses bits as (mean - k)² grows against the variance, by at
-// most n / kSize (the first kSize values alone add (mean - k)²·kSize / n to it): past (mean - k)² > variance,
-// a second pass sums the deviations from the mean instead. Blocks merged with Chan's formula.
+// Values per block of row_moments: a block stays in L1 between its passes.
+template <typename scalar_t>
+constexpr int64_t kMomentsBlock = 256 * VecIO<scalar_t>::kSize;
+
+// The shift k of a block of n values for deviation_sums: the mean of its first kSize values, so the float
+// sums scale with the spread, not the magnitude (exact enough for off-centre data).
+template <typename scalar_t>
+at::opmath_type<scalar_t> block_shift(const scalar_t* p, int64_t n) {
+  using IO = VecIO<scalar_t>;
+  using Vec = typename IO::Vec;
+  const int64_t h = std::min(n, IO::kSize);
+  const auto add = [](Vec a, Vec b) { return a + b; };
+  return at::vec::vec_reduce_all(add, keep_lanes(IO::load(p, h), h)) / at::opmath_type<scalar_t>(h);
+}
+
+// The moments of a block of n values from its one-pass sums (Σd, Σd², d = x - shift), merged into w.
+// Σd² - (Σd)²/n loses bits as (mean - k)² grows against the variance, by at most n / kSize (the first kSize
+// values alone add (mean - k)²·kSize / n to it): past (mean - k)² > variance, a second pass sums the
+// deviations from the mean instead. Blocks merge with Chan's formula.
+template <typename scalar_t>
+Moments add_block(const Moments& w, const scalar_t* p, int64_t n, at::opmath_type<scalar_t> shift,
+                  std::pair<double, double> sums) {
+  using Vec = typename VecIO<scalar_t>::Vec;
+  using acc_t = at::opmath_type<scalar_t>;
+  const auto [sum, sq] = sums;
+  const double cross = sum * sum / double(n);
+  double mean = double(shift) + sum / double(n), m2 = sq - cross;
+  if (!(2.0 * cross <= sq)) {
+    const acc_t m = acc_t(sum / double(n));
+    const auto [e, q] = deviation_sums(p, n, Vec(shift), Vec(m));
+    mean = double(shift) + double(m) + e / double(n);
+    m2 = q - e * e / double(n);
+  }
+  return welford_merge(w, {mean, std::max(0.0, m2), double(n)});
+}
+
+// Moments of L contiguous values, per block of kMomentsBlock: the shifted sums in one pass (a second one
+// where they cancel, see add_block), the blocks merged in double.
 template <typename scalar_t>
 Moments row_moments(const scalar_t* __restrict x, int64_t L) {
-  using IO = VecIO<scalar_t>;
-  using acc_t = typename IO::acc_t;
-  using Vec = typename IO::Vec;
-  constexpr int64_t kV = IO::kSize;
-  constexpr int64_t kBlock = 256 * kV;
-  const auto add = [](Vec a, Vec b) { return a + b; };
+  using Vec = typename VecIO<scalar_t>::Vec;
   Moments w{0.0, 0.0, 0.0};
-  for (int64_t b0 = 0; b0 < L; b0 += kBlock) {
+  for (int64_t b0 = 0; b0 < L; b0 += kMomentsBlock<scalar_t>) {
     const scalar_t* p = x + b0;
-    const int64_t n = std::min(kBlock, L - b0);
-    const int64_t h = std::min(n, kV);
-    const acc_t shift = at::vec::vec_reduce_all(add, keep_lanes(IO::load(p, h), h)) / acc_t(h);
-    const Vec k(shift);
-    const auto [sum, sq] = deviation_sums(p, n, k, Vec(0));
-    const double cross = sum * sum / double(n);
-    double mean = double(shift) + sum / double(n), m2 = sq - cross;
-    if (!(2.0 * cross <= sq)) {
-      const acc_t m = acc_t(sum / double(n));
-      const auto [e, q] = deviation_sums(p, n, k, Vec(m));
-      mean = double(shift) + double(m) + e / double(n);
-      m2 = q - e * e / double(n);
-    }
-    w = welford_merge(w, {mean, std::max(0.0, m2), double(n)});
+    const int64_t n = std::min(kMomentsBlock<scalar_t>, L - b0);
+    const auto shift = block_shift(p, n);
+    w = add_block(w, p, n, shift, deviation_sums(p, n, Vec(shift), Vec(0)));
   }
   return w;
 }
