@@ -288,14 +288,16 @@ std::tuple<Tensor, Tensor> batch_norm_merge_cpu(const Tensor& counts_in, const T
     const scalar_t* n_p = counts.const_data_ptr<scalar_t>();
     const scalar_t* m_p = means.const_data_ptr<scalar_t>();
     const scalar_t* q_p = m2s.const_data_ptr<scalar_t>();
+    scalar_t* mean_p = mean.data_ptr<scalar_t>();
+    scalar_t* m2_p = m2.data_ptr<scalar_t>();
     for (int64_t k = 0; k < K; ++k) total += double(n_p[k]);
     for (int64_t c = 0; c < C; ++c) {
       Moments w{0.0, 0.0, 0.0};
       for (int64_t k = 0; k < K; ++k) {
         w = welford_merge(w, Moments{double(m_p[k * C + c]), double(q_p[k * C + c]), double(n_p[k])});
       }
-      mean.data_ptr<scalar_t>()[c] = scalar_t(w.mean);
-      m2.data_ptr<scalar_t>()[c] = scalar_t(w.m2);
+      mean_p[c] = scalar_t(w.mean);
+      m2_p[c] = scalar_t(w.m2);
     }
   });
   update_running_stats(running_mean, running_var, mean, m2, total, momentum);
@@ -388,11 +390,14 @@ std::tuple<Tensor, Tensor> batch_norm_bwd_elemt_cpu(
             xhat_coefs(act, mean.const_data_ptr<acc_t>(), rstd_p, C, C, gamma_p, beta_p, store);
         const ChannelCoefs<acc_t> k{xm, xp, 0, gamma_p, beta_p};
         std::vector<acc_t> ca(C), cb(C, acc_t(0)), cc(C, acc_t(0));
+        // Tensor::data_ptr checks the tensor on every call: taken once, not per channel.
+        const acc_t* sdz_p = has_sums ? sum_dz.const_data_ptr<acc_t>() : nullptr;
+        const acc_t* sdzx_p = has_sums ? sum_dzx.const_data_ptr<acc_t>() : nullptr;
         for (int64_t c = 0; c < C; ++c) {
           ca[c] = gamma_p[c] * rstd_p[c];
           if (has_sums) {
-            cb[c] = -ca[c] * sum_dzx.const_data_ptr<acc_t>()[c] * acc_t(inv_count);
-            cc[c] = -ca[c] * sum_dz.const_data_ptr<acc_t>()[c] * acc_t(inv_count);
+            cb[c] = -ca[c] * sdzx_p[c] * acc_t(inv_count);
+            cc[c] = -ca[c] * sdz_p[c] * acc_t(inv_count);
           }
         }
         const scalar_t* R = a.residual ? a.residual->const_data_ptr<scalar_t>() : nullptr;
