@@ -112,6 +112,13 @@ TORCH_LIBRARY(normext, m) {
       "batch_norm_bwd_elemt(Tensor dY, Tensor X, Tensor? residual, Tensor mean, Tensor rstd, Tensor? gamma, "
       "Tensor? beta, Tensor? sum_dz, Tensor? sum_dzxhat, float inv_count, int act, float slope, "
       "bool[2] output_mask) -> (Tensor dX, Tensor dresidual)");
+  // The training backward (batch statistics) in one op: batch_norm_bwd_reduce then batch_norm_bwd_elemt with
+  // inv_count = C / numel, output_mask and outputs as for group_norm_bwd (dgamma = sum_dzxhat, dbeta =
+  // sum_dz).
+  m.def(
+      "batch_norm_bwd(Tensor dY, Tensor X, Tensor? residual, Tensor mean, Tensor rstd, Tensor? gamma, "
+      "Tensor? beta, int act, float slope, bool[4] output_mask) -> "
+      "(Tensor dX, Tensor dgamma, Tensor dbeta, Tensor dresidual)");
 }
 
 // The ops autograd never differentiates: the backward kernels (a backward whose graph is being built runs
@@ -119,9 +126,9 @@ TORCH_LIBRARY(normext, m) {
 // Differentiating one is an error here; torch's default for an op without autograd is a one-time warning
 // and a silently wrong gradient. The forward ops get their autograd in Python (register_norm_autograd).
 TORCH_LIBRARY_IMPL(normext, Autograd, m) {
-  for (const char* op :
-       {"group_norm_bwd", "layer_norm_bwd", "layer_norm_2d_bwd", "rms_norm_bwd", "rms_norm_2d_bwd",
-        "batch_norm_stats", "batch_norm_merge", "batch_norm_bwd_reduce", "batch_norm_bwd_elemt"}) {
+  for (const char* op : {"group_norm_bwd", "layer_norm_bwd", "layer_norm_2d_bwd", "rms_norm_bwd",
+                         "rms_norm_2d_bwd", "batch_norm_stats", "batch_norm_merge", "batch_norm_bwd_reduce",
+                         "batch_norm_bwd_elemt", "batch_norm_bwd"}) {
     m.impl(op, torch::autograd::autogradNotImplementedFallback());
   }
 }

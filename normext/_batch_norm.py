@@ -22,6 +22,7 @@ from normext._ops import (
     base_activation,
     check_devices,
     check_running_stats,
+    empty_channel_grads,
     empty_in_native_layout,
     from_output,
     op_activation,
@@ -74,6 +75,11 @@ def _batch_norm_bwd_elemt_fake(
     )
 
 
+@register_fake("normext::batch_norm_bwd")
+def _batch_norm_bwd_fake(dY, X, residual, mean, rstd, gamma, beta, act, slope, output_mask):
+    return empty_channel_grads(X, output_mask)
+
+
 def _grads(dY, X, residual, mean, rstd, gamma, beta, act, slope, mask, reduced=None):
     """(dX, dgamma, dbeta, dresidual) from the backward ops as normext._autograd's fused_grads returns them.
     `reduced(sum_dz, sum_dzxhat)` returns the sums dX is built from and the 1 / count to scale them by
@@ -83,11 +89,12 @@ def _grads(dY, X, residual, mean, rstd, gamma, beta, act, slope, mask, reduced=N
     dgamma = dbeta = dX = dres = None
     sums = (None, None, 1.0)
     if need_w or need_b or (need_x and reduced is not None):
-        dbeta, dgamma = _ops.batch_norm_bwd_reduce(dY, X, residual, mean, rstd, gamma, beta, act, slope)
+        reduce = _ops.batch_norm_bwd_reduce.default
+        dbeta, dgamma = reduce(dY, X, residual, mean, rstd, gamma, beta, act, slope)
         if need_x and reduced is not None:
             sums = reduced(dbeta, dgamma)
     if need_x or need_r:
-        dX, dres = _ops.batch_norm_bwd_elemt(
+        dX, dres = _ops.batch_norm_bwd_elemt.default(
             dY, X, residual, mean, rstd, gamma, beta, *sums, act, slope, [need_x, need_r]
         )
     return dX, dgamma, dbeta, dres
@@ -147,12 +154,7 @@ def normalize_with_stats(input, mean, var, weight, bias, eps, act, slope, residu
 
 
 def _train_grads(dY, X, residual, stats, gamma, beta, args, mask):
-    inv_count = 1.0 / max(1, X.numel() // max(1, X.shape[1]))
-
-    def local(sum_dz, sum_dzx):
-        return sum_dz, sum_dzx, inv_count
-
-    return _grads(dY, X, residual, *stats, gamma, beta, args["act"], args["slope"], mask, local)
+    return _ops.batch_norm_bwd.default(dY, X, residual, *stats, gamma, beta, args["act"], args["slope"], mask)
 
 
 def _train_reference(X, gamma, beta, residual, stats, args):

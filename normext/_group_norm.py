@@ -14,6 +14,7 @@ from normext._ops import (
     base_activation,
     check_devices,
     check_running_stats,
+    empty_channel_grads,
     empty_in_native_layout,
     op_activation,
     register_fake,
@@ -31,15 +32,7 @@ def _group_norm_fwd_fake(X, gamma, beta, residual, G, eps, act, slope):
 
 @register_fake("normext::group_norm_bwd")
 def _group_norm_bwd_fake(dY, X, residual, mean, rstd, gamma, beta, G, act, slope, output_mask):
-    C = X.shape[1]
-    acc = stat_dtype(X)
-    # Unselected outputs are distinct empty tensors, as the kernels return them (no aliasing).
-    return (
-        empty_in_native_layout(X) if output_mask[0] else X.new_empty((0,)),
-        X.new_empty((C if output_mask[1] else 0,), dtype=acc),
-        X.new_empty((C if output_mask[2] else 0,), dtype=acc),
-        empty_in_native_layout(X) if output_mask[3] else X.new_empty((0,)),
-    )
+    return empty_channel_grads(X, output_mask)
 
 
 def _fused_grads(dY, X, residual, stats, gamma, beta, args, mask):

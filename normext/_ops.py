@@ -139,6 +139,19 @@ def empty_in_native_layout(x):
     return x.new_empty(x.shape)
 
 
+def empty_channel_grads(X, output_mask):
+    """The fake (meta) outputs of a per-channel norm's backward op, (dX, dgamma, dbeta, dresidual) as
+    output_mask selects them: unselected ones are distinct empty tensors, as the kernels return them (no
+    aliasing); the parameter gradients are (C,) in the accumulation dtype."""
+    C, acc = X.shape[1], stat_dtype(X)
+    return (
+        empty_in_native_layout(X) if output_mask[0] else X.new_empty((0,)),
+        X.new_empty((C if output_mask[1] else 0,), dtype=acc),
+        X.new_empty((C if output_mask[2] else 0,), dtype=acc),
+        empty_in_native_layout(X) if output_mask[3] else X.new_empty((0,)),
+    )
+
+
 class FusedActivation:
     """Mixin of every normext module: validates the fused activation's name, adds it to the repr, and turns
     torch.jit.script away with one clear error."""

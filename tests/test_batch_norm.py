@@ -577,6 +577,12 @@ def test_opcheck(device, fmt):
         torch.library.opcheck(
             ops.batch_norm_bwd_elemt.default, (dy, x, res, mean, rstd, w, b, *sums, 1 / 60, code, SLOPE, mask)
         )
+    for args, mask in (
+        ((res, mean, rstd, w, b), [True, True, True, True]),
+        ((res, mean, rstd, w, b), [False, True, False, True]),
+        ((None, mean, rstd, None, None), [True, False, False, False]),
+    ):
+        torch.library.opcheck(ops.batch_norm_bwd.default, (dy, x, *args, code, SLOPE, mask))
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -625,6 +631,39 @@ def test_ops_against_reference(device, fmt):
     )
     assert dR.numel() == 0
     assert rel_err(dX, to64(dy) * to64(w * rstd).view(1, -1, 1, 1)) < 1e-6
+
+
+@pytest.mark.parametrize("act", ["identity", "silu"])
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize(
+    ("shape", "threads"), [((3, 6, 4, 5), 1), ((2, 3, 96, 96), 2)], ids=["by-channel", "two-passes"]
+)
+@pytest.mark.parametrize("device", DEVICES)
+def test_bwd_is_reduce_then_elemt(device, shape, threads, fmt, act):
+    """batch_norm_bwd, the training backward in one op, gives bit for bit what SyncBatchNorm's two ops give
+    without the all-reduce (and so the same gradients on one process as across several), on both of its
+    channels-first CPU paths: a channel a task, and two passes when there are fewer channels than two per
+    thread."""
+    ops = torch.ops.normext
+    x = make_input(shape, torch.float32, device, fmt, mean=1.0)
+    res, dy = (make_input(shape, torch.float32, device, fmt) for _ in range(2))
+    w, b = make_params(shape[1], torch.float32, device)
+    code = ACT_CODES[act]
+    _, mean, rstd = ops.batch_norm_fwd(x, w, b, res, None, None, 0.1, 1e-5, code, SLOPE)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        dX, dw, db, dR = ops.batch_norm_bwd(dy, x, res, mean, rstd, w, b, code, SLOPE, [True] * 4)
+        s_dz, s_dzx = ops.batch_norm_bwd_reduce(dy, x, res, mean, rstd, w, b, code, SLOPE)
+        count = x.numel() // shape[1]
+        dX2, dR2 = ops.batch_norm_bwd_elemt(
+            dy, x, res, mean, rstd, w, b, s_dz, s_dzx, 1 / count, code, SLOPE, [True, True]
+        )
+    finally:
+        torch.set_num_threads(before)
+    for got, want in ((dX, dX2), (dw, s_dzx), (db, s_dz), (dR, dR2)):
+        assert torch.equal(got, want)
+    assert_layout_kept(dX, x, fmt)
 
 
 # ------------------------------------------------------------------------------------ determinism

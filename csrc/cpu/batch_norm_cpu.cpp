@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <tuple>
 #include <vector>
 
 #include "channel_kernels.h"
@@ -165,11 +166,27 @@ void batch_grad_sums(const scalar_t* dY, const scalar_t* X, const scalar_t* R, c
   std::copy(b.begin(), b.end(), sum_dzx);
 }
 
-// dX = a·dz + b·x̂ + c and dR = dz with per-channel coefficients; either output may be null.
+// Channel c's dx = ca·dz + cb·x̂ + cc: ca = γ·rstd and, with batch statistics (the sums Σdz, Σdz·x̂ given),
+// cb = −ca·Σdz·x̂ / count, cc = −ca·Σdz / count; without them (constant statistics) cb = cc = 0.
+template <typename acc_t>
+std::tuple<acc_t, acc_t, acc_t> grad_coef(int64_t c, const acc_t* gamma, const acc_t* rstd,
+                                          const acc_t* sum_dz, const acc_t* sum_dzx, acc_t inv_count) {
+  const acc_t ca = gamma[c] * rstd[c];
+  if (sum_dz == nullptr) return {ca, acc_t(0), acc_t(0)};
+  return {ca, -ca * sum_dzx[c] * inv_count, -ca * sum_dz[c] * inv_count};
+}
+
+// dX = ca·dz + cb·x̂ + cc (grad_coef) and dR = dz; either output may be null.
 template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
 void batch_grad_input(const scalar_t* dY, const scalar_t* X, const scalar_t* R, const ChannelShape& s,
-                      const ChannelCoefs<acc_t>& k, const GradCoefs<acc_t>& gc, int64_t act, double slope,
-                      scalar_t* dX, scalar_t* dR) {
+                      const ChannelCoefs<acc_t>& k, const acc_t* rstd, const acc_t* sum_dz,
+                      const acc_t* sum_dzx, acc_t inv_count, int64_t act, double slope, scalar_t* dX,
+                      scalar_t* dR) {
+  std::vector<acc_t> ca(s.C), cb(s.C), cc(s.C);
+  for (int64_t c = 0; c < s.C; ++c) {
+    std::tie(ca[c], cb[c], cc[c]) = grad_coef(c, k.gamma, rstd, sum_dz, sum_dzx, inv_count);
+  }
+  const GradCoefs<acc_t> gc{ca.data(), cb.data(), cc.data()};
   if (!s.channels_last) {
     channel_grad_input(dY, X, R, s, k, gc, act, slope, dX, dR);
     return;
@@ -389,24 +406,113 @@ std::tuple<Tensor, Tensor> batch_norm_bwd_elemt_cpu(
         const auto [xm, xp] =
             xhat_coefs(act, mean.const_data_ptr<acc_t>(), rstd_p, C, C, gamma_p, beta_p, store);
         const ChannelCoefs<acc_t> k{xm, xp, 0, gamma_p, beta_p};
-        std::vector<acc_t> ca(C), cb(C, acc_t(0)), cc(C, acc_t(0));
         // Tensor::data_ptr checks the tensor on every call: taken once, not per channel.
         const acc_t* sdz_p = has_sums ? sum_dz.const_data_ptr<acc_t>() : nullptr;
         const acc_t* sdzx_p = has_sums ? sum_dzx.const_data_ptr<acc_t>() : nullptr;
-        for (int64_t c = 0; c < C; ++c) {
-          ca[c] = gamma_p[c] * rstd_p[c];
-          if (has_sums) {
-            cb[c] = -ca[c] * sdzx_p[c] * acc_t(inv_count);
-            cc[c] = -ca[c] * sdz_p[c] * acc_t(inv_count);
-          }
-        }
         const scalar_t* R = a.residual ? a.residual->const_data_ptr<scalar_t>() : nullptr;
         batch_grad_input(dY.const_data_ptr<scalar_t>(), a.X.const_data_ptr<scalar_t>(), R, bn_shape(a), k,
-                         GradCoefs<acc_t>{ca.data(), cb.data(), cc.data()}, act, slope,
+                         rstd_p, sdz_p, sdzx_p, acc_t(inv_count), act, slope,
                          mask[0] ? dX.data_ptr<scalar_t>() : nullptr,
                          mask[1] ? dR.data_ptr<scalar_t>() : nullptr);
       });
   return {dX, dR};
+}
+
+// Channels-first training backward, one channel a task: its N runs' Σdz, Σdz·x̂ (added over n in order,
+// as batch_grad_sums does), then its dx while its x and dy are still in cache; behind an activation the
+// first pass keeps dz (float) for the second. The results are those of batch_grad_sums + batch_grad_input.
+template <typename scalar_t, int64_t kAct, typename acc_t = at::opmath_type<scalar_t>>
+void batch_grad_by_channel(const scalar_t* dY, const scalar_t* X, const scalar_t* R, const ChannelShape& s,
+                           const ChannelCoefs<acc_t>& k, const acc_t* rstd, double slope, acc_t* sum_dz,
+                           acc_t* sum_dzx, scalar_t* dX, scalar_t* dR) {
+  const acc_t sl = acc_t(slope), inv_count = acc_t(1.0 / double(s.N * s.HxW));
+  const bool need_input = dX != nullptr || dR != nullptr;
+  const bool keep_dz = base_activation(kAct) != kIdentity && need_input;
+  at::parallel_for(0, s.C, grain_for(s.N * s.HxW), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> dz(keep_dz ? s.N * s.HxW : 0);
+    for (int64_t c = begin; c < end; ++c) {
+      acc_t a = 0, b = 0;
+      for (int64_t n = 0; n < s.N; ++n) {
+        const int64_t o = (n * s.C + c) * s.HxW;
+        const auto [p, q] = grad_sums_run<scalar_t, kAct>(dY + o, X + o, R ? R + o : nullptr, s.HxW,
+                                                          k.mean[c], k.rstd[c], k.gamma[c], k.beta[c], sl,
+                                                          keep_dz ? dz.data() + n * s.HxW : nullptr);
+        a += p;
+        b += q;
+      }
+      sum_dz[c] = a;
+      sum_dzx[c] = b;
+      if (!need_input) continue;
+      const auto [ca, cb, cc] = grad_coef(c, k.gamma, rstd, sum_dz, sum_dzx, inv_count);
+      for (int64_t n = 0; n < s.N; ++n) {
+        const int64_t o = (n * s.C + c) * s.HxW;
+        scalar_t* dx = dX ? dX + o : nullptr;
+        scalar_t* dr = dR ? dR + o : nullptr;
+        if (keep_dz) {
+          grad_input_from_dz_run<scalar_t, kAct>(dz.data() + n * s.HxW, X + o, R ? R + o : nullptr, dx, dr,
+                                                 s.HxW, k.mean[c], k.rstd[c], ca, cb, cc, sl);
+        } else {
+          grad_input_run<scalar_t, kAct>(dY + o, X + o, R ? R + o : nullptr, dx, dr, s.HxW, k.mean[c],
+                                         k.rstd[c], k.gamma[c], k.beta[c], ca, cb, cc, sl);
+        }
+      }
+    }
+  });
+}
+
+// The training backward in one call: what batch_norm_bwd_reduce then batch_norm_bwd_elemt give (SyncBatchNorm
+// runs those two with an all-reduce between them), with one op's fixed costs and, channels-first, one pass
+// per channel over data in cache (batch_grad_by_channel).
+std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_bwd_cpu(const Tensor& dY_in, const Tensor& X_in,
+                                                              const c10::optional<Tensor>& residual,
+                                                              const Tensor& mean_in, const Tensor& rstd_in,
+                                                              const c10::optional<Tensor>& gamma,
+                                                              const c10::optional<Tensor>& beta, int64_t act,
+                                                              double slope, std::array<bool, 4> mask) {
+  constexpr const char* op = "batch_norm_bwd";
+  const auto a = check_channel_norm(X_in, gamma, beta, residual, check_grad_activation(act, op), op);
+  const int64_t C = a.dims.C;
+  const Tensor dY = *check_like(dY_in, a.X, a.layout, "grad_output", op);
+  const Tensor mean = check_stats(mean_in, a.X, C, "mean", op);
+  const Tensor rstd = check_stats(rstd_in, a.X, C, "rstd", op);
+  const auto acc_opts = a.X.options().dtype(acc_dtype(a.X));
+  Tensor dX = mask[0] ? at::empty_like(a.X) : at::empty({0}, a.X.options());
+  Tensor dgamma = at::zeros({mask[1] ? C : 0}, acc_opts);
+  Tensor dbeta = at::zeros({mask[2] ? C : 0}, acc_opts);
+  Tensor dR = mask[3] ? at::empty_like(a.X) : at::empty({0}, a.X.options());
+  if (a.X.numel() == 0) return {dX, dgamma, dbeta, dR};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.X.scalar_type(), "batch_norm_bwd_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const ChannelShape s = bn_shape(a);
+    std::vector<acc_t> ones, zeros, store, sdz(C), sdzx(C);
+    const acc_t* gamma_p = param_or(a.gamma, ones, C, acc_t(1));
+    const acc_t* beta_p = param_or(a.beta, zeros, C, acc_t(0));
+    const acc_t* rstd_p = rstd.const_data_ptr<acc_t>();
+    const auto [xm, xp] = xhat_coefs(act, mean.const_data_ptr<acc_t>(), rstd_p, C, C, gamma_p, beta_p, store);
+    const ChannelCoefs<acc_t> k{xm, xp, 0, gamma_p, beta_p};
+    const scalar_t* X = a.X.const_data_ptr<scalar_t>();
+    const scalar_t* dYp = dY.const_data_ptr<scalar_t>();
+    const scalar_t* R = a.residual ? a.residual->const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* dXp = mask[0] ? dX.data_ptr<scalar_t>() : nullptr;
+    scalar_t* dRp = mask[3] ? dR.data_ptr<scalar_t>() : nullptr;
+    // One channel a task leaves threads idle when there are fewer channels than threads to share.
+    if (!s.channels_last && (C >= 2 * at::get_num_threads() || s.N * s.HxW * C <= 32768)) {
+      dispatch_grad_activation(act, [&](auto A) {
+        batch_grad_by_channel<scalar_t, decltype(A)::value>(dYp, X, R, s, k, rstd_p, slope, sdz.data(),
+                                                            sdzx.data(), dXp, dRp);
+      });
+    } else {
+      batch_grad_sums(dYp, X, R, s, k, act, slope, sdz.data(), sdzx.data());
+      if (dXp != nullptr || dRp != nullptr) {
+        batch_grad_input(dYp, X, R, s, k, rstd_p, static_cast<const acc_t*>(sdz.data()),
+                         static_cast<const acc_t*>(sdzx.data()), acc_t(1.0 / double(s.N * s.HxW)), act, slope,
+                         dXp, dRp);
+      }
+    }
+    if (mask[1]) std::copy(sdzx.begin(), sdzx.end(), dgamma.data_ptr<acc_t>());
+    if (mask[2]) std::copy(sdz.begin(), sdz.end(), dbeta.data_ptr<acc_t>());
+  });
+  return {dX, dgamma, dbeta, dR};
 }
 
 }  // namespace
@@ -419,6 +525,7 @@ void register_batch_norm(torch::Library& m) {
   m.impl("batch_norm_apply", &batch_norm_apply_cpu);
   m.impl("batch_norm_bwd_reduce", &batch_norm_bwd_reduce_cpu);
   m.impl("batch_norm_bwd_elemt", &batch_norm_bwd_elemt_cpu);
+  m.impl("batch_norm_bwd", &batch_norm_bwd_cpu);
 }
 
 }  // namespace normext::cpu::CPU_CAPABILITY

@@ -1057,6 +1057,24 @@ std::tuple<Tensor, Tensor> batch_norm_bwd_elemt_cuda(
   return {dX, dR};
 }
 
+// The training backward in one call: batch_norm_bwd_reduce's sums (dbeta, dgamma), then
+// batch_norm_bwd_elemt's dX and dresidual from them, as SyncBatchNorm runs the two without the all-reduce.
+std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_bwd_cuda(const Tensor& dY, const Tensor& X,
+                                                               const c10::optional<Tensor>& residual,
+                                                               const Tensor& mean, const Tensor& rstd,
+                                                               const c10::optional<Tensor>& gamma,
+                                                               const c10::optional<Tensor>& beta, int64_t act,
+                                                               double slope, std::array<bool, 4> mask) {
+  const auto [sum_dz, sum_dzx] =
+      batch_norm_bwd_reduce_cuda(dY, X, residual, mean, rstd, gamma, beta, act, slope);
+  const int64_t C = X.dim() > 1 ? X.size(1) : 1;
+  const double inv_count = 1.0 / double(std::max<int64_t>(1, X.numel() / std::max<int64_t>(1, C)));
+  const auto [dX, dR] = batch_norm_bwd_elemt_cuda(dY, X, residual, mean, rstd, gamma, beta, sum_dz, sum_dzx,
+                                                  inv_count, act, slope, {mask[0], mask[3]});
+  const auto unselected = [&] { return at::empty({0}, sum_dz.options()); };
+  return {dX, mask[1] ? sum_dzx : unselected(), mask[2] ? sum_dz : unselected(), dR};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(normext, NORMEXT_CUDA_DISPATCH_KEY, m) {
@@ -1066,6 +1084,7 @@ TORCH_LIBRARY_IMPL(normext, NORMEXT_CUDA_DISPATCH_KEY, m) {
   m.impl("batch_norm_apply", &batch_norm_apply_cuda);
   m.impl("batch_norm_bwd_reduce", &batch_norm_bwd_reduce_cuda);
   m.impl("batch_norm_bwd_elemt", &batch_norm_bwd_elemt_cuda);
+  m.impl("batch_norm_bwd", &batch_norm_bwd_cuda);
 }
 
 }  // namespace normext::cuda
