@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <tuple>
 #include <vector>
@@ -342,18 +343,50 @@ Tensor batch_norm_apply_cpu(const Tensor& X_in, const Tensor& mean_in, const Ten
   return Y;
 }
 
+// The checked inputs of a backward op: X (with its layout and parameters), dY like X, per-channel mean and
+// rstd.
+struct BackwardArgs {
+  ChannelNormArgs a;
+  Tensor dY, mean, rstd;
+};
+
+// needs_xhat as for check_grad_activation.
+BackwardArgs check_backward(const Tensor& dY, const Tensor& X, const c10::optional<Tensor>& gamma,
+                            const c10::optional<Tensor>& beta, const c10::optional<Tensor>& residual,
+                            const Tensor& mean, const Tensor& rstd, int64_t act, bool needs_xhat,
+                            const char* op) {
+  BackwardArgs b{
+      check_channel_norm(X, gamma, beta, residual, check_grad_activation(act, op, needs_xhat), op)};
+  const int64_t C = b.a.dims.C;
+  b.dY = *check_like(dY, b.a.X, b.a.layout, "grad_output", op);
+  b.mean = check_stats(mean, b.a.X, C, "mean", op);
+  b.rstd = check_stats(rstd, b.a.X, C, "rstd", op);
+  return b;
+}
+
+// A backward op's per-channel coefficients: x̂ = (v − m)·p as xhat_coefs gives them, gamma and beta (1 and 0
+// when absent); `store` holds those that are not the tensors' own data.
+template <typename acc_t>
+ChannelCoefs<acc_t> backward_coefs(const BackwardArgs& b, int64_t act,
+                                   std::array<std::vector<acc_t>, 3>& store) {
+  const int64_t C = b.a.dims.C;
+  const acc_t* gamma = param_or(b.a.gamma, store[0], C, acc_t(1));
+  const acc_t* beta = param_or(b.a.beta, store[1], C, acc_t(0));
+  const auto [m, p] = xhat_coefs(act, b.mean.const_data_ptr<acc_t>(), b.rstd.const_data_ptr<acc_t>(), C, C,
+                                 gamma, beta, store[2]);
+  return {m, p, 0, gamma, beta};
+}
+
 std::tuple<Tensor, Tensor> batch_norm_bwd_reduce_cpu(const Tensor& dY_in, const Tensor& X_in,
                                                      const c10::optional<Tensor>& residual,
                                                      const Tensor& mean_in, const Tensor& rstd_in,
                                                      const c10::optional<Tensor>& gamma,
                                                      const c10::optional<Tensor>& beta, int64_t act,
                                                      double slope) {
-  constexpr const char* op = "batch_norm_bwd_reduce";
-  const auto a = check_channel_norm(X_in, gamma, beta, residual, check_grad_activation(act, op), op);
+  const BackwardArgs b = check_backward(dY_in, X_in, gamma, beta, residual, mean_in, rstd_in, act, true,
+                                        "batch_norm_bwd_reduce");
+  const auto& a = b.a;
   const int64_t C = a.dims.C;
-  const Tensor dY = *check_like(dY_in, a.X, a.layout, "grad_output", op);
-  const Tensor mean = check_stats(mean_in, a.X, C, "mean", op);
-  const Tensor rstd = check_stats(rstd_in, a.X, C, "rstd", op);
   const auto acc_opts = a.X.options().dtype(acc_dtype(a.X));
   Tensor sum_dz = at::zeros({C}, acc_opts);
   Tensor sum_dzx = at::zeros({C}, acc_opts);
@@ -361,16 +394,11 @@ std::tuple<Tensor, Tensor> batch_norm_bwd_reduce_cpu(const Tensor& dY_in, const 
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, a.X.scalar_type(), "batch_norm_bwd_reduce_cpu", [&] {
         using acc_t = at::opmath_type<scalar_t>;
-        const ChannelShape s = bn_shape(a);
-        std::vector<acc_t> ones, zeros, store;
-        const acc_t* gamma_p = param_or(a.gamma, ones, C, acc_t(1));
-        const acc_t* beta_p = param_or(a.beta, zeros, C, acc_t(0));
-        const auto [xm, xp] = xhat_coefs(act, mean.const_data_ptr<acc_t>(), rstd.const_data_ptr<acc_t>(), C,
-                                         C, gamma_p, beta_p, store);
-        const ChannelCoefs<acc_t> k{xm, xp, 0, gamma_p, beta_p};
+        std::array<std::vector<acc_t>, 3> store;
+        const ChannelCoefs<acc_t> k = backward_coefs(b, act, store);
         const scalar_t* R = a.residual ? a.residual->const_data_ptr<scalar_t>() : nullptr;
-        batch_grad_sums(dY.const_data_ptr<scalar_t>(), a.X.const_data_ptr<scalar_t>(), R, s, k, act, slope,
-                        sum_dz.data_ptr<acc_t>(), sum_dzx.data_ptr<acc_t>());
+        batch_grad_sums(b.dY.const_data_ptr<scalar_t>(), a.X.const_data_ptr<scalar_t>(), R, bn_shape(a), k,
+                        act, slope, sum_dz.data_ptr<acc_t>(), sum_dzx.data_ptr<acc_t>());
       });
   return {sum_dz, sum_dzx};
 }
@@ -381,14 +409,11 @@ std::tuple<Tensor, Tensor> batch_norm_bwd_elemt_cpu(
     const c10::optional<Tensor>& sum_dz_in, const c10::optional<Tensor>& sum_dzx_in, double inv_count,
     int64_t act, double slope, std::array<bool, 2> mask) {
   constexpr const char* op = "batch_norm_bwd_elemt";
-  const auto a =
-      check_channel_norm(X_in, gamma, beta, residual,
-                         check_grad_activation(act, op, sum_dz_in.has_value() && sum_dz_in->defined()), op);
-  const int64_t C = a.dims.C;
-  const Tensor dY = *check_like(dY_in, a.X, a.layout, "grad_output", op);
-  const Tensor mean = check_stats(mean_in, a.X, C, "mean", op);
-  const Tensor rstd = check_stats(rstd_in, a.X, C, "rstd", op);
   const bool has_sums = sum_dz_in.has_value() && sum_dz_in->defined();
+  const BackwardArgs b =
+      check_backward(dY_in, X_in, gamma, beta, residual, mean_in, rstd_in, act, has_sums, op);
+  const auto& a = b.a;
+  const int64_t C = a.dims.C;
   TORCH_CHECK(has_sums == (sum_dzx_in.has_value() && sum_dzx_in->defined()), op,
               ": sum_dz and sum_dzxhat must be given together");
   const Tensor sum_dz = has_sums ? check_stats(*sum_dz_in, a.X, C, "sum_dz", op) : Tensor();
@@ -399,19 +424,14 @@ std::tuple<Tensor, Tensor> batch_norm_bwd_elemt_cpu(
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, a.X.scalar_type(), "batch_norm_bwd_elemt_cpu", [&] {
         using acc_t = at::opmath_type<scalar_t>;
-        std::vector<acc_t> ones, zeros, store;
-        const acc_t* gamma_p = param_or(a.gamma, ones, C, acc_t(1));
-        const acc_t* beta_p = param_or(a.beta, zeros, C, acc_t(0));
-        const acc_t* rstd_p = rstd.const_data_ptr<acc_t>();
-        const auto [xm, xp] =
-            xhat_coefs(act, mean.const_data_ptr<acc_t>(), rstd_p, C, C, gamma_p, beta_p, store);
-        const ChannelCoefs<acc_t> k{xm, xp, 0, gamma_p, beta_p};
+        std::array<std::vector<acc_t>, 3> store;
+        const ChannelCoefs<acc_t> k = backward_coefs(b, act, store);
         // Tensor::data_ptr checks the tensor on every call: taken once, not per channel.
         const acc_t* sdz_p = has_sums ? sum_dz.const_data_ptr<acc_t>() : nullptr;
         const acc_t* sdzx_p = has_sums ? sum_dzx.const_data_ptr<acc_t>() : nullptr;
         const scalar_t* R = a.residual ? a.residual->const_data_ptr<scalar_t>() : nullptr;
-        batch_grad_input(dY.const_data_ptr<scalar_t>(), a.X.const_data_ptr<scalar_t>(), R, bn_shape(a), k,
-                         rstd_p, sdz_p, sdzx_p, acc_t(inv_count), act, slope,
+        batch_grad_input(b.dY.const_data_ptr<scalar_t>(), a.X.const_data_ptr<scalar_t>(), R, bn_shape(a), k,
+                         b.rstd.const_data_ptr<acc_t>(), sdz_p, sdzx_p, acc_t(inv_count), act, slope,
                          mask[0] ? dX.data_ptr<scalar_t>() : nullptr,
                          mask[1] ? dR.data_ptr<scalar_t>() : nullptr);
       });
@@ -469,48 +489,50 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_bwd_cpu(const Tensor& dY_i
                                                               const c10::optional<Tensor>& gamma,
                                                               const c10::optional<Tensor>& beta, int64_t act,
                                                               double slope, std::array<bool, 4> mask) {
-  constexpr const char* op = "batch_norm_bwd";
-  const auto a = check_channel_norm(X_in, gamma, beta, residual, check_grad_activation(act, op), op);
+  const BackwardArgs b =
+      check_backward(dY_in, X_in, gamma, beta, residual, mean_in, rstd_in, act, true, "batch_norm_bwd");
+  const auto& a = b.a;
   const int64_t C = a.dims.C;
-  const Tensor dY = *check_like(dY_in, a.X, a.layout, "grad_output", op);
-  const Tensor mean = check_stats(mean_in, a.X, C, "mean", op);
-  const Tensor rstd = check_stats(rstd_in, a.X, C, "rstd", op);
   const auto acc_opts = a.X.options().dtype(acc_dtype(a.X));
   Tensor dX = mask[0] ? at::empty_like(a.X) : at::empty({0}, a.X.options());
-  Tensor dgamma = at::zeros({mask[1] ? C : 0}, acc_opts);
-  Tensor dbeta = at::zeros({mask[2] ? C : 0}, acc_opts);
+  Tensor dgamma = at::empty({mask[1] ? C : 0}, acc_opts);
+  Tensor dbeta = at::empty({mask[2] ? C : 0}, acc_opts);
   Tensor dR = mask[3] ? at::empty_like(a.X) : at::empty({0}, a.X.options());
-  if (a.X.numel() == 0) return {dX, dgamma, dbeta, dR};
+  if (a.X.numel() == 0) {
+    dgamma.zero_();
+    dbeta.zero_();
+    return {dX, dgamma, dbeta, dR};
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.X.scalar_type(), "batch_norm_bwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const ChannelShape s = bn_shape(a);
-    std::vector<acc_t> ones, zeros, store, sdz(C), sdzx(C);
-    const acc_t* gamma_p = param_or(a.gamma, ones, C, acc_t(1));
-    const acc_t* beta_p = param_or(a.beta, zeros, C, acc_t(0));
-    const acc_t* rstd_p = rstd.const_data_ptr<acc_t>();
-    const auto [xm, xp] = xhat_coefs(act, mean.const_data_ptr<acc_t>(), rstd_p, C, C, gamma_p, beta_p, store);
-    const ChannelCoefs<acc_t> k{xm, xp, 0, gamma_p, beta_p};
+    std::array<std::vector<acc_t>, 3> store;
+    const ChannelCoefs<acc_t> k = backward_coefs(b, act, store);
+    const acc_t* rstd_p = b.rstd.const_data_ptr<acc_t>();
+    // The sums land in dgamma / dbeta where those are asked for.
+    std::vector<acc_t> sdz_own(mask[2] ? 0 : C), sdzx_own(mask[1] ? 0 : C);
+    acc_t* sdz = mask[2] ? dbeta.data_ptr<acc_t>() : sdz_own.data();
+    acc_t* sdzx = mask[1] ? dgamma.data_ptr<acc_t>() : sdzx_own.data();
     const scalar_t* X = a.X.const_data_ptr<scalar_t>();
-    const scalar_t* dYp = dY.const_data_ptr<scalar_t>();
+    const scalar_t* dYp = b.dY.const_data_ptr<scalar_t>();
     const scalar_t* R = a.residual ? a.residual->const_data_ptr<scalar_t>() : nullptr;
     scalar_t* dXp = mask[0] ? dX.data_ptr<scalar_t>() : nullptr;
     scalar_t* dRp = mask[3] ? dR.data_ptr<scalar_t>() : nullptr;
-    // One channel a task leaves threads idle when there are fewer channels than threads to share.
-    if (!s.channels_last && (C >= 2 * at::get_num_threads() || s.N * s.HxW * C <= 32768)) {
+    // One channel a task leaves threads idle when there are fewer channels than threads to share (unless the
+    // whole tensor is one task's worth anyway).
+    if (!s.channels_last && (C >= 2 * at::get_num_threads() || grain_for(s.N * s.HxW) >= C)) {
       dispatch_grad_activation(act, [&](auto A) {
-        batch_grad_by_channel<scalar_t, decltype(A)::value>(dYp, X, R, s, k, rstd_p, slope, sdz.data(),
-                                                            sdzx.data(), dXp, dRp);
+        batch_grad_by_channel<scalar_t, decltype(A)::value>(dYp, X, R, s, k, rstd_p, slope, sdz, sdzx, dXp,
+                                                            dRp);
       });
     } else {
-      batch_grad_sums(dYp, X, R, s, k, act, slope, sdz.data(), sdzx.data());
+      batch_grad_sums(dYp, X, R, s, k, act, slope, sdz, sdzx);
       if (dXp != nullptr || dRp != nullptr) {
-        batch_grad_input(dYp, X, R, s, k, rstd_p, static_cast<const acc_t*>(sdz.data()),
-                         static_cast<const acc_t*>(sdzx.data()), acc_t(1.0 / double(s.N * s.HxW)), act, slope,
-                         dXp, dRp);
+        batch_grad_input(dYp, X, R, s, k, rstd_p, static_cast<const acc_t*>(sdz),
+                         static_cast<const acc_t*>(sdzx), acc_t(1.0 / double(s.N * s.HxW)), act, slope, dXp,
+                         dRp);
       }
     }
-    if (mask[1]) std::copy(sdzx.begin(), sdzx.end(), dgamma.data_ptr<acc_t>());
-    if (mask[2]) std::copy(sdz.begin(), sdz.end(), dbeta.data_ptr<acc_t>());
   });
   return {dX, dgamma, dbeta, dR};
 }
